@@ -1,0 +1,57 @@
+//! One error type for the whole crate: every variant names the argument and the values involved,
+//! so a caller can tell what to fix without reading the source.
+
+use thiserror::Error;
+
+/// Result alias used across the crate.
+pub type Result<T, E = HaloError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum HaloError {
+    /// Two arguments that must agree in length do not.
+    #[error("length mismatch: `{what}` has {got} elements, expected {expected}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// A shape argument is invalid on its own (zero vocab, zero rows where rows are required, ...).
+    #[error("invalid shape: {0}")]
+    InvalidShape(String),
+    /// A label is neither in `0..vocab` nor the ignore index.
+    #[error("label {label} at row {row} is outside 0..{vocab} and is not the ignore index {ignore_index}")]
+    LabelOutOfRange {
+        row: usize,
+        label: i64,
+        vocab: usize,
+        ignore_index: i64,
+    },
+    /// A logit row holds NaN or an infinity.
+    #[error("non-finite value in `{what}` at row {row}")]
+    NonFinite { what: &'static str, row: usize },
+    /// An empty batch, where at least one example is required.
+    #[error("empty batch: `{0}` has no elements")]
+    EmptyBatch(&'static str),
+    /// A KTO batch needs the log-probs of its mismatched (KL) pairs to form the reference point.
+    #[error("KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given")]
+    MissingKlPairs { loss_type: &'static str },
+    /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
+    #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]
+    EmptySequence { what: &'static str, index: usize },
+    /// A hyper-parameter is outside its domain.
+    #[error("invalid hyper-parameter `{name}` = {value}: {reason}")]
+    InvalidHyperParameter {
+        name: &'static str,
+        value: f64,
+        reason: &'static str,
+    },
+    /// Packed-sequence offsets are not a non-decreasing list starting at 0 and ending at the row count.
+    #[error("invalid sequence offsets: {0}")]
+    InvalidOffsets(String),
+    /// The CUDA backend is unavailable (no driver, no GPU, or the kernels were not compiled).
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+}

@@ -1,0 +1,25 @@
+//! # halo-kernels
+//!
+//! Handwritten CUDA kernels, with a CPU twin for every one, for *human-aware losses* (HALOs) used
+//! to align language models: KTO first, DPO and its relatives beside it.
+//!
+//! Data path (each arrow is one op, same name on CPU and GPU):
+//! logits + labels → [`cpu::token_logprobs`] → per-token log-probs →
+//! [`cpu::sequence_sums`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
+//! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward`] → ∂L/∂logits.
+
+pub mod autograd;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+pub mod emulation;
+pub mod error;
+pub mod losses;
+pub mod model;
+pub mod train;
+
+pub use dtype::{DType, LogitElement};
+pub use error::{HaloError, Result};
+
+/// The label value that marks a token as not counted (PyTorch / Hugging Face convention).
+pub const IGNORE_INDEX: i32 = -100;
