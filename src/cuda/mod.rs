@@ -1,1 +1,20 @@
-//! (placeholder: filled in by the cuda work)
+//! The CUDA backend: the kernels of `kernels/*.cu` (compiled to PTX by `build/ptx.rs`, loaded at
+//! run time through the driver API with cudarc), wrapped in safe methods of [`CudaBackend`] that
+//! mirror the CPU ops of [`crate::cpu`] and the losses of [`crate::losses`].
+//!
+//! Every wrapper validates lengths, shapes and hyper-parameters on the host before launching,
+//! and reads back the kernel's status word to return the same [`crate::HaloError`] the CPU op
+//! returns for the same input (bad label, non-finite logits, ...).
+//!
+//! Without a GPU (or without nvcc at build time) [`CudaBackend::new`] returns
+//! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
+
+mod device;
+pub mod ptx;
+mod status;
+
+pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
+pub use status::KernelStatus;
+
+/// Re-exported so callers name device buffers without depending on cudarc directly.
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
