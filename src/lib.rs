@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod emulation;
 pub mod error;
+pub mod kernel_abi;
 pub mod losses;
 pub mod model;
 pub mod train;
