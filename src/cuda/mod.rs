@@ -4,17 +4,25 @@
 //!
 //! Every wrapper validates lengths, shapes and hyper-parameters on the host before launching,
 //! and reads back the kernel's status word to return the same [`crate::HaloError`] the CPU op
-//! returns for the same input (bad label, non-finite logits, ...).
+//! returns for the same input (bad label, non-finite logits, ...). The `enqueue_*` forms queue the
+//! kernel without waiting and leave the status to the caller (pipelines, benchmarks).
 //!
 //! Without a GPU (or without nvcc at build time) [`CudaBackend::new`] returns
 //! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
 
 mod device;
+mod launch;
 pub mod ptx;
 mod status;
+mod token_logprobs;
+mod sequence_sums;
+mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
-pub use status::KernelStatus;
+pub use launch::CudaLogit;
+pub use status::{KernelStatus, StatusWord};
+pub use sequence_sums::CudaSequenceSums;
+pub use token_logprobs::CudaTokenLogprobs;
 
 /// Re-exported so callers name device buffers without depending on cudarc directly.
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};

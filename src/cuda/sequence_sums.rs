@@ -1,0 +1,214 @@
+//! GPU twins of [`crate::cpu::sequence_sums`], [`crate::cpu::sequence_logratio_sums`] and
+//! [`crate::cpu::broadcast_sequence_grad`] (kernels `sequence_sums_*`, `sequence_logratio_sums_*`,
+//! `broadcast_sequence_grad_*` in `kernels/sequence_sums.cu`; one block per sequence).
+//!
+//! The layout is the CPU's [`SequenceLayout`] (host data): it is validated on the host exactly as
+//! the CPU op validates it, and packed offsets are uploaded for the launch. Each sum is a fixed-order
+//! tree reduction: bitwise identical run to run, but not bitwise equal to the CPU's sequential sum.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::device::{cuda_err, CudaBackend};
+use super::launch::{blocks_launch, check_aligned, check_len, check_rows_fit_status};
+use crate::cpu::{LogRatioClamp, SequenceLayout};
+use crate::error::{HaloError, Result};
+use crate::kernel_abi::{HaloSeqParams, SEQ_THREADS};
+
+/// Output of the sequence sums on the device: one entry per sequence.
+#[derive(Debug)]
+pub struct CudaSequenceSums {
+    pub sums: CudaSlice<f32>,
+    pub counts: CudaSlice<u32>,
+}
+
+/// A validated layout ready to launch: the parameters, the grid, and the uploaded offsets of a
+/// packed layout.
+struct SeqLaunch {
+    params: HaloSeqParams,
+    cfg: LaunchConfig,
+    cu_seqlens: Option<CudaSlice<u32>>,
+    batch: usize,
+}
+
+impl SeqLaunch {
+    /// The entry point `<op>_{padded,packed}_f32`.
+    fn entry(&self, op: &str) -> String {
+        let layout = if self.cu_seqlens.is_some() { "packed" } else { "padded" };
+        format!("{op}_{layout}_f32")
+    }
+}
+
+impl CudaBackend {
+    /// Masked per-sequence sums of `token_values` and token counts, like
+    /// [`crate::cpu::sequence_sums`]. Waits for nothing (no status): the results are queued.
+    pub fn sequence_sums(
+        &self,
+        token_values: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<CudaSequenceSums> {
+        check_len("labels", token_values.len(), labels.len())?;
+        let seq = self.seq_launch(token_values.len(), ignore_index, layout, None)?;
+        let mut out = self.alloc_sums(seq.batch)?;
+        if seq.batch == 0 {
+            return Ok(out);
+        }
+        {
+            let func = self.function(&seq.entry("sequence_sums"))?;
+            let stream = self.stream();
+            let cu_ptr = seq.cu_seqlens.as_ref().map(|c| c.device_ptr(stream));
+            let (values_ptr, _r0) = token_values.device_ptr(stream);
+            let (labels_ptr, _r1) = labels.device_ptr(stream);
+            let (sums_ptr, _w0) = out.sums.device_ptr_mut(stream);
+            let (counts_ptr, _w1) = out.counts.device_ptr_mut(stream);
+            check_aligned::<f32>("token_values", values_ptr)?;
+            check_aligned::<i32>("labels", labels_ptr)?;
+            let mut launch = stream.launch_builder(func);
+            launch.arg(&values_ptr).arg(&labels_ptr);
+            if let Some((ptr, _)) = &cu_ptr {
+                launch.arg(ptr);
+            }
+            launch.arg(&sums_ptr).arg(&counts_ptr).arg(&seq.params);
+            // SAFETY: arguments follow `sequence_sums_{padded,packed}_f32` in kernels/README.md
+            // (cu_seqlens only for packed); the layout was validated against the row count, so every
+            // sequence's rows lie inside `token_values` and `labels`; `sums`/`counts` hold `batch`.
+            unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_sums"))?;
+        }
+        Ok(out)
+    }
+
+    /// Per-sequence sums of the per-token log-ratio `policy − reference`, optionally clamped per
+    /// token (humanline), like [`crate::cpu::sequence_logratio_sums`].
+    pub fn sequence_logratio_sums(
+        &self,
+        policy_logp: &impl DevicePtr<f32>,
+        reference_logp: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<CudaSequenceSums> {
+        check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
+        check_len("labels", policy_logp.len(), labels.len())?;
+        check_clamp(clamp)?;
+        let seq = self.seq_launch(policy_logp.len(), ignore_index, layout, clamp)?;
+        let mut out = self.alloc_sums(seq.batch)?;
+        if seq.batch == 0 {
+            return Ok(out);
+        }
+        {
+            let func = self.function(&seq.entry("sequence_logratio_sums"))?;
+            let stream = self.stream();
+            let cu_ptr = seq.cu_seqlens.as_ref().map(|c| c.device_ptr(stream));
+            let (policy_ptr, _r0) = policy_logp.device_ptr(stream);
+            let (reference_ptr, _r1) = reference_logp.device_ptr(stream);
+            let (labels_ptr, _r2) = labels.device_ptr(stream);
+            let (sums_ptr, _w0) = out.sums.device_ptr_mut(stream);
+            let (counts_ptr, _w1) = out.counts.device_ptr_mut(stream);
+            check_aligned::<f32>("policy_logp", policy_ptr)?;
+            check_aligned::<f32>("reference_logp", reference_ptr)?;
+            check_aligned::<i32>("labels", labels_ptr)?;
+            let mut launch = stream.launch_builder(func);
+            launch.arg(&policy_ptr).arg(&reference_ptr).arg(&labels_ptr);
+            if let Some((ptr, _)) = &cu_ptr {
+                launch.arg(ptr);
+            }
+            launch.arg(&sums_ptr).arg(&counts_ptr).arg(&seq.params);
+            // SAFETY: as in `sequence_sums`, for `sequence_logratio_sums_{padded,packed}_f32`.
+            unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_logratio_sums"))?;
+        }
+        Ok(out)
+    }
+
+    /// Backward of the sums: each counted token of sequence `i` receives `grad_seq[i]`, ignored
+    /// tokens 0, like [`crate::cpu::broadcast_sequence_grad`]. Every row of the output is written.
+    pub fn broadcast_sequence_grad(
+        &self,
+        grad_seq: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<CudaSlice<f32>> {
+        let rows = labels.len();
+        let seq = self.seq_launch(rows, ignore_index, layout, None)?;
+        check_len("grad_seq", seq.batch, grad_seq.len())?;
+        let mut token_grad = self.alloc_output::<f32>(rows)?;
+        if seq.batch == 0 {
+            return Ok(token_grad);
+        }
+        {
+            let func = self.function(&seq.entry("broadcast_sequence_grad"))?;
+            let stream = self.stream();
+            let cu_ptr = seq.cu_seqlens.as_ref().map(|c| c.device_ptr(stream));
+            let (grad_seq_ptr, _r0) = grad_seq.device_ptr(stream);
+            let (labels_ptr, _r1) = labels.device_ptr(stream);
+            let (token_grad_ptr, _w0) = token_grad.device_ptr_mut(stream);
+            check_aligned::<f32>("grad_seq", grad_seq_ptr)?;
+            check_aligned::<i32>("labels", labels_ptr)?;
+            let mut launch = stream.launch_builder(func);
+            launch.arg(&grad_seq_ptr).arg(&labels_ptr);
+            if let Some((ptr, _)) = &cu_ptr {
+                launch.arg(ptr);
+            }
+            launch.arg(&token_grad_ptr).arg(&seq.params);
+            // SAFETY: arguments follow `broadcast_sequence_grad_{padded,packed}_f32`; the layout
+            // covers exactly `rows` rows (validated), so every output row is written once.
+            unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch broadcast_sequence_grad"))?;
+        }
+        Ok(token_grad)
+    }
+
+    /// Validates `layout` against `rows` (as the CPU does) and prepares the launch.
+    fn seq_launch(
+        &self,
+        rows: usize,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<SeqLaunch> {
+        check_rows_fit_status(rows)?;
+        let ranges = layout.ranges(rows)?;
+        let batch = ranges.len();
+        let (seq, cu_seqlens) = match layout {
+            SequenceLayout::Padded { seq, .. } => (seq, None),
+            SequenceLayout::Packed { cu_seqlens } => (0, Some(self.htod(cu_seqlens)?)),
+        };
+        let clamp_or_default = clamp.unwrap_or(LogRatioClamp { min: 0.0, max: 0.0 });
+        let params = HaloSeqParams {
+            batch: batch as i64,
+            seq: seq as i64,
+            ignore_index,
+            use_clamp: clamp.is_some() as i32,
+            clamp_min: clamp_or_default.min,
+            clamp_max: clamp_or_default.max,
+        };
+        Ok(SeqLaunch {
+            params,
+            cfg: blocks_launch(batch.max(1), SEQ_THREADS)?,
+            cu_seqlens,
+            batch,
+        })
+    }
+
+    fn alloc_sums(&self, batch: usize) -> Result<CudaSequenceSums> {
+        Ok(CudaSequenceSums {
+            sums: self.alloc_output(batch)?,
+            counts: self.alloc_output(batch)?,
+        })
+    }
+}
+
+/// Same rule and error as the CPU op: a clamp needs finite `min <= max`.
+fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
+    match clamp {
+        Some(c) if !(c.min <= c.max) || !c.min.is_finite() || !c.max.is_finite() => {
+            Err(HaloError::InvalidHyperParameter {
+                name: "LogRatioClamp",
+                value: c.min as f64,
+                reason: "needs finite min <= max",
+            })
+        }
+        _ => Ok(()),
+    }
+}

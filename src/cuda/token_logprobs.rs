@@ -1,0 +1,125 @@
+//! GPU twin of [`crate::cpu::token_logprobs`]: `logp[r] = z[r, y_r] − logsumexp(z[r, :])` and the
+//! row's logsumexp, one pass over the logits (kernel `token_logprobs_forward_{f32,bf16,f16}` in
+//! `kernels/token_logprobs.cu`).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+
+use super::device::{cuda_err, CudaBackend};
+use super::launch::{
+    check_aligned, check_len, check_token_shape, entry_name, token_launch, CudaLogit,
+};
+use super::status::KernelStatus;
+use super::status::StatusWord;
+use crate::error::Result;
+
+/// Output of [`CudaBackend::token_logprobs`]: one entry per row, on the device.
+#[derive(Debug)]
+pub struct CudaTokenLogprobs {
+    /// `log softmax(z)[y]`, 0 where the label is ignored.
+    pub logp: CudaSlice<f32>,
+    /// `logsumexp(z)` per row (0 where ignored), for the backward.
+    pub lse: CudaSlice<f32>,
+}
+
+impl CudaBackend {
+    /// Per-token log-probs of `labels` under `logits` (`[rows, vocab]`, row-major), like
+    /// [`crate::cpu::token_logprobs`], with the same errors: length mismatch, `vocab == 0`,
+    /// a label outside `0..vocab` that is not `ignore_index` (`LabelOutOfRange`, first such row),
+    /// NaN/±inf in a non-ignored row (`NonFinite { what: "logits" }`, first such row).
+    pub fn token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<CudaTokenLogprobs> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        let mut out = CudaTokenLogprobs {
+            logp: self.alloc_output(rows)?,
+            lse: self.alloc_output(rows)?,
+        };
+        self.token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
+        Ok(out)
+    }
+
+    /// [`CudaBackend::token_logprobs`] writing into caller buffers of `rows` elements. Waits for the
+    /// kernel (to read its status).
+    pub fn token_logprobs_into<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        logp: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        if rows == 0 {
+            check_len("logp", 0, logp.len())?;
+            return check_len("lse", 0, lse.len());
+        }
+        let mut status = self.new_status()?;
+        self.enqueue_token_logprobs(logits, labels, vocab, ignore_index, logp, lse, &mut status)?;
+        let word = self.read_status(&status)?;
+        self.token_status_error(word, labels, vocab, ignore_index, "logits")
+    }
+
+    /// Checks the arguments and queues the kernel without waiting; errors found by the kernel land
+    /// in `status` (reset it first; read it with [`CudaBackend::read_status`] and
+    /// [`CudaBackend::token_logprobs_status`]). For pipelines and benchmarks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        logp: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        check_len("logp", rows, logp.len())?;
+        check_len("lse", rows, lse.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_forward"))?;
+        let (params, cfg) = token_launch(rows, vocab, ignore_index);
+        let stream = self.stream();
+        let (logits_ptr, _r0) = logits.device_ptr(stream);
+        let (labels_ptr, _r1) = labels.device_ptr(stream);
+        check_aligned::<T>("logits", logits_ptr)?;
+        check_aligned::<i32>("labels", labels_ptr)?;
+        let (logp_ptr, _w0) = logp.device_ptr_mut(stream);
+        let (lse_ptr, _w1) = lse.device_ptr_mut(stream);
+        let (status_ptr, _w2) = status.buf.device_ptr_mut(stream);
+        check_aligned::<f32>("logp", logp_ptr)?;
+        check_aligned::<f32>("lse", lse_ptr)?;
+        let mut launch = stream.launch_builder(func);
+        launch
+            .arg(&logits_ptr)
+            .arg(&labels_ptr)
+            .arg(&logp_ptr)
+            .arg(&lse_ptr)
+            .arg(&status_ptr)
+            .arg(&params);
+        // SAFETY: argument order and types follow `token_logprobs_forward_T` in
+        // kernels/README.md; every buffer was checked to hold `rows` (or `rows * vocab`) elements
+        // of the kernel's element type; the guards above order the launch after earlier writes
+        // and are dropped after it is queued.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_forward"))?;
+        Ok(())
+    }
+
+    /// The forward's error (if any) for a status read after [`CudaBackend::enqueue_token_logprobs`].
+    pub fn token_logprobs_status(
+        &self,
+        word: StatusWord,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        self.token_status_error(word, labels, vocab, ignore_index, "logits")
+    }
+}

@@ -1,0 +1,196 @@
+//! GPU twin of [`crate::cpu::token_logprobs_backward`] and its in-place form:
+//! `∂L/∂z[v] = g · (1[v = y] − exp(z_v − lse))`, zero rows where the label is ignored (kernels
+//! `token_logprobs_backward{,_inplace}_{f32,bf16,f16}` in `kernels/token_logprobs_backward.cu`).
+//!
+//! Deliberate difference from the CPU op: the CPU checks labels, `lse` and `grad_logp` before
+//! writing anything, the kernel checks while it writes. On an error the same `HaloError` is
+//! returned, but the output (for the in-place form: the logits) may have been partly overwritten.
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+
+use super::device::{cuda_err, CudaBackend};
+use super::launch::{
+    check_aligned, check_len, check_token_shape, entry_name, token_launch, CudaLogit,
+};
+use super::status::{KernelStatus, StatusWord};
+use crate::error::Result;
+
+impl CudaBackend {
+    /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), like
+    /// [`crate::cpu::token_logprobs_backward`], with the same errors (first bad label, then
+    /// first non-finite `lse`, then first non-finite `grad_logp`). Waits for the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        lse: &impl DevicePtr<f32>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        if rows == 0 {
+            return check_backward_lengths(0, vocab, lse.len(), grad_logp.len(), grad_logits.len());
+        }
+        let mut status = self.new_status()?;
+        self.enqueue_token_logprobs_backward(
+            logits,
+            labels,
+            lse,
+            grad_logp,
+            vocab,
+            ignore_index,
+            grad_logits,
+            &mut status,
+        )?;
+        let word = self.read_status(&status)?;
+        self.token_logprobs_backward_status(word, labels, vocab, ignore_index)
+    }
+
+    /// Same as [`CudaBackend::token_logprobs_backward`] but overwrites `logits` with the gradient
+    /// (saves a `[rows, vocab]` buffer; the logits are dead after the backward in a training step).
+    pub fn token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        lse: &impl DevicePtr<f32>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        if rows == 0 {
+            return check_backward_lengths(0, vocab, lse.len(), grad_logp.len(), 0);
+        }
+        let mut status = self.new_status()?;
+        self.enqueue_token_logprobs_backward_inplace(
+            logits,
+            labels,
+            lse,
+            grad_logp,
+            vocab,
+            ignore_index,
+            &mut status,
+        )?;
+        let word = self.read_status(&status)?;
+        self.token_logprobs_backward_status(word, labels, vocab, ignore_index)
+    }
+
+    /// Checks the arguments and queues the out-of-place backward without waiting (see
+    /// [`CudaBackend::enqueue_token_logprobs`] for the status protocol).
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        lse: &impl DevicePtr<f32>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut impl DevicePtrMut<T>,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        check_backward_lengths(rows, vocab, lse.len(), grad_logp.len(), grad_logits.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_backward"))?;
+        let (params, cfg) = token_launch(rows, vocab, ignore_index);
+        let stream = self.stream();
+        let (logits_ptr, _r0) = logits.device_ptr(stream);
+        let (labels_ptr, _r1) = labels.device_ptr(stream);
+        let (lse_ptr, _r2) = lse.device_ptr(stream);
+        let (grad_logp_ptr, _r3) = grad_logp.device_ptr(stream);
+        let (grad_logits_ptr, _w0) = grad_logits.device_ptr_mut(stream);
+        let (status_ptr, _w1) = status.buf.device_ptr_mut(stream);
+        check_aligned::<T>("logits", logits_ptr)?;
+        check_aligned::<i32>("labels", labels_ptr)?;
+        check_aligned::<f32>("lse", lse_ptr)?;
+        check_aligned::<f32>("grad_logp", grad_logp_ptr)?;
+        check_aligned::<T>("grad_logits", grad_logits_ptr)?;
+        let mut launch = stream.launch_builder(func);
+        launch
+            .arg(&logits_ptr)
+            .arg(&labels_ptr)
+            .arg(&lse_ptr)
+            .arg(&grad_logp_ptr)
+            .arg(&grad_logits_ptr)
+            .arg(&status_ptr)
+            .arg(&params);
+        // SAFETY: arguments follow `token_logprobs_backward_T` in kernels/README.md; lengths were
+        // checked (`rows * vocab` for logits and grad_logits, `rows` for the rest); `grad_logits`
+        // is borrowed mutably, so it cannot alias the inputs.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward"))?;
+        Ok(())
+    }
+
+    /// Checks the arguments and queues the in-place backward without waiting.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        lse: &impl DevicePtr<f32>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        check_backward_lengths(rows, vocab, lse.len(), grad_logp.len(), rows * vocab)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_backward_inplace"))?;
+        let (params, cfg) = token_launch(rows, vocab, ignore_index);
+        let stream = self.stream();
+        let (labels_ptr, _r1) = labels.device_ptr(stream);
+        let (lse_ptr, _r2) = lse.device_ptr(stream);
+        let (grad_logp_ptr, _r3) = grad_logp.device_ptr(stream);
+        let (logits_ptr, _w0) = logits.device_ptr_mut(stream);
+        let (status_ptr, _w1) = status.buf.device_ptr_mut(stream);
+        check_aligned::<T>("logits", logits_ptr)?;
+        check_aligned::<i32>("labels", labels_ptr)?;
+        check_aligned::<f32>("lse", lse_ptr)?;
+        check_aligned::<f32>("grad_logp", grad_logp_ptr)?;
+        let mut launch = stream.launch_builder(func);
+        launch
+            .arg(&logits_ptr)
+            .arg(&labels_ptr)
+            .arg(&lse_ptr)
+            .arg(&grad_logp_ptr)
+            .arg(&status_ptr)
+            .arg(&params);
+        // SAFETY: arguments follow `token_logprobs_backward_inplace_T` in kernels/README.md;
+        // lengths were checked.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward_inplace"))?;
+        Ok(())
+    }
+
+    /// The backward's error (if any) for a status read after an `enqueue_token_logprobs_backward*`.
+    pub fn token_logprobs_backward_status(
+        &self,
+        word: StatusWord,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        self.token_status_error(word, labels, vocab, ignore_index, "lse")
+    }
+}
+
+/// `lse` and `grad_logp` hold `rows` elements, `grad_logits` `rows * vocab`, as on the CPU.
+fn check_backward_lengths(
+    rows: usize,
+    vocab: usize,
+    lse_len: usize,
+    grad_logp_len: usize,
+    grad_logits_len: usize,
+) -> Result<()> {
+    check_len("lse", rows, lse_len)?;
+    check_len("grad_logp", rows, grad_logp_len)?;
+    check_len("grad_logits", rows * vocab, grad_logits_len)
+}
