@@ -11,6 +11,8 @@
 //! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
 
 mod device;
+mod dpo;
+mod kto;
 mod launch;
 pub mod ptx;
 mod status;
@@ -19,6 +21,8 @@ mod sequence_sums;
 mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
+pub use dpo::{CudaPairBatch, CudaPairGrads};
+pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
 pub use status::{KernelStatus, StatusWord};
 pub use sequence_sums::CudaSequenceSums;

@@ -1,0 +1,229 @@
+//! GPU twin of [`crate::losses::dpo_loss`] — sigmoid/cDPO, robust, hinge, IPO, APO-zero (kernel
+//! `dpo_loss_f32` in `kernels/dpo_loss.cu`: one block, fixed-order reductions, deterministic).
+//!
+//! Returns the CPU's [`PairLossOutput`]; values agree with the CPU's f64 to f32 rounding. Errors
+//! are the CPU's, in the CPU's order: shapes and hyper-parameters on the host; data-dependent ones
+//! (non-finite log-probs, an IPO sequence with no token) are detected from the kernel's outputs and
+//! status, then diagnosed exactly by running the CPU loss on a copy of the (per-pair) inputs.
+
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg};
+
+use super::device::{cuda_err, CudaBackend};
+use super::launch::{blocks_launch, check_len};
+use crate::error::{HaloError, Result};
+use crate::kernel_abi::{
+    dpo_out, HaloDpoParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_ROBUST,
+    DPO_LOSS_SIGMOID, LOSS_THREADS,
+};
+use crate::losses::{dpo_loss, DpoConfig, DpoLossType, LossMetrics, PairBatch, PairLossOutput};
+
+/// One batch of preference pairs on the device (device twin of [`PairBatch`]); every buffer has
+/// one entry per pair.
+#[derive(Debug)]
+pub struct CudaPairBatch<'a> {
+    pub policy_chosen_logps: CudaView<'a, f32>,
+    pub policy_rejected_logps: CudaView<'a, f32>,
+    pub reference_chosen_logps: CudaView<'a, f32>,
+    pub reference_rejected_logps: CudaView<'a, f32>,
+    /// Token counts of the chosen completions; required by IPO.
+    pub chosen_counts: Option<CudaView<'a, u32>>,
+    /// Token counts of the rejected completions; required by IPO.
+    pub rejected_counts: Option<CudaView<'a, u32>>,
+}
+
+/// The device gradients of a pair loss w.r.t. the summed policy log-probs.
+#[derive(Debug)]
+pub struct CudaPairGrads {
+    pub grad_chosen: CudaSlice<f32>,
+    pub grad_rejected: CudaSlice<f32>,
+}
+
+impl CudaBackend {
+    /// The DPO-family loss, its gradients and metrics, like [`crate::losses::dpo_loss`]. Waits for
+    /// the kernel.
+    pub fn dpo_loss(&self, config: &DpoConfig, batch: &CudaPairBatch<'_>) -> Result<PairLossOutput> {
+        self.dpo_loss_device(config, batch).map(|(out, _)| out)
+    }
+
+    /// [`CudaBackend::dpo_loss`], also returning the gradients on the device.
+    pub fn dpo_loss_device(
+        &self,
+        config: &DpoConfig,
+        batch: &CudaPairBatch<'_>,
+    ) -> Result<(PairLossOutput, CudaPairGrads)> {
+        config.validate()?;
+        let n = batch.policy_chosen_logps.len();
+        if n == 0 {
+            return Err(HaloError::EmptyBatch("policy_chosen_logps"));
+        }
+        check_len("policy_rejected_logps", n, batch.policy_rejected_logps.len())?;
+        check_len("reference_chosen_logps", n, batch.reference_chosen_logps.len())?;
+        check_len("reference_rejected_logps", n, batch.reference_rejected_logps.len())?;
+        if n > i32::MAX as usize {
+            return Err(HaloError::InvalidShape(format!("DPO batch of {n} pairs exceeds i32")));
+        }
+        // The CPU checks finiteness before the counts: let it order these errors.
+        let counts = match check_counts(config, batch, n) {
+            Ok(c) => c,
+            Err(e) => return Err(self.dpo_diagnose(config, batch, e)),
+        };
+        let params = HaloDpoParams {
+            pairs: n as i32,
+            loss_type: match config.loss_type {
+                DpoLossType::Sigmoid => DPO_LOSS_SIGMOID,
+                DpoLossType::Robust => DPO_LOSS_ROBUST,
+                DpoLossType::Hinge => DPO_LOSS_HINGE,
+                DpoLossType::Ipo => DPO_LOSS_IPO,
+                DpoLossType::ApoZero => DPO_LOSS_APO_ZERO,
+            },
+            beta: config.beta as f32,
+            // Only sigmoid and robust use it; the CPU ignores it (unvalidated) for the others.
+            label_smoothing: match config.loss_type {
+                DpoLossType::Sigmoid | DpoLossType::Robust => config.label_smoothing as f32,
+                _ => 0.0,
+            },
+        };
+        let mut grads = CudaPairGrads {
+            grad_chosen: self.alloc_output(n)?,
+            grad_rejected: self.alloc_output(n)?,
+        };
+        let mut out = self.alloc_zeros::<f32>(dpo_out::LEN)?;
+        let mut status = self.new_status()?;
+        {
+            let func = self.function("dpo_loss_f32")?;
+            let stream = self.stream();
+            let (pc_ptr, _r0) = batch.policy_chosen_logps.device_ptr(stream);
+            let (pr_ptr, _r1) = batch.policy_rejected_logps.device_ptr(stream);
+            let (rc_ptr, _r2) = batch.reference_chosen_logps.device_ptr(stream);
+            let (rr_ptr, _r3) = batch.reference_rejected_logps.device_ptr(stream);
+            // Counts are read only by IPO (then both are present, checked above); otherwise any
+            // valid pointer will do.
+            let chosen_counts = counts.map(|(c, _)| c.device_ptr(stream));
+            let rejected_counts = counts.map(|(_, r)| r.device_ptr(stream));
+            let chosen_counts_ptr = chosen_counts.as_ref().map_or(pc_ptr, |(p, _)| *p);
+            let rejected_counts_ptr = rejected_counts.as_ref().map_or(pc_ptr, |(p, _)| *p);
+            let (grad_chosen_ptr, _w0) = grads.grad_chosen.device_ptr_mut(stream);
+            let (grad_rejected_ptr, _w1) = grads.grad_rejected.device_ptr_mut(stream);
+            let (out_ptr, _w2) = out.device_ptr_mut(stream);
+            let (status_ptr, _w3) = status.buf.device_ptr_mut(stream);
+            let mut launch = stream.launch_builder(func);
+            launch
+                .arg(&pc_ptr)
+                .arg(&pr_ptr)
+                .arg(&rc_ptr)
+                .arg(&rr_ptr)
+                .arg(&chosen_counts_ptr)
+                .arg(&rejected_counts_ptr)
+                .arg(&grad_chosen_ptr)
+                .arg(&grad_rejected_ptr)
+                .arg(&out_ptr)
+                .arg(&status_ptr)
+                .arg(&params);
+            // SAFETY: arguments follow `dpo_loss_f32` in kernels/README.md; every per-pair buffer
+            // holds `pairs` elements (counts too, when IPO reads them); `out` holds
+            // `dpo_out::LEN` and `status` `STATUS_LEN`.
+            unsafe { launch.launch(blocks_launch(1, LOSS_THREADS)?) }
+                .map_err(cuda_err("launch dpo_loss_f32"))?;
+        }
+        let word = self.read_status(&status)?;
+        let out_host = self.dtoh(&out)?;
+        let grad_chosen = self.dtoh(&grads.grad_chosen)?;
+        let grad_rejected = self.dtoh(&grads.grad_rejected)?;
+        let outputs_finite = out_host[..=dpo_out::REJECTED_LOGP_SUM]
+            .iter()
+            .chain(&grad_chosen)
+            .chain(&grad_rejected)
+            .all(|v| v.is_finite());
+        if let Some(index) = word.empty_sequence() {
+            let fallback = HaloError::EmptySequence {
+                what: "chosen_counts or rejected_counts",
+                index,
+            };
+            return Err(self.dpo_diagnose(config, batch, fallback));
+        }
+        if !outputs_finite {
+            let fallback = HaloError::NonFinite {
+                what: "DPO loss outputs (f32 overflow on the GPU)",
+                row: 0,
+            };
+            return Err(self.dpo_diagnose(config, batch, fallback));
+        }
+        let output = PairLossOutput {
+            loss: out_host[dpo_out::LOSS] as f64,
+            grad_chosen,
+            grad_rejected,
+            metrics: dpo_metrics(n, &out_host),
+        };
+        Ok((output, grads))
+    }
+
+    /// The CPU's error for this batch, or `fallback` when the CPU finds nothing wrong.
+    fn dpo_diagnose(&self, config: &DpoConfig, batch: &CudaPairBatch<'_>, fallback: HaloError) -> HaloError {
+        let read = || -> Result<HaloError> {
+            let pc = self.dtoh(&batch.policy_chosen_logps)?;
+            let pr = self.dtoh(&batch.policy_rejected_logps)?;
+            let rc = self.dtoh(&batch.reference_chosen_logps)?;
+            let rr = self.dtoh(&batch.reference_rejected_logps)?;
+            let chosen_counts = batch.chosen_counts.as_ref().map(|c| self.dtoh(c)).transpose()?;
+            let rejected_counts = batch.rejected_counts.as_ref().map(|c| self.dtoh(c)).transpose()?;
+            let host = PairBatch {
+                policy_chosen_logps: &pc,
+                policy_rejected_logps: &pr,
+                reference_chosen_logps: &rc,
+                reference_rejected_logps: &rr,
+                chosen_counts: chosen_counts.as_deref(),
+                rejected_counts: rejected_counts.as_deref(),
+            };
+            Ok(match dpo_loss(config, &host) {
+                Err(e) => e,
+                Ok(_) => fallback.clone(),
+            })
+        };
+        read().unwrap_or_else(|e| e)
+    }
+}
+
+/// Count lengths (when given) and, for IPO, their presence — as the CPU checks them. Returns the
+/// counts when the kernel reads them (IPO).
+fn check_counts<'b, 'a>(
+    config: &DpoConfig,
+    batch: &'b CudaPairBatch<'a>,
+    n: usize,
+) -> Result<Option<(&'b CudaView<'a, u32>, &'b CudaView<'a, u32>)>> {
+    if let Some(c) = &batch.chosen_counts {
+        check_len("chosen_counts", n, c.len())?;
+    }
+    if let Some(c) = &batch.rejected_counts {
+        check_len("rejected_counts", n, c.len())?;
+    }
+    if config.loss_type != DpoLossType::Ipo {
+        return Ok(None);
+    }
+    let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
+    let chosen = batch.chosen_counts.as_ref().ok_or(HaloError::MissingArgument {
+        what: "chosen_counts",
+        needed_by,
+    })?;
+    let rejected = batch.rejected_counts.as_ref().ok_or(HaloError::MissingArgument {
+        what: "rejected_counts",
+        needed_by,
+    })?;
+    Ok(Some((chosen, rejected)))
+}
+
+/// TRL's pair metrics from the kernel's sums.
+fn dpo_metrics(n: usize, out: &[f32]) -> LossMetrics {
+    let n_f = n as f64;
+    let mean = |slot: usize| Some(out[slot] as f64 / n_f);
+    LossMetrics {
+        rewards_chosen: mean(dpo_out::CHOSEN_REWARD_SUM),
+        rewards_rejected: mean(dpo_out::REJECTED_REWARD_SUM),
+        rewards_margins: mean(dpo_out::MARGIN_SUM),
+        rewards_accuracies: mean(dpo_out::ACCURACY_COUNT),
+        logps_chosen: mean(dpo_out::CHOSEN_LOGP_SUM),
+        logps_rejected: mean(dpo_out::REJECTED_LOGP_SUM),
+        chosen_count: n as u64,
+        rejected_count: n as u64,
+        ..LossMetrics::default()
+    }
+}
