@@ -14,6 +14,7 @@ mod device;
 mod dpo;
 mod kto;
 mod launch;
+mod naive_baseline;
 pub mod ptx;
 mod status;
 mod token_logprobs;
