@@ -9,7 +9,7 @@
 //   naive_gather_T(const T* log_probs, const int32_t* labels, float* logp, int64_t rows,
 //                  int64_t vocab, int32_t ignore_index)
 //       grid = ceil(rows / NAIVE_THREADS), block = NAIVE_THREADS; one thread per row; 0 where the
-//       label is ignored (no error checking: labels must be valid).
+//       label is ignored, NaN for a label outside 0..vocab (no other error reporting).
 #include "halo_common.cuh"
 
 #define NAIVE_THREADS 256
@@ -71,7 +71,13 @@ __device__ __forceinline__ void naive_gather(const T* __restrict__ log_probs, co
     const int64_t row = (int64_t)blockIdx.x * NAIVE_THREADS + threadIdx.x;
     if (row >= rows) return;
     const int32_t y = labels[row];
-    logp[row] = y == ignore_index ? 0.0f : Elem<T>::to_f32(log_probs[row * vocab + y]);
+    if (y == ignore_index) {
+        logp[row] = 0.0f;
+    } else if (y < 0 || (int64_t)y >= vocab) {
+        logp[row] = __int_as_float(0x7fffffff);  // NaN: never read outside the row
+    } else {
+        logp[row] = Elem<T>::to_f32(log_probs[row * vocab + y]);
+    }
 }
 
 #define HALO_NAIVE(SUFFIX, T)                                                                                     \

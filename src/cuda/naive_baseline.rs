@@ -1,7 +1,7 @@
 //! The unfused baseline the benches compare the fused forward with (`kernels/naive_baseline.cu`):
 //! materialise `log_softmax(logits)` (`[rows, vocab]`, in the logits' dtype), then gather one entry
-//! per row — what `torch.log_softmax(z, -1).gather(-1, y)` does. Not for training: it checks no
-//! label (labels must be valid or the ignore index) and no finiteness.
+//! per row — what `torch.log_softmax(z, -1).gather(-1, y)` does. Not for training: it reports no
+//! error (a label outside `0..vocab` gives NaN, non-finite logits propagate).
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
@@ -14,8 +14,8 @@ const NAIVE_THREADS: u32 = 256;
 
 impl CudaBackend {
     /// Queues the two naive kernels: `log_probs = log_softmax(logits)` (a caller buffer of
-    /// `rows * vocab` elements), then `logp[r] = log_probs[r, labels[r]]` (0 where ignored).
-    /// The caller must pass valid labels (not checked on the device).
+    /// `rows * vocab` elements), then `logp[r] = log_probs[r, labels[r]]` (0 where ignored, NaN
+    /// for a label outside `0..vocab`).
     #[allow(clippy::too_many_arguments)]
     pub fn enqueue_naive_token_logprobs<T: CudaLogit>(
         &self,
@@ -63,8 +63,8 @@ impl CudaBackend {
             .arg(&rows_i64)
             .arg(&vocab_i64)
             .arg(&ignore_index);
-        // SAFETY: arguments follow `naive_gather_T`; `logp` and `labels` hold `rows` elements,
-        // labels are valid or ignored (the caller's contract), so every read is inside the row.
+        // SAFETY: arguments follow `naive_gather_T`; `logp` and `labels` hold `rows` elements;
+        // the kernel reads `log_probs` only for labels inside `0..vocab`.
         unsafe { launch.launch(cfg) }.map_err(cuda_err("launch naive_gather"))?;
         Ok(())
     }

@@ -40,7 +40,8 @@ impl SeqLaunch {
 
 impl CudaBackend {
     /// Masked per-sequence sums of `token_values` and token counts, like
-    /// [`crate::cpu::sequence_sums`]. Waits for nothing (no status): the results are queued.
+    /// [`crate::cpu::sequence_sums`]. Queued on the stream (these kernels have no status to wait
+    /// for: every check is made on the host).
     pub fn sequence_sums(
         &self,
         token_values: &impl DevicePtr<f32>,
@@ -49,10 +50,25 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
     ) -> Result<CudaSequenceSums> {
         check_len("labels", token_values.len(), labels.len())?;
+        let mut out = self.alloc_sums(validate_layout(token_values.len(), layout)?)?;
+        self.sequence_sums_into(token_values, labels, ignore_index, layout, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`CudaBackend::sequence_sums`] into caller buffers of `batch` elements.
+    pub fn sequence_sums_into(
+        &self,
+        token_values: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        out: &mut CudaSequenceSums,
+    ) -> Result<()> {
+        check_len("labels", token_values.len(), labels.len())?;
         let seq = self.seq_launch(token_values.len(), ignore_index, layout, None)?;
-        let mut out = self.alloc_sums(seq.batch)?;
+        check_sums_len(&seq, out)?;
         if seq.batch == 0 {
-            return Ok(out);
+            return Ok(());
         }
         {
             let func = self.function(&seq.entry("sequence_sums"))?;
@@ -75,7 +91,7 @@ impl CudaBackend {
             // sequence's rows lie inside `token_values` and `labels`; `sums`/`counts` hold `batch`.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_sums"))?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Per-sequence sums of the per-token log-ratio `policy − reference`, optionally clamped per
@@ -92,10 +108,38 @@ impl CudaBackend {
         check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
         check_len("labels", policy_logp.len(), labels.len())?;
         check_clamp(clamp)?;
+        let mut out = self.alloc_sums(validate_layout(policy_logp.len(), layout)?)?;
+        self.sequence_logratio_sums_into(
+            policy_logp,
+            reference_logp,
+            labels,
+            ignore_index,
+            layout,
+            clamp,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// [`CudaBackend::sequence_logratio_sums`] into caller buffers of `batch` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sequence_logratio_sums_into(
+        &self,
+        policy_logp: &impl DevicePtr<f32>,
+        reference_logp: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+        out: &mut CudaSequenceSums,
+    ) -> Result<()> {
+        check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
+        check_len("labels", policy_logp.len(), labels.len())?;
+        check_clamp(clamp)?;
         let seq = self.seq_launch(policy_logp.len(), ignore_index, layout, clamp)?;
-        let mut out = self.alloc_sums(seq.batch)?;
+        check_sums_len(&seq, out)?;
         if seq.batch == 0 {
-            return Ok(out);
+            return Ok(());
         }
         {
             let func = self.function(&seq.entry("sequence_logratio_sums"))?;
@@ -118,7 +162,7 @@ impl CudaBackend {
             // SAFETY: as in `sequence_sums`, for `sequence_logratio_sums_{padded,packed}_f32`.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_logratio_sums"))?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Backward of the sums: each counted token of sequence `i` receives `grad_seq[i]`, ignored
@@ -130,12 +174,28 @@ impl CudaBackend {
         ignore_index: i32,
         layout: SequenceLayout<'_>,
     ) -> Result<CudaSlice<f32>> {
+        let batch = validate_layout(labels.len(), layout)?;
+        check_len("grad_seq", batch, grad_seq.len())?;
+        let mut token_grad = self.alloc_output::<f32>(labels.len())?;
+        self.broadcast_sequence_grad_into(grad_seq, labels, ignore_index, layout, &mut token_grad)?;
+        Ok(token_grad)
+    }
+
+    /// [`CudaBackend::broadcast_sequence_grad`] into a caller buffer of `rows` elements.
+    pub fn broadcast_sequence_grad_into(
+        &self,
+        grad_seq: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        token_grad: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
         let rows = labels.len();
         let seq = self.seq_launch(rows, ignore_index, layout, None)?;
         check_len("grad_seq", seq.batch, grad_seq.len())?;
-        let mut token_grad = self.alloc_output::<f32>(rows)?;
+        check_len("token_grad", rows, token_grad.len())?;
         if seq.batch == 0 {
-            return Ok(token_grad);
+            return Ok(());
         }
         {
             let func = self.function(&seq.entry("broadcast_sequence_grad"))?;
@@ -156,7 +216,7 @@ impl CudaBackend {
             // covers exactly `rows` rows (validated), so every output row is written once.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch broadcast_sequence_grad"))?;
         }
-        Ok(token_grad)
+        Ok(())
     }
 
     /// Validates `layout` against `rows` (as the CPU does) and prepares the launch.
@@ -167,9 +227,7 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
         clamp: Option<LogRatioClamp>,
     ) -> Result<SeqLaunch> {
-        check_rows_fit_status(rows)?;
-        let ranges = layout.ranges(rows)?;
-        let batch = ranges.len();
+        let batch = validate_layout(rows, layout)?;
         let (seq, cu_seqlens) = match layout {
             SequenceLayout::Padded { seq, .. } => (seq, None),
             SequenceLayout::Packed { cu_seqlens } => (0, Some(self.htod(cu_seqlens)?)),
@@ -197,6 +255,40 @@ impl CudaBackend {
             counts: self.alloc_output(batch)?,
         })
     }
+}
+
+/// Validates `layout` against `rows` with the CPU's errors; returns the number of sequences.
+fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
+    check_rows_fit_status(rows)?;
+    let batch = match layout {
+        SequenceLayout::Padded { batch, seq } => {
+            // Checked here rather than through `layout.ranges`, which would first build a
+            // `batch`-long list; same error as the CPU for a mismatch.
+            let covered = batch.checked_mul(seq).ok_or_else(|| {
+                HaloError::InvalidShape(format!("padded batch {batch} * seq {seq} overflows"))
+            })?;
+            if covered != rows {
+                return Err(HaloError::LengthMismatch {
+                    what: "token rows (padded batch * seq)",
+                    expected: covered,
+                    got: rows,
+                });
+            }
+            batch
+        }
+        SequenceLayout::Packed { .. } => layout.ranges(rows)?.len(),
+    };
+    if batch > i32::MAX as usize {
+        return Err(HaloError::InvalidShape(format!(
+            "{batch} sequences exceed the CUDA grid limit"
+        )));
+    }
+    Ok(batch)
+}
+
+fn check_sums_len(seq: &SeqLaunch, out: &CudaSequenceSums) -> Result<()> {
+    check_len("sums", seq.batch, out.sums.len())?;
+    check_len("counts", seq.batch, out.counts.len())
 }
 
 /// Same rule and error as the CPU op: a clamp needs finite `min <= max`.
