@@ -95,13 +95,13 @@ impl CudaBackend {
     /// Copies a host slice to a new device buffer.
     pub fn htod<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         if host.is_empty() {
-            return self.stream.null().map_err(cuda_err("alloc (empty)"));
+            return self.empty();
         }
         self.stream.clone_htod(host).map_err(cuda_err("copy host to device"))
     }
 
     /// Copies a device buffer (or view) to a new host vector; waits for the copy.
-    pub fn dtoh<T: DeviceRepr + Clone + Default>(&self, device: &impl DevicePtr<T>) -> Result<Vec<T>> {
+    pub fn dtoh<T: DeviceRepr>(&self, device: &impl DevicePtr<T>) -> Result<Vec<T>> {
         if device.len() == 0 {
             return Ok(Vec::new());
         }
@@ -137,7 +137,7 @@ impl CudaBackend {
     /// A new zero-filled device buffer of `len` elements.
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         if len == 0 {
-            return self.stream.null().map_err(cuda_err("alloc (empty)"));
+            return self.empty();
         }
         self.stream
             .alloc_zeros(len)
@@ -148,11 +148,23 @@ impl CudaBackend {
     /// kernel writes completely (every op here writes every element of its outputs).
     pub(crate) fn alloc_output<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         if len == 0 {
-            return self.stream.null().map_err(cuda_err("alloc (empty)"));
+            return self.empty();
         }
         // SAFETY: the caller launches a kernel that writes all `len` elements before anything
         // reads them (outputs are poisoned with NaN in the tests to check this).
         unsafe { self.stream.alloc(len) }.map_err(cuda_err("alloc"))
+    }
+
+    /// An empty buffer. A 0-byte allocation is an error for `cuMemAlloc` (and unspecified for
+    /// `cuMemAllocAsync`, which cudarc's `null()` uses): back it with a real 1-element allocation
+    /// instead, which the returned slice owns and frees on drop.
+    fn empty<T: DeviceRepr>(&self) -> Result<CudaSlice<T>> {
+        // SAFETY: never read (length 0).
+        let one = unsafe { self.stream.alloc::<T>(1) }.map_err(cuda_err("alloc (empty)"))?;
+        let ptr = one.leak();
+        // SAFETY: `ptr` is a live allocation of one `T` that nothing else owns; a length of 0
+        // claims less than it holds.
+        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, 0) })
     }
 
     /// Waits until everything queued on the stream has finished; surfaces asynchronous errors.
