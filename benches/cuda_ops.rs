@@ -139,7 +139,9 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
         });
     }
     let copy_gbs = 2.0 * logits_bytes / copy.seconds() / 1e9;
-    out.push(format!("{shape}: d2d copy {copy_gbs:.0} GB/s (read + write)"));
+    out.push(format!(
+        "{shape}: d2d copy {copy_gbs:.0} GB/s (read + write)"
+    ));
     let report = |what: &str, bytes: f64, t: &Tally| {
         let gbs = bytes / t.seconds() / 1e9;
         let tokens = rows as f64 / t.seconds();
@@ -155,8 +157,16 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
     group.bench_function(BenchmarkId::new("forward_fused", &shape), |b| {
         b.iter_custom(|iters| {
             gpu_time(gpu, iters, &forward, || {
-                gpu.enqueue_token_logprobs(&d_logits, &d_labels, vocab, IGNORE_INDEX, &mut d_logp, &mut d_lse, &mut status)
-                    .expect("forward")
+                gpu.enqueue_token_logprobs(
+                    &d_logits,
+                    &d_labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d_logp,
+                    &mut d_lse,
+                    &mut status,
+                )
+                .expect("forward")
             })
         })
     });
@@ -169,14 +179,24 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
     {
         let mut log_probs: CudaSlice<bf16> = gpu.alloc_zeros(n).expect("alloc naive");
         let mut logp = gpu.alloc_zeros::<f32>(rows).expect("alloc");
-        group.bench_function(BenchmarkId::new("forward_naive_log_softmax_gather", &shape), |b| {
-            b.iter_custom(|iters| {
-                gpu_time(gpu, iters, &naive, || {
-                    gpu.enqueue_naive_token_logprobs(&d_logits, &d_labels, vocab, IGNORE_INDEX, &mut log_probs, &mut logp)
+        group.bench_function(
+            BenchmarkId::new("forward_naive_log_softmax_gather", &shape),
+            |b| {
+                b.iter_custom(|iters| {
+                    gpu_time(gpu, iters, &naive, || {
+                        gpu.enqueue_naive_token_logprobs(
+                            &d_logits,
+                            &d_labels,
+                            vocab,
+                            IGNORE_INDEX,
+                            &mut log_probs,
+                            &mut logp,
+                        )
                         .expect("naive")
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     out.push(format!(
         "{} (fused is {:.2}x faster)",
@@ -219,26 +239,30 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
     let kl_reference = gpu.htod(&vec![-119.5f32; batch]).expect("upload");
     let kto = Tally::new();
     group.throughput(Throughput::Elements(batch as u64));
-    group.bench_function(BenchmarkId::new("kto_loss", format!("{shape}_batch{batch}")), |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let kto_batch = CudaKtoBatch {
-                    policy_logps: policy.as_view(),
-                    reference_logps: reference.as_view(),
-                    is_desirable: desirable.as_view(),
-                    kl: Some(CudaKlInput::LogProbs {
-                        policy: kl_policy.as_view(),
-                        reference: kl_reference.as_view(),
-                    }),
-                };
-                gpu.kto_loss(&KtoConfig::default(), &kto_batch).expect("kto");
-            }
-            let d = start.elapsed();
-            kto.add(d, iters);
-            d
-        })
-    });
+    group.bench_function(
+        BenchmarkId::new("kto_loss", format!("{shape}_batch{batch}")),
+        |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let kto_batch = CudaKtoBatch {
+                        policy_logps: policy.as_view(),
+                        reference_logps: reference.as_view(),
+                        is_desirable: desirable.as_view(),
+                        kl: Some(CudaKlInput::LogProbs {
+                            policy: kl_policy.as_view(),
+                            reference: kl_reference.as_view(),
+                        }),
+                    };
+                    gpu.kto_loss(&KtoConfig::default(), &kto_batch)
+                        .expect("kto");
+                }
+                let d = start.elapsed();
+                kto.add(d, iters);
+                d
+            })
+        },
+    );
     out.push(format!(
         "{shape}: kto_loss (batch {batch}, launch + wait + read-back) {:.1} us",
         kto.seconds() * 1e6

@@ -91,7 +91,9 @@ fn watch_kernel_dir(dir: &Path) {
 fn find_nvcc(manifest_dir: &Path) -> Result<PathBuf, String> {
     if let Ok(value) = env::var("HALO_NVCC") {
         let value = value.trim();
-        if value.is_empty() || ["none", "off", "0", "false"].contains(&value.to_lowercase().as_str()) {
+        if value.is_empty()
+            || ["none", "off", "0", "false"].contains(&value.to_lowercase().as_str())
+        {
             return Err(format!("disabled by HALO_NVCC={value:?}"));
         }
         let path = PathBuf::from(value);
@@ -135,9 +137,7 @@ fn virtual_arch() -> String {
     if raw.is_empty() {
         return DEFAULT_ARCH.into();
     }
-    let digits = raw
-        .trim_start_matches("compute_")
-        .trim_start_matches("sm_");
+    let digits = raw.trim_start_matches("compute_").trim_start_matches("sm_");
     let valid = !digits.is_empty()
         && digits.chars().next().is_some_and(|c| c.is_ascii_digit())
         && digits.chars().all(|c| c.is_ascii_alphanumeric());
@@ -199,7 +199,10 @@ fn compile_all(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("nvcc thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("nvcc thread panicked".into()))
+            })
             .collect()
     });
     let mut modules = Vec::new();
@@ -301,14 +304,24 @@ fn compiled(nvcc: &Path, version: &str, arch: &str, modules: &[Module]) -> Strin
     let mut s = header();
     writeln!(s, "pub const KERNELS_COMPILED: bool = true;").unwrap();
     writeln!(s, "pub const NOT_COMPILED_REASON: &str = \"\";").unwrap();
-    writeln!(s, "pub const NVCC: &str = {:?};", nvcc.display().to_string()).unwrap();
+    writeln!(
+        s,
+        "pub const NVCC: &str = {:?};",
+        nvcc.display().to_string()
+    )
+    .unwrap();
     writeln!(s, "pub const NVCC_VERSION: &str = {version:?};").unwrap();
     writeln!(s, "pub const CUDA_ARCH: &str = {arch:?};").unwrap();
     writeln!(s, "pub const MODULES: &[PtxModule] = &[").unwrap();
     for m in modules {
         writeln!(s, "    PtxModule {{").unwrap();
         writeln!(s, "        name: {:?},", m.name).unwrap();
-        writeln!(s, "        ptx: include_str!({:?}),", m.ptx_path.display().to_string()).unwrap();
+        writeln!(
+            s,
+            "        ptx: include_str!({:?}),",
+            m.ptx_path.display().to_string()
+        )
+        .unwrap();
         writeln!(s, "        entries: &{:?},", m.entries).unwrap();
         writeln!(s, "    }},").unwrap();
     }

@@ -97,7 +97,9 @@ impl CudaBackend {
         if host.is_empty() {
             return self.empty();
         }
-        self.stream.clone_htod(host).map_err(cuda_err("copy host to device"))
+        self.stream
+            .clone_htod(host)
+            .map_err(cuda_err("copy host to device"))
     }
 
     /// Copies a device buffer (or view) to a new host vector; waits for the copy.
@@ -139,9 +141,7 @@ impl CudaBackend {
         if len == 0 {
             return self.empty();
         }
-        self.stream
-            .alloc_zeros(len)
-            .map_err(cuda_err("alloc"))
+        self.stream.alloc_zeros(len).map_err(cuda_err("alloc"))
     }
 
     /// A new device buffer of `len` elements whose contents are unspecified: only for outputs a
@@ -169,7 +169,9 @@ impl CudaBackend {
 
     /// Waits until everything queued on the stream has finished; surfaces asynchronous errors.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(cuda_err("stream synchronize"))
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("stream synchronize"))
     }
 
     /// Reads one element of a device buffer (used to report the offending label of an error).
@@ -184,7 +186,9 @@ impl CudaBackend {
                 device.len()
             )));
         }
-        self.ctx.bind_to_thread().map_err(cuda_err("bind context"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
         let mut out = [T::default()];
         {
             let (ptr, _read) = device.device_ptr(&self.stream);
@@ -221,7 +225,9 @@ pub fn check_available() -> Result<()> {
     }
     // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
     if !unsafe { sys::is_culib_present() } {
-        problems.push("no CUDA driver: libcuda could not be loaded (no NVIDIA driver on this machine)".into());
+        problems.push(
+            "no CUDA driver: libcuda could not be loaded (no NVIDIA driver on this machine)".into(),
+        );
     }
     if problems.is_empty() {
         Ok(())

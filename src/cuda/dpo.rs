@@ -41,7 +41,11 @@ pub struct CudaPairGrads {
 impl CudaBackend {
     /// The DPO-family loss, its gradients and metrics, like [`crate::losses::dpo_loss`]. Waits for
     /// the kernel.
-    pub fn dpo_loss(&self, config: &DpoConfig, batch: &CudaPairBatch<'_>) -> Result<PairLossOutput> {
+    pub fn dpo_loss(
+        &self,
+        config: &DpoConfig,
+        batch: &CudaPairBatch<'_>,
+    ) -> Result<PairLossOutput> {
         self.dpo_loss_device(config, batch).map(|(out, _)| out)
     }
 
@@ -56,11 +60,25 @@ impl CudaBackend {
         if n == 0 {
             return Err(HaloError::EmptyBatch("policy_chosen_logps"));
         }
-        check_len("policy_rejected_logps", n, batch.policy_rejected_logps.len())?;
-        check_len("reference_chosen_logps", n, batch.reference_chosen_logps.len())?;
-        check_len("reference_rejected_logps", n, batch.reference_rejected_logps.len())?;
+        check_len(
+            "policy_rejected_logps",
+            n,
+            batch.policy_rejected_logps.len(),
+        )?;
+        check_len(
+            "reference_chosen_logps",
+            n,
+            batch.reference_chosen_logps.len(),
+        )?;
+        check_len(
+            "reference_rejected_logps",
+            n,
+            batch.reference_rejected_logps.len(),
+        )?;
         if n > i32::MAX as usize {
-            return Err(HaloError::InvalidShape(format!("DPO batch of {n} pairs exceeds i32")));
+            return Err(HaloError::InvalidShape(format!(
+                "DPO batch of {n} pairs exceeds i32"
+            )));
         }
         // The CPU checks finiteness before the counts: let it order these errors.
         let counts = match check_counts(config, batch, n) {
@@ -158,14 +176,27 @@ impl CudaBackend {
     }
 
     /// The CPU's error for this batch, or `fallback` when the CPU finds nothing wrong.
-    fn dpo_diagnose(&self, config: &DpoConfig, batch: &CudaPairBatch<'_>, fallback: HaloError) -> HaloError {
+    fn dpo_diagnose(
+        &self,
+        config: &DpoConfig,
+        batch: &CudaPairBatch<'_>,
+        fallback: HaloError,
+    ) -> HaloError {
         let read = || -> Result<HaloError> {
             let pc = self.dtoh(&batch.policy_chosen_logps)?;
             let pr = self.dtoh(&batch.policy_rejected_logps)?;
             let rc = self.dtoh(&batch.reference_chosen_logps)?;
             let rr = self.dtoh(&batch.reference_rejected_logps)?;
-            let chosen_counts = batch.chosen_counts.as_ref().map(|c| self.dtoh(c)).transpose()?;
-            let rejected_counts = batch.rejected_counts.as_ref().map(|c| self.dtoh(c)).transpose()?;
+            let chosen_counts = batch
+                .chosen_counts
+                .as_ref()
+                .map(|c| self.dtoh(c))
+                .transpose()?;
+            let rejected_counts = batch
+                .rejected_counts
+                .as_ref()
+                .map(|c| self.dtoh(c))
+                .transpose()?;
             let host = PairBatch {
                 policy_chosen_logps: &pc,
                 policy_rejected_logps: &pr,
@@ -200,14 +231,20 @@ fn check_counts<'b, 'a>(
         return Ok(None);
     }
     let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
-    let chosen = batch.chosen_counts.as_ref().ok_or(HaloError::MissingArgument {
-        what: "chosen_counts",
-        needed_by,
-    })?;
-    let rejected = batch.rejected_counts.as_ref().ok_or(HaloError::MissingArgument {
-        what: "rejected_counts",
-        needed_by,
-    })?;
+    let chosen = batch
+        .chosen_counts
+        .as_ref()
+        .ok_or(HaloError::MissingArgument {
+            what: "chosen_counts",
+            needed_by,
+        })?;
+    let rejected = batch
+        .rejected_counts
+        .as_ref()
+        .ok_or(HaloError::MissingArgument {
+            what: "rejected_counts",
+            needed_by,
+        })?;
     Ok(Some((chosen, rejected)))
 }
 

@@ -79,7 +79,9 @@ impl CudaBackend {
         check_len("reference_logps", n, batch.reference_logps.len())?;
         check_len("is_desirable", n, batch.is_desirable.len())?;
         if n > i32::MAX as usize {
-            return Err(HaloError::InvalidShape(format!("KTO batch of {n} examples exceeds i32")));
+            return Err(HaloError::InvalidShape(format!(
+                "KTO batch of {n} examples exceeds i32"
+            )));
         }
         let kl = match kl_setup(config, batch) {
             Ok(kl) => kl,
@@ -110,7 +112,9 @@ impl CudaBackend {
             let (reference_ptr, _r1) = batch.reference_logps.device_ptr(stream);
             let (desirable_ptr, _r2) = batch.is_desirable.device_ptr(stream);
             // Modes other than FROM_PAIRS never read the KL pointers; any valid pointer will do.
-            let (kl_policy, kl_reference) = kl.pairs.unwrap_or((&batch.policy_logps, &batch.policy_logps));
+            let (kl_policy, kl_reference) = kl
+                .pairs
+                .unwrap_or((&batch.policy_logps, &batch.policy_logps));
             let (kl_policy_ptr, _r3) = kl_policy.device_ptr(stream);
             let (kl_reference_ptr, _r4) = kl_reference.device_ptr(stream);
             let (grad_ptr, _w0) = grad.device_ptr_mut(stream);
@@ -161,11 +165,20 @@ impl CudaBackend {
 
     /// The CPU's error for this batch (the CPU orders data checks before the KL checks), or
     /// `fallback` when the CPU finds nothing wrong.
-    fn kto_diagnose(&self, config: &KtoConfig, batch: &CudaKtoBatch<'_>, fallback: HaloError) -> HaloError {
+    fn kto_diagnose(
+        &self,
+        config: &KtoConfig,
+        batch: &CudaKtoBatch<'_>,
+        fallback: HaloError,
+    ) -> HaloError {
         let read = || -> Result<HaloError> {
             let policy = self.dtoh(&batch.policy_logps)?;
             let reference = self.dtoh(&batch.reference_logps)?;
-            let desirable: Vec<bool> = self.dtoh(&batch.is_desirable)?.iter().map(|&d| d != 0).collect();
+            let desirable: Vec<bool> = self
+                .dtoh(&batch.is_desirable)?
+                .iter()
+                .map(|&d| d != 0)
+                .collect();
             let kl_host = match &batch.kl {
                 Some(CudaKlInput::LogProbs { policy, reference }) => {
                     Some((self.dtoh(policy)?, self.dtoh(reference)?))

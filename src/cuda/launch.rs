@@ -24,7 +24,11 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     if expected == got {
         Ok(())
     } else {
-        Err(HaloError::LengthMismatch { what, expected, got })
+        Err(HaloError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
@@ -41,7 +45,11 @@ pub(crate) fn check_rows_fit_status(rows: usize) -> Result<()> {
 
 /// Validates a `[rows, vocab]` logits buffer against `labels` (as the CPU op does) and returns
 /// `rows`.
-pub(crate) fn check_token_shape(logits_len: usize, labels_len: usize, vocab: usize) -> Result<usize> {
+pub(crate) fn check_token_shape(
+    logits_len: usize,
+    labels_len: usize,
+    vocab: usize,
+) -> Result<usize> {
     if vocab == 0 {
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }
@@ -52,14 +60,20 @@ pub(crate) fn check_token_shape(logits_len: usize, labels_len: usize, vocab: usi
     check_len("logits", expected, logits_len)?;
     check_rows_fit_status(rows)?;
     if vocab > i64::MAX as usize {
-        return Err(HaloError::InvalidShape(format!("vocab {vocab} does not fit in i64")));
+        return Err(HaloError::InvalidShape(format!(
+            "vocab {vocab} does not fit in i64"
+        )));
     }
     Ok(rows)
 }
 
 /// Parameters and launch geometry of a token kernel (`rows > 0`), from `kernels/README.md`:
 /// `block = TOKEN_THREADS`, `grid = ceil(rows / rows_per_block)`.
-pub(crate) fn token_launch(rows: usize, vocab: usize, ignore_index: i32) -> (HaloTokenParams, LaunchConfig) {
+pub(crate) fn token_launch(
+    rows: usize,
+    vocab: usize,
+    ignore_index: i32,
+) -> (HaloTokenParams, LaunchConfig) {
     let rows_per_block = token_rows_per_block(vocab);
     let params = HaloTokenParams {
         rows: rows as i64,
@@ -80,7 +94,9 @@ pub(crate) fn blocks_launch(blocks: usize, threads: u32) -> Result<LaunchConfig>
     let grid = u32::try_from(blocks)
         .ok()
         .filter(|&g| g <= i32::MAX as u32)
-        .ok_or_else(|| HaloError::InvalidShape(format!("{blocks} blocks exceed the CUDA grid limit")))?;
+        .ok_or_else(|| {
+            HaloError::InvalidShape(format!("{blocks} blocks exceed the CUDA grid limit"))
+        })?;
     Ok(LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (threads, 1, 1),
@@ -91,7 +107,7 @@ pub(crate) fn blocks_launch(blocks: usize, threads: u32) -> Result<LaunchConfig>
 /// Device pointers must be aligned to their element type (the kernels' only alignment need).
 pub(crate) fn check_aligned<T>(what: &'static str, ptr: u64) -> Result<()> {
     let align = std::mem::align_of::<T>() as u64;
-    if ptr % align != 0 {
+    if !ptr.is_multiple_of(align) {
         return Err(HaloError::InvalidShape(format!(
             "`{what}` device pointer {ptr:#x} is not aligned to its element size ({align} bytes)"
         )));

@@ -16,17 +16,17 @@ mod kto;
 mod launch;
 mod naive_baseline;
 pub mod ptx;
+mod sequence_sums;
 mod status;
 mod token_logprobs;
-mod sequence_sums;
 mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
-pub use status::{KernelStatus, StatusWord};
 pub use sequence_sums::CudaSequenceSums;
+pub use status::{KernelStatus, StatusWord};
 pub use token_logprobs::CudaTokenLogprobs;
 
 /// Re-exported so callers name device buffers without depending on cudarc directly.

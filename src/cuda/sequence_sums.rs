@@ -33,7 +33,11 @@ struct SeqLaunch {
 impl SeqLaunch {
     /// The entry point `<op>_{padded,packed}_f32`.
     fn entry(&self, op: &str) -> String {
-        let layout = if self.cu_seqlens.is_some() { "packed" } else { "padded" };
+        let layout = if self.cu_seqlens.is_some() {
+            "packed"
+        } else {
+            "padded"
+        };
         format!("{op}_{layout}_f32")
     }
 }
@@ -214,7 +218,8 @@ impl CudaBackend {
             launch.arg(&token_grad_ptr).arg(&seq.params);
             // SAFETY: arguments follow `broadcast_sequence_grad_{padded,packed}_f32`; the layout
             // covers exactly `rows` rows (validated), so every output row is written once.
-            unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch broadcast_sequence_grad"))?;
+            unsafe { launch.launch(seq.cfg) }
+                .map_err(cuda_err("launch broadcast_sequence_grad"))?;
         }
         Ok(())
     }
@@ -294,7 +299,7 @@ fn check_sums_len(seq: &SeqLaunch, out: &CudaSequenceSums) -> Result<()> {
 /// Same rule and error as the CPU op: a clamp needs finite `min <= max`.
 fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
     match clamp {
-        Some(c) if !(c.min <= c.max) || !c.min.is_finite() || !c.max.is_finite() => {
+        Some(c) if !c.min.is_finite() || !c.max.is_finite() || c.min > c.max => {
             Err(HaloError::InvalidHyperParameter {
                 name: "LogRatioClamp",
                 value: c.min as f64,

@@ -38,7 +38,14 @@ impl CudaBackend {
             logp: self.alloc_output(rows)?,
             lse: self.alloc_output(rows)?,
         };
-        self.token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
+        self.token_logprobs_into(
+            logits,
+            labels,
+            vocab,
+            ignore_index,
+            &mut out.logp,
+            &mut out.lse,
+        )?;
         Ok(out)
     }
 

@@ -166,7 +166,8 @@ impl CudaBackend {
             .arg(&params);
         // SAFETY: arguments follow `token_logprobs_backward_inplace_T` in kernels/README.md;
         // lengths were checked.
-        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward_inplace"))?;
+        unsafe { launch.launch(cfg) }
+            .map_err(cuda_err("launch token_logprobs_backward_inplace"))?;
         Ok(())
     }
 
