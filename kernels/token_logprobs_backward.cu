@@ -5,9 +5,9 @@
 // buffer. Launch geometry as the forward: kernels/README.md.
 #include "halo_common.cuh"
 
-// `neg_g_lse` = −lse·log2e: exp(z − lse) = 2^(z·log2e − lse·log2e), one FMA + one ex2 per element.
-__device__ __forceinline__ float grad_element(float z, int64_t col, int64_t label, float g, float lse_log2) {
-    const float prob = exp2f(fmaf(z, HALO_LOG2E, -lse_log2));
+// exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse.
+__device__ __forceinline__ float grad_element(float z, int64_t col, int64_t label, float g, float row_lse) {
+    const float prob = exp2f((z - row_lse) * HALO_LOG2E);
     return col == label ? g * (1.0f - prob) : -g * prob;
 }
 
@@ -42,7 +42,6 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         if (!isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
     }
     const bool zero_row = ignored || bad_label;
-    const float lse_log2 = row_lse * HALO_LOG2E;
     const int64_t y = label;
 
     const T* in = logits + row * p.vocab;
@@ -56,7 +55,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
 
     for (int64_t j = lane; j < head; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, lse_log2));
+        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
     }
     const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
     uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
@@ -69,13 +68,13 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
             unpack_vec<T>(load_vec<T, InPlace>(in_vecs + i), x);
             const int64_t col0 = head + i * VEC;
 #pragma unroll
-            for (int k = 0; k < VEC; k++) x[k] = grad_element(x[k], col0 + k, y, g, lse_log2);
+            for (int k = 0; k < VEC; k++) x[k] = grad_element(x[k], col0 + k, y, g, row_lse);
             out_vecs[i] = pack_vec<T>(x);
         }
     }
     for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, lse_log2));
+        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
     }
 }
 
