@@ -25,8 +25,20 @@ macro_rules! check_struct {
 
 #[test]
 fn struct_layouts_match_the_c_header() {
-    check_struct!(HaloTokenParams { rows, vocab, ignore_index, rows_per_block });
-    check_struct!(HaloSeqParams { batch, seq, ignore_index, use_clamp, clamp_min, clamp_max });
+    check_struct!(HaloTokenParams {
+        rows,
+        vocab,
+        ignore_index,
+        rows_per_block
+    });
+    check_struct!(HaloSeqParams {
+        batch,
+        seq,
+        ignore_index,
+        use_clamp,
+        clamp_min,
+        clamp_max
+    });
     check_struct!(HaloKtoParams {
         batch,
         kl_count,
@@ -39,7 +51,12 @@ fn struct_layouts_match_the_c_header() {
         kl_total,
         _pad
     });
-    check_struct!(HaloDpoParams { pairs, loss_type, beta, label_smoothing });
+    check_struct!(HaloDpoParams {
+        pairs,
+        loss_type,
+        beta,
+        label_smoothing
+    });
 }
 
 #[test]
@@ -55,7 +72,10 @@ fn constants_match_the_c_header() {
         ("HALO_STATUS_NONFINITE_GRAD", STATUS_NONFINITE_GRAD as i64),
         ("HALO_STATUS_EMPTY_SEQUENCE", STATUS_EMPTY_SEQUENCE as i64),
         ("HALO_KTO_LOSS_KTO", KTO_LOSS_KTO as i64),
-        ("HALO_KTO_LOSS_APO_ZERO_UNPAIRED", KTO_LOSS_APO_ZERO_UNPAIRED as i64),
+        (
+            "HALO_KTO_LOSS_APO_ZERO_UNPAIRED",
+            KTO_LOSS_APO_ZERO_UNPAIRED as i64,
+        ),
         ("HALO_KL_FROM_PAIRS", KL_FROM_PAIRS as i64),
         ("HALO_KL_FROM_SUM", KL_FROM_SUM as i64),
         ("HALO_KL_ZERO", KL_ZERO as i64),
@@ -63,12 +83,27 @@ fn constants_match_the_c_header() {
         ("HALO_KTO_OUT_Z0", kto_out::Z0 as i64),
         ("HALO_KTO_OUT_KL_SUM", kto_out::KL_SUM as i64),
         ("HALO_KTO_OUT_KL_COUNT", kto_out::KL_COUNT as i64),
-        ("HALO_KTO_OUT_CHOSEN_REWARD_SUM", kto_out::CHOSEN_REWARD_SUM as i64),
-        ("HALO_KTO_OUT_REJECTED_REWARD_SUM", kto_out::REJECTED_REWARD_SUM as i64),
+        (
+            "HALO_KTO_OUT_CHOSEN_REWARD_SUM",
+            kto_out::CHOSEN_REWARD_SUM as i64,
+        ),
+        (
+            "HALO_KTO_OUT_REJECTED_REWARD_SUM",
+            kto_out::REJECTED_REWARD_SUM as i64,
+        ),
         ("HALO_KTO_OUT_CHOSEN_COUNT", kto_out::CHOSEN_COUNT as i64),
-        ("HALO_KTO_OUT_REJECTED_COUNT", kto_out::REJECTED_COUNT as i64),
-        ("HALO_KTO_OUT_CHOSEN_LOGP_SUM", kto_out::CHOSEN_LOGP_SUM as i64),
-        ("HALO_KTO_OUT_REJECTED_LOGP_SUM", kto_out::REJECTED_LOGP_SUM as i64),
+        (
+            "HALO_KTO_OUT_REJECTED_COUNT",
+            kto_out::REJECTED_COUNT as i64,
+        ),
+        (
+            "HALO_KTO_OUT_CHOSEN_LOGP_SUM",
+            kto_out::CHOSEN_LOGP_SUM as i64,
+        ),
+        (
+            "HALO_KTO_OUT_REJECTED_LOGP_SUM",
+            kto_out::REJECTED_LOGP_SUM as i64,
+        ),
         ("HALO_KTO_OUT_LEN", kto_out::LEN as i64),
         ("HALO_DPO_LOSS_SIGMOID", DPO_LOSS_SIGMOID as i64),
         ("HALO_DPO_LOSS_ROBUST", DPO_LOSS_ROBUST as i64),
@@ -76,12 +111,27 @@ fn constants_match_the_c_header() {
         ("HALO_DPO_LOSS_IPO", DPO_LOSS_IPO as i64),
         ("HALO_DPO_LOSS_APO_ZERO", DPO_LOSS_APO_ZERO as i64),
         ("HALO_DPO_OUT_LOSS", dpo_out::LOSS as i64),
-        ("HALO_DPO_OUT_CHOSEN_REWARD_SUM", dpo_out::CHOSEN_REWARD_SUM as i64),
-        ("HALO_DPO_OUT_REJECTED_REWARD_SUM", dpo_out::REJECTED_REWARD_SUM as i64),
-        ("HALO_DPO_OUT_ACCURACY_COUNT", dpo_out::ACCURACY_COUNT as i64),
+        (
+            "HALO_DPO_OUT_CHOSEN_REWARD_SUM",
+            dpo_out::CHOSEN_REWARD_SUM as i64,
+        ),
+        (
+            "HALO_DPO_OUT_REJECTED_REWARD_SUM",
+            dpo_out::REJECTED_REWARD_SUM as i64,
+        ),
+        (
+            "HALO_DPO_OUT_ACCURACY_COUNT",
+            dpo_out::ACCURACY_COUNT as i64,
+        ),
         ("HALO_DPO_OUT_MARGIN_SUM", dpo_out::MARGIN_SUM as i64),
-        ("HALO_DPO_OUT_CHOSEN_LOGP_SUM", dpo_out::CHOSEN_LOGP_SUM as i64),
-        ("HALO_DPO_OUT_REJECTED_LOGP_SUM", dpo_out::REJECTED_LOGP_SUM as i64),
+        (
+            "HALO_DPO_OUT_CHOSEN_LOGP_SUM",
+            dpo_out::CHOSEN_LOGP_SUM as i64,
+        ),
+        (
+            "HALO_DPO_OUT_REJECTED_LOGP_SUM",
+            dpo_out::REJECTED_LOGP_SUM as i64,
+        ),
         ("HALO_DPO_OUT_LEN", dpo_out::LEN as i64),
     ];
     for &(name, rust) in pairs {

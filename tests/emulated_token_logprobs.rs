@@ -18,7 +18,10 @@ fn reference<T: LogitElement>(logits: &[T], labels: &[i32], vocab: usize) -> (Ve
             lse.push(0.0);
             continue;
         }
-        let row: Vec<f64> = logits[r * vocab..(r + 1) * vocab].iter().map(|x| x.to_f32() as f64).collect();
+        let row: Vec<f64> = logits[r * vocab..(r + 1) * vocab]
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let l = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
         lse.push(l as f32);
@@ -29,7 +32,14 @@ fn reference<T: LogitElement>(logits: &[T], labels: &[i32], vocab: usize) -> (Ve
 
 /// Forward of `rows x vocab` random logits, starting `offset` elements into the buffer (so the
 /// base pointer itself can be misaligned), compared with the CPU op and the f64 reference.
-fn check_forward<T: EmulatedElement>(seed: u64, rows: usize, vocab: usize, offset: usize, ignore: f64, scale: f32) {
+fn check_forward<T: EmulatedElement>(
+    seed: u64,
+    rows: usize,
+    vocab: usize,
+    offset: usize,
+    ignore: f64,
+    scale: f32,
+) {
     let mut r = rng(seed);
     let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, scale);
     let logits = &buf[offset..];
@@ -39,15 +49,47 @@ fn check_forward<T: EmulatedElement>(seed: u64, rows: usize, vocab: usize, offse
     let (ref_logp, ref_lse) = reference(logits, &labels, vocab);
     let ctx = format!("{:?} rows {rows} vocab {vocab} offset {offset}", T::DTYPE);
     let tol = 2e-6 * (1.0 + scale);
-    assert_close(&format!("lse vs f64 ({ctx})"), &got.lse, &ref_lse, tol, 2e-6);
-    assert_close(&format!("logp vs f64 ({ctx})"), &got.logp, &ref_logp, tol, 2e-6);
-    assert_close(&format!("lse vs cpu ({ctx})"), &got.lse, &cpu.lse, tol, 2e-6);
-    assert_close(&format!("logp vs cpu ({ctx})"), &got.logp, &cpu.logp, tol, 2e-6);
+    assert_close(
+        &format!("lse vs f64 ({ctx})"),
+        &got.lse,
+        &ref_lse,
+        tol,
+        2e-6,
+    );
+    assert_close(
+        &format!("logp vs f64 ({ctx})"),
+        &got.logp,
+        &ref_logp,
+        tol,
+        2e-6,
+    );
+    assert_close(
+        &format!("lse vs cpu ({ctx})"),
+        &got.lse,
+        &cpu.lse,
+        tol,
+        2e-6,
+    );
+    assert_close(
+        &format!("logp vs cpu ({ctx})"),
+        &got.logp,
+        &cpu.logp,
+        tol,
+        2e-6,
+    );
     for (i, &y) in labels.iter().enumerate() {
         if y == IGNORE {
-            assert_eq!((got.logp[i], got.lse[i]), (0.0, 0.0), "ignored row {i} ({ctx})");
+            assert_eq!(
+                (got.logp[i], got.lse[i]),
+                (0.0, 0.0),
+                "ignored row {i} ({ctx})"
+            );
         }
-        assert!(got.logp[i] <= 0.0, "logp[{i}] = {} > 0 ({ctx})", got.logp[i]);
+        assert!(
+            got.logp[i] <= 0.0,
+            "logp[{i}] = {} > 0 ({ctx})",
+            got.logp[i]
+        );
     }
     // Deterministic: a second launch gives the same bits.
     let again = emu::token_logprobs(logits, &labels, vocab, IGNORE).unwrap();
@@ -75,7 +117,14 @@ fn forward_all_shapes<T: EmulatedElement>(seed: u64) {
     .enumerate()
     {
         for offset in [0, 1, 3] {
-            check_forward::<T>(seed + i as u64 * 10 + offset as u64, rows, vocab, offset, 0.2, 8.0);
+            check_forward::<T>(
+                seed + i as u64 * 10 + offset as u64,
+                rows,
+                vocab,
+                offset,
+                0.2,
+                8.0,
+            );
         }
     }
 }
@@ -127,7 +176,10 @@ fn forward_writes_into_poisoned_buffers() {
     let mut logp = vec![f32::NAN; rows];
     let mut lse = vec![f32::NAN; rows];
     emu::token_logprobs_into(&logits, &labels, vocab, IGNORE, &mut logp, &mut lse).unwrap();
-    assert!(logp.iter().chain(&lse).all(|x| x.is_finite()), "an output element was not written");
+    assert!(
+        logp.iter().chain(&lse).all(|x| x.is_finite()),
+        "an output element was not written"
+    );
 }
 
 #[test]
@@ -159,7 +211,13 @@ fn forward_reports_the_cpu_errors() {
         let want = cpu::token_logprobs(&z, &labels, vocab, IGNORE).unwrap_err();
         let got = emu::token_logprobs(&z, &labels, vocab, IGNORE).unwrap_err();
         assert_eq!(got, want);
-        assert_eq!(got, HaloError::NonFinite { what: "logits", row: 5 });
+        assert_eq!(
+            got,
+            HaloError::NonFinite {
+                what: "logits",
+                row: 5
+            }
+        );
         let mut z = logits.clone();
         z[30 * vocab + 1] = poison;
         emu::token_logprobs(&z, &labels, vocab, IGNORE).unwrap();
@@ -182,7 +240,13 @@ fn forward_reports_the_cpu_errors() {
         emu::token_logprobs::<f32>(&[], &[], 0, IGNORE),
         Err(HaloError::InvalidShape(_))
     ));
-    assert_eq!(emu::token_logprobs::<f32>(&[], &[], 5, IGNORE).unwrap().logp.len(), 0);
+    assert_eq!(
+        emu::token_logprobs::<f32>(&[], &[], 5, IGNORE)
+            .unwrap()
+            .logp
+            .len(),
+        0
+    );
 }
 
 /// Tolerance of one element of `T`: the kernel and the CPU may round a value at a rounding
@@ -195,18 +259,27 @@ fn dtype_tol<T: LogitElement>() -> (f32, f32) {
     }
 }
 
-fn check_backward<T: EmulatedElement>(seed: u64, rows: usize, vocab: usize, offset: usize, ignore: f64) {
+fn check_backward<T: EmulatedElement>(
+    seed: u64,
+    rows: usize,
+    vocab: usize,
+    offset: usize,
+    ignore: f64,
+) {
     let mut r = rng(seed);
     let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, 6.0);
     let logits = &buf[offset..];
     let labels = random_labels(&mut r, rows, vocab, ignore);
     let fwd = cpu::token_logprobs(logits, &labels, vocab, IGNORE).unwrap();
-    let grad: Vec<f32> = (0..rows).map(|_| rand::Rng::gen_range(&mut r, -2.0f32..2.0)).collect();
+    let grad: Vec<f32> = (0..rows)
+        .map(|_| rand::Rng::gen_range(&mut r, -2.0f32..2.0))
+        .collect();
     let ctx = format!("{:?} rows {rows} vocab {vocab} offset {offset}", T::DTYPE);
     let (abs, rel) = dtype_tol::<T>();
 
     let mut want = vec![T::from_f32(0.0); rows * vocab];
-    cpu::token_logprobs_backward(logits, &labels, &fwd.lse, &grad, vocab, IGNORE, &mut want).unwrap();
+    cpu::token_logprobs_backward(logits, &labels, &fwd.lse, &grad, vocab, IGNORE, &mut want)
+        .unwrap();
 
     // Separate output, poisoned, at an output offset that differs from the input's (scalar path)
     // and at the same one (vector path).
@@ -224,12 +297,22 @@ fn check_backward<T: EmulatedElement>(seed: u64, rows: usize, vocab: usize, offs
     }
 
     let mut inplace = logits.to_vec();
-    emu::token_logprobs_backward_inplace(&mut inplace, &labels, &fwd.lse, &grad, vocab, IGNORE).unwrap();
-    assert_close(&format!("in-place grad vs cpu ({ctx})"), &to_f32(&inplace), &to_f32(&want), abs, rel);
+    emu::token_logprobs_backward_inplace(&mut inplace, &labels, &fwd.lse, &grad, vocab, IGNORE)
+        .unwrap();
+    assert_close(
+        &format!("in-place grad vs cpu ({ctx})"),
+        &to_f32(&inplace),
+        &to_f32(&want),
+        abs,
+        rel,
+    );
 
     // f64 reference of the formula, with the f64 softmax.
     for (row, &y) in labels.iter().enumerate() {
-        let z: Vec<f64> = logits[row * vocab..(row + 1) * vocab].iter().map(|x| x.to_f32() as f64).collect();
+        let z: Vec<f64> = logits[row * vocab..(row + 1) * vocab]
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .collect();
         for v in 0..vocab {
             let want = if y == IGNORE {
                 0.0
@@ -252,9 +335,18 @@ fn check_backward<T: EmulatedElement>(seed: u64, rows: usize, vocab: usize, offs
 
 #[test]
 fn backward_all_dtypes_awkward_shapes() {
-    for (i, &(rows, vocab)) in [(1, 1), (13, 1), (9, 3), (33, 7), (65, 50), (20, 129), (7, 1000), (3, 4099)]
-        .iter()
-        .enumerate()
+    for (i, &(rows, vocab)) in [
+        (1, 1),
+        (13, 1),
+        (9, 3),
+        (33, 7),
+        (65, 50),
+        (20, 129),
+        (7, 1000),
+        (3, 4099),
+    ]
+    .iter()
+    .enumerate()
     {
         for offset in [0, 1] {
             let seed = 100 + i as u64 * 10 + offset as u64;
@@ -278,14 +370,21 @@ fn backward_reports_the_cpu_errors() {
     let logits: Vec<f16> = random_logits(&mut r, rows * vocab, 3.0);
     let mut labels = random_labels(&mut r, rows, vocab, 0.0);
     labels[4] = IGNORE;
-    let lse = cpu::token_logprobs(&logits, &labels, vocab, IGNORE).unwrap().lse;
+    let lse = cpu::token_logprobs(&logits, &labels, vocab, IGNORE)
+        .unwrap()
+        .lse;
     let grad = vec![0.5f32; rows];
     let run = |labels: &[i32], lse: &[f32], grad: &[f32]| {
         let mut out = vec![f16::ZERO; rows * vocab];
-        let got = emu::token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out).unwrap_err();
+        let got = emu::token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out)
+            .unwrap_err();
         let mut z = logits.clone();
-        let got_inplace = emu::token_logprobs_backward_inplace(&mut z, labels, lse, grad, vocab, IGNORE).unwrap_err();
-        let want = cpu::token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out).unwrap_err();
+        let got_inplace =
+            emu::token_logprobs_backward_inplace(&mut z, labels, lse, grad, vocab, IGNORE)
+                .unwrap_err();
+        let want =
+            cpu::token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out)
+                .unwrap_err();
         assert_eq!(got, want);
         assert_eq!(got_inplace, want);
         got
@@ -293,15 +392,36 @@ fn backward_reports_the_cpu_errors() {
     let mut bad = labels.clone();
     bad[9] = vocab as i32;
     bad[12] = -3;
-    assert!(matches!(run(&bad, &lse, &grad), HaloError::LabelOutOfRange { row: 9, .. }));
+    assert!(matches!(
+        run(&bad, &lse, &grad),
+        HaloError::LabelOutOfRange { row: 9, .. }
+    ));
     // A non-finite lse in an ignored row is still an error (the CPU checks every row).
     let mut l = lse.clone();
     l[4] = f32::NAN;
     l[7] = f32::INFINITY;
-    assert_eq!(run(&labels, &l, &grad), HaloError::NonFinite { what: "lse", row: 4 });
+    assert_eq!(
+        run(&labels, &l, &grad),
+        HaloError::NonFinite {
+            what: "lse",
+            row: 4
+        }
+    );
     let mut g = grad.clone();
     g[25] = f32::NEG_INFINITY;
-    assert_eq!(run(&labels, &lse, &g), HaloError::NonFinite { what: "grad_logp", row: 25 });
+    assert_eq!(
+        run(&labels, &lse, &g),
+        HaloError::NonFinite {
+            what: "grad_logp",
+            row: 25
+        }
+    );
     // lse is checked before grad_logp.
-    assert_eq!(run(&labels, &l, &g), HaloError::NonFinite { what: "lse", row: 4 });
+    assert_eq!(
+        run(&labels, &l, &g),
+        HaloError::NonFinite {
+            what: "lse",
+            row: 4
+        }
+    );
 }

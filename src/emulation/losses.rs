@@ -21,7 +21,10 @@ pub enum KtoKernelLoss {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KlSource<'a> {
     /// Per-sequence log-probs of the mismatched (KL) completions under policy and reference.
-    Pairs { policy: &'a [f32], reference: &'a [f32] },
+    Pairs {
+        policy: &'a [f32],
+        reference: &'a [f32],
+    },
     /// An all-reduced sum of KL log-ratios and their count (multi-device).
     Sum { sum: f32, count: f32 },
     /// z0 = 0 (TRL `calculate_KL = False`).
@@ -64,7 +67,11 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(HaloError::LengthMismatch { what, expected, got })
+        Err(HaloError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
@@ -108,7 +115,9 @@ pub fn kto_loss(
         }
     }
     if batch > i32::MAX as usize {
-        return Err(HaloError::InvalidShape(format!("batch {batch} exceeds int32")));
+        return Err(HaloError::InvalidShape(format!(
+            "batch {batch} exceeds int32"
+        )));
     }
     let loss_type = match config.loss {
         KtoKernelLoss::Kto => KTO_LOSS_KTO,

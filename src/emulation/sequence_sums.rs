@@ -12,7 +12,11 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(HaloError::LengthMismatch { what, expected, got })
+        Err(HaloError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
@@ -73,7 +77,11 @@ pub fn sequence_sums(
     if out.sums.is_empty() {
         return Ok(out);
     }
-    let (grid, sums, counts) = (p.batch as u32, out.sums.as_mut_ptr(), out.counts.as_mut_ptr());
+    let (grid, sums, counts) = (
+        p.batch as u32,
+        out.sums.as_mut_ptr(),
+        out.counts.as_mut_ptr(),
+    );
     // SAFETY: layout validated against the row count; outputs hold `batch` entries.
     unsafe {
         match layout {
@@ -117,7 +125,11 @@ pub fn sequence_logratio_sums(
     if out.sums.is_empty() {
         return Ok(out);
     }
-    let (grid, sums, counts) = (p.batch as u32, out.sums.as_mut_ptr(), out.counts.as_mut_ptr());
+    let (grid, sums, counts) = (
+        p.batch as u32,
+        out.sums.as_mut_ptr(),
+        out.counts.as_mut_ptr(),
+    );
     // SAFETY: layout validated against the row count; outputs hold `batch` entries.
     unsafe {
         match layout {

@@ -78,7 +78,17 @@ macro_rules! emulated_element {
                 status: *mut i32,
                 p: HaloTokenParams,
             ) {
-                ffi::$bwd(grid, TOKEN_THREADS, logits, labels, lse, grad_logp, grad_logits, status, p)
+                ffi::$bwd(
+                    grid,
+                    TOKEN_THREADS,
+                    logits,
+                    labels,
+                    lse,
+                    grad_logp,
+                    grad_logits,
+                    status,
+                    p,
+                )
             }
             unsafe fn launch_backward_inplace(
                 grid: u32,
@@ -89,7 +99,16 @@ macro_rules! emulated_element {
                 status: *mut i32,
                 p: HaloTokenParams,
             ) {
-                ffi::$inplace(grid, TOKEN_THREADS, logits, labels, lse, grad_logp, status, p)
+                ffi::$inplace(
+                    grid,
+                    TOKEN_THREADS,
+                    logits,
+                    labels,
+                    lse,
+                    grad_logp,
+                    status,
+                    p,
+                )
             }
         }
     };
@@ -155,11 +174,17 @@ pub(crate) fn status_to_result(
     }
     if status[STATUS_NONFINITE] != STATUS_OK {
         let row = status[STATUS_NONFINITE] as usize;
-        return Err(HaloError::NonFinite { what: nonfinite_what, row });
+        return Err(HaloError::NonFinite {
+            what: nonfinite_what,
+            row,
+        });
     }
     if status[STATUS_NONFINITE_GRAD] != STATUS_OK {
         let row = status[STATUS_NONFINITE_GRAD] as usize;
-        return Err(HaloError::NonFinite { what: "grad_logp", row });
+        return Err(HaloError::NonFinite {
+            what: "grad_logp",
+            row,
+        });
     }
     Ok(())
 }
@@ -177,7 +202,14 @@ pub fn token_logprobs<T: EmulatedElement>(
         logp: vec![f32::NAN; rows],
         lse: vec![f32::NAN; rows],
     };
-    token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
+    token_logprobs_into(
+        logits,
+        labels,
+        vocab,
+        ignore_index,
+        &mut out.logp,
+        &mut out.lse,
+    )?;
     Ok(out)
 }
 
@@ -194,7 +226,11 @@ pub fn token_logprobs_into<T: EmulatedElement>(
     let rows = labels.len();
     for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch { what, expected: rows, got });
+            return Err(HaloError::LengthMismatch {
+                what,
+                expected: rows,
+                got,
+            });
         }
     }
     if rows == 0 {
@@ -219,7 +255,11 @@ pub fn token_logprobs_into<T: EmulatedElement>(
 fn check_backward_lengths(rows: usize, lse: &[f32], grad_logp: &[f32]) -> Result<()> {
     for (what, got) in [("lse", lse.len()), ("grad_logp", grad_logp.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch { what, expected: rows, got });
+            return Err(HaloError::LengthMismatch {
+                what,
+                expected: rows,
+                got,
+            });
         }
     }
     Ok(())

@@ -19,7 +19,12 @@ pub fn random_logits<T: LogitElement>(rng: &mut ChaCha8Rng, n: usize, scale: f32
 }
 
 /// Labels in 0..vocab with about `ignore_fraction` of them the ignore index.
-pub fn random_labels(rng: &mut ChaCha8Rng, rows: usize, vocab: usize, ignore_fraction: f64) -> Vec<i32> {
+pub fn random_labels(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    vocab: usize,
+    ignore_fraction: f64,
+) -> Vec<i32> {
     (0..rows)
         .map(|_| {
             if rng.gen_bool(ignore_fraction) {
