@@ -33,9 +33,7 @@ pub enum HaloError {
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),
     /// A KTO batch needs the log-probs of its mismatched (KL) pairs to form the reference point.
-    #[error(
-        "KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given"
-    )]
+    #[error("KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given")]
     MissingKlPairs { loss_type: &'static str },
     /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
     #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]
@@ -46,6 +44,19 @@ pub enum HaloError {
         name: &'static str,
         value: f64,
         reason: &'static str,
+    },
+    /// An optional argument that this loss type needs was not given (e.g. token counts for IPO).
+    #[error("`{what}` is required by {needed_by} but was not given")]
+    MissingArgument {
+        what: &'static str,
+        needed_by: &'static str,
+    },
+    /// A value that must be a log-probability (≤ 0) is positive.
+    #[error("`{what}` at index {index} is {value}, but a log-probability must be <= 0")]
+    InvalidLogProb {
+        what: &'static str,
+        index: usize,
+        value: f64,
     },
     /// Packed-sequence offsets are not a non-decreasing list starting at 0 and ending at the row count.
     #[error("invalid sequence offsets: {0}")]
