@@ -62,7 +62,7 @@ fn check_kto(
     let desirable: Vec<bool> = (0..batch).map(|_| r.gen_bool(desirable_fraction)).collect();
     let kl_policy: Vec<f32> = (0..kl_pairs).map(|_| r.gen_range(-80.0f32..-5.0)).collect();
     // Bias the KL pairs upward so z0 > 0 in some cases and is clamped to 0 in others.
-    let bias = if seed % 2 == 0 { 2.0 } else { -2.0 };
+    let bias = if seed.is_multiple_of(2) { 2.0 } else { -2.0 };
     let kl_reference: Vec<f32> = kl_policy
         .iter()
         .map(|p| p - bias + r.gen_range(-3.0f32..3.0))
@@ -277,6 +277,7 @@ fn kto_rejects_bad_arguments() {
 }
 
 /// f64 DPO-family loss (mean over pairs), TRL `DPOTrainer.dpo_loss`.
+#[allow(clippy::too_many_arguments)]
 fn dpo_reference(
     pc: &[f64],
     pr: &[f64],

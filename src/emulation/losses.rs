@@ -242,7 +242,7 @@ pub fn dpo_loss(
         DpoKernelLoss::Ipo => DPO_LOSS_IPO,
         DpoKernelLoss::ApoZero => DPO_LOSS_APO_ZERO,
     };
-    let dummy = vec![0u32; 1];
+    let dummy = [0u32; 1];
     let (chosen_counts, rejected_counts) = match pairs.counts {
         Some((c, r)) => {
             check_len("chosen_counts", n, c.len())?;

@@ -38,7 +38,8 @@ fn seq_params(
         )));
     }
     if let Some(c) = clamp {
-        if !(c.min <= c.max) || !c.min.is_finite() || !c.max.is_finite() {
+        let valid = c.min.is_finite() && c.max.is_finite() && c.min <= c.max;
+        if !valid {
             return Err(HaloError::InvalidHyperParameter {
                 name: "LogRatioClamp",
                 value: c.min as f64,
