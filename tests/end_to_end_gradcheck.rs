@@ -152,13 +152,18 @@ fn check_against_fd(
         })
         .collect();
     if expect_nonzero {
-        assert!(fd.iter().any(|g| g.abs() > 1e-4), "{what}: degenerate test, gradient ~0");
+        assert!(
+            fd.iter().any(|g| g.abs() > 1e-4),
+            "{what}: degenerate test, gradient ~0"
+        );
     }
     assert_grad_close(what, got, &fd, 2e-5);
     // Ignored rows get exactly zero gradient.
     for (row, &y) in tok.labels.iter().enumerate() {
         if y == IGNORE_INDEX {
-            assert!(got[row * VOCAB..(row + 1) * VOCAB].iter().all(|&g| g == 0.0));
+            assert!(got[row * VOCAB..(row + 1) * VOCAB]
+                .iter()
+                .all(|&g| g == 0.0));
         }
     }
 }
@@ -182,7 +187,11 @@ fn kto_chain_matches_finite_differences() {
         let n = tok.ranges.len();
         let tl = token_logprobs(&tok.logits, &tok.labels, VOCAB, IGNORE_INDEX).unwrap();
         let sums = sequence_sums(&tl.logp, &tok.labels, IGNORE_INDEX, tok.layout()).unwrap();
-        let reference: Vec<f32> = sums.sums.iter().map(|s| s + r.gen_range(-3.0..3.0)).collect();
+        let reference: Vec<f32> = sums
+            .sums
+            .iter()
+            .map(|s| s + r.gen_range(-3.0..3.0))
+            .collect();
         let desirable: Vec<bool> = (0..n).map(|i| i % 2 == 0 || r.gen_bool(0.3)).collect();
         let kl_policy = logps(&mut r, 6, -30.0, -5.0);
         let kl_reference = perturbed(&mut r, &kl_policy, 2.0);
@@ -205,19 +214,41 @@ fn kto_chain_matches_finite_differences() {
             },
         )
         .unwrap();
-        let token_grad =
-            broadcast_sequence_grad(&out.grad_policy_logps, &tok.labels, IGNORE_INDEX, tok.layout())
-                .unwrap();
+        let token_grad = broadcast_sequence_grad(
+            &out.grad_policy_logps,
+            &tok.labels,
+            IGNORE_INDEX,
+            tok.layout(),
+        )
+        .unwrap();
         let got = logits_grad(&tok, &tl.lse, &token_grad);
 
         // z0 is detached: held at its value while the logits move.
-        let z0 = halo_kernels::losses::reference::kto_z0_ref(&to_f64(&kl_policy), &to_f64(&kl_reference));
+        let z0 = halo_kernels::losses::reference::kto_z0_ref(
+            &to_f64(&kl_policy),
+            &to_f64(&kl_reference),
+        );
         let ref64 = to_f64(&reference);
         let loss64 = |logits: &[f64]| {
             let s = seq_sums64(&tok, &token_logp64(logits, &tok.labels));
-            kto_loss_ref(&s, &ref64, &desirable, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight, false)
+            kto_loss_ref(
+                &s,
+                &ref64,
+                &desirable,
+                z0,
+                cfg.beta,
+                cfg.desirable_weight,
+                cfg.undesirable_weight,
+                false,
+            )
         };
-        assert_close("kto chain loss", out.loss, loss64(&to_f64(&tok.logits)), 1e-5, 1e-9);
+        assert_close(
+            "kto chain loss",
+            out.loss,
+            loss64(&to_f64(&tok.logits)),
+            1e-5,
+            1e-9,
+        );
         check_against_fd("kto chain", &tok, &got, true, loss64);
     }
 }
@@ -235,7 +266,11 @@ fn dpo_chain_matches_finite_differences() {
             let p = tok.ranges.len() / 2;
             let tl = token_logprobs(&tok.logits, &tok.labels, VOCAB, IGNORE_INDEX).unwrap();
             let sums = sequence_sums(&tl.logp, &tok.labels, IGNORE_INDEX, tok.layout()).unwrap();
-            let reference: Vec<f32> = sums.sums.iter().map(|s| s + r.gen_range(-3.0..3.0)).collect();
+            let reference: Vec<f32> = sums
+                .sums
+                .iter()
+                .map(|s| s + r.gen_range(-3.0..3.0))
+                .collect();
             let cfg = DpoConfig {
                 beta: 0.7,
                 label_smoothing: 0.1,
@@ -253,15 +288,25 @@ fn dpo_chain_matches_finite_differences() {
                 },
             )
             .unwrap();
-            let grad_seq: Vec<f32> = out.grad_chosen.iter().chain(&out.grad_rejected).copied().collect();
+            let grad_seq: Vec<f32> = out
+                .grad_chosen
+                .iter()
+                .chain(&out.grad_rejected)
+                .copied()
+                .collect();
             let token_grad =
-                broadcast_sequence_grad(&grad_seq, &tok.labels, IGNORE_INDEX, tok.layout()).unwrap();
+                broadcast_sequence_grad(&grad_seq, &tok.labels, IGNORE_INDEX, tok.layout())
+                    .unwrap();
             let got = logits_grad(&tok, &tl.lse, &token_grad);
 
             let counts: Vec<u32> = tok
                 .ranges
                 .iter()
-                .map(|rg| rg.clone().filter(|&t| tok.labels[t] != IGNORE_INDEX).count() as u32)
+                .map(|rg| {
+                    rg.clone()
+                        .filter(|&t| tok.labels[t] != IGNORE_INDEX)
+                        .count() as u32
+                })
                 .collect();
             let ref64 = to_f64(&reference);
             let loss64 = |logits: &[f64]| {
@@ -278,7 +323,13 @@ fn dpo_chain_matches_finite_differences() {
                     &counts[p..],
                 )
             };
-            assert_close("dpo chain loss", out.loss, loss64(&to_f64(&tok.logits)), 1e-5, 1e-9);
+            assert_close(
+                "dpo chain loss",
+                out.loss,
+                loss64(&to_f64(&tok.logits)),
+                1e-5,
+                1e-9,
+            );
             check_against_fd(loss_type.name(), &tok, &got, true, loss64);
         }
     }
@@ -309,8 +360,15 @@ fn humanline_kto_chain_matches_finite_differences_away_from_kinks() {
                 (lp - target) as f32
             })
             .collect();
-        let sums = sequence_logratio_sums(&tl.logp, &ref_tok, &tok.labels, IGNORE_INDEX, tok.layout(), Some(clamp))
-            .unwrap();
+        let sums = sequence_logratio_sums(
+            &tl.logp,
+            &ref_tok,
+            &tok.labels,
+            IGNORE_INDEX,
+            tok.layout(),
+            Some(clamp),
+        )
+        .unwrap();
         let zeros = vec![0.0f32; n];
         let desirable: Vec<bool> = (0..n).map(|i| i % 3 != 1).collect();
         let z0 = 0.4;
@@ -324,13 +382,20 @@ fn humanline_kto_chain_matches_finite_differences_away_from_kinks() {
                 policy_logps: &sums.sums,
                 reference_logps: &zeros,
                 is_desirable: &desirable,
-                kl: Some(KlInput::Partial(ReferencePointPartial { sum: z0 * 8.0, count: 8 })),
+                kl: Some(KlInput::Partial(ReferencePointPartial {
+                    sum: z0 * 8.0,
+                    count: 8,
+                })),
             },
         )
         .unwrap();
-        let mut token_grad =
-            broadcast_sequence_grad(&out.grad_policy_logps, &tok.labels, IGNORE_INDEX, tok.layout())
-                .unwrap();
+        let mut token_grad = broadcast_sequence_grad(
+            &out.grad_policy_logps,
+            &tok.labels,
+            IGNORE_INDEX,
+            tok.layout(),
+        )
+        .unwrap();
         humanline_grad_mask(&tl.logp, &ref_tok, clamp, &mut token_grad).unwrap();
         let got = logits_grad(&tok, &tl.lse, &token_grad);
 
@@ -345,11 +410,20 @@ fn humanline_kto_chain_matches_finite_differences_away_from_kinks() {
             let s = seq_sums64(&tok, &ratios);
             kto_loss_ref(&s, &zeros64, &desirable, z0, cfg.beta, 1.0, 1.0, false)
         };
-        assert_close("humanline chain loss", out.loss, loss64(&to_f64(&tok.logits)), 1e-5, 1e-9);
+        assert_close(
+            "humanline chain loss",
+            out.loss,
+            loss64(&to_f64(&tok.logits)),
+            1e-5,
+            1e-9,
+        );
         check_against_fd("humanline kto chain", &tok, &got, any_inside, loss64);
         // The mask must matter: some counted token is clamped in every multi-sequence case.
         if n > 1 {
-            assert!(token_grad.iter().zip(&tok.labels).any(|(&g, &y)| g == 0.0 && y != IGNORE_INDEX));
+            assert!(token_grad
+                .iter()
+                .zip(&tok.labels)
+                .any(|(&g, &y)| g == 0.0 && y != IGNORE_INDEX));
         }
     }
 }

@@ -34,7 +34,14 @@ fn pairs(seed: u64, n: usize) -> Pairs {
     let rr = perturbed(&mut r, &pr, 20.0);
     let cc = counts(&mut r, n);
     let cr = counts(&mut r, n);
-    Pairs { pc, pr, rc, rr, cc, cr }
+    Pairs {
+        pc,
+        pr,
+        rc,
+        rr,
+        cc,
+        cr,
+    }
 }
 
 impl Pairs {
@@ -74,13 +81,24 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     // Hinge has a kink at β l = 1: check FD only away from it.
     let h = 1e-3;
     let fd = finite_difference_gradient(loss_of, &x, h);
-    let got: Vec<f32> = out.grad_chosen.iter().chain(&out.grad_rejected).copied().collect();
+    let got: Vec<f32> = out
+        .grad_chosen
+        .iter()
+        .chain(&out.grad_rejected)
+        .copied()
+        .collect();
     if cfg.loss_type == DpoLossType::Hinge {
         for i in 0..n {
             let l = (p.pc[i] as f64 - rc[i]) - (p.pr[i] as f64 - rr[i]);
             if (1.0 - cfg.beta * l).abs() > 10.0 * h * cfg.beta {
                 assert_close("hinge grad chosen", got[i] as f64, fd[i], 1e-5, 1e-12);
-                assert_close("hinge grad rejected", got[n + i] as f64, fd[n + i], 1e-5, 1e-12);
+                assert_close(
+                    "hinge grad rejected",
+                    got[n + i] as f64,
+                    fd[n + i],
+                    1e-5,
+                    1e-12,
+                );
             }
         }
     } else {
@@ -96,11 +114,23 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     } else {
         (vec![1.0; n], vec![1.0; n])
     };
-    let chosen_r: Vec<f64> = (0..n).map(|i| cfg.beta * (p.pc[i] as f64 - rc[i]) * sc[i]).collect();
-    let rejected_r: Vec<f64> = (0..n).map(|i| cfg.beta * (p.pr[i] as f64 - rr[i]) * sr[i]).collect();
+    let chosen_r: Vec<f64> = (0..n)
+        .map(|i| cfg.beta * (p.pc[i] as f64 - rc[i]) * sc[i])
+        .collect();
+    let rejected_r: Vec<f64> = (0..n)
+        .map(|i| cfg.beta * (p.pr[i] as f64 - rr[i]) * sr[i])
+        .collect();
     let m = out.metrics;
-    assert_opt_close("rewards/chosen", m.rewards_chosen, mean(chosen_r.iter().copied()));
-    assert_opt_close("rewards/rejected", m.rewards_rejected, mean(rejected_r.iter().copied()));
+    assert_opt_close(
+        "rewards/chosen",
+        m.rewards_chosen,
+        mean(chosen_r.iter().copied()),
+    );
+    assert_opt_close(
+        "rewards/rejected",
+        m.rewards_rejected,
+        mean(rejected_r.iter().copied()),
+    );
     assert_opt_close(
         "rewards/margins",
         m.rewards_margins,
@@ -111,8 +141,16 @@ fn check(p: &Pairs, cfg: DpoConfig) {
         m.rewards_accuracies,
         mean((0..n).map(|i| (chosen_r[i] > rejected_r[i]) as u8 as f64)),
     );
-    assert_opt_close("logps/chosen", m.logps_chosen, mean((0..n).map(|i| p.pc[i] as f64 * sc[i])));
-    assert_opt_close("logps/rejected", m.logps_rejected, mean((0..n).map(|i| p.pr[i] as f64 * sr[i])));
+    assert_opt_close(
+        "logps/chosen",
+        m.logps_chosen,
+        mean((0..n).map(|i| p.pc[i] as f64 * sc[i])),
+    );
+    assert_opt_close(
+        "logps/rejected",
+        m.logps_rejected,
+        mean((0..n).map(|i| p.pr[i] as f64 * sr[i])),
+    );
     assert_eq!(m.kl, None);
 }
 
@@ -127,7 +165,14 @@ fn every_loss_type_matches_reference() {
                     DpoLossType::Robust => [0.0, 0.2, 0.45][seed as usize % 3],
                     _ => 0.3, // ignored
                 };
-                check(&p, DpoConfig { beta, label_smoothing: eps, loss_type });
+                check(
+                    &p,
+                    DpoConfig {
+                        beta,
+                        label_smoothing: eps,
+                        loss_type,
+                    },
+                );
             }
         }
     }
@@ -137,7 +182,11 @@ fn every_loss_type_matches_reference() {
 fn hinge_is_exactly_zero_past_margin() {
     // β l = 2 > 1: relu(1 − β l) = 0 and the gradient is 0.
     let out = dpo_loss(
-        &DpoConfig { beta: 0.5, label_smoothing: 0.0, loss_type: DpoLossType::Hinge },
+        &DpoConfig {
+            beta: 0.5,
+            label_smoothing: 0.0,
+            loss_type: DpoLossType::Hinge,
+        },
         &PairBatch {
             policy_chosen_logps: &[-1.0],
             policy_rejected_logps: &[-10.0],
@@ -161,7 +210,15 @@ fn extreme_margins_stay_finite() {
     let counts = [1u32, 3, 1000];
     for loss_type in ALL {
         let out = dpo_loss(
-            &DpoConfig { beta: 5.0, label_smoothing: if loss_type == DpoLossType::Robust { 0.2 } else { 0.1 }, loss_type },
+            &DpoConfig {
+                beta: 5.0,
+                label_smoothing: if loss_type == DpoLossType::Robust {
+                    0.2
+                } else {
+                    0.1
+                },
+                loss_type,
+            },
             &PairBatch {
                 policy_chosen_logps: &pc,
                 policy_rejected_logps: &pr,
@@ -173,7 +230,11 @@ fn extreme_margins_stay_finite() {
         )
         .unwrap();
         assert!(out.loss.is_finite(), "{loss_type:?} loss {}", out.loss);
-        assert!(out.grad_chosen.iter().chain(&out.grad_rejected).all(|g| g.is_finite()));
+        assert!(out
+            .grad_chosen
+            .iter()
+            .chain(&out.grad_rejected)
+            .all(|g| g.is_finite()));
     }
     // Sigmoid, no smoothing: a pair with β l = −5e5 loses exactly −β l (softplus), gradient −β/n.
     let out = dpo_loss(
@@ -203,10 +264,16 @@ fn zero_token_sequences() {
     b.chosen_counts = Some(&zero);
     assert!(dpo_loss(&DpoConfig::default(), &b).is_ok());
     // IPO length-normalises: an empty sequence is an error.
-    let ipo = DpoConfig { loss_type: DpoLossType::Ipo, ..DpoConfig::default() };
+    let ipo = DpoConfig {
+        loss_type: DpoLossType::Ipo,
+        ..DpoConfig::default()
+    };
     assert_eq!(
         dpo_loss(&ipo, &b).unwrap_err(),
-        HaloError::EmptySequence { what: "chosen_counts", index: 1 }
+        HaloError::EmptySequence {
+            what: "chosen_counts",
+            index: 1
+        }
     );
 }
 
@@ -215,60 +282,172 @@ fn bad_inputs_are_errors() {
     let p = pairs(6, 4);
     let ok = p.batch();
     let cfg = DpoConfig::default();
-    let ipo = DpoConfig { loss_type: DpoLossType::Ipo, ..cfg };
+    let ipo = DpoConfig {
+        loss_type: DpoLossType::Ipo,
+        ..cfg
+    };
     assert!(dpo_loss(&cfg, &ok).is_ok());
     let short = &p.pc[..3];
     for (what, b) in [
-        ("policy_rejected_logps", PairBatch { policy_rejected_logps: short, ..ok }),
-        ("reference_chosen_logps", PairBatch { reference_chosen_logps: short, ..ok }),
-        ("reference_rejected_logps", PairBatch { reference_rejected_logps: short, ..ok }),
-        ("chosen_counts", PairBatch { chosen_counts: Some(&p.cc[..3]), ..ok }),
-        ("rejected_counts", PairBatch { rejected_counts: Some(&p.cr[..2]), ..ok }),
+        (
+            "policy_rejected_logps",
+            PairBatch {
+                policy_rejected_logps: short,
+                ..ok
+            },
+        ),
+        (
+            "reference_chosen_logps",
+            PairBatch {
+                reference_chosen_logps: short,
+                ..ok
+            },
+        ),
+        (
+            "reference_rejected_logps",
+            PairBatch {
+                reference_rejected_logps: short,
+                ..ok
+            },
+        ),
+        (
+            "chosen_counts",
+            PairBatch {
+                chosen_counts: Some(&p.cc[..3]),
+                ..ok
+            },
+        ),
+        (
+            "rejected_counts",
+            PairBatch {
+                rejected_counts: Some(&p.cr[..2]),
+                ..ok
+            },
+        ),
     ] {
         match dpo_loss(&cfg, &b).unwrap_err() {
-            HaloError::LengthMismatch { what: got, expected: 4, .. } => assert_eq!(got, what),
+            HaloError::LengthMismatch {
+                what: got,
+                expected: 4,
+                ..
+            } => assert_eq!(got, what),
             other => panic!("{what}: {other:?}"),
         }
     }
     assert_eq!(
-        dpo_loss(&cfg, &PairBatch {
-            policy_chosen_logps: &[],
-            policy_rejected_logps: &[],
-            reference_chosen_logps: &[],
-            reference_rejected_logps: &[],
-            chosen_counts: None,
-            rejected_counts: None,
-        })
+        dpo_loss(
+            &cfg,
+            &PairBatch {
+                policy_chosen_logps: &[],
+                policy_rejected_logps: &[],
+                reference_chosen_logps: &[],
+                reference_rejected_logps: &[],
+                chosen_counts: None,
+                rejected_counts: None,
+            }
+        )
         .unwrap_err(),
         HaloError::EmptyBatch("policy_chosen_logps")
     );
     let mut nan = p.rr.clone();
     nan[2] = f32::NAN;
     assert_eq!(
-        dpo_loss(&cfg, &PairBatch { reference_rejected_logps: &nan, ..ok }).unwrap_err(),
-        HaloError::NonFinite { what: "reference_rejected_logps", row: 2 }
+        dpo_loss(
+            &cfg,
+            &PairBatch {
+                reference_rejected_logps: &nan,
+                ..ok
+            }
+        )
+        .unwrap_err(),
+        HaloError::NonFinite {
+            what: "reference_rejected_logps",
+            row: 2
+        }
     );
     let mut inf = p.pc.clone();
     inf[0] = f32::INFINITY;
     assert_eq!(
-        dpo_loss(&cfg, &PairBatch { policy_chosen_logps: &inf, ..ok }).unwrap_err(),
-        HaloError::NonFinite { what: "policy_chosen_logps", row: 0 }
+        dpo_loss(
+            &cfg,
+            &PairBatch {
+                policy_chosen_logps: &inf,
+                ..ok
+            }
+        )
+        .unwrap_err(),
+        HaloError::NonFinite {
+            what: "policy_chosen_logps",
+            row: 0
+        }
     );
     assert!(matches!(
-        dpo_loss(&ipo, &PairBatch { chosen_counts: None, ..ok }).unwrap_err(),
-        HaloError::MissingArgument { what: "chosen_counts", .. }
+        dpo_loss(
+            &ipo,
+            &PairBatch {
+                chosen_counts: None,
+                ..ok
+            }
+        )
+        .unwrap_err(),
+        HaloError::MissingArgument {
+            what: "chosen_counts",
+            ..
+        }
     ));
     assert!(matches!(
-        dpo_loss(&ipo, &PairBatch { rejected_counts: None, ..ok }).unwrap_err(),
-        HaloError::MissingArgument { what: "rejected_counts", .. }
+        dpo_loss(
+            &ipo,
+            &PairBatch {
+                rejected_counts: None,
+                ..ok
+            }
+        )
+        .unwrap_err(),
+        HaloError::MissingArgument {
+            what: "rejected_counts",
+            ..
+        }
     ));
     for (name, bad) in [
         ("beta", DpoConfig { beta: 0.0, ..cfg }),
-        ("beta", DpoConfig { beta: f64::NAN, ..cfg }),
-        ("label_smoothing", DpoConfig { label_smoothing: -0.1, ..cfg }),
-        ("label_smoothing", DpoConfig { label_smoothing: 1.5, ..cfg }),
-        ("label_smoothing", DpoConfig { label_smoothing: 0.5, loss_type: DpoLossType::Robust, ..cfg }),
-        ("label_smoothing", DpoConfig { label_smoothing: f64::NAN, loss_type: DpoLossType::Robust, ..cfg }),
+        (
+            "beta",
+            DpoConfig {
+                beta: f64::NAN,
+                ..cfg
+            },
+        ),
+        (
+            "label_smoothing",
+            DpoConfig {
+                label_smoothing: -0.1,
+                ..cfg
+            },
+        ),
+        (
+            "label_smoothing",
+            DpoConfig {
+                label_smoothing: 1.5,
+                ..cfg
+            },
+        ),
+        (
+            "label_smoothing",
+            DpoConfig {
+                label_smoothing: 0.5,
+                loss_type: DpoLossType::Robust,
+                ..cfg
+            },
+        ),
+        (
+            "label_smoothing",
+            DpoConfig {
+                label_smoothing: f64::NAN,
+                loss_type: DpoLossType::Robust,
+                ..cfg
+            },
+        ),
     ] {
         match dpo_loss(&bad, &ok).unwrap_err() {
             HaloError::InvalidHyperParameter { name: got, .. } => assert_eq!(got, name),
@@ -285,14 +464,25 @@ fn random_batches_never_produce_nan() {
         let p = pairs(r.gen(), n);
         for loss_type in ALL {
             let out = dpo_loss(
-                &DpoConfig { beta: r.gen_range(0.01..20.0), label_smoothing: 0.1, loss_type },
+                &DpoConfig {
+                    beta: r.gen_range(0.01..20.0),
+                    label_smoothing: 0.1,
+                    loss_type,
+                },
                 &p.batch(),
             )
             .unwrap();
             assert!(out.loss.is_finite());
             // Every loss but robust DPO is non-negative (robust's ε·logσ(−βl) term can win).
-            assert!(out.loss >= 0.0 || loss_type == DpoLossType::Robust, "{loss_type:?}");
-            assert!(out.grad_chosen.iter().chain(&out.grad_rejected).all(|g| g.is_finite()));
+            assert!(
+                out.loss >= 0.0 || loss_type == DpoLossType::Robust,
+                "{loss_type:?}"
+            );
+            assert!(out
+                .grad_chosen
+                .iter()
+                .chain(&out.grad_rejected)
+                .all(|g| g.is_finite()));
         }
     }
 }

@@ -45,12 +45,23 @@ impl Pairs {
         }
     }
     fn x(&self) -> Vec<f64> {
-        to_f64(&self.pc).into_iter().chain(to_f64(&self.pr)).collect()
+        to_f64(&self.pc)
+            .into_iter()
+            .chain(to_f64(&self.pr))
+            .collect()
     }
     fn avg(&self) -> (Vec<f64>, Vec<f64>) {
         (
-            self.pc.iter().zip(&self.cc).map(|(&s, &c)| s as f64 / c as f64).collect(),
-            self.pr.iter().zip(&self.cr).map(|(&s, &c)| s as f64 / c as f64).collect(),
+            self.pc
+                .iter()
+                .zip(&self.cc)
+                .map(|(&s, &c)| s as f64 / c as f64)
+                .collect(),
+            self.pr
+                .iter()
+                .zip(&self.cr)
+                .map(|(&s, &c)| s as f64 / c as f64)
+                .collect(),
         )
     }
 }
@@ -58,9 +69,21 @@ impl Pairs {
 fn check_pair_metrics(p: &Pairs, beta: f64, m: &halo_kernels::losses::LossMetrics) {
     let (ac, ar) = p.avg();
     let n = ac.len();
-    assert_opt_close("rewards/chosen", m.rewards_chosen, mean(ac.iter().map(|a| beta * a)));
-    assert_opt_close("rewards/rejected", m.rewards_rejected, mean(ar.iter().map(|a| beta * a)));
-    assert_opt_close("rewards/margins", m.rewards_margins, mean((0..n).map(|i| beta * (ac[i] - ar[i]))));
+    assert_opt_close(
+        "rewards/chosen",
+        m.rewards_chosen,
+        mean(ac.iter().map(|a| beta * a)),
+    );
+    assert_opt_close(
+        "rewards/rejected",
+        m.rewards_rejected,
+        mean(ar.iter().map(|a| beta * a)),
+    );
+    assert_opt_close(
+        "rewards/margins",
+        m.rewards_margins,
+        mean((0..n).map(|i| beta * (ac[i] - ar[i]))),
+    );
     assert_opt_close(
         "rewards/accuracies",
         m.rewards_accuracies,
@@ -68,7 +91,11 @@ fn check_pair_metrics(p: &Pairs, beta: f64, m: &halo_kernels::losses::LossMetric
     );
     assert_opt_close("logps/chosen", m.logps_chosen, mean(ac.iter().copied()));
     assert_opt_close("logps/rejected", m.logps_rejected, mean(ar.iter().copied()));
-    assert_opt_close("nll_loss", m.nll_loss, Some(chosen_nll_ref(&to_f64(&p.pc), &p.cc)));
+    assert_opt_close(
+        "nll_loss",
+        m.nll_loss,
+        Some(chosen_nll_ref(&to_f64(&p.pc), &p.cc)),
+    );
 }
 
 #[test]
@@ -77,9 +104,24 @@ fn simpo_matches_reference() {
         let p = pairs(seed, n, -4.0, -0.05);
         for cfg in [
             SimpoConfig::default(),
-            SimpoConfig { beta: 2.0, gamma: 1.0, label_smoothing: 0.1, nll_weight: 0.0 },
-            SimpoConfig { beta: 10.0, gamma: 5.0, label_smoothing: 0.0, nll_weight: 1.0 },
-            SimpoConfig { beta: 0.5, gamma: -0.3, label_smoothing: 0.5, nll_weight: 0.3 },
+            SimpoConfig {
+                beta: 2.0,
+                gamma: 1.0,
+                label_smoothing: 0.1,
+                nll_weight: 0.0,
+            },
+            SimpoConfig {
+                beta: 10.0,
+                gamma: 5.0,
+                label_smoothing: 0.0,
+                nll_weight: 1.0,
+            },
+            SimpoConfig {
+                beta: 0.5,
+                gamma: -0.3,
+                label_smoothing: 0.5,
+                nll_weight: 0.3,
+            },
         ] {
             let out = simpo_loss(&cfg, &p.batch()).unwrap();
             let loss_of = |x: &[f64]| {
@@ -97,7 +139,12 @@ fn simpo_matches_reference() {
             let x = p.x();
             assert_close("simpo loss", out.loss, loss_of(&x), 1e-5, 1e-12);
             let fd = finite_difference_gradient(loss_of, &x, 1e-2);
-            let got: Vec<f32> = out.grad_chosen.iter().chain(&out.grad_rejected).copied().collect();
+            let got: Vec<f32> = out
+                .grad_chosen
+                .iter()
+                .chain(&out.grad_rejected)
+                .copied()
+                .collect();
             assert_grad_close("simpo grad", &got, &fd, 1e-5);
             check_pair_metrics(&p, cfg.beta, &out.metrics);
             assert_eq!(out.metrics.kl, None);
@@ -118,19 +165,27 @@ fn orpo_matches_reference() {
                 // Step small relative to the smallest |sum| so no average crosses 0.
                 let h = x.iter().fold(f64::INFINITY, |m, v| m.min(v.abs())) * 1e-3;
                 let fd = finite_difference_gradient(loss_of, &x, h);
-                let got: Vec<f32> =
-                    out.grad_chosen.iter().chain(&out.grad_rejected).copied().collect();
+                let got: Vec<f32> = out
+                    .grad_chosen
+                    .iter()
+                    .chain(&out.grad_rejected)
+                    .copied()
+                    .collect();
                 assert_grad_close("orpo grad", &got, &fd, 1e-5);
                 check_pair_metrics(&p, beta, &out.metrics);
                 // log_odds metrics, from TRL's odds_ratio_loss.
                 let (ac, ar) = p.avg();
                 let log_odds: Vec<f64> = (0..n)
-                    .map(|i| {
-                        (ac[i] - ar[i]) - ((-ac[i].exp()).ln_1p() - (-ar[i].exp()).ln_1p())
-                    })
+                    .map(|i| (ac[i] - ar[i]) - ((-ac[i].exp()).ln_1p() - (-ar[i].exp()).ln_1p()))
                     .collect();
                 let m = out.metrics;
-                assert_close("log_odds_chosen", m.log_odds_chosen.unwrap(), mean(log_odds.iter().copied()).unwrap(), 1e-6, 1e-9);
+                assert_close(
+                    "log_odds_chosen",
+                    m.log_odds_chosen.unwrap(),
+                    mean(log_odds.iter().copied()).unwrap(),
+                    1e-6,
+                    1e-9,
+                );
                 assert_close(
                     "log_odds_ratio",
                     m.log_odds_ratio.unwrap(),
@@ -198,7 +253,9 @@ fn orpo_extreme_averages_never_nan() {
         let pc: Vec<f32> = (0..n).map(|_| pick(&mut r)).collect();
         let pr: Vec<f32> = (0..n).map(|_| pick(&mut r).min(-1e-30)).collect();
         let out = orpo_loss(
-            &OrpoConfig { beta: r.gen_range(0.01..10.0) },
+            &OrpoConfig {
+                beta: r.gen_range(0.01..10.0),
+            },
             &ReferenceFreePairBatch {
                 policy_chosen_logps: &pc,
                 policy_rejected_logps: &pr,
@@ -209,7 +266,10 @@ fn orpo_extreme_averages_never_nan() {
         .unwrap();
         assert!(out.loss.is_finite(), "{pc:?} {pr:?}");
         assert!(
-            out.grad_chosen.iter().chain(&out.grad_rejected).all(|g| g.is_finite()),
+            out.grad_chosen
+                .iter()
+                .chain(&out.grad_rejected)
+                .all(|g| g.is_finite()),
             "{pc:?} {pr:?} {:?} {:?}",
             out.grad_chosen,
             out.grad_rejected
@@ -230,10 +290,22 @@ fn orpo_edge_errors() {
             },
         )
     };
-    assert!(matches!(batch(0.5, -1.0).unwrap_err(), HaloError::InvalidLogProb { index: 1, .. }));
-    assert!(matches!(batch(-1.0, 1e-3).unwrap_err(), HaloError::InvalidLogProb { index: 1, .. }));
-    assert!(matches!(batch(-1.0, 0.0).unwrap_err(), HaloError::NonFinite { row: 1, .. }));
-    assert!(matches!(batch(0.0, 0.0).unwrap_err(), HaloError::NonFinite { row: 1, .. }));
+    assert!(matches!(
+        batch(0.5, -1.0).unwrap_err(),
+        HaloError::InvalidLogProb { index: 1, .. }
+    ));
+    assert!(matches!(
+        batch(-1.0, 1e-3).unwrap_err(),
+        HaloError::InvalidLogProb { index: 1, .. }
+    ));
+    assert!(matches!(
+        batch(-1.0, 0.0).unwrap_err(),
+        HaloError::NonFinite { row: 1, .. }
+    ));
+    assert!(matches!(
+        batch(0.0, 0.0).unwrap_err(),
+        HaloError::NonFinite { row: 1, .. }
+    ));
     assert!(batch(0.0, -1.0).is_ok());
     assert!(matches!(
         orpo_loss(&OrpoConfig { beta: -1.0 }, &pairs(1, 2, -2.0, -1.0).batch()).unwrap_err(),
@@ -245,7 +317,9 @@ fn orpo_edge_errors() {
 fn reference_free_bad_inputs_are_errors() {
     let p = pairs(21, 4, -3.0, -0.1);
     let ok = p.batch();
-    type Loss = fn(&ReferenceFreePairBatch<'_>) -> halo_kernels::Result<halo_kernels::losses::PairLossOutput>;
+    type Loss = fn(
+        &ReferenceFreePairBatch<'_>,
+    ) -> halo_kernels::Result<halo_kernels::losses::PairLossOutput>;
     let losses: [(&str, Loss); 2] = [
         ("simpo", |b| simpo_loss(&SimpoConfig::default(), b)),
         ("orpo", |b| orpo_loss(&OrpoConfig::default(), b)),
@@ -257,9 +331,27 @@ fn reference_free_bad_inputs_are_errors() {
     for (name, loss) in losses {
         assert!(loss(&ok).is_ok(), "{name}");
         for (what, b) in [
-            ("policy_rejected_logps", ReferenceFreePairBatch { policy_rejected_logps: &p.pr[..3], ..ok }),
-            ("chosen_counts", ReferenceFreePairBatch { chosen_counts: &p.cc[..1], ..ok }),
-            ("rejected_counts", ReferenceFreePairBatch { rejected_counts: &[], ..ok }),
+            (
+                "policy_rejected_logps",
+                ReferenceFreePairBatch {
+                    policy_rejected_logps: &p.pr[..3],
+                    ..ok
+                },
+            ),
+            (
+                "chosen_counts",
+                ReferenceFreePairBatch {
+                    chosen_counts: &p.cc[..1],
+                    ..ok
+                },
+            ),
+            (
+                "rejected_counts",
+                ReferenceFreePairBatch {
+                    rejected_counts: &[],
+                    ..ok
+                },
+            ),
         ] {
             match loss(&b).unwrap_err() {
                 HaloError::LengthMismatch { what: got, .. } => assert_eq!(got, what, "{name}"),
@@ -267,13 +359,27 @@ fn reference_free_bad_inputs_are_errors() {
             }
         }
         assert_eq!(
-            loss(&ReferenceFreePairBatch { rejected_counts: &zero, ..ok }).unwrap_err(),
-            HaloError::EmptySequence { what: "rejected_counts", index: 3 },
+            loss(&ReferenceFreePairBatch {
+                rejected_counts: &zero,
+                ..ok
+            })
+            .unwrap_err(),
+            HaloError::EmptySequence {
+                what: "rejected_counts",
+                index: 3
+            },
             "{name}"
         );
         assert_eq!(
-            loss(&ReferenceFreePairBatch { policy_chosen_logps: &nan, ..ok }).unwrap_err(),
-            HaloError::NonFinite { what: "policy_chosen_logps", row: 1 },
+            loss(&ReferenceFreePairBatch {
+                policy_chosen_logps: &nan,
+                ..ok
+            })
+            .unwrap_err(),
+            HaloError::NonFinite {
+                what: "policy_chosen_logps",
+                row: 1
+            },
             "{name}"
         );
         assert_eq!(
@@ -291,9 +397,27 @@ fn reference_free_bad_inputs_are_errors() {
     let cfg = SimpoConfig::default();
     for (name, bad) in [
         ("beta", SimpoConfig { beta: 0.0, ..cfg }),
-        ("gamma", SimpoConfig { gamma: f64::NAN, ..cfg }),
-        ("label_smoothing", SimpoConfig { label_smoothing: 1.2, ..cfg }),
-        ("nll_weight", SimpoConfig { nll_weight: -1.0, ..cfg }),
+        (
+            "gamma",
+            SimpoConfig {
+                gamma: f64::NAN,
+                ..cfg
+            },
+        ),
+        (
+            "label_smoothing",
+            SimpoConfig {
+                label_smoothing: 1.2,
+                ..cfg
+            },
+        ),
+        (
+            "nll_weight",
+            SimpoConfig {
+                nll_weight: -1.0,
+                ..cfg
+            },
+        ),
     ] {
         match simpo_loss(&bad, &ok).unwrap_err() {
             HaloError::InvalidHyperParameter { name: got, .. } => assert_eq!(got, name),
