@@ -11,15 +11,15 @@ fn close(got: f64, want: f64, rel: f64) -> bool {
 fn agree_with_direct_formulas_on_moderate_inputs() {
     let mut x: f64 = -30.0;
     while x <= 30.0 {
-        let s = 1.0 / (1.0 + (-x as f64).exp());
+        let s = 1.0 / (1.0 + (-x).exp());
         assert!(close(sigmoid(x), s, 1e-14), "sigmoid({x})");
         // ln of a number near 1 has an absolute (not relative) error of ~1e-16.
-        let want = -(1.0 + (-x as f64).exp()).ln();
+        let want = -(1.0 + (-x).exp()).ln();
         assert!(
             (log_sigmoid(x) - want).abs() <= 1e-15 + 1e-12 * want.abs(),
             "log_sigmoid({x})"
         );
-        let s_neg = 1.0 / (1.0 + (x as f64).exp());
+        let s_neg = 1.0 / (1.0 + x.exp());
         assert!(
             close(sigmoid_derivative(x), s * s_neg, 1e-13),
             "sigmoid'({x})"
