@@ -425,3 +425,19 @@ fn reference_free_bad_inputs_are_errors() {
         }
     }
 }
+
+#[test]
+fn orpo_gradient_overflow_is_an_error_not_inf() {
+    // Rejected average log-prob −1e-44 (an f32 subnormal): ∂/∂r ~ β/|r| overflows f32.
+    let err = orpo_loss(
+        &OrpoConfig { beta: 1.0 },
+        &ReferenceFreePairBatch {
+            policy_chosen_logps: &[-2.0],
+            policy_rejected_logps: &[-1e-44],
+            chosen_counts: &[1],
+            rejected_counts: &[1],
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, HaloError::NonFinite { .. }), "{err:?}");
+}
