@@ -486,3 +486,42 @@ fn random_batches_never_produce_nan() {
         }
     }
 }
+
+#[test]
+fn metric_names_follow_trl() {
+    let p = pairs(8, 5);
+    let out = dpo_loss(&DpoConfig::default(), &p.batch()).unwrap();
+    let names: Vec<&str> = out.metrics.to_named().iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected"
+        ]
+    );
+    assert_eq!(out.metrics.chosen_count, 5);
+    assert_eq!(out.metrics.rejected_count, 5);
+}
+
+proptest::proptest! {
+    /// For every loss of `l` alone, ∂/∂chosen = −∂/∂rejected, and sigmoid/IPO/hinge/robust push
+    /// the chosen log-prob up (non-positive gradient) whenever the loss is not saturated.
+    #[test]
+    fn chosen_and_rejected_gradients_are_opposite(seed in 0u64..100_000, n in 1usize..12, beta in 0.01f64..5.0) {
+        let p = pairs(seed, n);
+        let mut b = p.batch();
+        b.chosen_counts = None;
+        b.rejected_counts = None;
+        for loss_type in [DpoLossType::Sigmoid, DpoLossType::Robust, DpoLossType::Hinge] {
+            let out = dpo_loss(&DpoConfig { beta, label_smoothing: 0.0, loss_type }, &b).unwrap();
+            for i in 0..n {
+                proptest::prop_assert_eq!(out.grad_chosen[i], -out.grad_rejected[i]);
+                proptest::prop_assert!(out.grad_chosen[i] <= 0.0);
+            }
+        }
+    }
+}
