@@ -69,7 +69,7 @@ fn check_kto(
         .collect();
     let ctx = format!("batch {batch} kl {kl_pairs} {config:?}");
 
-    let got = emu::kto_loss(
+    let got = emu::kto_loss_kernel(
         &policy,
         &reference,
         &desirable,
@@ -195,7 +195,7 @@ fn kto_reference_point_sources_agree() {
     let kl_p = vec![-10.0f32, -12.0, -9.0, -20.0];
     let kl_r = vec![-11.0f32, -12.5, -11.0, -20.5]; // mean ratio 1.0
     let c = KtoKernelConfig::default();
-    let pairs = emu::kto_loss(
+    let pairs = emu::kto_loss_kernel(
         &policy,
         &reference,
         &desirable,
@@ -206,7 +206,7 @@ fn kto_reference_point_sources_agree() {
         c,
     )
     .unwrap();
-    let sum = emu::kto_loss(
+    let sum = emu::kto_loss_kernel(
         &policy,
         &reference,
         &desirable,
@@ -222,7 +222,7 @@ fn kto_reference_point_sources_agree() {
     assert_eq!(pairs.loss, sum.loss);
     assert_eq!(pairs.grad_policy, sum.grad_policy);
     // A negative mean is clamped to 0, which equals KlSource::Zero.
-    let neg = emu::kto_loss(
+    let neg = emu::kto_loss_kernel(
         &policy,
         &reference,
         &desirable,
@@ -233,7 +233,7 @@ fn kto_reference_point_sources_agree() {
         c,
     )
     .unwrap();
-    let zero = emu::kto_loss(&policy, &reference, &desirable, KlSource::Zero, c).unwrap();
+    let zero = emu::kto_loss_kernel(&policy, &reference, &desirable, KlSource::Zero, c).unwrap();
     assert_eq!(neg.z0, 0.0);
     assert_eq!(neg.loss, zero.loss);
     assert_eq!(neg.out[kto_out::KL_SUM], -3.0);
@@ -244,11 +244,11 @@ fn kto_rejects_bad_arguments() {
     let c = KtoKernelConfig::default();
     let empty: [f32; 0] = [];
     assert_eq!(
-        emu::kto_loss(&empty, &empty, &[], KlSource::Zero, c).unwrap_err(),
+        emu::kto_loss_kernel(&empty, &empty, &[], KlSource::Zero, c).unwrap_err(),
         HaloError::EmptyBatch("policy_logp")
     );
     assert!(matches!(
-        emu::kto_loss(
+        emu::kto_loss_kernel(
             &[-1.0],
             &[-1.0],
             &[true],
@@ -261,7 +261,7 @@ fn kto_rejects_bad_arguments() {
         Err(HaloError::MissingKlPairs { .. })
     ));
     assert!(matches!(
-        emu::kto_loss(
+        emu::kto_loss_kernel(
             &[-1.0],
             &[-1.0],
             &[true],
@@ -271,7 +271,7 @@ fn kto_rejects_bad_arguments() {
         Err(HaloError::InvalidHyperParameter { name: "beta", .. })
     ));
     assert!(matches!(
-        emu::kto_loss(&[-1.0, -2.0], &[-1.0], &[true, false], KlSource::Zero, c),
+        emu::kto_loss_kernel(&[-1.0, -2.0], &[-1.0], &[true, false], KlSource::Zero, c),
         Err(HaloError::LengthMismatch { .. })
     ));
 }
@@ -333,7 +333,7 @@ fn check_dpo(seed: u64, n: usize, loss: DpoKernelLoss, beta: f32, eps: f32) {
         reference_rejected: &rr,
         counts: Some((&nc, &nr)),
     };
-    let got = emu::dpo_loss(pairs, loss, beta, eps).unwrap();
+    let got = emu::dpo_loss_kernel(pairs, loss, beta, eps).unwrap();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let (pc64, pr64, rc64, rr64) = (f(&pc), f(&pr), f(&rc), f(&rr));
     let counts = Some((&nc[..], &nr[..]));
@@ -438,15 +438,15 @@ fn dpo_ipo_reports_empty_sequences() {
         counts: Some((&[3, 4, 0], &[2, 0, 1])),
     };
     assert_eq!(
-        emu::dpo_loss(pairs, DpoKernelLoss::Ipo, 0.1, 0.0).unwrap_err(),
+        emu::dpo_loss_kernel(pairs, DpoKernelLoss::Ipo, 0.1, 0.0).unwrap_err(),
         HaloError::EmptySequence {
             what: "dpo pairs (chosen or rejected completion)",
             index: 1
         }
     );
     // Counts are not read by the other losses.
-    emu::dpo_loss(pairs, DpoKernelLoss::Sigmoid, 0.1, 0.0).unwrap();
-    assert!(emu::dpo_loss(
+    emu::dpo_loss_kernel(pairs, DpoKernelLoss::Sigmoid, 0.1, 0.0).unwrap();
+    assert!(emu::dpo_loss_kernel(
         DpoPairs {
             counts: None,
             ..pairs
@@ -456,5 +456,276 @@ fn dpo_ipo_reports_empty_sequences() {
         0.0
     )
     .is_err());
-    assert!(emu::dpo_loss(pairs, DpoKernelLoss::Robust, 0.1, 0.5).is_err());
+    assert!(emu::dpo_loss_kernel(pairs, DpoKernelLoss::Robust, 0.1, 0.5).is_err());
+}
+
+// ---- against the CPU losses (`halo_kernels::losses`) through the mirrored API ----------------
+
+use halo_kernels::losses::{
+    self, DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, LossMetrics,
+    PairBatch, ReferencePointPartial,
+};
+
+fn close64(what: &str, got: f64, want: f64, rel: f64) {
+    assert!(
+        (got - want).abs() <= rel * (1.0 + want.abs()),
+        "{what}: got {got}, want {want}"
+    );
+}
+
+fn metrics_close(ctx: &str, got: &LossMetrics, want: &LossMetrics) {
+    assert_eq!(got.chosen_count, want.chosen_count, "chosen_count ({ctx})");
+    assert_eq!(
+        got.rejected_count, want.rejected_count,
+        "rejected_count ({ctx})"
+    );
+    let g = got.to_named();
+    let w = want.to_named();
+    assert_eq!(
+        g.iter().map(|x| x.0).collect::<Vec<_>>(),
+        w.iter().map(|x| x.0).collect::<Vec<_>>(),
+        "metric names ({ctx})"
+    );
+    for ((name, a), (_, b)) in g.iter().zip(&w) {
+        close64(&format!("metric {name} ({ctx})"), *a, *b, 1e-4);
+    }
+}
+
+#[test]
+fn kto_matches_the_cpu_loss() {
+    let mut r = rng(500);
+    for (case, &(n, frac, loss_type)) in [
+        (1usize, 1.0f64, KtoLossType::Kto),
+        (2, 0.0, KtoLossType::Kto),
+        (257, 0.4, KtoLossType::Kto),
+        (1000, 1.0, KtoLossType::Kto),
+        (300, 0.5, KtoLossType::ApoZeroUnpaired),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let policy: Vec<f32> = (0..n).map(|_| r.gen_range(-60.0f32..-5.0)).collect();
+        let reference: Vec<f32> = policy
+            .iter()
+            .map(|p| p + r.gen_range(-5.0f32..5.0))
+            .collect();
+        let desirable: Vec<bool> = (0..n).map(|_| r.gen_bool(frac)).collect();
+        let kl_p: Vec<f32> = (0..n.max(2)).map(|_| r.gen_range(-60.0f32..-5.0)).collect();
+        let kl_r: Vec<f32> = kl_p
+            .iter()
+            .map(|p| p - 1.0 + r.gen_range(-2.0f32..2.0))
+            .collect();
+        let config = KtoConfig {
+            beta: [0.1, 0.3][case % 2],
+            desirable_weight: [1.0, 1.5][case % 2],
+            loss_type,
+            ..KtoConfig::default()
+        };
+        for kl in [
+            KlInput::LogProbs {
+                policy: &kl_p,
+                reference: &kl_r,
+            },
+            KlInput::Partial(ReferencePointPartial::from_kl_logps(&kl_p, &kl_r).unwrap()),
+        ] {
+            let batch = KtoBatch {
+                policy_logps: &policy,
+                reference_logps: &reference,
+                is_desirable: &desirable,
+                kl: Some(kl),
+            };
+            let ctx = format!("case {case} n {n} {loss_type:?} {kl:?}");
+            let got = emu::kto_loss(&config, &batch).unwrap();
+            let want = losses::kto_loss(&config, &batch).unwrap();
+            close64(&format!("loss ({ctx})"), got.loss, want.loss, 1e-5);
+            close64(&format!("z0 ({ctx})"), got.z0, want.z0, 1e-5);
+            assert_close(
+                &format!("grad ({ctx})"),
+                &got.grad_policy_logps,
+                &want.grad_policy_logps,
+                1e-9,
+                1e-4,
+            );
+            metrics_close(&ctx, &got.metrics, &want.metrics);
+        }
+    }
+}
+
+#[test]
+fn kto_errors_match_the_cpu_loss() {
+    let c = KtoConfig::default();
+    let p = [-3.0f32, -4.0];
+    let batches = [
+        KtoBatch {
+            policy_logps: &p,
+            reference_logps: &p,
+            is_desirable: &[true, false],
+            kl: None,
+        },
+        KtoBatch {
+            policy_logps: &[],
+            reference_logps: &[],
+            is_desirable: &[],
+            kl: None,
+        },
+        KtoBatch {
+            policy_logps: &p,
+            reference_logps: &p[..1],
+            is_desirable: &[true, false],
+            kl: None,
+        },
+        KtoBatch {
+            policy_logps: &p,
+            reference_logps: &[f32::NAN, -1.0],
+            is_desirable: &[true, false],
+            kl: Some(KlInput::LogProbs {
+                policy: &p,
+                reference: &p,
+            }),
+        },
+        KtoBatch {
+            policy_logps: &p,
+            reference_logps: &p,
+            is_desirable: &[true, false],
+            kl: Some(KlInput::LogProbs {
+                policy: &[],
+                reference: &[],
+            }),
+        },
+        KtoBatch {
+            policy_logps: &p,
+            reference_logps: &p,
+            is_desirable: &[true, false],
+            kl: Some(KlInput::Partial(ReferencePointPartial::empty())),
+        },
+    ];
+    for batch in &batches {
+        assert_eq!(
+            emu::kto_loss(&c, batch).unwrap_err(),
+            losses::kto_loss(&c, batch).unwrap_err(),
+            "{batch:?}"
+        );
+    }
+    let bad = KtoConfig { beta: -1.0, ..c };
+    assert_eq!(
+        emu::kto_loss(&bad, &batches[0]).unwrap_err(),
+        losses::kto_loss(&bad, &batches[0]).unwrap_err()
+    );
+}
+
+#[test]
+fn dpo_family_matches_the_cpu_loss() {
+    let mut r = rng(600);
+    let types = [
+        DpoLossType::Sigmoid,
+        DpoLossType::Robust,
+        DpoLossType::Hinge,
+        DpoLossType::Ipo,
+        DpoLossType::ApoZero,
+    ];
+    for (k, &loss_type) in types.iter().enumerate() {
+        for &(n, beta, eps) in &[(1usize, 0.1f64, 0.0f64), (300, 0.25, 0.1)] {
+            let pc: Vec<f32> = (0..n).map(|_| r.gen_range(-90.0f32..-5.0)).collect();
+            let pr: Vec<f32> = (0..n).map(|_| r.gen_range(-90.0f32..-5.0)).collect();
+            let rc: Vec<f32> = pc.iter().map(|p| p + r.gen_range(-8.0f32..8.0)).collect();
+            let rr: Vec<f32> = pr.iter().map(|p| p + r.gen_range(-8.0f32..8.0)).collect();
+            let nc: Vec<u32> = (0..n).map(|_| r.gen_range(1..300)).collect();
+            let nr: Vec<u32> = (0..n).map(|_| r.gen_range(1..300)).collect();
+            let batch = PairBatch {
+                policy_chosen_logps: &pc,
+                policy_rejected_logps: &pr,
+                reference_chosen_logps: &rc,
+                reference_rejected_logps: &rr,
+                chosen_counts: Some(&nc),
+                rejected_counts: Some(&nr),
+            };
+            let config = DpoConfig {
+                beta,
+                label_smoothing: eps,
+                loss_type,
+            };
+            let ctx = format!("{loss_type:?} n {n} beta {beta} eps {eps} ({k})");
+            let got = emu::dpo_loss(&config, &batch).unwrap();
+            let want = losses::dpo_loss(&config, &batch).unwrap();
+            close64(&format!("loss ({ctx})"), got.loss, want.loss, 1e-5);
+            assert_close(
+                &format!("grad chosen ({ctx})"),
+                &got.grad_chosen,
+                &want.grad_chosen,
+                1e-9,
+                1e-4,
+            );
+            assert_close(
+                &format!("grad rejected ({ctx})"),
+                &got.grad_rejected,
+                &want.grad_rejected,
+                1e-9,
+                1e-4,
+            );
+            metrics_close(&ctx, &got.metrics, &want.metrics);
+        }
+    }
+}
+
+#[test]
+fn dpo_errors_match_the_cpu_loss() {
+    let v = [-5.0f32, -6.0];
+    let batch = PairBatch {
+        policy_chosen_logps: &v,
+        policy_rejected_logps: &v,
+        reference_chosen_logps: &v,
+        reference_rejected_logps: &v,
+        chosen_counts: Some(&[3, 0]),
+        rejected_counts: Some(&[0, 1]),
+    };
+    let ipo = DpoConfig {
+        loss_type: DpoLossType::Ipo,
+        ..DpoConfig::default()
+    };
+    for (config, batch) in [
+        (ipo, batch),
+        (
+            ipo,
+            PairBatch {
+                chosen_counts: None,
+                ..batch
+            },
+        ),
+        (
+            DpoConfig {
+                label_smoothing: 0.5,
+                loss_type: DpoLossType::Robust,
+                ..ipo
+            },
+            batch,
+        ),
+        (
+            DpoConfig::default(),
+            PairBatch {
+                policy_rejected_logps: &v[..1],
+                ..batch
+            },
+        ),
+        (
+            DpoConfig::default(),
+            PairBatch {
+                reference_chosen_logps: &[-1.0, f32::INFINITY],
+                ..batch
+            },
+        ),
+    ] {
+        assert_eq!(
+            emu::dpo_loss(&config, &batch).unwrap_err(),
+            losses::dpo_loss(&config, &batch).unwrap_err(),
+            "{config:?}"
+        );
+    }
+    // Sigmoid accepts label smoothing up to 1 (cDPO), as the CPU loss does.
+    let sig = DpoConfig {
+        label_smoothing: 0.7,
+        ..DpoConfig::default()
+    };
+    let got = emu::dpo_loss(&sig, &batch).unwrap();
+    let want = losses::dpo_loss(&sig, &batch).unwrap();
+    close64("cDPO loss", got.loss, want.loss, 1e-5);
 }

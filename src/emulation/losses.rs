@@ -87,8 +87,8 @@ fn check_positive(name: &'static str, value: f32) -> Result<()> {
     }
 }
 
-/// Emulated `kto_loss_f32`.
-pub fn kto_loss(
+/// Emulated `kto_loss_f32` at the kernel's level (f32 in and out, raw output slots).
+pub fn kto_loss_kernel(
     policy_logp: &[f32],
     reference_logp: &[f32],
     desirable: &[bool],
@@ -210,8 +210,9 @@ pub struct DpoKernelOutput {
     pub out: Vec<f32>,
 }
 
-/// Emulated `dpo_loss_f32`.
-pub fn dpo_loss(
+/// Emulated `dpo_loss_f32` at the kernel's level (f32 in and out, raw output slots). The kernel
+/// itself reports IPO pairs with a zero count (status buffer).
+pub fn dpo_loss_kernel(
     pairs: DpoPairs<'_>,
     loss: DpoKernelLoss,
     beta: f32,
@@ -225,11 +226,19 @@ pub fn dpo_loss(
     check_len("reference_chosen", n, pairs.reference_chosen.len())?;
     check_len("reference_rejected", n, pairs.reference_rejected.len())?;
     check_positive("beta", beta)?;
-    if !(0.0..0.5).contains(&label_smoothing) {
+    // TRL: ε ∈ [0, 1] for sigmoid; robust divides by 1 − 2ε.
+    let max_smoothing = if loss == DpoKernelLoss::Robust {
+        0.5
+    } else {
+        1.0
+    };
+    let smoothing_ok = label_smoothing >= 0.0
+        && (label_smoothing < max_smoothing || (label_smoothing == 1.0 && max_smoothing == 1.0));
+    if !smoothing_ok {
         return Err(HaloError::InvalidHyperParameter {
             name: "label_smoothing",
             value: label_smoothing as f64,
-            reason: "must be in [0, 0.5)",
+            reason: "must be in [0, 1] (sigmoid) or [0, 0.5) (robust)",
         });
     }
     if n > i32::MAX as usize {
@@ -295,5 +304,204 @@ pub fn dpo_loss(
         grad_chosen,
         grad_rejected,
         out,
+    })
+}
+
+// ---- the losses module's API (`crate::losses`), computed by the kernels ----------------------
+
+use crate::losses::{
+    DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, LossMetrics,
+    PairBatch, PairLossOutput,
+};
+
+fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(row) => Err(HaloError::NonFinite { what, row }),
+        None => Ok(()),
+    }
+}
+
+fn mean(sum: f32, count: f32) -> Option<f64> {
+    (count > 0.0).then(|| sum as f64 / count as f64)
+}
+
+/// Emulated [`crate::losses::kto_loss`]: same arguments, validation and output type. Deliberate
+/// difference: the kernel computes in f32 (the CPU loss in f64), and an all-reduced
+/// `ReferencePointPartial` enters the kernel as an f32 sum and count.
+pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
+    config.validate()?;
+    let n = batch.policy_logps.len();
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_logps"));
+    }
+    check_len("reference_logps", n, batch.reference_logps.len())?;
+    check_len("is_desirable", n, batch.is_desirable.len())?;
+    check_finite("policy_logps", batch.policy_logps)?;
+    check_finite("reference_logps", batch.reference_logps)?;
+    let kl = match config.loss_type {
+        KtoLossType::ApoZeroUnpaired => KlSource::Zero,
+        KtoLossType::Kto => match batch.kl {
+            None => return Err(HaloError::MissingKlPairs { loss_type: "kto" }),
+            Some(KlInput::LogProbs { policy, reference }) => {
+                check_len("kl_reference_logps", policy.len(), reference.len())?;
+                check_finite("kl_policy_logps", policy)?;
+                check_finite("kl_reference_logps", reference)?;
+                if policy.is_empty() {
+                    return Err(HaloError::EmptyBatch("kl pairs"));
+                }
+                KlSource::Pairs { policy, reference }
+            }
+            Some(KlInput::Partial(partial)) => {
+                partial.z0()?; // the CPU op's errors: empty or non-finite partial
+                KlSource::Sum {
+                    sum: partial.sum as f32,
+                    count: partial.count as f32,
+                }
+            }
+        },
+    };
+    let loss = match config.loss_type {
+        KtoLossType::Kto => KtoKernelLoss::Kto,
+        KtoLossType::ApoZeroUnpaired => KtoKernelLoss::ApoZeroUnpaired,
+    };
+    let kernel_config = KtoKernelConfig {
+        loss,
+        beta: config.beta as f32,
+        desirable_weight: config.desirable_weight as f32,
+        undesirable_weight: config.undesirable_weight as f32,
+    };
+    let raw = kto_loss_kernel(
+        batch.policy_logps,
+        batch.reference_logps,
+        batch.is_desirable,
+        kl,
+        kernel_config,
+    )?;
+    if !raw.loss.is_finite() || raw.grad_policy.iter().any(|g| !g.is_finite()) {
+        return Err(HaloError::NonFinite {
+            what: "kto loss or gradient",
+            row: 0,
+        });
+    }
+    let o = &raw.out;
+    let (cc, rc) = (o[kto_out::CHOSEN_COUNT], o[kto_out::REJECTED_COUNT]);
+    let rewards_chosen = mean(o[kto_out::CHOSEN_REWARD_SUM], cc);
+    let rewards_rejected = mean(o[kto_out::REJECTED_REWARD_SUM], rc);
+    Ok(KtoOutput {
+        loss: raw.loss as f64,
+        grad_policy_logps: raw.grad_policy,
+        z0: raw.z0 as f64,
+        metrics: LossMetrics {
+            rewards_chosen,
+            rewards_rejected,
+            rewards_margins: rewards_chosen.zip(rewards_rejected).map(|(c, r)| c - r),
+            logps_chosen: mean(o[kto_out::CHOSEN_LOGP_SUM], cc),
+            logps_rejected: mean(o[kto_out::REJECTED_LOGP_SUM], rc),
+            kl: Some(raw.z0 as f64),
+            chosen_count: cc as u64,
+            rejected_count: rc as u64,
+            ..LossMetrics::default()
+        },
+    })
+}
+
+/// Emulated [`crate::losses::dpo_loss`]: same arguments, validation and output type (the kernel
+/// computes in f32, the CPU loss in f64).
+pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
+    config.validate()?;
+    let n = batch.policy_chosen_logps.len();
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_chosen_logps"));
+    }
+    check_len(
+        "policy_rejected_logps",
+        n,
+        batch.policy_rejected_logps.len(),
+    )?;
+    check_len(
+        "reference_chosen_logps",
+        n,
+        batch.reference_chosen_logps.len(),
+    )?;
+    check_len(
+        "reference_rejected_logps",
+        n,
+        batch.reference_rejected_logps.len(),
+    )?;
+    check_finite("policy_chosen_logps", batch.policy_chosen_logps)?;
+    check_finite("policy_rejected_logps", batch.policy_rejected_logps)?;
+    check_finite("reference_chosen_logps", batch.reference_chosen_logps)?;
+    check_finite("reference_rejected_logps", batch.reference_rejected_logps)?;
+    if let Some(c) = batch.chosen_counts {
+        check_len("chosen_counts", n, c.len())?;
+    }
+    if let Some(c) = batch.rejected_counts {
+        check_len("rejected_counts", n, c.len())?;
+    }
+    let loss = match config.loss_type {
+        DpoLossType::Sigmoid => DpoKernelLoss::Sigmoid,
+        DpoLossType::Robust => DpoKernelLoss::Robust,
+        DpoLossType::Hinge => DpoKernelLoss::Hinge,
+        DpoLossType::Ipo => DpoKernelLoss::Ipo,
+        DpoLossType::ApoZero => DpoKernelLoss::ApoZero,
+    };
+    let counts = match (batch.chosen_counts, batch.rejected_counts) {
+        (Some(c), Some(r)) => Some((c, r)),
+        _ => None,
+    };
+    if loss == DpoKernelLoss::Ipo {
+        let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
+        for (what, c) in [
+            ("chosen_counts", batch.chosen_counts),
+            ("rejected_counts", batch.rejected_counts),
+        ] {
+            let c = c.ok_or(HaloError::MissingArgument { what, needed_by })?;
+            if let Some(index) = c.iter().position(|&x| x == 0) {
+                return Err(HaloError::EmptySequence { what, index });
+            }
+        }
+    }
+    let pairs = DpoPairs {
+        policy_chosen: batch.policy_chosen_logps,
+        policy_rejected: batch.policy_rejected_logps,
+        reference_chosen: batch.reference_chosen_logps,
+        reference_rejected: batch.reference_rejected_logps,
+        counts,
+    };
+    let raw = dpo_loss_kernel(
+        pairs,
+        loss,
+        config.beta as f32,
+        config.label_smoothing as f32,
+    )?;
+    if !raw.loss.is_finite()
+        || raw
+            .grad_chosen
+            .iter()
+            .chain(&raw.grad_rejected)
+            .any(|g| !g.is_finite())
+    {
+        return Err(HaloError::NonFinite {
+            what: "dpo loss or gradient",
+            row: 0,
+        });
+    }
+    let o = &raw.out;
+    let nf = n as f32;
+    Ok(PairLossOutput {
+        loss: raw.loss as f64,
+        grad_chosen: raw.grad_chosen,
+        grad_rejected: raw.grad_rejected,
+        metrics: LossMetrics {
+            rewards_chosen: mean(o[dpo_out::CHOSEN_REWARD_SUM], nf),
+            rewards_rejected: mean(o[dpo_out::REJECTED_REWARD_SUM], nf),
+            rewards_margins: mean(o[dpo_out::MARGIN_SUM], nf),
+            rewards_accuracies: mean(o[dpo_out::ACCURACY_COUNT], nf),
+            logps_chosen: mean(o[dpo_out::CHOSEN_LOGP_SUM], nf),
+            logps_rejected: mean(o[dpo_out::REJECTED_LOGP_SUM], nf),
+            chosen_count: n as u64,
+            rejected_count: n as u64,
+            ..LossMetrics::default()
+        },
     })
 }

@@ -11,8 +11,8 @@ pub mod sequence_sums;
 pub mod token_logprobs;
 
 pub use losses::{
-    dpo_loss, kto_loss, DpoKernelLoss, DpoKernelOutput, DpoPairs, KlSource, KtoKernelConfig,
-    KtoKernelLoss, KtoKernelOutput,
+    dpo_loss, dpo_loss_kernel, kto_loss, kto_loss_kernel, DpoKernelLoss, DpoKernelOutput, DpoPairs,
+    KlSource, KtoKernelConfig, KtoKernelLoss, KtoKernelOutput,
 };
 pub use sequence_sums::{broadcast_sequence_grad, sequence_logratio_sums, sequence_sums};
 pub use token_logprobs::{
