@@ -112,6 +112,11 @@ fn forward_all_shapes<T: EmulatedElement>(seed: u64) {
         (17, 1000),
         (6, 4097),
         (3, 9001),
+        // row counts that are exact multiples of rows_per_block, over several blocks
+        (256, 50),
+        (96, 129),
+        (24, 1000),
+        (4, 4097),
     ]
     .iter()
     .enumerate()
@@ -170,7 +175,7 @@ fn forward_all_ignored_rows_are_not_read() {
 #[test]
 fn forward_writes_into_poisoned_buffers() {
     let mut r = rng(9);
-    let (rows, vocab) = (300, 61);
+    let (rows, vocab) = (256, 61); // 4 full blocks of 64 rows
     let logits: Vec<bf16> = random_logits(&mut r, rows * vocab, 4.0);
     let labels = random_labels(&mut r, rows, vocab, 0.3);
     let mut logp = vec![f32::NAN; rows];
@@ -344,6 +349,8 @@ fn backward_all_dtypes_awkward_shapes() {
         (20, 129),
         (7, 1000),
         (3, 4099),
+        (128, 50),
+        (16, 1000),
     ]
     .iter()
     .enumerate()
