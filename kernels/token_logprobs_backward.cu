@@ -18,6 +18,16 @@ __device__ __forceinline__ uint4 load_vec(const uint4* p) {
     return __ldg(p);
 }
 
+// One 16-byte vector of logits starting at column col0 -> its gradient vector.
+template <typename T>
+__device__ __forceinline__ uint4 grad_vec(const uint4& v, int64_t col0, int64_t label, float g, float row_lse) {
+    float x[Elem<T>::VEC];
+    unpack_vec<T>(v, x);
+#pragma unroll
+    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element(x[k], col0 + k, label, g, row_lse);
+    return pack_vec<T>(x);
+}
+
 template <typename T, bool InPlace>
 __device__ __forceinline__ void token_logprobs_backward(const T* logits, const int32_t* __restrict__ labels,
                                                         const float* __restrict__ lse,
@@ -63,14 +73,15 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
         for (int64_t i = lane; i < n_vecs; i += threads_per_row) out_vecs[i] = zero;
     } else {
-        for (int64_t i = lane; i < n_vecs; i += threads_per_row) {
-            float x[VEC];
-            unpack_vec<T>(load_vec<T, InPlace>(in_vecs + i), x);
-            const int64_t col0 = head + i * VEC;
-#pragma unroll
-            for (int k = 0; k < VEC; k++) x[k] = grad_element(x[k], col0 + k, y, g, row_lse);
-            out_vecs[i] = pack_vec<T>(x);
+        // Two 16-byte loads in flight per thread before either is consumed.
+        int64_t i = lane;
+        for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
+            const uint4 a = load_vec<T, InPlace>(in_vecs + i);
+            const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
+            out_vecs[i] = grad_vec<T>(a, head + i * VEC, y, g, row_lse);
+            out_vecs[i + threads_per_row] = grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, row_lse);
         }
+        if (i < n_vecs) out_vecs[i] = grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, row_lse);
     }
     for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
