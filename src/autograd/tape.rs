@@ -18,6 +18,18 @@ use crate::IGNORE_INDEX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(pub(crate) usize);
 
+impl Var {
+    /// The node index on its tape.
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// A handle to node `index` (checked by every op: a stale or foreign index is an error).
+    pub fn from_index(index: usize) -> Self {
+        Self(index)
+    }
+}
+
 /// What produced a node, with the inputs and the tensors its backward needs.
 pub(crate) enum Op {
     /// A parameter (gradient reported under `param`) or a constant (`None`, no gradient).
