@@ -111,7 +111,10 @@ fn overfits_one_batch_to_near_zero_loss() {
     let mut model = Gpt::new(config, 11).unwrap();
     let (batch, seq) = (2, 12);
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.gen_range(0..16)).collect();
+    let mut tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.gen_range(0..16)).collect();
+    // Distinct first tokens, so no two identical prefixes ask for different next tokens.
+    tokens[0] = 0;
+    tokens[seq + 1] = 1;
     let mut ids = Vec::new();
     let mut targets = Vec::new();
     for row in tokens.chunks(seq + 1) {
