@@ -30,7 +30,11 @@ fn grad_check(build: &Build<'_>, inputs: Vec<(Vec<f32>, Vec<usize>)>, eps: f32, 
     let out_len = forward(build, &inputs).len();
     let w = random(&mut rng, out_len, 1.0);
     let loss = |inputs: &[(Vec<f32>, Vec<usize>)]| -> f64 {
-        forward(build, inputs).iter().zip(&w).map(|(&o, &w)| o as f64 * w as f64).sum()
+        forward(build, inputs)
+            .iter()
+            .zip(&w)
+            .map(|(&o, &w)| o as f64 * w as f64)
+            .sum()
     };
     let mut tape = Tape::with_seed(7);
     let vars: Vec<Var> = inputs
@@ -41,7 +45,10 @@ fn grad_check(build: &Build<'_>, inputs: Vec<(Vec<f32>, Vec<usize>)>, eps: f32, 
     let out = build(&mut tape, &vars);
     let grads = tape.backward(out, &w).unwrap();
     for (p, (value, _)) in inputs.iter().enumerate() {
-        let analytic = grads.get(p).map(|g| g.to_vec()).unwrap_or_else(|| vec![0.0; value.len()]);
+        let analytic = grads
+            .get(p)
+            .map(|g| g.to_vec())
+            .unwrap_or_else(|| vec![0.0; value.len()]);
         assert_eq!(analytic.len(), value.len());
         let mut numeric = vec![0.0f64; value.len()];
         for j in 0..value.len() {
@@ -65,7 +72,10 @@ fn grad_check(build: &Build<'_>, inputs: Vec<(Vec<f32>, Vec<usize>)>, eps: f32, 
 fn assert_close(got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len());
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+        assert!(
+            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}"
+        );
     }
 }
 
@@ -77,11 +87,18 @@ fn linear_forward_and_grad() {
         let w = random(&mut rng, k * m, 1.0);
         let b = random(&mut rng, m, 1.0);
         let build = |t: &mut Tape, v: &[Var]| t.linear(v[0], v[1], Some(v[2])).unwrap();
-        let inputs = vec![(x.clone(), vec![n, k]), (w.clone(), vec![k, m]), (b.clone(), vec![m])];
+        let inputs = vec![
+            (x.clone(), vec![n, k]),
+            (w.clone(), vec![k, m]),
+            (b.clone(), vec![m]),
+        ];
         let want: Vec<f64> = (0..n * m)
             .map(|idx| {
                 let (r, c) = (idx / m, idx % m);
-                b[c] as f64 + (0..k).map(|i| x[r * k + i] as f64 * w[i * m + c] as f64).sum::<f64>()
+                b[c] as f64
+                    + (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[i * m + c] as f64)
+                        .sum::<f64>()
             })
             .collect();
         assert_close(&forward(&build, &inputs), &want, 1e-5);
@@ -100,7 +117,9 @@ fn linear_transposed_forward_and_grad() {
     let want: Vec<f64> = (0..n * m)
         .map(|idx| {
             let (r, c) = (idx / m, idx % m);
-            (0..k).map(|i| x[r * k + i] as f64 * w[c * k + i] as f64).sum::<f64>()
+            (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum::<f64>()
         })
         .collect();
     assert_close(&forward(&build, &inputs), &want, 1e-5);
@@ -117,7 +136,11 @@ fn embedding_forward_and_grad_with_repeated_ids() {
     let inputs = vec![(table.clone(), vec![vocab, dim])];
     let want: Vec<f64> = ids
         .iter()
-        .flat_map(|&id| table[id as usize * dim..(id as usize + 1) * dim].iter().map(|&v| v as f64))
+        .flat_map(|&id| {
+            table[id as usize * dim..(id as usize + 1) * dim]
+                .iter()
+                .map(|&v| v as f64)
+        })
         .collect();
     assert_close(&forward(&build, &inputs), &want, 0.0);
     grad_check(&build, inputs, 1e-2, 1e-2);
@@ -128,7 +151,10 @@ fn embedding_rejects_out_of_range_id() {
     let mut tape = Tape::new();
     let table = tape.param(0, &[1.0; 6], &[3, 2]).unwrap();
     let err = tape.embedding(table, &[0, 3]).unwrap_err();
-    assert!(matches!(err, HaloError::InvalidShape(ref m) if m.contains("id 3")), "{err}");
+    assert!(
+        matches!(err, HaloError::InvalidShape(ref m) if m.contains("id 3")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -143,7 +169,11 @@ fn bias_add_residual_scale_sum_grads() {
         let s = t.add(s, s).unwrap(); // the same variable twice
         t.scale(s, -0.75).unwrap()
     };
-    let inputs = vec![(x.clone(), vec![3, 4]), (y.clone(), vec![3, 4]), (b.clone(), vec![4])];
+    let inputs = vec![
+        (x.clone(), vec![3, 4]),
+        (y.clone(), vec![3, 4]),
+        (b.clone(), vec![4]),
+    ];
     let want: Vec<f64> = (0..12)
         .map(|i| -1.5 * (x[i] as f64 + b[i % 4] as f64 + y[i] as f64))
         .collect();
@@ -175,8 +205,16 @@ fn layernorm_forward_and_grad() {
         let g = random(&mut rng, dim, 1.5);
         let b = random(&mut rng, dim, 1.0);
         let build = |t: &mut Tape, v: &[Var]| t.layernorm(v[0], v[1], v[2], 1e-5).unwrap();
-        let inputs = vec![(x.clone(), vec![rows, dim]), (g.clone(), vec![dim]), (b.clone(), vec![dim])];
-        assert_close(&forward(&build, &inputs), &layernorm_ref(&x, &g, &b, dim), 1e-5);
+        let inputs = vec![
+            (x.clone(), vec![rows, dim]),
+            (g.clone(), vec![dim]),
+            (b.clone(), vec![dim]),
+        ];
+        assert_close(
+            &forward(&build, &inputs),
+            &layernorm_ref(&x, &g, &b, dim),
+            1e-5,
+        );
         if dim > 2 {
             // (dim ≤ 2 normalizes every row to constants: the gradient is 0 up to rounding.)
             grad_check(&build, inputs, 1e-3, 2e-2);
@@ -195,7 +233,8 @@ fn gelu_forward_and_grad() {
         .iter()
         .map(|&v| {
             let v = v as f64;
-            0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+            0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
         })
         .collect();
     assert_close(&forward(&build, &inputs), &want, 1e-5);
@@ -213,13 +252,19 @@ fn attention_ref(qkv: &[f32], batch: usize, seq: usize, n_head: usize, c: usize)
         for h in 0..n_head {
             for i in 0..seq {
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| (0..hd).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                 for d in 0..hd {
-                    out[(b * seq + i) * c + h * hd + d] =
-                        (0..=i).map(|j| (scores[j] - max).exp() / total * at(b, j, 2, h, d)).sum();
+                    out[(b * seq + i) * c + h * hd + d] = (0..=i)
+                        .map(|j| (scores[j] - max).exp() / total * at(b, j, 2, h, d))
+                        .sum();
                 }
             }
         }
@@ -232,9 +277,15 @@ fn causal_attention_forward_and_grad() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for (batch, seq, n_head, c) in [(1, 1, 1, 2), (2, 5, 2, 6), (1, 7, 3, 3), (3, 4, 1, 4)] {
         let qkv = random(&mut rng, batch * seq * 3 * c, 1.5);
-        let build = move |t: &mut Tape, v: &[Var]| t.causal_self_attention(v[0], batch, seq, n_head).unwrap();
+        let build = move |t: &mut Tape, v: &[Var]| {
+            t.causal_self_attention(v[0], batch, seq, n_head).unwrap()
+        };
         let inputs = vec![(qkv.clone(), vec![batch * seq, 3 * c])];
-        assert_close(&forward(&build, &inputs), &attention_ref(&qkv, batch, seq, n_head, c), 1e-5);
+        assert_close(
+            &forward(&build, &inputs),
+            &attention_ref(&qkv, batch, seq, n_head, c),
+            1e-5,
+        );
         grad_check(&build, inputs, 1e-2, 1e-2);
     }
 }
@@ -265,7 +316,13 @@ fn token_logprobs_forward_and_grad() {
     for (rows, vocab) in [(1, 1), (4, 7), (5, 33)] {
         let z = random(&mut rng, rows * vocab, 3.0);
         let labels: Vec<i32> = (0..rows)
-            .map(|r| if r == 1 { IGNORE_INDEX } else { rng.gen_range(0..vocab as i32) })
+            .map(|r| {
+                if r == 1 {
+                    IGNORE_INDEX
+                } else {
+                    rng.gen_range(0..vocab as i32)
+                }
+            })
             .collect();
         let lab = labels.clone();
         let build = move |t: &mut Tape, v: &[Var]| t.token_logprobs(v[0], &lab).unwrap();
@@ -277,7 +334,12 @@ fn token_logprobs_forward_and_grad() {
                 }
                 let row = &z[r * vocab..(r + 1) * vocab];
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
                 row[labels[r] as usize] as f64 - lse
             })
             .collect();
@@ -293,7 +355,10 @@ fn dropout_scales_kept_values_and_grad_uses_same_mask() {
     let build = |t: &mut Tape, v: &[Var]| t.dropout(v[0], 0.25).unwrap();
     let y = forward(&build, &[(x.clone(), vec![400])]);
     let dropped = y.iter().filter(|&&v| v == 0.0).count();
-    assert!((60..140).contains(&dropped), "dropped {dropped} of 400 at p = 0.25");
+    assert!(
+        (60..140).contains(&dropped),
+        "dropped {dropped} of 400 at p = 0.25"
+    );
     for (&yi, &xi) in y.iter().zip(&x) {
         assert!(yi == 0.0 || (yi - xi / 0.75).abs() < 1e-6);
     }
@@ -333,7 +398,10 @@ fn tape_misuse_is_an_error() {
     let mut t = Tape::new();
     let x = t.param(0, &[1.0, 2.0], &[2]).unwrap();
     let s = t.sum(x).unwrap();
-    assert!(matches!(t.backward(s, &[1.0, 1.0]), Err(HaloError::LengthMismatch { .. })));
+    assert!(matches!(
+        t.backward(s, &[1.0, 1.0]),
+        Err(HaloError::LengthMismatch { .. })
+    ));
     let g = t.backward_scalar(s).unwrap();
     assert_eq!(g.get(0).unwrap(), &[1.0, 1.0]);
     assert_eq!(t.value(s), &[3.0]); // the output stays readable
@@ -341,10 +409,16 @@ fn tape_misuse_is_an_error() {
     assert!(matches!(t.backward_scalar(s), Err(HaloError::Autograd(_))));
     assert!(t.param(1, &[1.0], &[2]).is_err());
     let mut other = Tape::new();
-    assert!(matches!(other.sum(Var::from_index(5)), Err(HaloError::Autograd(_))));
+    assert!(matches!(
+        other.sum(Var::from_index(5)),
+        Err(HaloError::Autograd(_))
+    ));
     let mut t = Tape::new();
     let a = t.constant(&[1.0; 6], &[2, 3]).unwrap();
     let b = t.constant(&[1.0; 6], &[3, 2]).unwrap();
     assert!(matches!(t.add(a, b), Err(HaloError::InvalidShape(_))));
-    assert!(matches!(t.linear(a, a, None), Err(HaloError::InvalidShape(_))));
+    assert!(matches!(
+        t.linear(a, a, None),
+        Err(HaloError::InvalidShape(_))
+    ));
 }

@@ -7,7 +7,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn model() -> Gpt {
-    let cfg = GptConfig { n_layer: 1, n_head: 1, n_embd: 4, vocab_size: 5, n_ctx: 3, dropout: 0.0 };
+    let cfg = GptConfig {
+        n_layer: 1,
+        n_head: 1,
+        n_embd: 4,
+        vocab_size: 5,
+        n_ctx: 3,
+        dropout: 0.0,
+    };
     Gpt::new(cfg, 0).unwrap()
 }
 
@@ -15,7 +22,12 @@ fn model() -> Gpt {
 fn adamw_matches_pytorch_formula() {
     let mut model = model();
     let start = model.clone();
-    let cfg = AdamWConfig { lr: 0.0, betas: (0.8, 0.95), eps: 1e-6, weight_decay: 0.1 };
+    let cfg = AdamWConfig {
+        lr: 0.0,
+        betas: (0.8, 0.95),
+        eps: 1e-6,
+        weight_decay: 0.1,
+    };
     let mut opt = AdamW::new(&model, cfg);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let n = model.parameters().len();
@@ -26,7 +38,12 @@ fn adamw_matches_pytorch_formula() {
         let mut grads = Gradients::new();
         for (i, p) in model.parameters().iter().enumerate() {
             if i != skipped {
-                grads.add(i, (0..p.data.len()).map(|_| rng.gen_range(-1.0..1.0)).collect());
+                grads.add(
+                    i,
+                    (0..p.data.len())
+                        .map(|_| rng.gen_range(-1.0..1.0))
+                        .collect(),
+                );
             }
         }
         opt.step(&mut model, &grads, lr).unwrap();
@@ -54,7 +71,12 @@ fn adamw_matches_pytorch_formula() {
                 let v_hat = v / (1.0 - 0.95f64.powi(t));
                 p -= lr * m_hat / (v_hat.sqrt() + 1e-6);
             }
-            assert!((got[j] as f64 - p).abs() < 1e-5, "{}[{j}]: {} vs {p}", p0.name, got[j]);
+            assert!(
+                (got[j] as f64 - p).abs() < 1e-5,
+                "{}[{j}]: {} vs {p}",
+                p0.name,
+                got[j]
+            );
         }
     }
 }
