@@ -422,3 +422,26 @@ fn tape_misuse_is_an_error() {
         Err(HaloError::InvalidShape(_))
     ));
 }
+
+#[test]
+fn backward_many_sums_the_gradients_of_several_outputs() {
+    let x = [0.5f32, -1.0, 2.0];
+    let mut t = Tape::new();
+    let v = t.param(0, &x, &[3]).unwrap();
+    let a = t.scale(v, 2.0).unwrap();
+    let g = t.gelu(v).unwrap();
+    let b = t.sum(g).unwrap();
+    let grads = t
+        .backward_many(&[(a, &[1.0, 1.0, 1.0]), (b, &[3.0])])
+        .unwrap();
+    let mut single = Tape::new();
+    let v1 = single.param(0, &x, &[3]).unwrap();
+    let g1 = single.gelu(v1).unwrap();
+    let b1 = single.sum(g1).unwrap();
+    let gelu_grad = single.backward_scalar(b1).unwrap();
+    for (j, &d) in grads.get(0).unwrap().iter().enumerate() {
+        assert!((d - (2.0 + 3.0 * gelu_grad.get(0).unwrap()[j])).abs() < 1e-6);
+    }
+    assert_eq!(t.value(a).len(), 3);
+    assert_eq!(t.value(b).len(), 1);
+}

@@ -35,14 +35,18 @@ fn randomized(config: GptConfig, seed: u64) -> Gpt {
     model
 }
 
+/// `Σ w · token_logp` on a training tape with a fixed seed: the same dropout masks every call.
 fn weighted_logp(model: &Gpt, ids: &[u32], targets: &[i32], w: &[f32], b: usize, s: usize) -> f64 {
-    let logp = model.token_logprobs_inference(ids, targets, b, s).unwrap();
-    logp.iter().zip(w).map(|(&l, &w)| l as f64 * w as f64).sum()
+    let mut tape = Tape::with_seed(5);
+    let logp = model.token_logprobs(&mut tape, ids, targets, b, s).unwrap();
+    tape.value(logp)
+        .iter()
+        .zip(w)
+        .map(|(&l, &w)| l as f64 * w as f64)
+        .sum()
 }
 
-#[test]
-fn whole_model_gradient_matches_finite_differences() {
-    let config = tiny_config();
+fn check_whole_model_gradient(config: GptConfig) {
     let (batch, seq) = (2, 5);
     let mut model = randomized(config, 3);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
@@ -52,7 +56,7 @@ fn whole_model_gradient_matches_finite_differences() {
     targets[7] = IGNORE_INDEX;
     let w: Vec<f32> = (0..batch * seq).map(|_| rng.gen_range(-1.0..1.0)).collect();
 
-    let mut tape = Tape::new();
+    let mut tape = Tape::with_seed(5);
     let logp = model
         .token_logprobs(&mut tape, &ids, &targets, batch, seq)
         .unwrap();
@@ -86,6 +90,19 @@ fn whole_model_gradient_matches_finite_differences() {
             );
         }
     }
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    check_whole_model_gradient(tiny_config());
+}
+
+#[test]
+fn whole_model_gradient_with_dropout_matches_finite_differences() {
+    check_whole_model_gradient(GptConfig {
+        dropout: 0.2,
+        ..tiny_config()
+    });
 }
 
 #[test]

@@ -220,22 +220,35 @@ impl Tape {
     /// the peak memory is the forward's plus one gradient per live activation. A tape can be
     /// swept once; the output's value stays readable.
     pub fn backward(&mut self, output: Var, upstream: &[f32]) -> Result<Gradients> {
-        self.check(output, "output")?;
-        let out_len = self.nodes[output.0].value.len();
-        if upstream.len() != out_len {
-            return Err(HaloError::LengthMismatch {
-                what: "upstream gradient",
-                expected: out_len,
-                got: upstream.len(),
-            });
+        self.backward_many(&[(output, upstream)])
+    }
+
+    /// [`backward`](Tape::backward) from several outputs at once (e.g. two forwards recorded on
+    /// one tape), each with its own upstream gradient: the result is the sum of their gradients.
+    pub fn backward_many(&mut self, seeds: &[(Var, &[f32])]) -> Result<Gradients> {
+        let Some(last) = seeds.iter().map(|(v, _)| v.0).max() else {
+            return Ok(Gradients::default());
+        };
+        for &(output, upstream) in seeds {
+            self.check(output, "output")?;
+            let out_len = self.nodes[output.0].value.len();
+            if upstream.len() != out_len {
+                return Err(HaloError::LengthMismatch {
+                    what: "upstream gradient",
+                    expected: out_len,
+                    got: upstream.len(),
+                });
+            }
         }
         self.consumed = true;
-        let mut grads: Vec<Option<Vec<f32>>> = (0..=output.0).map(|_| None).collect();
-        if self.nodes[output.0].requires_grad {
-            grads[output.0] = Some(upstream.to_vec());
+        let mut grads: Vec<Option<Vec<f32>>> = (0..=last).map(|_| None).collect();
+        for &(output, upstream) in seeds {
+            if self.nodes[output.0].requires_grad {
+                put_grad(&mut grads, output, Some(upstream.to_vec()));
+            }
         }
         let mut result = Gradients::default();
-        for i in (0..=output.0).rev() {
+        for i in (0..=last).rev() {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Consumed);
             if let Some(dy) = grads[i].take() {
                 match op {
@@ -243,7 +256,7 @@ impl Tape {
                     op => backward_op(&self.nodes, &mut grads, op, &dy, i)?,
                 }
             }
-            if i != output.0 {
+            if !seeds.iter().any(|(v, _)| v.0 == i) {
                 self.nodes[i].value = Vec::new();
             }
         }
