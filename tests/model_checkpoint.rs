@@ -211,10 +211,29 @@ fn hugging_face_layout_without_prefix_or_metadata_loads() {
         .map(|(n, s, d)| (n.strip_prefix("transformer.").unwrap().to_string(), s, d))
         .collect();
     raw.push(("h.0.attn.bias".into(), vec![1, 1, 4, 4], vec![1.0; 16]));
+    raw.push(("lm_head.weight".into(), vec![10, 64], raw[0].2.clone()));
     let path = temp_path("hf");
     write_raw(&path, &raw, None);
     let loaded = Gpt::load_safetensors(&path).unwrap();
     assert_eq!(loaded.config(), &cfg);
     assert_eq!(loaded, model);
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn tensors_of_a_deeper_model_are_refused() {
+    let deep = GptConfig {
+        n_layer: 3,
+        ..config()
+    };
+    let model = Gpt::new(deep, 7).unwrap();
+    let path = temp_path("deeper");
+    write_raw(&path, &as_raw(&model), None);
+    let err = Gpt::load_safetensors_with_config(&path, config()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unexpected tensor `transformer.h.2."),
+        "{err}"
+    );
     std::fs::remove_file(path).ok();
 }

@@ -82,6 +82,11 @@ impl Tape {
         self.linear_impl(x, w, b, false)
     }
 
+    /// The plain product `a·b` (`a: [n, k]`, `b: [k, m]`): [`linear`](Tape::linear) without a bias.
+    pub fn matmul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.linear_impl(a, b, None, false)
+    }
+
     /// `x·wᵀ (+ b)` with `w: [out, in]` (nn.Linear layout; the tied unembedding `h·wteᵀ`).
     pub fn linear_transposed(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
         self.linear_impl(x, w, b, true)
