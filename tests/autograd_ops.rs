@@ -445,3 +445,17 @@ fn backward_many_sums_the_gradients_of_several_outputs() {
     assert_eq!(t.value(a).len(), 3);
     assert_eq!(t.value(b).len(), 1);
 }
+
+#[test]
+fn token_logprobs_grad_when_logits_have_two_readers() {
+    // Two readers: the backward cannot recycle the logits buffer and takes the copying path.
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (rows, vocab) = (3, 6);
+    let z = random(&mut rng, rows * vocab, 2.0);
+    let build = |t: &mut Tape, v: &[Var]| {
+        let a = t.token_logprobs(v[0], &[1, IGNORE_INDEX, 5]).unwrap();
+        let b = t.token_logprobs(v[0], &[0, 2, 5]).unwrap();
+        t.add(a, b).unwrap()
+    };
+    grad_check(&build, vec![(z, vec![rows, vocab])], 1e-2, 1e-2);
+}

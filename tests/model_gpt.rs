@@ -350,3 +350,40 @@ fn parameter_names_follow_hugging_face() {
     assert_eq!(Gpt::new(tiny_config(), 0).unwrap(), model);
     assert_ne!(Gpt::new(tiny_config(), 1).unwrap(), model);
 }
+
+#[test]
+fn two_forwards_on_one_tape_sum_their_parameter_gradients() {
+    let model = randomized(tiny_config(), 13);
+    let (a_ids, a_t) = ([1u32, 2, 3, 4], [2, 3, 4, IGNORE_INDEX]);
+    let (b_ids, b_t) = ([5u32, 6, 7], [6, 7, 8]);
+    let grads_of = |runs: &[(&[u32], &[i32])]| {
+        let mut tape = Tape::new();
+        let outs: Vec<_> = runs
+            .iter()
+            .map(|(ids, t)| {
+                model
+                    .token_logprobs(&mut tape, ids, t, 1, ids.len())
+                    .unwrap()
+            })
+            .collect();
+        let ones: Vec<Vec<f32>> = runs.iter().map(|(ids, _)| vec![1.0; ids.len()]).collect();
+        let seeds: Vec<_> = outs
+            .iter()
+            .zip(&ones)
+            .map(|(&v, g)| (v, g.as_slice()))
+            .collect();
+        tape.backward_many(&seeds).unwrap()
+    };
+    let both = grads_of(&[(&a_ids, &a_t), (&b_ids, &b_t)]);
+    let mut separate = grads_of(&[(&a_ids, &a_t)]);
+    separate.accumulate(&grads_of(&[(&b_ids, &b_t)]));
+    for (p, g) in both.iter() {
+        for (x, y) in g.iter().zip(separate.get(p).unwrap()) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "param {p}: {x} vs {y}"
+            );
+        }
+    }
+    assert_eq!(both.iter().count(), model.parameters().len());
+}

@@ -96,6 +96,8 @@ pub(crate) struct Node {
     pub(crate) shape: Vec<usize>,
     /// Whether any parameter reaches this node (otherwise the backward skips it).
     pub(crate) requires_grad: bool,
+    /// How many later ops read this node (its value can be recycled when the only reader is done).
+    pub(crate) uses: usize,
     pub(crate) op: Op,
 }
 
@@ -198,10 +200,14 @@ impl Tape {
             Op::Leaf { param } => param.is_some(),
             _ => inputs.iter().any(|v| self.nodes[v.0].requires_grad),
         };
+        for v in inputs {
+            self.nodes[v.0].uses += 1;
+        }
         self.nodes.push(Node {
             value,
             shape,
             requires_grad,
+            uses: 0,
             op,
         });
         Var(self.nodes.len() - 1)
@@ -253,6 +259,29 @@ impl Tape {
             if let Some(dy) = grads[i].take() {
                 match op {
                     Op::Leaf { param: Some(p) } => result.add(p, dy),
+                    Op::TokenLogprobs {
+                        logits,
+                        labels,
+                        lse,
+                        vocab,
+                    } if self.nodes[logits.0].uses == 1
+                        && self.nodes[logits.0].requires_grad
+                        && !seeds.iter().any(|(v, _)| *v == logits) =>
+                    {
+                        // Nothing else reads the logits, and their producer's backward needs only
+                        // its inputs: overwrite them with their gradient instead of allocating a
+                        // second [rows, vocab] buffer (Liger-Kernel's trick).
+                        let mut z = std::mem::take(&mut self.nodes[logits.0].value);
+                        crate::cpu::token_logprobs_backward_inplace(
+                            &mut z,
+                            &labels,
+                            &lse,
+                            &dy,
+                            vocab,
+                            IGNORE_INDEX,
+                        )?;
+                        put_grad(&mut grads, logits, Some(z));
+                    }
                     op => backward_op(&self.nodes, &mut grads, op, &dy, i)?,
                 }
             }
@@ -283,6 +312,18 @@ fn put_grad(grads: &mut [Option<Vec<f32>>], v: Var, g: Option<Vec<f32>>) {
     match &mut grads[v.0] {
         Some(existing) => accumulate(existing, &g),
         slot => *slot = Some(g),
+    }
+}
+
+/// `∂L/∂v += dy` for an op whose local derivative is the identity: copies `dy` into an empty slot
+/// instead of zero-filling and adding.
+fn add_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) {
+    if !nodes[v.0].requires_grad {
+        return;
+    }
+    match &mut grads[v.0] {
+        Some(existing) => accumulate(existing, dy),
+        slot => *slot = Some(dy.to_vec()),
     }
 }
 
@@ -336,11 +377,7 @@ fn backward_op(
             }
         }
         Op::AddBias { x, b } => {
-            let mut dx = take_grad(nodes, grads, x);
-            if let Some(dx) = dx.as_mut() {
-                accumulate(dx, dy);
-            }
-            put_grad(grads, x, dx);
+            add_grad(nodes, grads, x, dy);
             let mut db = take_grad(nodes, grads, b);
             if let Some(db) = db.as_mut() {
                 bias_backward(dy, db);
@@ -348,13 +385,8 @@ fn backward_op(
             put_grad(grads, b, db);
         }
         Op::Add { a, b } => {
-            for v in [a, b] {
-                let mut d = take_grad(nodes, grads, v);
-                if let Some(d) = d.as_mut() {
-                    accumulate(d, dy);
-                }
-                put_grad(grads, v, d);
-            }
+            add_grad(nodes, grads, a, dy);
+            add_grad(nodes, grads, b, dy);
         }
         Op::Scale { x, factor } => {
             let mut dx = take_grad(nodes, grads, x);
