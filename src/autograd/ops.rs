@@ -308,8 +308,8 @@ impl Tape {
     }
 
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
-    /// −100 = ignored → 0) → `[rows]`. Forward is [`crate::cpu::token_logprobs`], backward
-    /// [`crate::cpu::token_logprobs_backward`]: this is where a HALO loss's per-token gradient
+    /// −100 = ignored → 0) → `[rows]`. Forward is [`crate::cpu::token_logprobs()`], backward
+    /// [`crate::cpu::token_logprobs_backward()`]: this is where a HALO loss's per-token gradient
     /// enters the model.
     pub fn token_logprobs(&mut self, logits: Var, labels: &[i32]) -> Result<Var> {
         self.check(logits, "logits")?;
