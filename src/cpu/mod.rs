@@ -21,15 +21,23 @@ pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
 }
 
 /// Checks `logits.len() == rows * vocab` and `labels.len() == rows`; returns `rows`.
-pub(crate) fn check_logits_shape(logits_len: usize, labels_len: usize, vocab: usize) -> Result<usize> {
+pub(crate) fn check_logits_shape(
+    logits_len: usize,
+    labels_len: usize,
+    vocab: usize,
+) -> Result<usize> {
     if vocab == 0 {
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }
     let rows = labels_len;
-    if logits_len != rows * vocab {
+    // Checked: a wrapped product could match a short `logits` and silently skip rows.
+    let expected = rows.checked_mul(vocab).ok_or_else(|| {
+        HaloError::InvalidShape(format!("rows {rows} * vocab {vocab} overflows usize"))
+    })?;
+    if logits_len != expected {
         return Err(HaloError::LengthMismatch {
             what: "logits",
-            expected: rows * vocab,
+            expected,
             got: logits_len,
         });
     }

@@ -40,7 +40,14 @@ pub fn token_logprobs<T: LogitElement>(
         logp: vec![0.0; rows],
         lse: vec![0.0; rows],
     };
-    token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
+    token_logprobs_into(
+        logits,
+        labels,
+        vocab,
+        ignore_index,
+        &mut out.logp,
+        &mut out.lse,
+    )?;
     Ok(out)
 }
 
@@ -56,7 +63,11 @@ pub fn token_logprobs_into<T: LogitElement>(
     let rows = check_logits_shape(logits.len(), labels.len(), vocab)?;
     for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch { what, expected: rows, got });
+            return Err(HaloError::LengthMismatch {
+                what,
+                expected: rows,
+                got,
+            });
         }
     }
     check_labels(labels, vocab, ignore_index)?;
@@ -76,26 +87,32 @@ pub fn token_logprobs_into<T: LogitElement>(
                 *lse = 0.0;
                 return None;
             }
-            let (row_lse, finite) = row_logsumexp(z);
+            let (row_max, ln_sum, finite) = row_logsumexp(z);
             if !finite {
                 return Some(row);
             }
-            *lse = row_lse;
-            // Clamp: rounding can put z[y] a hair above lse when one entry dominates.
-            *logp = (z[label as usize].to_f32() - row_lse).min(0.0);
+            *lse = row_max + ln_sum;
+            // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order), not `z[y] − lse`: with large
+            // logits lse rounds to ulp(max) (≈1e-3 at 1e4), which would swamp a small log-prob.
+            // `z[y] − max` is exact (Sterbenz) whenever it is small. The clamp guards rounding.
+            *logp = ((z[label as usize].to_f32() - row_max) - ln_sum).min(0.0);
             None
         })
         .min();
     match first_bad_row {
-        Some(row) => Err(HaloError::NonFinite { what: "logits", row }),
+        Some(row) => Err(HaloError::NonFinite {
+            what: "logits",
+            row,
+        }),
         None => Ok(()),
     }
 }
 
 /// Online logsumexp over one row: per chunk, take the chunk max, rescale the running sum if the
-/// max grew, then add `exp(z − max)`. Returns `(lse, row_is_finite)`.
+/// max grew, then add `exp(z − max)`. Returns `(max, ln Σ exp(z − max), row_is_finite)`;
+/// the logsumexp is their sum.
 #[inline]
-pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, bool) {
+pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
     let mut running_max = f32::NEG_INFINITY;
     let mut running_sum = 0.0f32;
     // `x − x` is 0 for finite x and NaN for ±inf or NaN: one add per element detects both.
@@ -138,5 +155,5 @@ pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, bool) {
         running_sum += lane_sum.iter().sum::<f32>();
     }
     let finite = nan_probe.iter().all(|p| *p == 0.0) && running_max.is_finite();
-    (running_max + running_sum.ln(), finite)
+    (running_max, running_sum.ln(), finite)
 }
