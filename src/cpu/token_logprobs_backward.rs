@@ -11,7 +11,11 @@ use super::{check_labels, check_logits_shape, min_rows_per_task};
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
 
-/// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`).
+/// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `lse` is the
+/// forward's saved logsumexp and `grad_logp` is `∂L/∂logp` per row.
+///
+/// Errors: length mismatches, `vocab == 0`, a label outside `0..vocab` that is not
+/// `ignore_index`, or a non-finite `lse` / `grad_logp` in a non-ignored row.
 pub fn token_logprobs_backward<T: LogitElement>(
     logits: &[T],
     labels: &[i32],
@@ -110,8 +114,13 @@ fn check_backward_args(
         }
     }
     check_labels(labels, vocab, ignore_index)?;
+    // Ignored rows are not read (their gradient is 0 whatever lse / grad_logp hold there).
     for (what, values) in [("lse", lse), ("grad_logp", grad_logp)] {
-        if let Some(row) = values.iter().position(|v| !v.is_finite()) {
+        if let Some(row) = values
+            .iter()
+            .zip(labels)
+            .position(|(v, &y)| y != ignore_index && !v.is_finite())
+        {
             return Err(HaloError::NonFinite { what, row });
         }
     }
