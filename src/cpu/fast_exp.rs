@@ -11,6 +11,8 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
+// The polynomial coefficients are Cephes' `expf` ones as published; keep their digits.
+#[allow(clippy::excessive_precision)]
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = if x < -87.0 { -87.0 } else { x };

@@ -13,7 +13,39 @@ pub use sequence_sums::{
 pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};
 
+use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
+
+/// Whether the AVX2 builds of the row kernels can run here (std caches the CPUID check).
+///
+/// The crate is built for the x86-64 baseline (SSE2, 4 lanes); the hot row loops are compiled a
+/// second time with AVX2 enabled and picked at run time. No FMA: LLVM does not contract separate
+/// multiplies and adds, so both builds give bitwise identical results.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Converts `src` to f32 into `dst` (same length).
+#[inline(always)]
+pub(crate) fn load_f32<T: LogitElement>(src: &[T], dst: &mut [f32]) {
+    if T::DTYPE == DType::F16 {
+        // half's scalar f16 → f32 re-checks for F16C on every element; the slice form does not.
+        use half::slice::HalfFloatSliceExt;
+        bytemuck::cast_slice::<T, half::f16>(src).convert_to_f32_slice(dst);
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.to_f32();
+        }
+    }
+}
 
 /// Rows below this many logits are grouped so rayon's per-task overhead stays small.
 pub(crate) fn min_rows_per_task(vocab: usize) -> usize {

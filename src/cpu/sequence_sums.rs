@@ -253,7 +253,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
 
 fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
     match clamp {
-        Some(c) if !(c.min <= c.max) || !c.min.is_finite() || !c.max.is_finite() => {
+        Some(c) if !c.min.is_finite() || !c.max.is_finite() || c.min > c.max => {
             Err(HaloError::InvalidHyperParameter {
                 name: "LogRatioClamp",
                 value: c.min as f64,
