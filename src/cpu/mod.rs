@@ -33,6 +33,23 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
+/// Elements converted to f32 and processed together by the row loops that stage through a buffer.
+pub(crate) const CHUNK: usize = 512;
+
+/// Converts f32 `src` into `dst` (same length), rounding to nearest even.
+#[inline(always)]
+pub(crate) fn store_f32<T: LogitElement>(src: &[f32], dst: &mut [T]) {
+    if T::DTYPE == DType::F16 {
+        // As in `load_f32`: the slice form checks for F16C once, not per element.
+        use half::slice::HalfFloatSliceExt;
+        bytemuck::cast_slice_mut::<T, half::f16>(dst).convert_from_f32_slice(src);
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = T::from_f32(x);
+        }
+    }
+}
+
 /// Converts `src` to f32 into `dst` (same length).
 #[inline(always)]
 pub(crate) fn load_f32<T: LogitElement>(src: &[T], dst: &mut [f32]) {

@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use super::fast_exp::fast_exp;
-use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task};
+// CHUNK: elements converted to f32 and reduced together; the running max is updated once per chunk.
+use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, CHUNK};
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
 
@@ -22,8 +23,6 @@ pub struct TokenLogprobs {
 
 /// Lanes of the vectorized inner loops.
 const LANES: usize = 8;
-/// Elements converted to f32 and reduced together; the running max is updated once per chunk.
-const CHUNK: usize = 512;
 
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///

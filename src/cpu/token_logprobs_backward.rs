@@ -7,8 +7,10 @@
 use rayon::prelude::*;
 
 use super::fast_exp::fast_exp;
-use super::{check_labels, check_logits_shape, has_avx2, min_rows_per_task};
-use crate::dtype::LogitElement;
+use super::{
+    check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, store_f32, CHUNK,
+};
+use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
 
 /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `lse` is the
@@ -105,8 +107,21 @@ unsafe fn backward_row_avx2<T: LogitElement>(z: &[T], dz: &mut [T], y: usize, ls
 
 #[inline(always)]
 fn backward_row_portable<T: LogitElement>(z: &[T], dz: &mut [T], y: usize, lse: f32, g: f32) {
-    for (d, &x) in dz.iter_mut().zip(z) {
-        *d = T::from_f32(-g * fast_exp(x.to_f32() - lse));
+    if T::DTYPE == DType::F16 {
+        // f16 converts fastest a slice at a time (see `load_f32`): stage through a buffer.
+        let mut buf = [0.0f32; CHUNK];
+        for (zc, dc) in z.chunks(CHUNK).zip(dz.chunks_mut(CHUNK)) {
+            let buf = &mut buf[..zc.len()];
+            load_f32(zc, buf);
+            for b in buf.iter_mut() {
+                *b = -g * fast_exp(*b - lse);
+            }
+            store_f32(buf, dc);
+        }
+    } else {
+        for (d, &x) in dz.iter_mut().zip(z) {
+            *d = T::from_f32(-g * fast_exp(x.to_f32() - lse));
+        }
     }
     dz[y] = T::from_f32(g * (1.0 - fast_exp(z[y].to_f32() - lse)));
 }
@@ -132,8 +147,20 @@ unsafe fn backward_row_inplace_avx2<T: LogitElement>(z: &mut [T], y: usize, lse:
 fn backward_row_inplace_portable<T: LogitElement>(z: &mut [T], y: usize, lse: f32, g: f32) {
     // p_y is read before the row is overwritten.
     let p_y = fast_exp(z[y].to_f32() - lse);
-    for x in z.iter_mut() {
-        *x = T::from_f32(-g * fast_exp(x.to_f32() - lse));
+    if T::DTYPE == DType::F16 {
+        let mut buf = [0.0f32; CHUNK];
+        for zc in z.chunks_mut(CHUNK) {
+            let buf = &mut buf[..zc.len()];
+            load_f32(zc, buf);
+            for b in buf.iter_mut() {
+                *b = -g * fast_exp(*b - lse);
+            }
+            store_f32(buf, zc);
+        }
+    } else {
+        for x in z.iter_mut() {
+            *x = T::from_f32(-g * fast_exp(x.to_f32() - lse));
+        }
     }
     z[y] = T::from_f32(g * (1.0 - p_y));
 }
