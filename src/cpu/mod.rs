@@ -1,5 +1,7 @@
 //! Token-level ops on host slices: the CPU twin of every kernel in `kernels/`.
 //! Rows run in parallel with rayon; inner loops work on fixed 8-wide lanes so LLVM vectorizes them.
+//! The hot row loops also have an AVX2 build chosen at run time (`has_avx2`); results are
+//! bitwise identical either way.
 
 pub mod fast_exp;
 pub mod sequence_sums;

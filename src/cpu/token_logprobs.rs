@@ -50,7 +50,8 @@ pub fn token_logprobs<T: LogitElement>(
     Ok(out)
 }
 
-/// [`token_logprobs`] writing into caller buffers of length `rows`.
+/// [`token_logprobs`] writing into caller buffers of length `rows`. On error their contents are
+/// unspecified (rows before the failing one may have been written).
 pub fn token_logprobs_into<T: LogitElement>(
     logits: &[T],
     labels: &[i32],
