@@ -13,9 +13,10 @@
 //!
 //! Sizes: rows = 4096 (override with `HALO_BENCH_ROWS`, e.g. 256 for a quick run; 4096 × 128256
 //! f32 logits are 2.1 GB, plus 2.1 GB for the baseline's buffer), vocab ∈ {32000, 50257, 128256},
-//! f32 and bf16. Buffers are allocated once per size. The in-place backward overwrites the logits
-//! with the gradient each iteration; the next iteration runs on those values (finite, no ignored
-//! rows), and the cost of both ops does not depend on the values.
+//! f32 and bf16. Buffers are allocated once per size, on first use, so a filtered run skips the
+//! sizes it does not measure. The in-place backward overwrites the logits with the gradient each
+//! iteration; the next iteration runs on those values (finite, no ignored rows), and the cost of
+//! both ops does not depend on the values.
 //!
 //! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`.
 
@@ -119,15 +120,35 @@ fn naive_backward_inplace<T: LogitElement>(
         });
 }
 
+/// One size's buffers, allocated on first use so that a filtered run (`-- forward/f32/v32000`)
+/// does not generate gigabytes of logits for the sizes it skips.
+struct Buffers<T> {
+    logits: Vec<T>,
+    labels: Vec<i32>,
+    grad_logp: Vec<f32>,
+    logp: Vec<f32>,
+    lse: Vec<f32>,
+    /// The baseline's materialised `[rows, vocab]` log-softmax.
+    logsm: Vec<f32>,
+}
+
+impl<T: LogitElement> Buffers<T> {
+    fn new(rows: usize, vocab: usize) -> Self {
+        Buffers {
+            logits: random_logits(rows, vocab),
+            labels: random_labels(rows, vocab),
+            grad_logp: vec![1.0; rows],
+            logp: vec![0.0; rows],
+            lse: vec![0.0; rows],
+            logsm: vec![0.0; rows * vocab],
+        }
+    }
+}
+
 fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
     let rows = bench_rows();
     for vocab in VOCABS {
-        let mut logits: Vec<T> = random_logits(rows, vocab);
-        let labels = random_labels(rows, vocab);
-        let grad_logp = vec![1.0f32; rows];
-        let mut logp = vec![0.0f32; rows];
-        let mut lse = vec![0.0f32; rows];
-        let mut logsm = vec![0.0f32; rows * vocab];
+        let mut buffers: Option<Buffers<T>> = None;
         let bytes = (rows * vocab * std::mem::size_of::<T>()) as u64;
 
         let mut group = c.benchmark_group(format!("forward/{name}/v{vocab}"));
@@ -135,13 +156,22 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
             .throughput(Throughput::Bytes(bytes))
             .sampling_mode(SamplingMode::Flat);
         group.bench_function(BenchmarkId::new("halo", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
             b.iter(|| {
-                token_logprobs_into(&logits, &labels, vocab, IGNORE_INDEX, &mut logp, &mut lse)
-                    .unwrap()
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                )
+                .unwrap()
             })
         });
         group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
-            b.iter(|| naive_forward(&logits, &labels, vocab, &mut logsm, &mut logp))
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            b.iter(|| naive_forward(&d.logits, &d.labels, vocab, &mut d.logsm, &mut d.logp))
         });
         group.finish();
 
@@ -150,14 +180,22 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
             .throughput(Throughput::Bytes(bytes))
             .sampling_mode(SamplingMode::Flat);
         group.bench_function(BenchmarkId::new("halo", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
             b.iter(|| {
-                token_logprobs_into(&logits, &labels, vocab, IGNORE_INDEX, &mut logp, &mut lse)
-                    .unwrap();
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                )
+                .unwrap();
                 token_logprobs_backward_inplace(
-                    &mut logits,
-                    &labels,
-                    &lse,
-                    &grad_logp,
+                    &mut d.logits,
+                    &d.labels,
+                    &d.lse,
+                    &d.grad_logp,
                     vocab,
                     IGNORE_INDEX,
                 )
@@ -165,9 +203,10 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
             })
         });
         group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
             b.iter(|| {
-                naive_forward(&logits, &labels, vocab, &mut logsm, &mut logp);
-                naive_backward_inplace(&mut logits, &labels, &logsm, &grad_logp, vocab);
+                naive_forward(&d.logits, &d.labels, vocab, &mut d.logsm, &mut d.logp);
+                naive_backward_inplace(&mut d.logits, &d.labels, &d.logsm, &d.grad_logp, vocab);
             })
         });
         group.finish();
