@@ -33,7 +33,9 @@ pub enum HaloError {
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),
     /// A KTO batch needs the log-probs of its mismatched (KL) pairs to form the reference point.
-    #[error("KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given")]
+    #[error(
+        "KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given"
+    )]
     MissingKlPairs { loss_type: &'static str },
     /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
     #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]

@@ -4,8 +4,8 @@
 //! to align language models: KTO first, DPO and its relatives beside it.
 //!
 //! Data path (each arrow is one op, same name on CPU and GPU):
-//! logits + labels → [`cpu::token_logprobs`] → per-token log-probs →
-//! [`cpu::sequence_sums`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
+//! logits + labels → [`cpu::token_logprobs()`] → per-token log-probs →
+//! [`cpu::sequence_sums()`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
 //! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward`] → ∂L/∂logits.
 
 pub mod autograd;
