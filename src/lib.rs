@@ -23,3 +23,8 @@ pub use error::{HaloError, Result};
 
 /// The label value that marks a token as not counted (PyTorch / Hugging Face convention).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// README's code blocks are compiled and run as doctests, so the documented API cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
