@@ -1,4 +1,4 @@
-/* halo_abi.h — the plain-C structs and constants shared by the kernels (`kernels/*.cu`), the CUDA
+/* halo_abi.h — the plain-C structs and constants shared by the kernels (the .cu files of this folder), the CUDA
  * backend (`src/cuda`) and the host emulation (`src/emulation`). Mirrored field for field by the
  * `#[repr(C)]` structs in `src/kernel_abi.rs`; `tests/emulated_abi.rs` checks sizes and offsets.
  *

@@ -30,7 +30,7 @@ __device__ __forceinline__ OnlineLse scan_row(const T* __restrict__ row, int64_t
     constexpr int VEC = Elem<T>::VEC;
     OnlineLse s = online_lse_empty();
     const int64_t head = head_to_alignment(row, vocab);
-    if (lane < head) scan_scalar<T>(s, row + lane);
+    for (int64_t j = lane; j < head; j += stride) scan_scalar<T>(s, row + j);  // head may exceed stride
     const uint4* vecs = reinterpret_cast<const uint4*>(row + head);
     const int64_t n_vecs = (vocab - head) / VEC;
     int64_t i = lane;

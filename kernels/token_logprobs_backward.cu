@@ -5,9 +5,9 @@
 // buffer. Launch geometry as the forward: kernels/README.md.
 #include "halo_common.cuh"
 
-// `neg_g_lse` = −lse·log2e: exp(z − lse) = 2^(z·log2e − lse·log2e), one FMA + one ex2 per element.
-__device__ __forceinline__ float grad_element(float z, int64_t col, int64_t label, float g, float lse_log2) {
-    const float prob = exp2f(fmaf(z, HALO_LOG2E, -lse_log2));
+// exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse.
+__device__ __forceinline__ float grad_element(float z, int64_t col, int64_t label, float g, float row_lse) {
+    const float prob = exp2f((z - row_lse) * HALO_LOG2E);
     return col == label ? g * (1.0f - prob) : -g * prob;
 }
 
@@ -16,6 +16,16 @@ __device__ __forceinline__ uint4 load_vec(const uint4* p) {
     // In place the buffer is written by this kernel: plain loads, not the read-only cache path.
     if (InPlace) return *p;
     return __ldg(p);
+}
+
+// One 16-byte vector of logits starting at column col0 -> its gradient vector.
+template <typename T>
+__device__ __forceinline__ uint4 grad_vec(const uint4& v, int64_t col0, int64_t label, float g, float row_lse) {
+    float x[Elem<T>::VEC];
+    unpack_vec<T>(v, x);
+#pragma unroll
+    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element(x[k], col0 + k, label, g, row_lse);
+    return pack_vec<T>(x);
 }
 
 template <typename T, bool InPlace>
@@ -42,7 +52,6 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         if (!isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
     }
     const bool zero_row = ignored || bad_label;
-    const float lse_log2 = row_lse * HALO_LOG2E;
     const int64_t y = label;
 
     const T* in = logits + row * p.vocab;
@@ -56,7 +65,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
 
     for (int64_t j = lane; j < head; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, lse_log2));
+        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
     }
     const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
     uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
@@ -64,18 +73,19 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
         for (int64_t i = lane; i < n_vecs; i += threads_per_row) out_vecs[i] = zero;
     } else {
-        for (int64_t i = lane; i < n_vecs; i += threads_per_row) {
-            float x[VEC];
-            unpack_vec<T>(load_vec<T, InPlace>(in_vecs + i), x);
-            const int64_t col0 = head + i * VEC;
-#pragma unroll
-            for (int k = 0; k < VEC; k++) x[k] = grad_element(x[k], col0 + k, y, g, lse_log2);
-            out_vecs[i] = pack_vec<T>(x);
+        // Two 16-byte loads in flight per thread before either is consumed.
+        int64_t i = lane;
+        for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
+            const uint4 a = load_vec<T, InPlace>(in_vecs + i);
+            const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
+            out_vecs[i] = grad_vec<T>(a, head + i * VEC, y, g, row_lse);
+            out_vecs[i + threads_per_row] = grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, row_lse);
         }
+        if (i < n_vecs) out_vecs[i] = grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, row_lse);
     }
     for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, lse_log2));
+        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
     }
 }
 

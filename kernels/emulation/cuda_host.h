@@ -130,6 +130,39 @@ inline void fiber_main() {
     // returning resumes uc_link = the scheduler
 }
 
+// Runs block `b` to completion. Kept out of line: swapcontext returns twice, and locals of the
+// function that calls it must not live across the switch in registers.
+__attribute__((noinline)) inline void run_block(unsigned b, unsigned block_x, unsigned warps, size_t stack_size) {
+    Machine& m = machine();
+    m.block_idx = dim3{b, 1, 1};
+    m.fibers.assign(block_x, Fiber{});
+    m.warp_live.assign(warps, 0);
+    m.warp_barriers.assign(warps, Barrier{});
+    m.block_barrier = Barrier{};
+    m.exchange.assign(size_t(warps) * 64, 0);
+    m.shuffle_parity.assign(block_x, 0);
+    m.live = int(block_x);
+    for (unsigned t = 0; t < block_x; t++) {
+        Fiber& f = m.fibers[t];
+        f.thread_idx = dim3{t, 1, 1};
+        m.warp_live[t / 32]++;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = m.stacks[t].data();
+        f.ctx.uc_stack.ss_size = stack_size;
+        f.ctx.uc_link = &m.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    // Round robin until every thread has finished; a parked fiber re-checks its barrier.
+    while (m.live > 0) {
+        for (unsigned t = 0; t < block_x; t++) {
+            if (m.fibers[t].done) continue;
+            m.current = &m.fibers[t];
+            swapcontext(&m.scheduler, &m.fibers[t].ctx);
+        }
+    }
+    m.current = nullptr;
+}
+
 // Runs `kernel` over a 1-D grid: blocks one after another, a block's threads as fibers.
 inline void launch(unsigned grid_x, unsigned block_x, std::function<void()> kernel) {
     Machine& m = machine();
@@ -142,35 +175,7 @@ inline void launch(unsigned grid_x, unsigned block_x, std::function<void()> kern
     m.kernel = std::move(kernel);
     m.grid_dim = dim3{grid_x, 1, 1};
     m.block_dim = dim3{block_x, 1, 1};
-    for (unsigned b = 0; b < grid_x; b++) {
-        m.block_idx = dim3{b, 1, 1};
-        m.fibers.assign(block_x, Fiber{});
-        m.warp_live.assign(warps, 0);
-        m.warp_barriers.assign(warps, Barrier{});
-        m.block_barrier = Barrier{};
-        m.exchange.assign(size_t(warps) * 64, 0);
-        m.shuffle_parity.assign(block_x, 0);
-        m.live = int(block_x);
-        for (unsigned t = 0; t < block_x; t++) {
-            Fiber& f = m.fibers[t];
-            f.thread_idx = dim3{t, 1, 1};
-            m.warp_live[t / 32]++;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = m.stacks[t].data();
-            f.ctx.uc_stack.ss_size = stack_size;
-            f.ctx.uc_link = &m.scheduler;
-            makecontext(&f.ctx, fiber_main, 0);
-        }
-        // Round robin until every thread has finished; a parked fiber re-checks its barrier.
-        while (m.live > 0) {
-            for (unsigned t = 0; t < block_x; t++) {
-                if (m.fibers[t].done) continue;
-                m.current = &m.fibers[t];
-                swapcontext(&m.scheduler, &m.fibers[t].ctx);
-            }
-        }
-        m.current = nullptr;
-    }
+    for (unsigned b = 0; b < grid_x; b++) run_block(b, block_x, warps, stack_size);
     m.kernel = nullptr;
 }
 
