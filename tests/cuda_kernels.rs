@@ -173,7 +173,8 @@ fn gpu_tests() -> Vec<GpuTest> {
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
+        let holds: bool = $cond;
+        if !holds {
             return Err(format!($($msg)+).into());
         }
     };
