@@ -50,6 +50,9 @@ HALO_EMU_SHIM(broadcast_sequence_grad_packed_f32,
               (const float* grad_seq, const int32_t* labels, const uint32_t* cu_seqlens, float* token_grad,
                HaloSeqParams p),
               (grad_seq, labels, cu_seqlens, token_grad, p))
+HALO_EMU_SHIM(humanline_grad_mask_f32,
+              (const float* policy, const float* reference, float* token_grad, HaloClampParams p),
+              (policy, reference, token_grad, p))
 HALO_EMU_SHIM(kto_loss_f32,
               (const float* policy_logp, const float* reference_logp, const uint8_t* desirable,
                const float* kl_policy, const float* kl_reference, float* grad_policy, float* out, HaloKtoParams p),
@@ -82,6 +85,10 @@ extern "C" int64_t halo_emu_abi_query(const char* name) {
     Q_FIELD(HaloSeqParams, use_clamp)
     Q_FIELD(HaloSeqParams, clamp_min)
     Q_FIELD(HaloSeqParams, clamp_max)
+    Q_SIZE(HaloClampParams)
+    Q_FIELD(HaloClampParams, n)
+    Q_FIELD(HaloClampParams, clamp_min)
+    Q_FIELD(HaloClampParams, clamp_max)
     Q_SIZE(HaloKtoParams)
     Q_FIELD(HaloKtoParams, batch)
     Q_FIELD(HaloKtoParams, kl_count)

@@ -4,7 +4,9 @@
 
 use half::{bf16, f16};
 
-use crate::kernel_abi::{HaloDpoParams, HaloKtoParams, HaloSeqParams, HaloTokenParams};
+use crate::kernel_abi::{
+    HaloClampParams, HaloDpoParams, HaloKtoParams, HaloSeqParams, HaloTokenParams,
+};
 
 macro_rules! token_ffi {
     ($t:ty, $fwd:ident, $bwd:ident, $inplace:ident) => {
@@ -120,6 +122,14 @@ extern "C" {
         cu_seqlens: *const u32,
         token_grad: *mut f32,
         p: HaloSeqParams,
+    );
+    pub fn halo_emu_humanline_grad_mask_f32(
+        grid_x: u32,
+        block_x: u32,
+        policy: *const f32,
+        reference: *const f32,
+        token_grad: *mut f32,
+        p: HaloClampParams,
     );
     pub fn halo_emu_kto_loss_f32(
         grid_x: u32,

@@ -14,7 +14,9 @@ pub use losses::{
     dpo_loss, dpo_loss_kernel, kto_loss, kto_loss_kernel, DpoKernelLoss, DpoKernelOutput, DpoPairs,
     KlSource, KtoKernelConfig, KtoKernelLoss, KtoKernelOutput,
 };
-pub use sequence_sums::{broadcast_sequence_grad, sequence_logratio_sums, sequence_sums};
+pub use sequence_sums::{
+    broadcast_sequence_grad, humanline_grad_mask, sequence_logratio_sums, sequence_sums,
+};
 pub use token_logprobs::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_into,
     EmulatedElement,
