@@ -158,6 +158,11 @@ extern "C" {
         status: *mut i32,
         p: HaloDpoParams,
     );
+    pub fn halo_emu_float2bfloat16_rn(x: f32) -> u16;
+    pub fn halo_emu_bfloat162float(x: u16) -> f32;
+    pub fn halo_emu_float2half_rn(x: f32) -> u16;
+    pub fn halo_emu_half2float(x: u16) -> f32;
+    pub fn halo_emu_warp_selftest(grid_x: u32, block_x: u32, out: *mut i32);
     pub fn halo_emu_abi_query(name: *const std::ffi::c_char) -> i64;
     pub fn halo_emu_token_rows_per_block(vocab: i64) -> i32;
 }
