@@ -63,6 +63,14 @@ typedef struct HaloSeqParams {
     float clamp_max;
 } HaloSeqParams;
 
+/* Humanline backward mask over n tokens: token_grad[t] = 0 where policy[t] - reference[t] lies outside
+ * [clamp_min, clamp_max] (the clamp was active there). Launch grid.x = ceil(n / HALO_SEQ_THREADS). */
+typedef struct HaloClampParams {
+    int64_t n;
+    float clamp_min;
+    float clamp_max;
+} HaloClampParams;
+
 /* ---- KTO ----------------------------------------------------------------------------------- */
 
 #define HALO_KTO_LOSS_KTO 0

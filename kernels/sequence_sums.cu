@@ -1,6 +1,7 @@
 // sequence_sums.cu — per-sequence masked sums of per-token values and token counts, for the padded
 // ([batch, seq]) and packed (cu_seqlens) layouts; the per-token log-ratio variant with the optional
-// humanline clamp; and the backward broadcast of a per-sequence gradient to the tokens.
+// humanline clamp; the backward broadcast of a per-sequence gradient to the tokens; and the
+// humanline backward mask (zero where the clamp was active).
 // CPU twin and definition: src/cpu/sequence_sums.rs. One block per sequence; each thread sums a
 // strided subset in index order, then a fixed-order block reduction: bitwise identical run to run.
 #include "halo_common.cuh"
@@ -101,4 +102,16 @@ HALO_SEQ_KERNEL broadcast_sequence_grad_packed_f32(const float* __restrict__ gra
                                                    const uint32_t* __restrict__ cu_seqlens,
                                                    float* __restrict__ token_grad, HaloSeqParams p) {
     broadcast_sequence_grad<true>(grad_seq, labels, cu_seqlens, token_grad, p);
+}
+
+// Backward through the humanline clamp: the clamped log-ratio does not depend on the policy where the
+// clamp was active (ratio outside [min, max]), so the token gradient is zeroed there. Same test as
+// the CPU's `humanline_grad_mask` (strict comparisons: a ratio exactly at a bound keeps its gradient).
+extern "C" __global__ void __launch_bounds__(HALO_SEQ_THREADS)
+    humanline_grad_mask_f32(const float* __restrict__ policy_logp, const float* __restrict__ reference_logp,
+                            float* __restrict__ token_grad, HaloClampParams p) {
+    const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= p.n) return;
+    const float ratio = policy_logp[t] - reference_logp[t];
+    if (ratio < p.clamp_min || ratio > p.clamp_max) token_grad[t] = 0.0f;
 }

@@ -47,6 +47,15 @@ pub struct HaloSeqParams {
     pub clamp_max: f32,
 }
 
+/// Humanline backward mask over `n` tokens (`humanline_grad_mask_f32`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HaloClampParams {
+    pub n: i64,
+    pub clamp_min: f32,
+    pub clamp_max: f32,
+}
+
 /// KTO loss type `kto`.
 pub const KTO_LOSS_KTO: i32 = 0;
 /// KTO loss type `apo_zero_unpaired`.
@@ -136,5 +145,6 @@ pub fn token_grid(rows: usize, rows_per_block: i32) -> u32 {
 // SAFETY: plain-old-data `#[repr(C)]` structs of fixed-width fields, passed by value to kernels.
 unsafe impl cudarc::driver::DeviceRepr for HaloTokenParams {}
 unsafe impl cudarc::driver::DeviceRepr for HaloSeqParams {}
+unsafe impl cudarc::driver::DeviceRepr for HaloClampParams {}
 unsafe impl cudarc::driver::DeviceRepr for HaloKtoParams {}
 unsafe impl cudarc::driver::DeviceRepr for HaloDpoParams {}

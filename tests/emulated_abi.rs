@@ -39,6 +39,11 @@ fn struct_layouts_match_the_c_header() {
         clamp_min,
         clamp_max
     });
+    check_struct!(HaloClampParams {
+        n,
+        clamp_min,
+        clamp_max
+    });
     check_struct!(HaloKtoParams {
         batch,
         kl_count,

@@ -182,3 +182,35 @@ fn layout_errors_match_the_cpu() {
         cpu::broadcast_sequence_grad(&[1.0], &labels, IGNORE, layout).unwrap_err()
     );
 }
+
+#[test]
+fn humanline_grad_mask_matches_the_cpu() {
+    let mut r = rng(500);
+    for n in [1usize, 255, 256, 257, 3001] {
+        let policy: Vec<f32> = (0..n).map(|_| r.gen_range(-8.0f32..0.0)).collect();
+        let mut reference: Vec<f32> = policy
+            .iter()
+            .map(|p| p - r.gen_range(-3.0f32..3.0))
+            .collect();
+        // Ratios exactly at the bounds keep their gradient.
+        reference[0] = policy[0] - 1.5;
+        let clamp = LogRatioClamp::default();
+        let grad: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        let mut got = grad.clone();
+        let mut want = grad.clone();
+        emu::humanline_grad_mask(&policy, &reference, clamp, &mut got).unwrap();
+        cpu::humanline_grad_mask(&policy, &reference, clamp, &mut want).unwrap();
+        assert_eq!(got, want, "n {n}");
+        assert!(
+            n < 100 || (got.contains(&0.0) && got.iter().any(|&g| g != 0.0)),
+            "n {n}: both cases occur"
+        );
+    }
+    let mut g = vec![0.0f32; 3];
+    assert_eq!(
+        emu::humanline_grad_mask(&[0.0; 3], &[0.0; 2], LogRatioClamp::default(), &mut g)
+            .unwrap_err(),
+        cpu::humanline_grad_mask(&[0.0; 3], &[0.0; 2], LogRatioClamp::default(), &mut g)
+            .unwrap_err()
+    );
+}

@@ -117,6 +117,12 @@ fn forward_all_shapes<T: EmulatedElement>(seed: u64) {
         (96, 129),
         (24, 1000),
         (4, 4097),
+        // every threads-per-row size: 16 (vocab 300), 64 (1500, 2000), 128 (3001, 4000)
+        (40, 300),
+        (8, 1500),
+        (7, 2000),
+        (9, 3001),
+        (6, 4000),
     ]
     .iter()
     .enumerate()
@@ -351,6 +357,9 @@ fn backward_all_dtypes_awkward_shapes() {
         (3, 4099),
         (128, 50),
         (16, 1000),
+        (33, 300),
+        (8, 1500),
+        (6, 4000),
     ]
     .iter()
     .enumerate()

@@ -50,6 +50,9 @@ HALO_EMU_SHIM(broadcast_sequence_grad_packed_f32,
               (const float* grad_seq, const int32_t* labels, const uint32_t* cu_seqlens, float* token_grad,
                HaloSeqParams p),
               (grad_seq, labels, cu_seqlens, token_grad, p))
+HALO_EMU_SHIM(humanline_grad_mask_f32,
+              (const float* policy, const float* reference, float* token_grad, HaloClampParams p),
+              (policy, reference, token_grad, p))
 HALO_EMU_SHIM(kto_loss_f32,
               (const float* policy_logp, const float* reference_logp, const uint8_t* desirable,
                const float* kl_policy, const float* kl_reference, float* grad_policy, float* out, HaloKtoParams p),
@@ -82,6 +85,10 @@ extern "C" int64_t halo_emu_abi_query(const char* name) {
     Q_FIELD(HaloSeqParams, use_clamp)
     Q_FIELD(HaloSeqParams, clamp_min)
     Q_FIELD(HaloSeqParams, clamp_max)
+    Q_SIZE(HaloClampParams)
+    Q_FIELD(HaloClampParams, n)
+    Q_FIELD(HaloClampParams, clamp_min)
+    Q_FIELD(HaloClampParams, clamp_max)
     Q_SIZE(HaloKtoParams)
     Q_FIELD(HaloKtoParams, batch)
     Q_FIELD(HaloKtoParams, kl_count)
@@ -141,3 +148,32 @@ extern "C" int64_t halo_emu_abi_query(const char* name) {
 
 // rows_per_block as the C header computes it (checked against kernel_abi::token_rows_per_block).
 extern "C" int32_t halo_emu_token_rows_per_block(int64_t vocab) { return halo_token_rows_per_block(vocab); }
+
+// ---- self-tests of the emulation itself (tests/emulated_runtime.rs) -----------------------------
+
+extern "C" uint16_t halo_emu_float2bfloat16_rn(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+extern "C" float halo_emu_bfloat162float(uint16_t x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
+extern "C" uint16_t halo_emu_float2half_rn(float x) { return __half_as_ushort(__float2half_rn(x)); }
+extern "C" float halo_emu_half2float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+
+// Every warp primitive of the contract, per thread: 8 ints written to out[8 * global thread].
+__global__ void warp_selftest(int* out) {
+    __shared__ int block_total;
+    const int lane = threadIdx.x & 31;
+    const int v = (int)(threadIdx.x * 10 + blockIdx.x * 1000);
+    int* o = out + 8 * (blockIdx.x * blockDim.x + threadIdx.x);
+    o[0] = __shfl_down_sync(HALO_FULL_MASK, v, 1);
+    o[1] = __shfl_sync(HALO_FULL_MASK, v, 0);
+    o[2] = __shfl_xor_sync(HALO_FULL_MASK, v, 3, 8);
+    o[3] = (int)__ballot_sync(HALO_FULL_MASK, lane % 3 == 0);
+    o[4] = __any_sync(HALO_FULL_MASK, lane == 5);
+    o[5] = __all_sync(HALO_FULL_MASK, lane < 31);
+    if (threadIdx.x == 0) block_total = 0;
+    __syncthreads();
+    atomicAdd(&block_total, 1);
+    __syncthreads();
+    o[6] = block_total;
+    __syncwarp();
+    o[7] = (int)(gridDim.x * 100000 + blockDim.x);
+}
+HALO_EMU_SHIM(warp_selftest, (int* out), (out))

@@ -4,7 +4,9 @@
 
 use half::{bf16, f16};
 
-use crate::kernel_abi::{HaloDpoParams, HaloKtoParams, HaloSeqParams, HaloTokenParams};
+use crate::kernel_abi::{
+    HaloClampParams, HaloDpoParams, HaloKtoParams, HaloSeqParams, HaloTokenParams,
+};
 
 macro_rules! token_ffi {
     ($t:ty, $fwd:ident, $bwd:ident, $inplace:ident) => {
@@ -121,6 +123,14 @@ extern "C" {
         token_grad: *mut f32,
         p: HaloSeqParams,
     );
+    pub fn halo_emu_humanline_grad_mask_f32(
+        grid_x: u32,
+        block_x: u32,
+        policy: *const f32,
+        reference: *const f32,
+        token_grad: *mut f32,
+        p: HaloClampParams,
+    );
     pub fn halo_emu_kto_loss_f32(
         grid_x: u32,
         block_x: u32,
@@ -148,6 +158,11 @@ extern "C" {
         status: *mut i32,
         p: HaloDpoParams,
     );
+    pub fn halo_emu_float2bfloat16_rn(x: f32) -> u16;
+    pub fn halo_emu_bfloat162float(x: u16) -> f32;
+    pub fn halo_emu_float2half_rn(x: f32) -> u16;
+    pub fn halo_emu_half2float(x: u16) -> f32;
+    pub fn halo_emu_warp_selftest(grid_x: u32, block_x: u32, out: *mut i32);
     pub fn halo_emu_abi_query(name: *const std::ffi::c_char) -> i64;
     pub fn halo_emu_token_rows_per_block(vocab: i64) -> i32;
 }

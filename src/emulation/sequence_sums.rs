@@ -1,12 +1,12 @@
 //! Emulated sequence kernels (`kernels/sequence_sums.cu`) with the CPU ops' API:
 //! [`crate::cpu::sequence_sums`], [`crate::cpu::sequence_logratio_sums`],
-//! [`crate::cpu::broadcast_sequence_grad`]. The layout is validated on the host (as the CUDA
+//! [`crate::cpu::broadcast_sequence_grad`], [`crate::cpu::humanline_grad_mask`]. The layout is validated on the host (as the CUDA
 //! backend does before uploading `cu_seqlens`).
 
 use super::ffi;
 use crate::cpu::{LogRatioClamp, SequenceLayout, SequenceSums};
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{HaloSeqParams, SEQ_THREADS};
+use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
 
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
@@ -201,4 +201,45 @@ pub fn broadcast_sequence_grad(
         }
     }
     Ok(token_grad)
+}
+
+/// Emulated [`crate::cpu::humanline_grad_mask`].
+pub fn humanline_grad_mask(
+    policy_logp: &[f32],
+    reference_logp: &[f32],
+    clamp: LogRatioClamp,
+    token_grad: &mut [f32],
+) -> Result<()> {
+    check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
+    check_len("token_grad", policy_logp.len(), token_grad.len())?;
+    // Same clamp validation as the sums (reuses their error).
+    seq_params(
+        &SequenceLayout::Padded { batch: 0, seq: 0 },
+        0,
+        0,
+        Some(clamp),
+    )?;
+    let n = policy_logp.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = u32::try_from(n.div_ceil(SEQ_THREADS as usize))
+        .map_err(|_| HaloError::InvalidShape(format!("{n} tokens exceed the 1-D grid")))?;
+    let p = HaloClampParams {
+        n: n as i64,
+        clamp_min: clamp.min,
+        clamp_max: clamp.max,
+    };
+    // SAFETY: all three slices hold n elements.
+    unsafe {
+        ffi::halo_emu_humanline_grad_mask_f32(
+            grid,
+            SEQ_THREADS,
+            policy_logp.as_ptr(),
+            reference_logp.as_ptr(),
+            token_grad.as_mut_ptr(),
+            p,
+        );
+    }
+    Ok(())
 }
