@@ -137,7 +137,7 @@ fn gpu_tests() -> Vec<GpuTest> {
         ),
         t!(
             "sequence_sums_match_cpu",
-            "sequence sums / log-ratio sums / grad broadcast, padded and packed",
+            "sequence sums / log-ratio sums / grad broadcast / humanline mask, padded and packed",
             sequence_sums_match_cpu
         ),
         t!(
@@ -982,6 +982,31 @@ fn sequence_case(
         bits(&token_grad) == bits(&cpu_grad),
         "{what}: broadcast gradient differs from the CPU (a pure copy)"
     );
+
+    // Humanline mask: the same f32 comparisons on both sides, so bitwise equal.
+    for clamp in [
+        LogRatioClamp::default(),
+        LogRatioClamp {
+            min: -0.25,
+            max: 0.25,
+        },
+    ] {
+        let mut cpu_masked = cpu_grad.clone();
+        ok(
+            "cpu mask",
+            cpu::humanline_grad_mask(&policy, &reference, clamp, &mut cpu_masked),
+        )?;
+        let mut d_masked = ok("htod", gpu.htod(&cpu_grad))?;
+        ok(
+            "gpu mask",
+            gpu.humanline_grad_mask(&d_policy, &d_reference, clamp, &mut d_masked),
+        )?;
+        let masked = ok("dtoh", gpu.dtoh(&d_masked))?;
+        ensure!(
+            bits(&masked) == bits(&cpu_masked),
+            "{what}: humanline mask {clamp:?} differs from the CPU"
+        );
+    }
     Ok(())
 }
 
@@ -1111,6 +1136,22 @@ fn sequence_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         cpu_err.is_some() && gpu_err == cpu_err,
         "bad clamp: gpu {gpu_err:?} vs cpu {cpu_err:?}"
     );
+    let mut grad = ok("htod", gpu.htod(&values))?;
+    for (what, clamp, n) in [
+        ("bad mask clamp", LogRatioClamp { min: 0.5, max: 0.1 }, 12),
+        ("short mask input", LogRatioClamp::default(), 11),
+    ] {
+        let mut host_grad = values.clone();
+        let cpu_err = cpu::humanline_grad_mask(&values[..n], &values, clamp, &mut host_grad).err();
+        let d_policy = ok("htod", gpu.htod(&values[..n]))?;
+        let gpu_err = gpu
+            .humanline_grad_mask(&d_policy, &d_values, clamp, &mut grad)
+            .err();
+        ensure!(
+            cpu_err.is_some() && gpu_err == cpu_err,
+            "{what}: gpu {gpu_err:?} vs cpu {cpu_err:?}"
+        );
+    }
     let d_short = ok("htod", gpu.htod(&labels[1..]))?;
     let cpu_err = cpu::sequence_sums(&values, &labels[1..], IGNORE_INDEX, layout).err();
     let gpu_err = gpu

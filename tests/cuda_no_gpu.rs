@@ -110,7 +110,7 @@ fn every_op_entry_point_is_compiled_for_every_dtype() {
             expected.push(format!("{op}_{layout}_f32"));
         }
     }
-    expected.extend(["kto_loss_f32".to_string(), "dpo_loss_f32".to_string()]);
+    expected.extend(["humanline_grad_mask_f32", "kto_loss_f32", "dpo_loss_f32"].map(String::from));
     for name in expected {
         assert!(
             ptx::module_of(&name).is_some(),

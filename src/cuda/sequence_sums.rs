@@ -1,6 +1,7 @@
-//! GPU twins of [`crate::cpu::sequence_sums`], [`crate::cpu::sequence_logratio_sums`] and
-//! [`crate::cpu::broadcast_sequence_grad`] (kernels `sequence_sums_*`, `sequence_logratio_sums_*`,
-//! `broadcast_sequence_grad_*` in `kernels/sequence_sums.cu`; one block per sequence).
+//! GPU twins of [`crate::cpu::sequence_sums`], [`crate::cpu::sequence_logratio_sums`],
+//! [`crate::cpu::broadcast_sequence_grad`] and [`crate::cpu::humanline_grad_mask`] (kernels
+//! `sequence_sums_*`, `sequence_logratio_sums_*`, `broadcast_sequence_grad_*` — one block per
+//! sequence — and `humanline_grad_mask_f32` in `kernels/sequence_sums.cu`).
 //!
 //! The layout is the CPU's [`SequenceLayout`] (host data): it is validated on the host exactly as
 //! the CPU op validates it, and packed offsets are uploaded for the launch. Each sum is a fixed-order
@@ -12,7 +13,7 @@ use super::device::{cuda_err, CudaBackend};
 use super::launch::{blocks_launch, check_aligned, check_len, check_rows_fit_status};
 use crate::cpu::{LogRatioClamp, SequenceLayout};
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{HaloSeqParams, SEQ_THREADS};
+use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
 
 /// Output of the sequence sums on the device: one entry per sequence.
 #[derive(Debug)]
@@ -221,6 +222,50 @@ impl CudaBackend {
             unsafe { launch.launch(seq.cfg) }
                 .map_err(cuda_err("launch broadcast_sequence_grad"))?;
         }
+        Ok(())
+    }
+
+    /// Backward through the humanline clamp: zeroes `token_grad` where the clamp was active
+    /// (`policy − reference` outside `[min, max]`), like [`crate::cpu::humanline_grad_mask`]
+    /// (kernel `humanline_grad_mask_f32`, one thread per token). Queued on the stream.
+    pub fn humanline_grad_mask(
+        &self,
+        policy_logp: &impl DevicePtr<f32>,
+        reference_logp: &impl DevicePtr<f32>,
+        clamp: LogRatioClamp,
+        token_grad: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let n = policy_logp.len();
+        check_len("reference_logp", n, reference_logp.len())?;
+        check_len("token_grad", n, token_grad.len())?;
+        check_clamp(Some(clamp))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(SEQ_THREADS as usize);
+        let cfg = blocks_launch(blocks, SEQ_THREADS)?;
+        let params = HaloClampParams {
+            n: n as i64,
+            clamp_min: clamp.min,
+            clamp_max: clamp.max,
+        };
+        let func = self.function("humanline_grad_mask_f32")?;
+        let stream = self.stream();
+        let (policy_ptr, _r0) = policy_logp.device_ptr(stream);
+        let (reference_ptr, _r1) = reference_logp.device_ptr(stream);
+        let (grad_ptr, _w0) = token_grad.device_ptr_mut(stream);
+        check_aligned::<f32>("policy_logp", policy_ptr)?;
+        check_aligned::<f32>("reference_logp", reference_ptr)?;
+        check_aligned::<f32>("token_grad", grad_ptr)?;
+        let mut launch = stream.launch_builder(func);
+        launch
+            .arg(&policy_ptr)
+            .arg(&reference_ptr)
+            .arg(&grad_ptr)
+            .arg(&params);
+        // SAFETY: arguments follow `humanline_grad_mask_f32` in kernels/README.md; all three
+        // buffers hold `n` elements; grid = ceil(n / SEQ_THREADS), the kernel bounds-checks `t < n`.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch humanline_grad_mask"))?;
         Ok(())
     }
 
