@@ -9,6 +9,19 @@
 //!
 //! Without a GPU (or without nvcc at build time) [`CudaBackend::new`] returns
 //! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
+//!
+//! # Building the kernels
+//! `build/ptx.rs` compiles `kernels/*.cu` with nvcc when it finds one (`HALO_NVCC`, `$CUDA_HOME`,
+//! `PATH`, or the project-local install of `scripts/install_nvcc.sh`, which needs no GPU);
+//! `HALO_NVCC=none` builds without kernels. `HALO_CUDA_ARCH` picks the PTX target (default
+//! `compute_80`). `scripts/check_kernels.sh` reports registers and spills per kernel.
+//!
+//! # Testing on a GPU
+//! `tests/cuda_kernels.rs` compares every kernel with its CPU op; without a GPU each test is
+//! reported as ignored. On a machine with a GPU and cargo: `cargo test --release --test
+//! cuda_kernels` and `cargo bench --bench cuda_ops`. For a lent GPU machine without a toolchain:
+//! `bash scripts/gpu_check.sh prepare` here, then `bash scripts/gpu_check.sh run` there with
+//! `.tools/gpu_bin` carried along (tests, compute-sanitizer memcheck/racecheck, benches).
 
 mod device;
 mod dpo;
