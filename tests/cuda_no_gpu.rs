@@ -118,3 +118,112 @@ fn every_op_entry_point_is_compiled_for_every_dtype() {
         );
     }
 }
+
+/// Byte sizes of an entry point's parameters, read from its PTX declaration
+/// (`.param .u64 NAME`, `.param .u32 NAME`, `.param .align A .b8 NAME[N]`).
+fn ptx_param_sizes(ptx: &str, entry: &str) -> Option<Vec<usize>> {
+    let start = ptx.find(&format!(".entry {entry}("))?;
+    let body = &ptx[start..];
+    let end = body.find(')')?;
+    let sizes = body[..end]
+        .lines()
+        .filter(|l| l.trim_start().starts_with(".param"))
+        .map(|l| {
+            let l = l.trim().trim_end_matches(',');
+            if let Some(open) = l.rfind('[') {
+                l[open + 1..l.len() - 1]
+                    .parse::<usize>()
+                    .expect("array size")
+            } else if l.contains(".u64")
+                || l.contains(".s64")
+                || l.contains(".f64")
+                || l.contains(".b64")
+            {
+                8
+            } else if l.contains(".u32")
+                || l.contains(".s32")
+                || l.contains(".f32")
+                || l.contains(".b32")
+            {
+                4
+            } else {
+                panic!("unexpected PTX parameter: {l}")
+            }
+        })
+        .collect();
+    Some(sizes)
+}
+
+/// The argument lists the wrappers in `src/cuda` push (8-byte device pointers, `int64_t` and
+/// `int32_t` scalars, ABI structs by value) against the compiled kernels' parameter lists: a
+/// kernel signature change that the wrappers do not follow fails here, without a GPU.
+#[test]
+fn wrapper_argument_lists_match_the_compiled_kernels() {
+    use halo_kernels::kernel_abi::{
+        HaloClampParams, HaloDpoParams, HaloKtoParams, HaloSeqParams, HaloTokenParams,
+    };
+    use std::mem::size_of;
+    if !ptx::KERNELS_COMPILED {
+        return;
+    }
+    let ptrs = |n: usize, tail: &[usize]| -> Vec<usize> {
+        let mut v = vec![8; n];
+        v.extend_from_slice(tail);
+        v
+    };
+    let token = size_of::<HaloTokenParams>();
+    let seq = size_of::<HaloSeqParams>();
+    let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
+    for dtype in ["f32", "bf16", "f16"] {
+        expected.push((format!("token_logprobs_forward_{dtype}"), ptrs(5, &[token])));
+        expected.push((
+            format!("token_logprobs_backward_{dtype}"),
+            ptrs(6, &[token]),
+        ));
+        expected.push((
+            format!("token_logprobs_backward_inplace_{dtype}"),
+            ptrs(5, &[token]),
+        ));
+        expected.push((format!("naive_log_softmax_{dtype}"), ptrs(2, &[8, 8])));
+        expected.push((format!("naive_gather_{dtype}"), ptrs(3, &[8, 8, 4])));
+    }
+    expected.extend([
+        ("sequence_sums_padded_f32".to_string(), ptrs(4, &[seq])),
+        ("sequence_sums_packed_f32".to_string(), ptrs(5, &[seq])),
+        (
+            "sequence_logratio_sums_padded_f32".to_string(),
+            ptrs(5, &[seq]),
+        ),
+        (
+            "sequence_logratio_sums_packed_f32".to_string(),
+            ptrs(6, &[seq]),
+        ),
+        (
+            "broadcast_sequence_grad_padded_f32".to_string(),
+            ptrs(3, &[seq]),
+        ),
+        (
+            "broadcast_sequence_grad_packed_f32".to_string(),
+            ptrs(4, &[seq]),
+        ),
+        (
+            "humanline_grad_mask_f32".to_string(),
+            ptrs(3, &[size_of::<HaloClampParams>()]),
+        ),
+        (
+            "kto_loss_f32".to_string(),
+            ptrs(7, &[size_of::<HaloKtoParams>()]),
+        ),
+        (
+            "dpo_loss_f32".to_string(),
+            ptrs(10, &[size_of::<HaloDpoParams>()]),
+        ),
+    ]);
+    for (entry, sizes) in expected {
+        let module = ptx::module_of(&entry)
+            .unwrap_or_else(|| panic!("entry point `{entry}` is not in the compiled PTX"));
+        let got = ptx_param_sizes(module.ptx, &entry)
+            .unwrap_or_else(|| panic!("no declaration of `{entry}` in module {}", module.name));
+        assert_eq!(got, sizes, "parameter sizes of `{entry}`");
+    }
+}
