@@ -825,6 +825,58 @@ fn backward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         vocab,
         "short grad_logp",
     )?;
+    // The CPU does not read lse / grad_logp of ignored rows: NaN there is no error, and the row's
+    // gradient is zero.
+    let ignored = (0..rows)
+        .find(|&r| labels[r] == IGNORE_INDEX)
+        .ok_or("no ignored row")?;
+    let mut lse = fwd.lse.clone();
+    let mut gg = g.clone();
+    lse[ignored] = f32::NAN;
+    gg[ignored] = f32::INFINITY;
+    let mut cpu_grad = vec![bf16::from_f32(0.0); logits.len()];
+    ok(
+        "cpu backward, NaN in an ignored row",
+        cpu::token_logprobs_backward(
+            &logits,
+            &labels,
+            &lse,
+            &gg,
+            vocab,
+            IGNORE_INDEX,
+            &mut cpu_grad,
+        ),
+    )?;
+    let d_logits = ok("htod", gpu.htod(&logits))?;
+    let d_labels = ok("htod", gpu.htod(&labels))?;
+    let d_lse = ok("htod", gpu.htod(&lse))?;
+    let d_g = ok("htod", gpu.htod(&gg))?;
+    let mut d_grad = poisoned::<bf16>(gpu, logits.len())?;
+    ok(
+        "gpu backward, NaN lse / inf grad in an ignored row",
+        gpu.token_logprobs_backward(
+            &d_logits,
+            &d_labels,
+            &d_lse,
+            &d_g,
+            vocab,
+            IGNORE_INDEX,
+            &mut d_grad,
+        ),
+    )?;
+    let grad = ok("dtoh", gpu.dtoh(&d_grad))?;
+    ensure!(
+        bits(&grad) == bits(&cpu_grad)
+            || check_close(
+                "NaN in an ignored row",
+                &to_f32(&grad),
+                &to_f32(&cpu_grad),
+                1e-6,
+                storage_rtol::<bf16>()
+            )
+            .is_ok(),
+        "NaN in an ignored row: gradients differ from the CPU"
+    );
     Ok(())
 }
 
@@ -1136,6 +1188,82 @@ fn sequence_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         cpu_err.is_some() && gpu_err == cpu_err,
         "bad clamp: gpu {gpu_err:?} vs cpu {cpu_err:?}"
     );
+    // Non-finite counted tokens: the CPU's NonFinite (first bad token), also under a clamp, which
+    // would map NaN/inf to a bound on the device. A NaN in an ignored token is not read.
+    let counted: Vec<usize> = (0..12).filter(|&t| labels[t] != IGNORE_INDEX).collect();
+    let ignored = (0..12)
+        .find(|&t| labels[t] == IGNORE_INDEX)
+        .ok_or("no ignored token")?;
+    for (k, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+        .into_iter()
+        .enumerate()
+    {
+        let mut v = values.clone();
+        v[counted[1 + k]] = bad;
+        v[counted[5]] = bad;
+        let d_v = ok("htod", gpu.htod(&v))?;
+        for clamp in [None, Some(LogRatioClamp::default())] {
+            let cpu_err =
+                cpu::sequence_logratio_sums(&v, &values, &labels, IGNORE_INDEX, layout, clamp)
+                    .err();
+            let gpu_err = gpu
+                .sequence_logratio_sums(&d_v, &d_values, &d_labels, IGNORE_INDEX, layout, clamp)
+                .err();
+            ensure!(
+                cpu_err.is_some() && gpu_err == cpu_err,
+                "{bad} policy, clamp {clamp:?}: gpu {gpu_err:?} vs cpu {cpu_err:?}"
+            );
+            let cpu_err =
+                cpu::sequence_logratio_sums(&values, &v, &labels, IGNORE_INDEX, layout, clamp)
+                    .err();
+            let gpu_err = gpu
+                .sequence_logratio_sums(&d_values, &d_v, &d_labels, IGNORE_INDEX, layout, clamp)
+                .err();
+            ensure!(
+                cpu_err.is_some() && gpu_err == cpu_err,
+                "{bad} reference, clamp {clamp:?}: gpu {gpu_err:?} vs cpu {cpu_err:?}"
+            );
+        }
+        let cpu_err = cpu::sequence_sums(&v, &labels, IGNORE_INDEX, layout).err();
+        let gpu_err = gpu
+            .sequence_sums(&d_v, &d_labels, IGNORE_INDEX, layout)
+            .err();
+        ensure!(
+            cpu_err.is_some() && gpu_err == cpu_err,
+            "{bad} value: gpu {gpu_err:?} vs cpu {cpu_err:?}"
+        );
+        let mut g = vec![0.5f32; 3];
+        g[2] = bad; // sequence 2 may have no counted token: still refused, as on the CPU
+        let d_g = ok("htod", gpu.htod(&g))?;
+        let cpu_err = cpu::broadcast_sequence_grad(&g, &labels, IGNORE_INDEX, layout).err();
+        let gpu_err = gpu
+            .broadcast_sequence_grad(&d_g, &d_labels, IGNORE_INDEX, layout)
+            .err();
+        ensure!(
+            cpu_err.is_some() && gpu_err == cpu_err,
+            "{bad} grad_seq: gpu {gpu_err:?} vs cpu {cpu_err:?}"
+        );
+    }
+    let mut v = values.clone();
+    v[ignored] = f32::NAN;
+    let d_v = ok("htod", gpu.htod(&v))?;
+    let cpu_sums = ok("cpu", cpu::sequence_sums(&v, &labels, IGNORE_INDEX, layout))?;
+    let gpu_sums = ok(
+        "NaN in an ignored token",
+        gpu.sequence_sums(&d_v, &d_labels, IGNORE_INDEX, layout),
+    )?;
+    let counts = ok("dtoh", gpu.dtoh(&gpu_sums.counts))?;
+    ensure!(
+        counts == cpu_sums.counts,
+        "NaN in an ignored token: counts differ"
+    );
+    ensure!(
+        ok("dtoh", gpu.dtoh(&gpu_sums.sums))?
+            .iter()
+            .all(|s| s.is_finite()),
+        "NaN in an ignored token leaked into a sum"
+    );
+
     let mut grad = ok("htod", gpu.htod(&values))?;
     for (what, clamp, n) in [
         ("bad mask clamp", LogRatioClamp { min: 0.5, max: 0.1 }, 12),

@@ -43,21 +43,14 @@ pub(crate) fn check_rows_fit_status(rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// Validates a `[rows, vocab]` logits buffer against `labels` (as the CPU op does) and returns
-/// `rows`.
+/// Validates a `[rows, vocab]` logits buffer against `labels` with the CPU op's own check (same
+/// errors), plus the kernels' limits; returns `rows`.
 pub(crate) fn check_token_shape(
     logits_len: usize,
     labels_len: usize,
     vocab: usize,
 ) -> Result<usize> {
-    if vocab == 0 {
-        return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
-    }
-    let rows = labels_len;
-    let expected = rows.checked_mul(vocab).ok_or_else(|| {
-        HaloError::InvalidShape(format!("rows {rows} * vocab {vocab} overflows usize"))
-    })?;
-    check_len("logits", expected, logits_len)?;
+    let rows = crate::cpu::check_logits_shape(logits_len, labels_len, vocab)?;
     check_rows_fit_status(rows)?;
     if vocab > i64::MAX as usize {
         return Err(HaloError::InvalidShape(format!(

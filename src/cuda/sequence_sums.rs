@@ -4,14 +4,19 @@
 //! sequence — and `humanline_grad_mask_f32` in `kernels/sequence_sums.cu`).
 //!
 //! The layout is the CPU's [`SequenceLayout`] (host data): it is validated on the host exactly as
-//! the CPU op validates it, and packed offsets are uploaded for the launch. Each sum is a fixed-order
+//! the CPU op validates it, and packed offsets are uploaded for the launch. The CPU ops also refuse
+//! a NaN/±inf in a counted token (and in `grad_seq`); the kernels have no status word, so these
+//! wrappers read back the (per-sequence) sums and, only when one is non-finite, the inputs, to
+//! return the CPU's error — they wait for the kernel. With a humanline clamp (which maps NaN and
+//! ±inf to a bound on the device) the per-token inputs are always checked; `broadcast_sequence_grad`
+//! checks the `batch` entries of `grad_seq` before launching. Each sum is a fixed-order
 //! tree reduction: bitwise identical run to run, but not bitwise equal to the CPU's sequential sum.
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
 use super::launch::{blocks_launch, check_aligned, check_len, check_rows_fit_status};
-use crate::cpu::{LogRatioClamp, SequenceLayout};
+use crate::cpu::{self, LogRatioClamp, SequenceLayout};
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
 
@@ -45,8 +50,7 @@ impl SeqLaunch {
 
 impl CudaBackend {
     /// Masked per-sequence sums of `token_values` and token counts, like
-    /// [`crate::cpu::sequence_sums`]. Queued on the stream (these kernels have no status to wait
-    /// for: every check is made on the host).
+    /// [`crate::cpu::sequence_sums`], with its errors (see the module docs). Waits for the kernel.
     pub fn sequence_sums(
         &self,
         token_values: &impl DevicePtr<f32>,
@@ -95,6 +99,13 @@ impl CudaBackend {
             // (cu_seqlens only for packed); the layout was validated against the row count, so every
             // sequence's rows lie inside `token_values` and `labels`; `sums`/`counts` hold `batch`.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_sums"))?;
+        }
+        // A NaN/±inf in a counted token makes its sequence's sum non-finite: only then are the
+        // inputs copied back, and the CPU op names the first bad token as it would have.
+        if self.dtoh(&out.sums)?.iter().any(|s| !s.is_finite()) {
+            let values = self.dtoh(token_values)?;
+            let labels = self.dtoh(labels)?;
+            cpu::sequence_sums(&values, &labels, ignore_index, layout)?;
         }
         Ok(())
     }
@@ -146,6 +157,18 @@ impl CudaBackend {
         if seq.batch == 0 {
             return Ok(());
         }
+        if clamp.is_some() {
+            // The clamp maps NaN and ±inf to a bound on the device, hiding them: check the counted
+            // tokens as the CPU op does (one copy of the per-token inputs).
+            self.check_logratio_inputs(
+                policy_logp,
+                reference_logp,
+                labels,
+                ignore_index,
+                layout,
+                clamp,
+            )?;
+        }
         {
             let func = self.function(&seq.entry("sequence_logratio_sums"))?;
             let stream = self.stream();
@@ -167,7 +190,34 @@ impl CudaBackend {
             // SAFETY: as in `sequence_sums`, for `sequence_logratio_sums_{padded,packed}_f32`.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_logratio_sums"))?;
         }
+        if clamp.is_none() && self.dtoh(&out.sums)?.iter().any(|s| !s.is_finite()) {
+            self.check_logratio_inputs(
+                policy_logp,
+                reference_logp,
+                labels,
+                ignore_index,
+                layout,
+                clamp,
+            )?;
+        }
         Ok(())
+    }
+
+    /// The CPU op's error (first non-finite counted token) for these inputs, if any.
+    fn check_logratio_inputs(
+        &self,
+        policy_logp: &impl DevicePtr<f32>,
+        reference_logp: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<()> {
+        let policy = self.dtoh(policy_logp)?;
+        let reference = self.dtoh(reference_logp)?;
+        let labels = self.dtoh(labels)?;
+        cpu::sequence_logratio_sums(&policy, &reference, &labels, ignore_index, layout, clamp)
+            .map(|_| ())
     }
 
     /// Backward of the sums: each counted token of sequence `i` receives `grad_seq[i]`, ignored
@@ -201,6 +251,14 @@ impl CudaBackend {
         check_len("token_grad", rows, token_grad.len())?;
         if seq.batch == 0 {
             return Ok(());
+        }
+        // As the CPU op: every grad_seq entry finite, also of sequences with no counted token
+        // (one small copy of `batch` values).
+        if let Some(row) = self.dtoh(grad_seq)?.iter().position(|g| !g.is_finite()) {
+            return Err(HaloError::NonFinite {
+                what: "grad_seq",
+                row,
+            });
         }
         {
             let func = self.function(&seq.entry("broadcast_sequence_grad"))?;
@@ -315,7 +373,7 @@ fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
             // Checked here rather than through `layout.ranges`, which would first build a
             // `batch`-long list; same error as the CPU for a mismatch.
             let covered = batch.checked_mul(seq).ok_or_else(|| {
-                HaloError::InvalidShape(format!("padded batch {batch} * seq {seq} overflows"))
+                HaloError::InvalidShape(format!("padded batch {batch} * seq {seq} overflows usize"))
             })?;
             if covered != rows {
                 return Err(HaloError::LengthMismatch {
