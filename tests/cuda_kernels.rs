@@ -101,6 +101,11 @@ fn gpu_tests() -> Vec<GpuTest> {
             forward_errors_match_cpu
         ),
         t!(
+            "naive_baseline_matches_cpu",
+            "the benches' unfused log_softmax + gather baseline vs CPU",
+            naive_baseline_matches_cpu
+        ),
+        t!(
             "forward_large_bf16",
             "fused forward, 8192 rows x vocab 128256, bf16, vs CPU",
             forward_large_bf16
@@ -567,6 +572,45 @@ fn forward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         got: rows - 1,
     });
     ensure!(err == want, "short logp: {err:?}, want {want:?}");
+    Ok(())
+}
+
+/// The benches compare the fused forward with this baseline: it must compute the same thing
+/// (within the rounding of the materialised log-softmax to the logits' dtype).
+fn naive_baseline_matches_cpu(gpu: &CudaBackend) -> TestResult {
+    for &vocab in &[7usize, 4099, 32000] {
+        let rows = 37;
+        let logits = random_logits::<bf16>(vocab as u64, rows * vocab, 8.0);
+        let labels = random_labels(vocab as u64, rows, vocab, 4);
+        let cpu_out = ok(
+            "cpu",
+            cpu::token_logprobs(&logits, &labels, vocab, IGNORE_INDEX),
+        )?;
+        let d_logits = ok("htod", gpu.htod(&logits))?;
+        let d_labels = ok("htod", gpu.htod(&labels))?;
+        let mut log_probs = poisoned::<bf16>(gpu, rows * vocab)?;
+        let mut logp = poisoned::<f32>(gpu, rows)?;
+        ok(
+            "naive",
+            gpu.enqueue_naive_token_logprobs(
+                &d_logits,
+                &d_labels,
+                vocab,
+                IGNORE_INDEX,
+                &mut log_probs,
+                &mut logp,
+            ),
+        )?;
+        let logp = ok("dtoh", gpu.dtoh(&logp))?;
+        // log_softmax stored in bf16: one bf16 rounding of a value of magnitude ~|logp|.
+        check_close(
+            &format!("naive vocab {vocab}"),
+            &logp,
+            &cpu_out.logp,
+            1e-3,
+            1.0 / 128.0,
+        )?;
+    }
     Ok(())
 }
 
