@@ -8,19 +8,21 @@
 #      installs nvcc (scripts/install_nvcc.sh), builds the test and bench binaries with the kernels
 #      compiled to PTX (embedded in the binaries) and copies them to .tools/gpu_bin/ (git-ignored).
 #   2. On the GPU machine, with .tools/gpu_bin carried along (device tool: carry [".tools/gpu_bin"]):
-#        bash scripts/gpu_check.sh run
-#      runs everything, writes logs and summary.txt to $OUT (or ./gpu_check_out), and exits
-#      non-zero if any step failed. Where cargo IS available and .tools/gpu_bin is absent, `run`
-#      builds first.
+#        bash scripts/gpu_check.sh run [tests,sanitize,bench]
+#      runs the chosen steps (default: all three), writes logs and summary.txt to $OUT (or
+#      ./gpu_check_out), and exits non-zero if any step failed. Where cargo IS available and
+#      .tools/gpu_bin is absent, `run` builds first. With a 10-minute limit per command, run the
+#      steps as separate commands: `run tests`, `run sanitize`, `run bench`.
 #
-# Environment: HALO_GPU_CHECK_SKIP_BENCH=1 skips the benches; HALO_SANITIZER_TIMEOUT (seconds,
-# default 900) bounds each compute-sanitizer run.
+# Environment: HALO_SANITIZER_TIMEOUT (seconds, default 240) bounds each compute-sanitizer run.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BIN_DIR="$ROOT/.tools/gpu_bin"
 MODE="${1:-run}"
+STEPS="${2:-tests,sanitize,bench}"
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 # The newest executable cargo built for `name` (tests/benches land in target/release/deps).
 newest_binary() {
@@ -94,18 +96,22 @@ run() {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
     } | tee -a "$summary"
 
-    step "gpu tests" tests.log "$BIN_DIR/cuda_kernels" --test-threads 4
-    # Without a usable GPU the suite reports every test as ignored (exit 0): that is no pass here.
-    if ! grep -q "test result: ok.* 0 ignored" "$out/tests.log"; then
-        note "FAIL gpu tests: some tests were ignored or did not finish (no usable GPU?)"
-        failed=1
+    if wants tests; then
+        step "gpu tests" tests.log "$BIN_DIR/cuda_kernels" --test-threads 4
+        # Without a usable GPU the suite reports every test as ignored (exit 0): no pass here.
+        if ! grep -q "test result: ok.* 0 ignored" "$out/tests.log"; then
+            note "FAIL gpu tests: some tests were ignored or did not finish (no usable GPU?)"
+            failed=1
+        fi
+        step "no-gpu tests (on a GPU machine)" no_gpu_tests.log "$BIN_DIR/cuda_no_gpu" --test-threads 1
     fi
-    step "no-gpu tests (on a GPU machine)" no_gpu_tests.log "$BIN_DIR/cuda_no_gpu" --test-threads 1
 
     local sanitizer
     sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
-    if [ -n "$sanitizer" ]; then
-        local limit="${HALO_SANITIZER_TIMEOUT:-900}"
+    if ! wants sanitize; then
+        :
+    elif [ -n "$sanitizer" ]; then
+        local limit="${HALO_SANITIZER_TIMEOUT:-240}"
         # The 8192 x 128256 cases are skipped: under instrumentation they take far too long.
         step "memcheck" memcheck.log timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 97 \
             "$BIN_DIR/cuda_kernels" --test-threads 1 --skip large
@@ -115,7 +121,7 @@ run() {
         note "SKIP compute-sanitizer: not found on this machine"
     fi
 
-    if [ "${HALO_GPU_CHECK_SKIP_BENCH:-0}" != "1" ]; then
+    if wants bench; then
         # Run the criterion binary directly: `--bench` selects benchmarking (not its test mode).
         step "benches" bench.log "$BIN_DIR/cuda_ops" --bench
         grep -A 40 '^summary' "$out/bench.log" >>"$summary" || true

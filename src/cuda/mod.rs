@@ -21,7 +21,8 @@
 //! reported as ignored. On a machine with a GPU and cargo: `cargo test --release --test
 //! cuda_kernels` and `cargo bench --bench cuda_ops`. For a lent GPU machine without a toolchain:
 //! `bash scripts/gpu_check.sh prepare` here, then `bash scripts/gpu_check.sh run` there with
-//! `.tools/gpu_bin` carried along (tests, compute-sanitizer memcheck/racecheck, benches).
+//! `.tools/gpu_bin` carried along (steps `tests`, `sanitize` — compute-sanitizer memcheck and
+//! racecheck — and `bench`, one command each under the device's 10-minute limit).
 
 mod device;
 mod dpo;
