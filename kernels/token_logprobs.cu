@@ -68,6 +68,9 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
     const bool bad_label = !ignored && (label < 0 || (int64_t)label >= p.vocab);
     const bool active = in_range && !ignored && !bad_label;
 
+    // The label's logit is loaded before the scan so its latency hides behind it.
+    float z_label = 0.0f;
+    if (active && lane == 0) z_label = Elem<T>::to_f32(logits[row * p.vocab + label]);
     OnlineLse s = online_lse_empty();
     if (active) s = scan_row(logits + row * p.vocab, p.vocab, lane, threads_per_row);
 
@@ -100,7 +103,6 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
     }
     if (!online_lse_finite(s)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
     const float row_lse = online_lse_value(s);
-    const float z_label = Elem<T>::to_f32(logits[row * p.vocab + label]);
     lse[row] = row_lse;
     // Clamp: rounding can put z[y] a hair above lse when one entry dominates (as the CPU op).
     logp[row] = fminf(z_label - row_lse, 0.0f);
