@@ -33,7 +33,9 @@ pub enum HaloError {
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),
     /// A KTO batch needs the log-probs of its mismatched (KL) pairs to form the reference point.
-    #[error("KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given")]
+    #[error(
+        "KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given"
+    )]
     MissingKlPairs { loss_type: &'static str },
     /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
     #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]
@@ -67,4 +69,10 @@ pub enum HaloError {
     /// A CUDA driver call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// Misuse of the autograd tape (a variable from another tape, a second backward, ...).
+    #[error("autograd: {0}")]
+    Autograd(String),
+    /// A model checkpoint cannot be read, written or matched to the model (names the tensor).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }

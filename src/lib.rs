@@ -4,8 +4,8 @@
 //! to align language models: KTO first, DPO and its relatives beside it.
 //!
 //! Data path (each arrow is one op, same name on CPU and GPU):
-//! logits + labels → [`cpu::token_logprobs`] → per-token log-probs →
-//! [`cpu::sequence_sums`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
+//! logits + labels → [`cpu::token_logprobs()`] → per-token log-probs →
+//! [`cpu::sequence_sums()`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
 //! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward`] → ∂L/∂logits.
 
 pub mod autograd;
@@ -24,3 +24,8 @@ pub use error::{HaloError, Result};
 
 /// The label value that marks a token as not counted (PyTorch / Hugging Face convention).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// README's code blocks are compiled and run as doctests, so the documented API cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -11,11 +11,14 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
+// The polynomial coefficients are Cephes' `expf` ones as published; keep their digits.
+#[allow(clippy::excessive_precision)]
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * LOG2_E + ROUND_MAGIC) - ROUND_MAGIC;
+    let shifted = x * LOG2_E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -24,7 +27,11 @@ pub fn fast_exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // 2^n from the integer already sitting in `shifted`'s low mantissa bits (|n| ≤ 127 < 2^22).
+    // Not `n as i32`: Rust's saturating float→int cast does not vectorize (LLVM scalarizes it
+    // with a NaN check per lane), which made this function several times slower in loops.
+    let n_bits = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let scale = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
     er * scale
 }
 
@@ -43,6 +50,26 @@ mod tests {
             x += 0.001_37;
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn nan_propagates() {
+        assert!(fast_exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn scale_bits_equal_the_integer_cast() {
+        // The exponent is taken from the rounding-shifted bits; it must be exactly round(x·log2 e).
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let xc = x.clamp(-87.0, 88.0);
+            let n = (xc * super::LOG2_E + super::ROUND_MAGIC) - super::ROUND_MAGIC;
+            let r = xc - n * super::LN2_HI - n * super::LN2_LO;
+            let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+            let er = fast_exp(r); // |r| ≤ ln2/2 ⇒ n = 0 there, scale 1
+            assert_eq!(fast_exp(x), er * scale, "x = {x}");
+            x += 0.013;
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Token-level ops on host slices: the CPU twin of every kernel in `kernels/`.
 //! Rows run in parallel with rayon; inner loops work on fixed 8-wide lanes so LLVM vectorizes them.
+//! The hot row loops also have an AVX2 build chosen at run time (`has_avx2`); results are
+//! bitwise identical either way.
 
 pub mod fast_exp;
 pub mod sequence_sums;
@@ -13,7 +15,56 @@ pub use sequence_sums::{
 pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};
 
+use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
+
+/// Whether the AVX2 builds of the row kernels can run here (std caches the CPUID check).
+///
+/// The crate is built for the x86-64 baseline (SSE2, 4 lanes); the hot row loops are compiled a
+/// second time with AVX2 enabled and picked at run time. No FMA: LLVM does not contract separate
+/// multiplies and adds, so both builds give bitwise identical results.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Elements converted to f32 and processed together by the row loops that stage through a buffer.
+pub(crate) const CHUNK: usize = 512;
+
+/// Converts f32 `src` into `dst` (same length), rounding to nearest even.
+#[inline(always)]
+pub(crate) fn store_f32<T: LogitElement>(src: &[f32], dst: &mut [T]) {
+    if T::DTYPE == DType::F16 {
+        // As in `load_f32`: the slice form checks for F16C once, not per element.
+        use half::slice::HalfFloatSliceExt;
+        bytemuck::cast_slice_mut::<T, half::f16>(dst).convert_from_f32_slice(src);
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = T::from_f32(x);
+        }
+    }
+}
+
+/// Converts `src` to f32 into `dst` (same length).
+#[inline(always)]
+pub(crate) fn load_f32<T: LogitElement>(src: &[T], dst: &mut [f32]) {
+    if T::DTYPE == DType::F16 {
+        // half's scalar f16 → f32 re-checks for F16C on every element; the slice form does not.
+        use half::slice::HalfFloatSliceExt;
+        bytemuck::cast_slice::<T, half::f16>(src).convert_to_f32_slice(dst);
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.to_f32();
+        }
+    }
+}
 
 /// Rows below this many logits are grouped so rayon's per-task overhead stays small.
 pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
@@ -21,15 +72,23 @@ pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
 }
 
 /// Checks `logits.len() == rows * vocab` and `labels.len() == rows`; returns `rows`.
-pub(crate) fn check_logits_shape(logits_len: usize, labels_len: usize, vocab: usize) -> Result<usize> {
+pub(crate) fn check_logits_shape(
+    logits_len: usize,
+    labels_len: usize,
+    vocab: usize,
+) -> Result<usize> {
     if vocab == 0 {
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }
     let rows = labels_len;
-    if logits_len != rows * vocab {
+    // Checked: a wrapped product could match a short `logits` and silently skip rows.
+    let expected = rows.checked_mul(vocab).ok_or_else(|| {
+        HaloError::InvalidShape(format!("rows {rows} * vocab {vocab} overflows usize"))
+    })?;
+    if logits_len != expected {
         return Err(HaloError::LengthMismatch {
             what: "logits",
-            expected: rows * vocab,
+            expected,
             got: logits_len,
         });
     }

@@ -28,10 +28,16 @@ impl SequenceLayout<'_> {
     pub fn ranges(&self, rows: usize) -> Result<Vec<std::ops::Range<usize>>> {
         match *self {
             SequenceLayout::Padded { batch, seq } => {
-                if batch * seq != rows {
+                // Checked: a wrapped product could match `rows` and then allocate `batch` ranges.
+                let expected = batch.checked_mul(seq).ok_or_else(|| {
+                    HaloError::InvalidShape(format!(
+                        "padded batch {batch} * seq {seq} overflows usize"
+                    ))
+                })?;
+                if expected != rows {
                     return Err(HaloError::LengthMismatch {
                         what: "token rows (padded batch * seq)",
-                        expected: batch * seq,
+                        expected,
                         got: rows,
                     });
                 }
@@ -85,11 +91,18 @@ pub struct LogRatioClamp {
 
 impl Default for LogRatioClamp {
     fn default() -> Self {
-        LogRatioClamp { min: -1.0, max: 1.5 }
+        LogRatioClamp {
+            min: -1.0,
+            max: 1.5,
+        }
     }
 }
 
 /// Masked per-sequence sums of `token_values` (e.g. per-token log-probs) and token counts.
+///
+/// Sums accumulate in f64 and round once, so the result does not depend on sequence length or
+/// order. Errors: length mismatch, invalid layout, or a NaN/±inf value in a counted token
+/// (`NonFinite` naming the token row; ignored tokens are not read).
 pub fn sequence_sums(
     token_values: &[f32],
     labels: &[i32],
@@ -98,11 +111,15 @@ pub fn sequence_sums(
 ) -> Result<SequenceSums> {
     check_len("labels", token_values.len(), labels.len())?;
     let ranges = layout.ranges(token_values.len())?;
-    Ok(masked_sums(&ranges, labels, ignore_index, |t| token_values[t]))
+    check_counted_finite("token_values", token_values, labels, ignore_index)?;
+    Ok(masked_sums(&ranges, labels, ignore_index, |t| {
+        token_values[t] as f64
+    }))
 }
 
 /// Per-sequence sums of the per-token log-ratio `policy − reference`, optionally clamped per token
 /// (humanline). Without a clamp this equals `sequence_sums(policy) − sequence_sums(reference)`.
+/// The per-token difference is taken in f64 (exact for f32 inputs), then clamped, then summed.
 pub fn sequence_logratio_sums(
     policy_logp: &[f32],
     reference_logp: &[f32],
@@ -115,10 +132,12 @@ pub fn sequence_logratio_sums(
     check_len("labels", policy_logp.len(), labels.len())?;
     check_clamp(clamp)?;
     let ranges = layout.ranges(policy_logp.len())?;
+    check_counted_finite("policy_logp", policy_logp, labels, ignore_index)?;
+    check_counted_finite("reference_logp", reference_logp, labels, ignore_index)?;
     Ok(masked_sums(&ranges, labels, ignore_index, |t| {
-        let ratio = policy_logp[t] - reference_logp[t];
+        let ratio = log_ratio(policy_logp[t], reference_logp[t]);
         match clamp {
-            Some(c) => ratio.clamp(c.min, c.max),
+            Some(c) => ratio.clamp(c.min as f64, c.max as f64),
             None => ratio,
         }
     }))
@@ -134,6 +153,12 @@ pub fn broadcast_sequence_grad(
 ) -> Result<Vec<f32>> {
     let ranges = layout.ranges(labels.len())?;
     check_len("grad_seq", ranges.len(), grad_seq.len())?;
+    if let Some(row) = grad_seq.iter().position(|g| !g.is_finite()) {
+        return Err(HaloError::NonFinite {
+            what: "grad_seq",
+            row,
+        });
+    }
     let mut token_grad = vec![0.0f32; labels.len()];
     for (range, &g) in ranges.into_iter().zip(grad_seq) {
         for t in range {
@@ -157,8 +182,10 @@ pub fn humanline_grad_mask(
     check_len("token_grad", policy_logp.len(), token_grad.len())?;
     check_clamp(Some(clamp))?;
     for ((g, &p), &r) in token_grad.iter_mut().zip(policy_logp).zip(reference_logp) {
-        let ratio = p - r;
-        if ratio < clamp.min || ratio > clamp.max {
+        // Same ratio and comparison as `sequence_logratio_sums`; at the bounds the gradient
+        // passes, as in `torch.clamp`'s backward.
+        let ratio = log_ratio(p, r);
+        if ratio < clamp.min as f64 || ratio > clamp.max as f64 {
             *g = 0.0;
         }
     }
@@ -169,37 +196,64 @@ fn masked_sums(
     ranges: &[std::ops::Range<usize>],
     labels: &[i32],
     ignore_index: i32,
-    value: impl Fn(usize) -> f32,
+    value: impl Fn(usize) -> f64,
 ) -> SequenceSums {
     let mut out = SequenceSums {
         sums: Vec::with_capacity(ranges.len()),
         counts: Vec::with_capacity(ranges.len()),
     };
     for range in ranges {
-        let (mut sum, mut count) = (0.0f32, 0u32);
+        let (mut sum, mut count) = (0.0f64, 0u32);
         for t in range.clone() {
             if labels[t] != ignore_index {
                 sum += value(t);
                 count += 1;
             }
         }
-        out.sums.push(sum);
+        out.sums.push(sum as f32);
         out.counts.push(count);
     }
     out
+}
+
+/// The per-token log-ratio, exact in f64 for f32 inputs.
+#[inline]
+fn log_ratio(policy: f32, reference: f32) -> f64 {
+    policy as f64 - reference as f64
+}
+
+/// Tokens that count must hold finite values; ignored tokens are not read.
+fn check_counted_finite(
+    what: &'static str,
+    values: &[f32],
+    labels: &[i32],
+    ignore_index: i32,
+) -> Result<()> {
+    match values
+        .iter()
+        .zip(labels)
+        .position(|(v, &y)| y != ignore_index && !v.is_finite())
+    {
+        Some(row) => Err(HaloError::NonFinite { what, row }),
+        None => Ok(()),
+    }
 }
 
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(HaloError::LengthMismatch { what, expected, got })
+        Err(HaloError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
 fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
     match clamp {
-        Some(c) if !(c.min <= c.max) || !c.min.is_finite() || !c.max.is_finite() => {
+        Some(c) if !c.min.is_finite() || !c.max.is_finite() || c.min > c.max => {
             Err(HaloError::InvalidHyperParameter {
                 name: "LogRatioClamp",
                 value: c.min as f64,

@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use super::fast_exp::fast_exp;
-use super::{check_labels, check_logits_shape, min_rows_per_task};
+// CHUNK: elements converted to f32 and reduced together; the running max is updated once per chunk.
+use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, CHUNK};
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
 
@@ -22,8 +23,6 @@ pub struct TokenLogprobs {
 
 /// Lanes of the vectorized inner loops.
 const LANES: usize = 8;
-/// Elements converted to f32 and reduced together; the running max is updated once per chunk.
-const CHUNK: usize = 512;
 
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///
@@ -40,11 +39,19 @@ pub fn token_logprobs<T: LogitElement>(
         logp: vec![0.0; rows],
         lse: vec![0.0; rows],
     };
-    token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
+    token_logprobs_into(
+        logits,
+        labels,
+        vocab,
+        ignore_index,
+        &mut out.logp,
+        &mut out.lse,
+    )?;
     Ok(out)
 }
 
-/// [`token_logprobs`] writing into caller buffers of length `rows`.
+/// [`token_logprobs`] writing into caller buffers of length `rows`. On error their contents are
+/// unspecified (rows before the failing one may have been written).
 pub fn token_logprobs_into<T: LogitElement>(
     logits: &[T],
     labels: &[i32],
@@ -56,7 +63,11 @@ pub fn token_logprobs_into<T: LogitElement>(
     let rows = check_logits_shape(logits.len(), labels.len(), vocab)?;
     for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch { what, expected: rows, got });
+            return Err(HaloError::LengthMismatch {
+                what,
+                expected: rows,
+                got,
+            });
         }
     }
     check_labels(labels, vocab, ignore_index)?;
@@ -76,49 +87,69 @@ pub fn token_logprobs_into<T: LogitElement>(
                 *lse = 0.0;
                 return None;
             }
-            let (row_lse, finite) = row_logsumexp(z);
+            let (row_max, ln_sum, finite) = row_logsumexp(z);
             if !finite {
                 return Some(row);
             }
-            *lse = row_lse;
-            // Clamp: rounding can put z[y] a hair above lse when one entry dominates.
-            *logp = (z[label as usize].to_f32() - row_lse).min(0.0);
+            *lse = row_max + ln_sum;
+            // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order), not `z[y] − lse`: with large
+            // logits lse rounds to ulp(max) (≈1e-3 at 1e4), which would swamp a small log-prob.
+            // `z[y] − max` is exact (Sterbenz) whenever it is small. The clamp guards rounding.
+            *logp = ((z[label as usize].to_f32() - row_max) - ln_sum).min(0.0);
             None
         })
         .min();
     match first_bad_row {
-        Some(row) => Err(HaloError::NonFinite { what: "logits", row }),
+        Some(row) => Err(HaloError::NonFinite {
+            what: "logits",
+            row,
+        }),
         None => Ok(()),
     }
 }
 
 /// Online logsumexp over one row: per chunk, take the chunk max, rescale the running sum if the
-/// max grew, then add `exp(z − max)`. Returns `(lse, row_is_finite)`.
+/// max grew, then add `exp(z − max)`. Returns `(max, ln Σ exp(z − max), row_is_finite)`;
+/// the logsumexp is their sum. Runs the AVX2 build when the CPU has it (same results).
 #[inline]
-pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, bool) {
+pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above).
+        return unsafe { row_logsumexp_avx2(z) };
+    }
+    row_logsumexp_portable(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_logsumexp_avx2<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
+    row_logsumexp_portable(z)
+}
+
+#[inline(always)]
+pub(crate) fn row_logsumexp_portable<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
     let mut running_max = f32::NEG_INFINITY;
     let mut running_sum = 0.0f32;
-    // `x − x` is 0 for finite x and NaN for ±inf or NaN: one add per element detects both.
+    // `x · 0` is 0 for finite x and NaN for ±inf or NaN: one multiply-add per element detects both.
     let mut nan_probe = [0.0f32; LANES];
     let mut buf = [0.0f32; CHUNK];
     for chunk in z.chunks(CHUNK) {
         let buf = &mut buf[..chunk.len()];
-        for (b, &x) in buf.iter_mut().zip(chunk) {
-            *b = x.to_f32();
-        }
+        load_f32(chunk, buf);
         let mut lane_max = [f32::NEG_INFINITY; LANES];
         let mut lanes = buf.chunks_exact(LANES);
         for group in &mut lanes {
             for k in 0..LANES {
                 let x = group[k];
                 lane_max[k] = if x > lane_max[k] { x } else { lane_max[k] };
-                nan_probe[k] += x - x;
+                nan_probe[k] += x * 0.0;
             }
         }
         let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for &x in lanes.remainder() {
             chunk_max = chunk_max.max(x);
-            nan_probe[0] += x - x;
+            nan_probe[0] += x * 0.0;
         }
         if chunk_max > running_max {
             // exp(−inf) = 0 handles the first chunk (running_sum is 0 then anyway).
@@ -138,5 +169,43 @@ pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, bool) {
         running_sum += lane_sum.iter().sum::<f32>();
     }
     let finite = nan_probe.iter().all(|p| *p == 0.0) && running_max.is_finite();
-    (running_max + running_sum.ln(), finite)
+    (running_max, running_sum.ln(), finite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn values(n: usize) -> Vec<f32> {
+        // Deterministic, irregular, never 0: a cheap LCG in [-20, 20).
+        let mut s = 0x2545_F491u32;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 40.0 - 20.0 + 1e-3
+            })
+            .collect()
+    }
+
+    fn same_as_portable<T: LogitElement>() {
+        // The dispatched build (AVX2 where available) must equal the portable one bit for bit;
+        // on an AVX2 machine this is the only test that runs the portable loops.
+        for n in [1, 7, 8, 9, 511, 512, 513, 5000] {
+            let z: Vec<T> = values(n).into_iter().map(T::from_f32).collect();
+            let (m1, s1, f1) = row_logsumexp(&z);
+            let (m2, s2, f2) = row_logsumexp_portable(&z);
+            assert_eq!(
+                (m1.to_bits(), s1.to_bits(), f1),
+                (m2.to_bits(), s2.to_bits(), f2)
+            );
+        }
+    }
+
+    #[test]
+    fn dispatched_logsumexp_equals_portable() {
+        same_as_portable::<f32>();
+        same_as_portable::<bf16>();
+        same_as_portable::<f16>();
+    }
 }

@@ -1,0 +1,229 @@
+//! Throughput of the CPU token ops against a naive two-pass baseline.
+//!
+//! Groups `forward/<dtype>/v<vocab>` and `fwd_bwd_inplace/<dtype>/v<vocab>`, each with
+//! - `halo`: `cpu::token_logprobs` (one online-logsumexp pass per row), then for fwd+bwd
+//!   `cpu::token_logprobs_backward_inplace`;
+//! - `naive_two_pass`: materialise `log_softmax` into a `[rows, vocab]` f32 buffer with std
+//!   `exp`/`ln` (max, sum, write), then gather at the labels; for fwd+bwd, the gradient
+//!   `g·(1[v=y] − exp(log_softmax))` read back from that buffer into the logits.
+//!
+//! Both run rows in parallel with rayon, so the comparison is of the algorithms, not threading.
+//! Throughput is the size of the logits tensor (`rows · vocab · sizeof(dtype)`) per iteration in
+//! both groups, so fwd+bwd GB/s reads as "logits tensors per second" comparable with the forward.
+//!
+//! Sizes: rows = 4096 (override with `HALO_BENCH_ROWS`, e.g. 256 for a quick run; 4096 × 128256
+//! f32 logits are 2.1 GB, plus 2.1 GB for the baseline's buffer), vocab ∈ {32000, 50257, 128256},
+//! f32 and bf16. Buffers are allocated once per size, on first use, so a filtered run skips the
+//! sizes it does not measure. The in-place backward overwrites the logits with the gradient each
+//! iteration; the next iteration runs on those values (finite, no ignored rows), and the cost of
+//! both ops does not depend on the values.
+//!
+//! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`.
+
+use std::time::Duration;
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use half::bf16;
+use halo_kernels::cpu::{token_logprobs_backward_inplace, token_logprobs_into};
+use halo_kernels::{LogitElement, IGNORE_INDEX};
+use rayon::prelude::*;
+
+const VOCABS: [usize; 3] = [32_000, 50_257, 128_256];
+
+fn bench_rows() -> usize {
+    std::env::var("HALO_BENCH_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&rows: &usize| rows > 0)
+        .unwrap_or(4096)
+}
+
+/// A cheap counter-based generator (splitmix64): filling gigabytes with ChaCha would dominate the
+/// run. Values are uniform in [-8, 8), never 0 in practice; the benchmarked cost is value-independent.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn random_logits<T: LogitElement>(rows: usize, vocab: usize) -> Vec<T> {
+    let mut logits = vec![T::from_f32(0.0); rows * vocab];
+    logits
+        .par_chunks_mut(vocab)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (v, x) in row.iter_mut().enumerate() {
+                let bits = splitmix(((r as u64) << 32) ^ v as u64);
+                *x = T::from_f32((bits >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0);
+            }
+        });
+    logits
+}
+
+fn random_labels(rows: usize, vocab: usize) -> Vec<i32> {
+    (0..rows)
+        .map(|r| (splitmix(r as u64 ^ 0xABCD) % vocab as u64) as i32)
+        .collect()
+}
+
+/// Baseline forward: `log_softmax` materialised into `logsm`, then a gather.
+fn naive_forward<T: LogitElement>(
+    logits: &[T],
+    labels: &[i32],
+    vocab: usize,
+    logsm: &mut [f32],
+    logp: &mut [f32],
+) {
+    logits
+        .par_chunks(vocab)
+        .zip(logsm.par_chunks_mut(vocab))
+        .for_each(|(z, out)| {
+            let max = z
+                .iter()
+                .map(|x| x.to_f32())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|x| (x.to_f32() - max).exp()).sum();
+            let lse = max + sum.ln();
+            for (o, x) in out.iter_mut().zip(z) {
+                *o = x.to_f32() - lse;
+            }
+        });
+    for (r, (&y, lp)) in labels.iter().zip(logp.iter_mut()).enumerate() {
+        *lp = if y == IGNORE_INDEX {
+            0.0
+        } else {
+            logsm[r * vocab + y as usize]
+        };
+    }
+}
+
+/// Baseline backward from the materialised `log_softmax`, written over the logits.
+fn naive_backward_inplace<T: LogitElement>(
+    logits: &mut [T],
+    labels: &[i32],
+    logsm: &[f32],
+    grad_logp: &[f32],
+    vocab: usize,
+) {
+    logits
+        .par_chunks_mut(vocab)
+        .zip(logsm.par_chunks(vocab))
+        .zip(labels.par_iter().zip(grad_logp.par_iter()))
+        .for_each(|((dz, ls), (&y, &g))| {
+            for (v, (d, &l)) in dz.iter_mut().zip(ls).enumerate() {
+                let one_hot = if v as i32 == y { 1.0 } else { 0.0 };
+                *d = T::from_f32(g * (one_hot - l.exp()));
+            }
+        });
+}
+
+/// One size's buffers, allocated on first use so that a filtered run (`-- forward/f32/v32000`)
+/// does not generate gigabytes of logits for the sizes it skips.
+struct Buffers<T> {
+    logits: Vec<T>,
+    labels: Vec<i32>,
+    grad_logp: Vec<f32>,
+    logp: Vec<f32>,
+    lse: Vec<f32>,
+    /// The baseline's materialised `[rows, vocab]` log-softmax.
+    logsm: Vec<f32>,
+}
+
+impl<T: LogitElement> Buffers<T> {
+    fn new(rows: usize, vocab: usize) -> Self {
+        Buffers {
+            logits: random_logits(rows, vocab),
+            labels: random_labels(rows, vocab),
+            grad_logp: vec![1.0; rows],
+            logp: vec![0.0; rows],
+            lse: vec![0.0; rows],
+            logsm: vec![0.0; rows * vocab],
+        }
+    }
+}
+
+fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
+    let rows = bench_rows();
+    for vocab in VOCABS {
+        let mut buffers: Option<Buffers<T>> = None;
+        let bytes = (rows * vocab * std::mem::size_of::<T>()) as u64;
+
+        let mut group = c.benchmark_group(format!("forward/{name}/v{vocab}"));
+        group
+            .throughput(Throughput::Bytes(bytes))
+            .sampling_mode(SamplingMode::Flat);
+        group.bench_function(BenchmarkId::new("halo", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            b.iter(|| {
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                )
+                .unwrap()
+            })
+        });
+        group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            b.iter(|| naive_forward(&d.logits, &d.labels, vocab, &mut d.logsm, &mut d.logp))
+        });
+        group.finish();
+
+        let mut group = c.benchmark_group(format!("fwd_bwd_inplace/{name}/v{vocab}"));
+        group
+            .throughput(Throughput::Bytes(bytes))
+            .sampling_mode(SamplingMode::Flat);
+        group.bench_function(BenchmarkId::new("halo", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            b.iter(|| {
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                )
+                .unwrap();
+                token_logprobs_backward_inplace(
+                    &mut d.logits,
+                    &d.labels,
+                    &d.lse,
+                    &d.grad_logp,
+                    vocab,
+                    IGNORE_INDEX,
+                )
+                .unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            b.iter(|| {
+                naive_forward(&d.logits, &d.labels, vocab, &mut d.logsm, &mut d.logp);
+                naive_backward_inplace(&mut d.logits, &d.labels, &d.logsm, &d.grad_logp, vocab);
+            })
+        });
+        group.finish();
+    }
+}
+
+fn cpu_ops(c: &mut Criterion) {
+    bench_dtype::<f32>(c, "f32");
+    bench_dtype::<bf16>(c, "bf16");
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = cpu_ops
+}
+criterion_main!(benches);
