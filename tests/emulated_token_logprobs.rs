@@ -412,7 +412,7 @@ fn backward_reports_the_cpu_errors() {
         run(&bad, &lse, &grad),
         HaloError::LabelOutOfRange { row: 9, .. }
     ));
-    // A non-finite lse in an ignored row is still an error (the CPU checks every row).
+    // Ignored rows are not read: a non-finite lse / grad there is no error (as the CPU op).
     let mut l = lse.clone();
     l[4] = f32::NAN;
     l[7] = f32::INFINITY;
@@ -420,10 +420,11 @@ fn backward_reports_the_cpu_errors() {
         run(&labels, &l, &grad),
         HaloError::NonFinite {
             what: "lse",
-            row: 4
+            row: 7
         }
     );
     let mut g = grad.clone();
+    g[4] = f32::NAN;
     g[25] = f32::NEG_INFINITY;
     assert_eq!(
         run(&labels, &lse, &g),
@@ -432,12 +433,29 @@ fn backward_reports_the_cpu_errors() {
             row: 25
         }
     );
+    let mut only_ignored = lse.clone();
+    only_ignored[4] = f32::NAN;
+    let mut out = vec![f16::ZERO; rows * vocab];
+    emu::token_logprobs_backward(
+        &logits,
+        &labels,
+        &only_ignored,
+        &grad,
+        vocab,
+        IGNORE,
+        &mut out,
+    )
+    .unwrap();
+    assert!(
+        out[4 * vocab..5 * vocab].iter().all(|x| x.to_f32() == 0.0),
+        "ignored row zeroed"
+    );
     // lse is checked before grad_logp.
     assert_eq!(
         run(&labels, &l, &g),
         HaloError::NonFinite {
             what: "lse",
-            row: 4
+            row: 7
         }
     );
 }
