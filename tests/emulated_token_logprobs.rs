@@ -277,8 +277,19 @@ fn check_backward<T: EmulatedElement>(
     offset: usize,
     ignore: f64,
 ) {
+    check_backward_scaled::<T>(seed, rows, vocab, offset, ignore, 6.0);
+}
+
+fn check_backward_scaled<T: EmulatedElement>(
+    seed: u64,
+    rows: usize,
+    vocab: usize,
+    offset: usize,
+    ignore: f64,
+    scale: f32,
+) {
     let mut r = rng(seed);
-    let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, 6.0);
+    let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, scale);
     let logits = &buf[offset..];
     let labels = random_labels(&mut r, rows, vocab, ignore);
     let fwd = cpu::token_logprobs(logits, &labels, vocab, IGNORE).unwrap();
@@ -371,6 +382,13 @@ fn backward_all_dtypes_awkward_shapes() {
             check_backward::<f16>(seed + 2000, rows, vocab, offset, 0.25);
         }
     }
+}
+
+#[test]
+fn backward_extreme_logits() {
+    check_backward_scaled::<f32>(310, 9, 301, 0, 0.1, 1.0e4);
+    check_backward_scaled::<bf16>(311, 9, 77, 1, 0.1, 1.0e4);
+    check_backward_scaled::<f16>(312, 9, 77, 0, 0.1, 6.0e4);
 }
 
 #[test]
