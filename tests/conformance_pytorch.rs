@@ -59,7 +59,10 @@ fn fixture() -> Fixture {
 fn row_scales(case: &Case) -> Vec<f64> {
     case.logits
         .chunks(case.vocab)
-        .map(|row| row.iter().fold(1.0f64, |m, &z| m.max((z as f32).abs() as f64)))
+        .map(|row| {
+            row.iter()
+                .fold(1.0f64, |m, &z| m.max((z as f32).abs() as f64))
+        })
         .collect()
 }
 
@@ -71,7 +74,12 @@ fn check_case<T: LogitElement>(case: &Case) {
     let logits: Vec<T> = case.logits.iter().map(|&z| T::from_f32(z as f32)).collect();
     // The stored values are exactly representable in T (bf16 cases were rounded in torch).
     for (i, (&z, &stored)) in logits.iter().zip(&case.logits).enumerate() {
-        assert_eq!(z.to_f32(), stored as f32, "{}: logit {i} not exact", case.name);
+        assert_eq!(
+            z.to_f32(),
+            stored as f32,
+            "{}: logit {i} not exact",
+            case.name
+        );
     }
     let rows = case.batch * case.seq;
     assert_eq!(case.labels.len(), rows);
@@ -163,16 +171,26 @@ fn check_case<T: LogitElement>(case: &Case) {
     .unwrap();
     assert_eq!(sums.counts, case.sequence_counts, "{name} counts");
     let sums64: Vec<f64> = sums.sums.iter().map(|&x| x as f64).collect();
-    assert_close(&format!("{name} sequence_sums"), &sums64, &case.sequence_sums, 1e-5, |b| {
-        let tokens = b * case.seq..(b + 1) * case.seq;
-        tokens.map(tol_row).sum::<f64>() + 1e-30
-    });
+    assert_close(
+        &format!("{name} sequence_sums"),
+        &sums64,
+        &case.sequence_sums,
+        1e-5,
+        |b| {
+            let tokens = b * case.seq..(b + 1) * case.seq;
+            tokens.map(tol_row).sum::<f64>() + 1e-30
+        },
+    );
 
     if let Some(ce_bf16) = &case.cross_entropy_torch_bf16 {
         // torch's native bf16 cross_entropy rounds its output to bf16: agree to that precision.
-        assert_close(&format!("{name} vs torch bf16"), &neg, ce_bf16, 2.0 * BF16_HALF_ULP, |_| {
-            1e-6
-        });
+        assert_close(
+            &format!("{name} vs torch bf16"),
+            &neg,
+            ce_bf16,
+            2.0 * BF16_HALF_ULP,
+            |_| 1e-6,
+        );
     }
     eprintln!(
         "{name}: max |Δ logp| {:.2e} (rel {:.2e}), max |Δ grad| {:.2e}",

@@ -144,7 +144,13 @@ fn grads(values: &[f32]) -> Vec<f64> {
 /// Every metric TRL logged (that we define) must be present in ours and agree; metrics ours
 /// reports must not be missing from TRL's log (metric presence is TRL's: e.g. no
 /// `rewards/margins` in a one-class KTO batch).
-fn check_metrics(what: &str, ours: &LossMetrics, theirs: &BTreeMap<String, f64>, rtol: f64, atol: f64) {
+fn check_metrics(
+    what: &str,
+    ours: &LossMetrics,
+    theirs: &BTreeMap<String, f64>,
+    rtol: f64,
+    atol: f64,
+) {
     let ours_named: BTreeMap<&str, f64> = ours.to_named().into_iter().collect();
     for (name, &value) in theirs {
         if name.ends_with("_trl_f32") {
@@ -426,16 +432,29 @@ fn dpo_ipo_metrics_relationship() {
         let out = run_dpo(case, 0.0);
         let n = case.chosen_counts.len() as f64;
         let mean = |v: &[f64], counts: &[u32]| {
-            v.iter().zip(counts).map(|(x, &c)| x / c as f64).sum::<f64>() / n
+            v.iter()
+                .zip(counts)
+                .map(|(x, &c)| x / c as f64)
+                .sum::<f64>()
+                / n
         };
         let logratio = |p: &[f64], r: &[f64]| -> Vec<f64> {
-            p.iter().zip(r).map(|(a, b)| (*a as f32 as f64) - (*b as f32 as f64)).collect()
+            p.iter()
+                .zip(r)
+                .map(|(a, b)| (*a as f32 as f64) - (*b as f32 as f64))
+                .collect()
         };
         let chosen = logratio(&case.policy_chosen_logps, &case.reference_chosen_logps);
         let rejected = logratio(&case.policy_rejected_logps, &case.reference_rejected_logps);
         // TRL's logged (summed) rewards reproduce from the fixture's inputs...
         let trl_chosen = case.beta * chosen.iter().sum::<f64>() / n;
-        assert_scalar_close("TRL ipo rewards/chosen", trl_chosen, case.metrics["rewards/chosen"], 1e-9, 1e-12);
+        assert_scalar_close(
+            "TRL ipo rewards/chosen",
+            trl_chosen,
+            case.metrics["rewards/chosen"],
+            1e-9,
+            1e-12,
+        );
         // ...and ours are the same per-pair rewards divided by the token count.
         let m = &out.metrics;
         assert_scalar_close(
@@ -498,7 +517,13 @@ fn simpo_matches_trl_cpo_loss() {
         assert_scalar_close(&format!("{name} nll"), nll, case.nll_loss, LOSS_RTOL, 0.0);
         if let Some(ce) = case.nll_loss_cross_entropy_f64_logits {
             // nn.CrossEntropyLoss on the f64 logits, before our inputs were rounded to f32.
-            assert_scalar_close(&format!("{name} nll vs CrossEntropyLoss"), nll, ce, 1e-6, 0.0);
+            assert_scalar_close(
+                &format!("{name} nll vs CrossEntropyLoss"),
+                nll,
+                ce,
+                1e-6,
+                0.0,
+            );
         }
         check_metrics(name, &out.metrics, &case.metrics, METRIC_RTOL, 1e-12);
         eprintln!(
