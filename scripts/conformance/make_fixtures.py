@@ -11,27 +11,62 @@ computes from them:
   logits and per-token log-probs on fixed inputs (transformers_gpt2.json).
 
 The Rust tests tests/conformance_{pytorch,trl,transformers}.rs compare against these without
-Python. Run: .tools/conformance-venv/bin/python scripts/conformance/make_fixtures.py
+Python. Run: python3 scripts/conformance/make_fixtures.py (creates the venv on first use).
 """
 
 import argparse
 import importlib.metadata as md
-import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import types
+import urllib.request
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
+VENV = ROOT / ".tools" / "conformance-venv"
+REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 IGNORE = -100
+
+
+def reachable(url, timeout=5):
+    try:
+        urllib.request.urlopen(url, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def ensure_venv():
+    """Re-runs this script inside .tools/conformance-venv, creating it first if needed (CPU-only
+    torch from PyTorch's CPU index when that is reachable, else the default index)."""
+    python = VENV / "bin" / "python"
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    if not python.exists():
+        print(f"creating {VENV.relative_to(ROOT)} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+        torch_pin = next(line.strip() for line in REQUIREMENTS.read_text().splitlines()
+                         if line.startswith("torch=="))
+        if reachable(TORCH_CPU_INDEX + "/"):
+            subprocess.run(pip + ["--index-url", TORCH_CPU_INDEX, torch_pin], check=True)
+        subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    ensure_venv()
+
+import numpy as np  # noqa: E402  (after the venv bootstrap)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +473,7 @@ def simpo_case(name, seed, n, beta=0.1, gamma=0.5, label_smoothing=0.0, cpo_alph
         "chosen_counts": int_list(counts_c), "rejected_counts": int_list(counts_r),
         "loss": float(loss.detach()), "losses": f64_list(losses.detach()),
         "grad_chosen": f64_list(sc.grad), "grad_rejected": f64_list(sr.grad),
-        "nll_loss": float(nll), "nll_loss_cross_entropy_f64_logits": ce,
+        "nll_loss": float(nll.detach()), "nll_loss_cross_entropy_f64_logits": ce,
         "metrics": {
             "rewards/chosen": float(chosen_rewards.mean()),
             "rewards/rejected": float(rejected_rewards.mean()),
@@ -483,7 +518,7 @@ def orpo_case(name, seed, n, beta=0.1, near_zero=False, vocab=37, length=12):
         "loss": float(loss.detach()), "grad_chosen": f64_list(sc.grad), "grad_rejected": f64_list(sr.grad),
         "loss_f64": float(loss64), "grad_chosen_f64": f64_list(sc64.grad),
         "grad_rejected_f64": f64_list(sr64.grad),
-        "nll_loss": float(nll),
+        "nll_loss": float(nll.detach()),
         "nll_loss_cross_entropy_f64_logits": ce,
         "metrics": {
             "rewards/chosen": float(chosen_rewards.mean()),
