@@ -516,7 +516,7 @@ def orpo_case(name, seed, n, beta=0.1, near_zero=False, vocab=37, length=12):
         "policy_chosen_logps": f32_list(sums_c), "policy_rejected_logps": f32_list(sums_r),
         "chosen_counts": int_list(counts_c), "rejected_counts": int_list(counts_r),
         "loss": float(loss.detach()), "grad_chosen": f64_list(sc.grad), "grad_rejected": f64_list(sr.grad),
-        "loss_f64": float(loss64), "grad_chosen_f64": f64_list(sc64.grad),
+        "loss_f64": float(loss64.detach()), "grad_chosen_f64": f64_list(sc64.grad),
         "grad_rejected_f64": f64_list(sr64.grad),
         "nll_loss": float(nll.detach()),
         "nll_loss_cross_entropy_f64_logits": ce,
@@ -533,6 +533,87 @@ def orpo_case(name, seed, n, beta=0.1, near_zero=False, vocab=37, length=12):
             "log_odds_chosen_trl_f32": float(log_odds_chosen),
         },
     }
+
+
+class LogitsModel:
+    """A stand-in causal LM with real logits: `logits[id]` is row id's `[length - 1, vocab]`
+    block (position t predicts token t + 1), and the model returns what a fused LM head returns,
+    `log_softmax(logits)[labels[:, 1:]]` with 0 where the shifted label is -100."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, input_ids, labels=None, **kwargs):
+        z = self.logits[input_ids[:, 0]]
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE
+        lp = torch.log_softmax(z, -1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        log_probs = lp * keep
+        zeros = torch.zeros_like(log_probs)
+        return types.SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros,
+                                     is_top1=torch.zeros_like(keep), aux_loss=None)
+
+
+def end_to_end_case(name, seed, n, loss_type, vocab=37, length=7, beta=0.1):
+    """Logits -> per-token log-probs -> TRL loss -> autograd gradient into the logits, for KTO
+    (`KTOTrainer._compute_loss`) and DPO sigmoid (`DPOTrainer._compute_loss`)."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * n  # KTO: n completions + n KL completions; DPO: n chosen + n rejected
+    logits = (torch.randn(rows, length - 1, vocab, generator=gen, dtype=torch.float64) * 2.5)
+    logits = logits.float().double()
+    ids = torch.randint(0, vocab, (rows, length), generator=gen)
+    counts = torch.randint(1, length - 1, (rows,), generator=gen)
+    if n > 1:
+        counts[1] = length - 2
+    cmask = completion_masks(counts.tolist(), length)
+    leaf = logits.clone().requires_grad_(True)
+    model = LogitsModel(leaf)
+    table_ids = ids.clone()
+    table_ids[:, 0] = torch.arange(rows)  # column 0 (a prompt token) carries the row id
+    reference = (-(torch.rand(rows, generator=gen, dtype=torch.float64) * 20 + 5)).float().double()
+    common = dict(model=types.SimpleNamespace(training=True), accelerator=IdentityAccelerator(),
+                  precompute_ref_logps=True, aux_loss_enabled=False,
+                  _metrics={"train": _defaultdict_list()}, _total_train_tokens=0, _tp_size=1,
+                  beta=beta, args=types.SimpleNamespace(gradient_checkpointing_kwargs=None))
+    case = {"name": name, "loss_type": loss_type, "beta": beta, "n": n, "vocab": vocab,
+            "positions": length - 1}
+    if loss_type == "kto":
+        desirable = torch.rand(n, generator=gen) < 0.5
+        desirable[0] = True
+        inputs = {
+            "input_ids": table_ids[:n], "attention_mask": torch.ones_like(ids[:n]),
+            "completion_mask": cmask[:n], "KL_input_ids": table_ids[n:],
+            "KL_attention_mask": torch.ones_like(ids[n:]), "KL_completion_mask": cmask[n:],
+            "label": desirable.clone(), "ref_logps": reference[:n], "ref_KL_logps": reference[n:],
+        }
+        fake = types.SimpleNamespace(calculate_KL=True, loss_type="kto", desirable_weight=1.0,
+                                     undesirable_weight=1.0, **common)
+        fake._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, fake)
+        loss = KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
+        case["is_desirable"] = [bool(d) for d in desirable]
+    else:
+        inputs = {
+            "input_ids": table_ids, "attention_mask": torch.ones_like(ids),
+            "completion_mask": cmask,
+            "ref_chosen_logps": reference[:n], "ref_rejected_logps": reference[n:],
+        }
+        fake = types.SimpleNamespace(ld_alpha=None, f_divergence_type="reverse_kl",
+                                     loss_types=[loss_type], loss_weights=[1.0],
+                                     label_smoothing=0.0, use_weighting=False, **common)
+        loss = DPOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
+    loss.backward()
+    # Our layout: row r, position t predicts ids[r, t + 1]; -100 outside the completion.
+    shifted = ids[:, 1:].masked_fill(cmask[:, 1:] == 0, IGNORE)
+    case.update({
+        "logits": f32_list(logits), "labels": int_list(shifted),
+        "reference_logps": f32_list(reference),
+        "loss": float(loss.detach()), "grad_logits": f64_list(leaf.grad),
+        "metrics": metrics_of(fake._metrics["train"]),
+    })
+    return case
 
 
 def make_trl_fixture():
@@ -581,6 +662,11 @@ def make_trl_fixture():
         orpo_case("orpo_near_zero_logps", 403, 6, beta=0.5, near_zero=True),
         orpo_case("orpo_batch_of_one", 404, 1, beta=0.2),
     ]
+    end_to_end = [
+        end_to_end_case("kto_logits_to_grad", 501, 4, "kto"),
+        end_to_end_case("dpo_sigmoid_logits_to_grad", 502, 3, "sigmoid", beta=0.5),
+        end_to_end_case("dpo_ipo_logits_to_grad", 503, 3, "ipo", beta=0.5),
+    ]
     write_json(FIXTURES / "trl_losses.json", {
         "versions": versions(),
         "sources": {
@@ -599,7 +685,9 @@ def make_trl_fixture():
                     "transcribed from get_batch_loss_metrics; *_f64 fields: the same formula in "
                     "float64 with TRL's log1mexp",
         },
-        "kto": kto, "dpo": dpo, "simpo": simpo, "orpo": orpo,
+        "end_to_end": "logits -> log_softmax/gather per token (a fused-LM-head stand-in) -> "
+                      "the TRL _compute_loss above -> autograd into the logits",
+        "kto": kto, "dpo": dpo, "simpo": simpo, "orpo": orpo, "end_to_end_cases": end_to_end,
     })
     _ = (CPOTrainer, ORPOTrainer, DPOTrainer, KTOTrainer)
 
