@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod emulation;
 pub mod error;
+pub mod kernel_abi;
 pub mod losses;
 pub mod model;
 pub mod train;
@@ -23,3 +24,8 @@ pub use error::{HaloError, Result};
 
 /// The label value that marks a token as not counted (PyTorch / Hugging Face convention).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// README's code blocks are compiled and run as doctests, so the documented API cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,507 @@
+//! Emulated loss kernels (`kernels/kto_loss.cu`, `kernels/dpo_loss.cu`): the whole loss, its
+//! gradient per sequence and metric sums from one launch of one block.
+
+use super::ffi;
+use crate::error::{HaloError, Result};
+use crate::kernel_abi::{
+    dpo_out, kto_out, HaloDpoParams, HaloKtoParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE,
+    DPO_LOSS_IPO, DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID, KL_FROM_PAIRS, KL_FROM_SUM, KL_ZERO,
+    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, LOSS_THREADS, STATUS_EMPTY_SEQUENCE, STATUS_LEN,
+    STATUS_OK,
+};
+
+/// KTO loss variants (TRL `KTOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtoKernelLoss {
+    Kto,
+    ApoZeroUnpaired,
+}
+
+/// Where the KTO reference point comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KlSource<'a> {
+    /// Per-sequence log-probs of the mismatched (KL) completions under policy and reference.
+    Pairs {
+        policy: &'a [f32],
+        reference: &'a [f32],
+    },
+    /// An all-reduced sum of KL log-ratios and their count (multi-device).
+    Sum { sum: f32, count: f32 },
+    /// z0 = 0 (TRL `calculate_KL = False`).
+    Zero,
+}
+
+/// Hyper-parameters of the KTO kernel. Defaults: β = 0.1, λ_D = λ_U = 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KtoKernelConfig {
+    pub loss: KtoKernelLoss,
+    pub beta: f32,
+    pub desirable_weight: f32,
+    pub undesirable_weight: f32,
+}
+
+impl Default for KtoKernelConfig {
+    fn default() -> Self {
+        KtoKernelConfig {
+            loss: KtoKernelLoss::Kto,
+            beta: 0.1,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+        }
+    }
+}
+
+/// Everything one KTO launch produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KtoKernelOutput {
+    pub loss: f32,
+    /// ∂loss/∂(per-sequence policy log-prob).
+    pub grad_policy: Vec<f32>,
+    /// The reference point used.
+    pub z0: f32,
+    /// The raw `out[kto_out::LEN]` array (slots in [`kto_out`]).
+    pub out: Vec<f32>,
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(HaloError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+fn check_positive(name: &'static str, value: f32) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(HaloError::InvalidHyperParameter {
+            name,
+            value: value as f64,
+            reason: "must be finite and > 0",
+        })
+    }
+}
+
+/// Emulated `kto_loss_f32` at the kernel's level (f32 in and out, raw output slots).
+pub fn kto_loss_kernel(
+    policy_logp: &[f32],
+    reference_logp: &[f32],
+    desirable: &[bool],
+    kl: KlSource<'_>,
+    config: KtoKernelConfig,
+) -> Result<KtoKernelOutput> {
+    let batch = policy_logp.len();
+    if batch == 0 {
+        return Err(HaloError::EmptyBatch("policy_logp"));
+    }
+    check_len("reference_logp", batch, reference_logp.len())?;
+    check_len("desirable", batch, desirable.len())?;
+    check_positive("beta", config.beta)?;
+    for (name, w) in [
+        ("desirable_weight", config.desirable_weight),
+        ("undesirable_weight", config.undesirable_weight),
+    ] {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(HaloError::InvalidHyperParameter {
+                name,
+                value: w as f64,
+                reason: "must be finite and >= 0",
+            });
+        }
+    }
+    if batch > i32::MAX as usize {
+        return Err(HaloError::InvalidShape(format!(
+            "batch {batch} exceeds int32"
+        )));
+    }
+    let loss_type = match config.loss {
+        KtoKernelLoss::Kto => KTO_LOSS_KTO,
+        KtoKernelLoss::ApoZeroUnpaired => KTO_LOSS_APO_ZERO_UNPAIRED,
+    };
+    let mut p = HaloKtoParams {
+        batch: batch as i32,
+        loss_type,
+        beta: config.beta,
+        desirable_weight: config.desirable_weight,
+        undesirable_weight: config.undesirable_weight,
+        ..Default::default()
+    };
+    // Unread pointers still have to be valid: point them at the policy log-probs.
+    let (mut kl_policy, mut kl_reference) = (policy_logp.as_ptr(), policy_logp.as_ptr());
+    match kl {
+        KlSource::Pairs { policy, reference } => {
+            if policy.is_empty() {
+                return Err(HaloError::MissingKlPairs { loss_type: "kto" });
+            }
+            check_len("kl reference_logp", policy.len(), reference.len())?;
+            p.kl_mode = KL_FROM_PAIRS;
+            p.kl_count = i32::try_from(policy.len())
+                .map_err(|_| HaloError::InvalidShape("too many KL pairs".into()))?;
+            kl_policy = policy.as_ptr();
+            kl_reference = reference.as_ptr();
+        }
+        KlSource::Sum { sum, count } => {
+            check_positive("kl count", count)?;
+            p.kl_mode = KL_FROM_SUM;
+            p.kl_sum = sum;
+            p.kl_total = count;
+        }
+        KlSource::Zero => p.kl_mode = KL_ZERO,
+    }
+    let desirable: Vec<u8> = desirable.iter().map(|&d| d as u8).collect();
+    let mut grad_policy = vec![f32::NAN; batch];
+    let mut out = vec![f32::NAN; kto_out::LEN];
+    // SAFETY: every array holds the length the ABI requires for `p`.
+    unsafe {
+        ffi::halo_emu_kto_loss_f32(
+            1,
+            LOSS_THREADS,
+            policy_logp.as_ptr(),
+            reference_logp.as_ptr(),
+            desirable.as_ptr(),
+            kl_policy,
+            kl_reference,
+            grad_policy.as_mut_ptr(),
+            out.as_mut_ptr(),
+            p,
+        );
+    }
+    Ok(KtoKernelOutput {
+        loss: out[kto_out::LOSS],
+        grad_policy,
+        z0: out[kto_out::Z0],
+        out,
+    })
+}
+
+/// DPO-family loss variants (TRL `DPOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpoKernelLoss {
+    Sigmoid,
+    Robust,
+    Hinge,
+    Ipo,
+    ApoZero,
+}
+
+/// Per-sequence inputs of the DPO kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct DpoPairs<'a> {
+    pub policy_chosen: &'a [f32],
+    pub policy_rejected: &'a [f32],
+    pub reference_chosen: &'a [f32],
+    pub reference_rejected: &'a [f32],
+    /// Token counts of the completions; required by IPO (length normalisation).
+    pub counts: Option<(&'a [u32], &'a [u32])>,
+}
+
+/// Everything one DPO launch produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpoKernelOutput {
+    pub loss: f32,
+    pub grad_chosen: Vec<f32>,
+    pub grad_rejected: Vec<f32>,
+    /// The raw `out[dpo_out::LEN]` array (slots in [`dpo_out`]).
+    pub out: Vec<f32>,
+}
+
+/// Emulated `dpo_loss_f32` at the kernel's level (f32 in and out, raw output slots). The kernel
+/// itself reports IPO pairs with a zero count (status buffer).
+pub fn dpo_loss_kernel(
+    pairs: DpoPairs<'_>,
+    loss: DpoKernelLoss,
+    beta: f32,
+    label_smoothing: f32,
+) -> Result<DpoKernelOutput> {
+    let n = pairs.policy_chosen.len();
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_chosen"));
+    }
+    check_len("policy_rejected", n, pairs.policy_rejected.len())?;
+    check_len("reference_chosen", n, pairs.reference_chosen.len())?;
+    check_len("reference_rejected", n, pairs.reference_rejected.len())?;
+    check_positive("beta", beta)?;
+    // TRL: ε ∈ [0, 1] for sigmoid; robust divides by 1 − 2ε.
+    let max_smoothing = if loss == DpoKernelLoss::Robust {
+        0.5
+    } else {
+        1.0
+    };
+    let smoothing_ok = label_smoothing >= 0.0
+        && (label_smoothing < max_smoothing || (label_smoothing == 1.0 && max_smoothing == 1.0));
+    if !smoothing_ok {
+        return Err(HaloError::InvalidHyperParameter {
+            name: "label_smoothing",
+            value: label_smoothing as f64,
+            reason: "must be in [0, 1] (sigmoid) or [0, 0.5) (robust)",
+        });
+    }
+    if n > i32::MAX as usize {
+        return Err(HaloError::InvalidShape(format!("{n} pairs exceed int32")));
+    }
+    let loss_type = match loss {
+        DpoKernelLoss::Sigmoid => DPO_LOSS_SIGMOID,
+        DpoKernelLoss::Robust => DPO_LOSS_ROBUST,
+        DpoKernelLoss::Hinge => DPO_LOSS_HINGE,
+        DpoKernelLoss::Ipo => DPO_LOSS_IPO,
+        DpoKernelLoss::ApoZero => DPO_LOSS_APO_ZERO,
+    };
+    let dummy = [0u32; 1];
+    let (chosen_counts, rejected_counts) = match pairs.counts {
+        Some((c, r)) => {
+            check_len("chosen_counts", n, c.len())?;
+            check_len("rejected_counts", n, r.len())?;
+            (c.as_ptr(), r.as_ptr())
+        }
+        None if loss == DpoKernelLoss::Ipo => {
+            return Err(HaloError::InvalidShape(
+                "IPO is length-normalised: token counts are required".into(),
+            ))
+        }
+        None => (dummy.as_ptr(), dummy.as_ptr()),
+    };
+    let p = HaloDpoParams {
+        pairs: n as i32,
+        loss_type,
+        beta,
+        label_smoothing,
+    };
+    let mut grad_chosen = vec![f32::NAN; n];
+    let mut grad_rejected = vec![f32::NAN; n];
+    let mut out = vec![f32::NAN; dpo_out::LEN];
+    let mut status = [STATUS_OK; STATUS_LEN];
+    // SAFETY: every array holds the length the ABI requires for `p` (counts read only for IPO).
+    unsafe {
+        ffi::halo_emu_dpo_loss_f32(
+            1,
+            LOSS_THREADS,
+            pairs.policy_chosen.as_ptr(),
+            pairs.policy_rejected.as_ptr(),
+            pairs.reference_chosen.as_ptr(),
+            pairs.reference_rejected.as_ptr(),
+            chosen_counts,
+            rejected_counts,
+            grad_chosen.as_mut_ptr(),
+            grad_rejected.as_mut_ptr(),
+            out.as_mut_ptr(),
+            status.as_mut_ptr(),
+            p,
+        );
+    }
+    if status[STATUS_EMPTY_SEQUENCE] != STATUS_OK {
+        return Err(HaloError::EmptySequence {
+            what: "dpo pairs (chosen or rejected completion)",
+            index: status[STATUS_EMPTY_SEQUENCE] as usize,
+        });
+    }
+    Ok(DpoKernelOutput {
+        loss: out[dpo_out::LOSS],
+        grad_chosen,
+        grad_rejected,
+        out,
+    })
+}
+
+// ---- the losses module's API (`crate::losses`), computed by the kernels ----------------------
+
+use crate::losses::{
+    DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, LossMetrics,
+    PairBatch, PairLossOutput,
+};
+
+fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(row) => Err(HaloError::NonFinite { what, row }),
+        None => Ok(()),
+    }
+}
+
+fn mean(sum: f32, count: f32) -> Option<f64> {
+    (count > 0.0).then(|| sum as f64 / count as f64)
+}
+
+/// Emulated [`crate::losses::kto_loss`]: same arguments, validation and output type. Deliberate
+/// difference: the kernel computes in f32 (the CPU loss in f64), and an all-reduced
+/// `ReferencePointPartial` enters the kernel as an f32 sum and count.
+pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
+    config.validate()?;
+    let n = batch.policy_logps.len();
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_logps"));
+    }
+    check_len("reference_logps", n, batch.reference_logps.len())?;
+    check_len("is_desirable", n, batch.is_desirable.len())?;
+    check_finite("policy_logps", batch.policy_logps)?;
+    check_finite("reference_logps", batch.reference_logps)?;
+    let kl = match config.loss_type {
+        KtoLossType::ApoZeroUnpaired => KlSource::Zero,
+        KtoLossType::Kto => match batch.kl {
+            None => return Err(HaloError::MissingKlPairs { loss_type: "kto" }),
+            Some(KlInput::LogProbs { policy, reference }) => {
+                check_len("kl_reference_logps", policy.len(), reference.len())?;
+                check_finite("kl_policy_logps", policy)?;
+                check_finite("kl_reference_logps", reference)?;
+                if policy.is_empty() {
+                    return Err(HaloError::EmptyBatch("kl pairs"));
+                }
+                KlSource::Pairs { policy, reference }
+            }
+            Some(KlInput::Partial(partial)) => {
+                partial.z0()?; // the CPU op's errors: empty or non-finite partial
+                KlSource::Sum {
+                    sum: partial.sum as f32,
+                    count: partial.count as f32,
+                }
+            }
+        },
+    };
+    let loss = match config.loss_type {
+        KtoLossType::Kto => KtoKernelLoss::Kto,
+        KtoLossType::ApoZeroUnpaired => KtoKernelLoss::ApoZeroUnpaired,
+    };
+    let kernel_config = KtoKernelConfig {
+        loss,
+        beta: config.beta as f32,
+        desirable_weight: config.desirable_weight as f32,
+        undesirable_weight: config.undesirable_weight as f32,
+    };
+    let raw = kto_loss_kernel(
+        batch.policy_logps,
+        batch.reference_logps,
+        batch.is_desirable,
+        kl,
+        kernel_config,
+    )?;
+    if !raw.loss.is_finite() || raw.grad_policy.iter().any(|g| !g.is_finite()) {
+        return Err(HaloError::NonFinite {
+            what: "kto loss or gradient",
+            row: 0,
+        });
+    }
+    let o = &raw.out;
+    let (cc, rc) = (o[kto_out::CHOSEN_COUNT], o[kto_out::REJECTED_COUNT]);
+    let rewards_chosen = mean(o[kto_out::CHOSEN_REWARD_SUM], cc);
+    let rewards_rejected = mean(o[kto_out::REJECTED_REWARD_SUM], rc);
+    Ok(KtoOutput {
+        loss: raw.loss as f64,
+        grad_policy_logps: raw.grad_policy,
+        z0: raw.z0 as f64,
+        metrics: LossMetrics {
+            rewards_chosen,
+            rewards_rejected,
+            rewards_margins: rewards_chosen.zip(rewards_rejected).map(|(c, r)| c - r),
+            logps_chosen: mean(o[kto_out::CHOSEN_LOGP_SUM], cc),
+            logps_rejected: mean(o[kto_out::REJECTED_LOGP_SUM], rc),
+            kl: Some(raw.z0 as f64),
+            chosen_count: cc as u64,
+            rejected_count: rc as u64,
+            ..LossMetrics::default()
+        },
+    })
+}
+
+/// Emulated [`crate::losses::dpo_loss`]: same arguments, validation and output type (the kernel
+/// computes in f32, the CPU loss in f64).
+pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
+    config.validate()?;
+    let n = batch.policy_chosen_logps.len();
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_chosen_logps"));
+    }
+    check_len(
+        "policy_rejected_logps",
+        n,
+        batch.policy_rejected_logps.len(),
+    )?;
+    check_len(
+        "reference_chosen_logps",
+        n,
+        batch.reference_chosen_logps.len(),
+    )?;
+    check_len(
+        "reference_rejected_logps",
+        n,
+        batch.reference_rejected_logps.len(),
+    )?;
+    check_finite("policy_chosen_logps", batch.policy_chosen_logps)?;
+    check_finite("policy_rejected_logps", batch.policy_rejected_logps)?;
+    check_finite("reference_chosen_logps", batch.reference_chosen_logps)?;
+    check_finite("reference_rejected_logps", batch.reference_rejected_logps)?;
+    if let Some(c) = batch.chosen_counts {
+        check_len("chosen_counts", n, c.len())?;
+    }
+    if let Some(c) = batch.rejected_counts {
+        check_len("rejected_counts", n, c.len())?;
+    }
+    let loss = match config.loss_type {
+        DpoLossType::Sigmoid => DpoKernelLoss::Sigmoid,
+        DpoLossType::Robust => DpoKernelLoss::Robust,
+        DpoLossType::Hinge => DpoKernelLoss::Hinge,
+        DpoLossType::Ipo => DpoKernelLoss::Ipo,
+        DpoLossType::ApoZero => DpoKernelLoss::ApoZero,
+    };
+    let counts = match (batch.chosen_counts, batch.rejected_counts) {
+        (Some(c), Some(r)) => Some((c, r)),
+        _ => None,
+    };
+    if loss == DpoKernelLoss::Ipo {
+        let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
+        for (what, c) in [
+            ("chosen_counts", batch.chosen_counts),
+            ("rejected_counts", batch.rejected_counts),
+        ] {
+            let c = c.ok_or(HaloError::MissingArgument { what, needed_by })?;
+            if let Some(index) = c.iter().position(|&x| x == 0) {
+                return Err(HaloError::EmptySequence { what, index });
+            }
+        }
+    }
+    let pairs = DpoPairs {
+        policy_chosen: batch.policy_chosen_logps,
+        policy_rejected: batch.policy_rejected_logps,
+        reference_chosen: batch.reference_chosen_logps,
+        reference_rejected: batch.reference_rejected_logps,
+        counts,
+    };
+    let raw = dpo_loss_kernel(
+        pairs,
+        loss,
+        config.beta as f32,
+        config.label_smoothing as f32,
+    )?;
+    if !raw.loss.is_finite()
+        || raw
+            .grad_chosen
+            .iter()
+            .chain(&raw.grad_rejected)
+            .any(|g| !g.is_finite())
+    {
+        return Err(HaloError::NonFinite {
+            what: "dpo loss or gradient",
+            row: 0,
+        });
+    }
+    let o = &raw.out;
+    let nf = n as f32;
+    Ok(PairLossOutput {
+        loss: raw.loss as f64,
+        grad_chosen: raw.grad_chosen,
+        grad_rejected: raw.grad_rejected,
+        metrics: LossMetrics {
+            rewards_chosen: mean(o[dpo_out::CHOSEN_REWARD_SUM], nf),
+            rewards_rejected: mean(o[dpo_out::REJECTED_REWARD_SUM], nf),
+            rewards_margins: mean(o[dpo_out::MARGIN_SUM], nf),
+            rewards_accuracies: mean(o[dpo_out::ACCURACY_COUNT], nf),
+            logps_chosen: mean(o[dpo_out::CHOSEN_LOGP_SUM], nf),
+            logps_rejected: mean(o[dpo_out::REJECTED_LOGP_SUM], nf),
+            chosen_count: n as u64,
+            rejected_count: n as u64,
+            ..LossMetrics::default()
+        },
+    })
+}

@@ -1,0 +1,150 @@
+//! Rust mirror of `kernels/halo_abi.h`: the `#[repr(C)]` structs passed by value to the kernels and
+//! the constants that fix their launch geometry. `tests/emulated_abi.rs` checks sizes and field
+//! offsets against the C header (compiled into the host emulation).
+
+/// Threads per block of the token-level kernels (forward, backward, backward in place).
+pub const TOKEN_THREADS: u32 = 256;
+/// Threads per block of the sequence kernels (one block per sequence).
+pub const SEQ_THREADS: u32 = 256;
+/// Threads of the single block of the loss kernels.
+pub const LOSS_THREADS: u32 = 256;
+
+/// Entries of the `status` buffer; fill with [`STATUS_OK`] before a launch.
+pub const STATUS_LEN: usize = 4;
+/// "No error" value of a status entry (`INT32_MAX`); otherwise an entry holds the first bad row.
+pub const STATUS_OK: i32 = i32::MAX;
+/// Status slot: a label neither the ignore index nor in `0..vocab`.
+pub const STATUS_BAD_LABEL: usize = 0;
+/// Status slot: non-finite logits (forward) or lse (backward).
+pub const STATUS_NONFINITE: usize = 1;
+/// Status slot: non-finite `grad_logp` (backward).
+pub const STATUS_NONFINITE_GRAD: usize = 2;
+/// Status slot: first pair with a zero token count (DPO, IPO loss).
+pub const STATUS_EMPTY_SEQUENCE: usize = 2;
+
+/// Shape of a `[rows, vocab]` logits matrix and the row-to-block mapping.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HaloTokenParams {
+    pub rows: i64,
+    pub vocab: i64,
+    pub ignore_index: i32,
+    /// Power of two in `1..=TOKEN_THREADS`; see [`token_rows_per_block`].
+    pub rows_per_block: i32,
+}
+
+/// Sequence layout and humanline clamp for the sequence kernels.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HaloSeqParams {
+    pub batch: i64,
+    /// Rows per sequence (padded layout only).
+    pub seq: i64,
+    pub ignore_index: i32,
+    /// Non-zero: clamp each token's log-ratio to `[clamp_min, clamp_max]`.
+    pub use_clamp: i32,
+    pub clamp_min: f32,
+    pub clamp_max: f32,
+}
+
+/// Humanline backward mask over `n` tokens (`humanline_grad_mask_f32`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HaloClampParams {
+    pub n: i64,
+    pub clamp_min: f32,
+    pub clamp_max: f32,
+}
+
+/// KTO loss type `kto`.
+pub const KTO_LOSS_KTO: i32 = 0;
+/// KTO loss type `apo_zero_unpaired`.
+pub const KTO_LOSS_APO_ZERO_UNPAIRED: i32 = 1;
+/// z0 from the KL pairs' log-probs (reduced in the kernel).
+pub const KL_FROM_PAIRS: i32 = 0;
+/// z0 from an all-reduced `(kl_sum, kl_total)`.
+pub const KL_FROM_SUM: i32 = 1;
+/// z0 = 0.
+pub const KL_ZERO: i32 = 2;
+
+/// Parameters of `kto_loss_f32`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HaloKtoParams {
+    pub batch: i32,
+    pub kl_count: i32,
+    pub loss_type: i32,
+    pub kl_mode: i32,
+    pub beta: f32,
+    pub desirable_weight: f32,
+    pub undesirable_weight: f32,
+    pub kl_sum: f32,
+    pub kl_total: f32,
+    pub _pad: i32,
+}
+
+/// Slots of the KTO kernel's `out` array.
+pub mod kto_out {
+    pub const LOSS: usize = 0;
+    pub const Z0: usize = 1;
+    pub const KL_SUM: usize = 2;
+    pub const KL_COUNT: usize = 3;
+    pub const CHOSEN_REWARD_SUM: usize = 4;
+    pub const REJECTED_REWARD_SUM: usize = 5;
+    pub const CHOSEN_COUNT: usize = 6;
+    pub const REJECTED_COUNT: usize = 7;
+    pub const CHOSEN_LOGP_SUM: usize = 8;
+    pub const REJECTED_LOGP_SUM: usize = 9;
+    pub const LEN: usize = 12;
+}
+
+pub const DPO_LOSS_SIGMOID: i32 = 0;
+pub const DPO_LOSS_ROBUST: i32 = 1;
+pub const DPO_LOSS_HINGE: i32 = 2;
+pub const DPO_LOSS_IPO: i32 = 3;
+pub const DPO_LOSS_APO_ZERO: i32 = 4;
+
+/// Parameters of `dpo_loss_f32`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HaloDpoParams {
+    pub pairs: i32,
+    pub loss_type: i32,
+    pub beta: f32,
+    pub label_smoothing: f32,
+}
+
+/// Slots of the DPO kernel's `out` array.
+pub mod dpo_out {
+    pub const LOSS: usize = 0;
+    pub const CHOSEN_REWARD_SUM: usize = 1;
+    pub const REJECTED_REWARD_SUM: usize = 2;
+    pub const ACCURACY_COUNT: usize = 3;
+    pub const MARGIN_SUM: usize = 4;
+    pub const CHOSEN_LOGP_SUM: usize = 5;
+    pub const REJECTED_LOGP_SUM: usize = 6;
+    pub const LEN: usize = 8;
+}
+
+/// Rows handled by one block of a token kernel: each row gets the smallest power of two of threads
+/// that is at least `vocab / 32` (about 32 elements per thread), clamped to `4..=TOKEN_THREADS`.
+/// Same rule as `halo_token_rows_per_block` in `halo_abi.h`.
+pub fn token_rows_per_block(vocab: usize) -> i32 {
+    let mut threads_per_row = 4usize;
+    while threads_per_row < TOKEN_THREADS as usize && threads_per_row * 32 < vocab {
+        threads_per_row *= 2;
+    }
+    (TOKEN_THREADS as usize / threads_per_row) as i32
+}
+
+/// Grid size (blocks) of a token kernel over `rows` rows.
+pub fn token_grid(rows: usize, rows_per_block: i32) -> u32 {
+    rows.div_ceil(rows_per_block as usize) as u32
+}
+
+// SAFETY: plain-old-data `#[repr(C)]` structs of fixed-width fields, passed by value to kernels.
+unsafe impl cudarc::driver::DeviceRepr for HaloTokenParams {}
+unsafe impl cudarc::driver::DeviceRepr for HaloSeqParams {}
+unsafe impl cudarc::driver::DeviceRepr for HaloClampParams {}
+unsafe impl cudarc::driver::DeviceRepr for HaloKtoParams {}
+unsafe impl cudarc::driver::DeviceRepr for HaloDpoParams {}
