@@ -3,12 +3,13 @@
 //! `torch.log_softmax(logits.double()).gather(...)` per-token log-probs with ignore index −100,
 //! `F.cross_entropy(..., ignore_index=-100, reduction='none')`, autograd gradients of
 //! `Σ_t w_t·logp_t` into the logits, and masked per-sequence sums. Cases cover vocab 1, 37, 257,
-//! 1000, 4099, an all-ignored sequence, a batch of one, logits of ±1e4, and bf16-rounded logits.
+//! 1000, 4099, an all-ignored sequence, a batch of one, logits of ±1e4, and bf16- and f16-rounded
+//! logits.
 //!
 //! Tolerances: the references are float64 on exactly our (f32 or bf16) input values, so the only
 //! error left is our f32 arithmetic: relative 1e-5, plus an absolute term of a few f32 ulps of the
 //! row's largest |logit| (a log-prob `z_y − lse` loses the digits of `lse` below that ulp;
-//! unavoidable in f32 when |z| ~ 1e4). bf16 gradients are stored in bf16: half a bf16 ulp more.
+//! unavoidable in f32 when |z| ~ 1e4). bf16/f16 gradients are stored in bf16/f16: half an ulp more.
 
 mod conformance_common;
 
@@ -46,6 +47,8 @@ struct Case {
     sequence_counts: Vec<u32>,
     #[serde(default)]
     cross_entropy_torch_bf16: Option<Vec<f64>>,
+    #[serde(default)]
+    cross_entropy_torch_f16: Option<Vec<f64>>,
 }
 
 fn fixture() -> Fixture {
@@ -69,6 +72,8 @@ fn row_scales(case: &Case) -> Vec<f64> {
 const F32_EPS: f64 = f32::EPSILON as f64;
 /// Half an ulp of bf16 relative to the value (8 significand bits).
 const BF16_HALF_ULP: f64 = 1.0 / 256.0;
+/// Half an ulp of f16 relative to the value (11 significand bits).
+const F16_HALF_ULP: f64 = 1.0 / 2048.0;
 
 fn check_case<T: LogitElement>(case: &Case) {
     let logits: Vec<T> = case.logits.iter().map(|&z| T::from_f32(z as f32)).collect();
@@ -123,10 +128,10 @@ fn check_case<T: LogitElement>(case: &Case) {
     )
     .unwrap();
     let ours: Vec<f64> = grad.iter().map(|g| g.to_f32() as f64).collect();
-    let storage_rtol = if T::DTYPE == halo_kernels::DType::F32 {
-        1e-5
-    } else {
-        BF16_HALF_ULP
+    let storage_rtol = match T::DTYPE {
+        halo_kernels::DType::F32 => 1e-5,
+        halo_kernels::DType::BF16 => BF16_HALF_ULP,
+        halo_kernels::DType::F16 => F16_HALF_ULP,
     };
     let e_grad = assert_close(
         &format!("{name} grad_logits"),
@@ -192,6 +197,15 @@ fn check_case<T: LogitElement>(case: &Case) {
             |_| 1e-6,
         );
     }
+    if let Some(ce_f16) = &case.cross_entropy_torch_f16 {
+        assert_close(
+            &format!("{name} vs torch f16"),
+            &neg,
+            ce_f16,
+            2.0 * F16_HALF_ULP,
+            |_| 1e-6,
+        );
+    }
     eprintln!(
         "{name}: max |Δ logp| {:.2e} (rel {:.2e}), max |Δ grad| {:.2e}",
         e_logp.abs, e_logp.rel, e_grad.abs
@@ -216,6 +230,17 @@ fn token_ops_match_pytorch_bf16() {
     let mut n = 0;
     for case in f.cases.iter().filter(|c| c.dtype == "bf16") {
         check_case::<bf16>(case);
+        n += 1;
+    }
+    assert!(n >= 2);
+}
+
+#[test]
+fn token_ops_match_pytorch_f16() {
+    let f = fixture();
+    let mut n = 0;
+    for case in f.cases.iter().filter(|c| c.dtype == "f16") {
+        check_case::<half::f16>(case);
         n += 1;
     }
     assert!(n >= 2);

@@ -168,6 +168,8 @@ def token_case(name, seed, batch, seq, vocab, dtype="f32", scale=3.0, extreme=Fa
         stored = logits.float()
     elif dtype == "bf16":
         stored = logits.to(torch.bfloat16).float()
+    elif dtype == "f16":
+        stored = logits.clamp(-65504, 65504).half().float()
     else:
         raise ValueError(dtype)
     z = stored.double().requires_grad_(True)
@@ -206,6 +208,10 @@ def token_case(name, seed, batch, seq, vocab, dtype="f32", scale=3.0, extreme=Fa
         zb = stored.to(torch.bfloat16)
         ce_bf16 = F.cross_entropy(zb, labels, ignore_index=IGNORE, reduction="none")
         case["cross_entropy_torch_bf16"] = f64_list(ce_bf16.double())
+    if dtype == "f16":
+        zh = stored.half()
+        ce_f16 = F.cross_entropy(zh, labels, ignore_index=IGNORE, reduction="none")
+        case["cross_entropy_torch_f16"] = f64_list(ce_f16.double())
     # The gradient is taken with respect to the f32 weights as stored.
     return case
 
@@ -225,6 +231,9 @@ def make_pytorch_fixture():
         token_case("bf16_vocab1000", 22, batch=2, seq=2, vocab=1000, dtype="bf16"),
         token_case("bf16_extreme_vocab129", 23, batch=2, seq=3, vocab=129, dtype="bf16",
                    extreme=True),
+        token_case("f16_vocab37", 31, batch=2, seq=5, vocab=37, dtype="f16",
+                   ignored_sequences=(0,)),
+        token_case("f16_vocab1000", 32, batch=1, seq=3, vocab=1000, dtype="f16", scale=5.0),
     ]
     write_json(FIXTURES / "pytorch_token_ops.json", {
         "source": "torch.log_softmax(logits.double()).gather / F.cross_entropy(ignore_index=-100, "
