@@ -105,8 +105,15 @@ fn check(p: &Pairs, cfg: DpoConfig) {
         assert_grad_close(&format!("{name} grad"), &got, &fd, 1e-5);
     }
 
-    // Metrics from their TRL (>= 1.0) definitions: on the summed log-probs, IPO included.
-    let (sc, sr): (Vec<f64>, Vec<f64>) = (vec![1.0; n], vec![1.0; n]);
+    // Metrics from their TRL definitions (IPO: on length-normalised log-probs).
+    let (sc, sr): (Vec<f64>, Vec<f64>) = if cfg.loss_type == DpoLossType::Ipo {
+        (
+            p.cc.iter().map(|&c| 1.0 / c as f64).collect(),
+            p.cr.iter().map(|&c| 1.0 / c as f64).collect(),
+        )
+    } else {
+        (vec![1.0; n], vec![1.0; n])
+    };
     let chosen_r: Vec<f64> = (0..n)
         .map(|i| cfg.beta * (p.pc[i] as f64 - rc[i]) * sc[i])
         .collect();

@@ -9,10 +9,8 @@
 //!   divided by its sequence's token count (TRL: `all_logps / loss_mask.sum(-1)` for "ipo").
 //! - `ApoZero` (D'Oosterlinck et al. 2024): `1 − σ(β(π_c − ref_c)) + σ(β(π_r − ref_r))`.
 //!
-//! Loss = mean over pairs. Rewards are `β·(π − ref)` and `logps/*` the policy log-probs, always on
-//! the SUMMED log-probs, IPO included: TRL ≥ 1.0 (`DPOTrainer._compute_loss`) normalises by length
-//! inside the IPO loss only and logs its metrics from the sums (TRL < 1.0 normalised them too).
-//! Label smoothing is used only by
+//! Loss = mean over pairs. Rewards are `β·(π − ref)` (on the normalised log-probs for IPO, like
+//! TRL); `logps/*` metrics likewise report what the loss saw. Label smoothing is used only by
 //! `Sigmoid` (ε ∈ [0, 1]) and `Robust` (ε ∈ [0, 0.5)); the others ignore it.
 //! Zero-token sequences are allowed except for `Ipo` (`EmptySequence`).
 
@@ -199,13 +197,10 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         loss_sum += loss_i;
         grad_chosen.push((d_chosen * sc * inv_n) as f32);
         grad_rejected.push((d_rejected * sr * inv_n) as f32);
-        // Metrics on the summed log-probs (undo IPO's 1/count; see the module docs).
-        let policy_chosen = batch.policy_chosen_logps[i] as f64;
-        let policy_rejected = batch.policy_rejected_logps[i] as f64;
-        chosen_rewards.push(beta * (policy_chosen - batch.reference_chosen_logps[i] as f64));
-        rejected_rewards.push(beta * (policy_rejected - batch.reference_rejected_logps[i] as f64));
-        chosen_logps.push(policy_chosen);
-        rejected_logps.push(policy_rejected);
+        chosen_rewards.push(beta * chosen_logratio);
+        rejected_rewards.push(beta * rejected_logratio);
+        chosen_logps.push(pc);
+        rejected_logps.push(pr);
     }
 
     let loss = loss_sum * inv_n;

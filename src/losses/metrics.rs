@@ -20,7 +20,7 @@ pub struct LossMetrics {
     /// one (pairwise losses only).
     pub rewards_accuracies: Option<f64>,
     /// `logps/chosen`: mean policy log-prob of the chosen sequences (summed over tokens, or
-    /// averaged per token for SimPO and ORPO, as TRL logs them; DPO `ipo` logs sums, like TRL ≥ 1.0).
+    /// averaged per token where the loss length-normalises).
     pub logps_chosen: Option<f64>,
     /// `logps/rejected`: the same over rejected sequences.
     pub logps_rejected: Option<f64>,
