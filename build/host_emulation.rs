@@ -41,7 +41,8 @@ pub fn build() {
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wall")
         .flag_if_supported("-Wextra")
-        // Emulated kernels are the test suite's hot loop: optimise even in debug builds.
+        // Emulated kernels are the test suite's hot loop: optimise even in debug builds. Never
+        // -ffast-math: the kernels detect NaN/inf with `x - x`, which it would fold to 0.
         .opt_level(2)
         .compile("halo_kernels_host_emulation");
     println!("cargo:rustc-link-lib=pthread");

@@ -25,8 +25,9 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
     float loss = 0.0f, chosen_reward = 0.0f, rejected_reward = 0.0f, accuracy = 0.0f, margin = 0.0f,
           chosen_logp = 0.0f, rejected_logp = 0.0f;
     for (int i = threadIdx.x; i < p.pairs; i += blockDim.x) {
-        float pc = policy_chosen[i], pr = policy_rejected[i];
-        float rc = reference_chosen[i], rr = reference_rejected[i];
+        const float sum_pc = policy_chosen[i], sum_pr = policy_rejected[i];
+        const float sum_rc = reference_chosen[i], sum_rr = reference_rejected[i];
+        float pc = sum_pc, pr = sum_pr, rc = sum_rc, rr = sum_rr;
         float scale_c = 1.0f, scale_r = 1.0f;  // ∂(normalised log-prob)/∂(sum)
         if (p.loss_type == HALO_DPO_LOSS_IPO) {
             const uint32_t nc = chosen_counts[i], nr = rejected_counts[i];
@@ -83,14 +84,15 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
         dl_dr -= dl_dh;
         grad_chosen[i] = dl_dc * scale_c * inv_pairs;
         grad_rejected[i] = dl_dr * scale_r * inv_pairs;
-        const float reward_c = beta * (pc - rc), reward_r = beta * (pr - rr);
+        // Metrics on the summed log-probs for every loss type (TRL >= 1.0 normalises inside IPO's loss only).
+        const float reward_c = beta * (sum_pc - sum_rc), reward_r = beta * (sum_pr - sum_rr);
         loss += l;
         chosen_reward += reward_c;
         rejected_reward += reward_r;
         accuracy += reward_c > reward_r ? 1.0f : 0.0f;
         margin += reward_c - reward_r;
-        chosen_logp += pc;
-        rejected_logp += pr;
+        chosen_logp += sum_pc;
+        rejected_logp += sum_pr;
     }
     loss = block_sum(loss, scratch);
     chosen_reward = block_sum(chosen_reward, scratch);

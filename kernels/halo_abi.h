@@ -28,9 +28,9 @@
 #define HALO_STATUS_OK 2147483647
 /* A label neither ignore_index nor in 0..vocab (forward and backward). */
 #define HALO_STATUS_BAD_LABEL 0
-/* Forward: a non-ignored row with a NaN / +-inf logit. Backward: a non-finite lse (any row). */
+/* Forward: a non-ignored row with a NaN / +-inf logit. Backward: a non-finite lse (non-ignored row). */
 #define HALO_STATUS_NONFINITE 1
-/* Backward: a non-finite grad_logp (any row). Loss kernels: first empty sequence (IPO). */
+/* Backward: a non-finite grad_logp (non-ignored row). DPO kernel: first pair with a zero count (IPO). */
 #define HALO_STATUS_NONFINITE_GRAD 2
 #define HALO_STATUS_EMPTY_SEQUENCE 2
 /* Unused, reserved (kept HALO_STATUS_OK). */

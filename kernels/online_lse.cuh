@@ -65,5 +65,4 @@ __device__ __forceinline__ OnlineLse online_lse_group_reduce(OnlineLse s, int wi
     return s;
 }
 
-__device__ __forceinline__ float online_lse_value(const OnlineLse& s) { return s.max + logf(s.sum); }
 __device__ __forceinline__ bool online_lse_finite(const OnlineLse& s) { return s.probe == 0.0f; }

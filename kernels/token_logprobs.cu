@@ -1,5 +1,5 @@
 // token_logprobs.cu — forward of the per-token log-prob gather:
-//   lse[r] = logsumexp(z[r, :]),  logp[r] = min(z[r, y_r] − lse[r], 0)   (0, 0 where y_r is ignored).
+//   lse[r] = logsumexp(z[r, :]),  logp[r] = min((z[r, y_r] − max_r) − ln Σ_v exp(z[r, v] − max_r), 0)   (0, 0 where y_r is ignored).
 // CPU twin and definition: src/cpu/token_logprobs.rs.
 //
 // One pass over each row: every thread keeps an online (max, Σexp) state over 16-byte vector loads
@@ -68,6 +68,9 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
     const bool bad_label = !ignored && (label < 0 || (int64_t)label >= p.vocab);
     const bool active = in_range && !ignored && !bad_label;
 
+    // The label's logit is loaded before the scan so its latency hides behind it.
+    float z_label = 0.0f;
+    if (active && lane == 0) z_label = Elem<T>::to_f32(logits[row * p.vocab + label]);
     OnlineLse s = online_lse_empty();
     if (active) s = scan_row(logits + row * p.vocab, p.vocab, lane, threads_per_row);
 
@@ -99,11 +102,12 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
         return;
     }
     if (!online_lse_finite(s)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
-    const float row_lse = online_lse_value(s);
-    const float z_label = Elem<T>::to_f32(logits[row * p.vocab + label]);
-    lse[row] = row_lse;
-    // Clamp: rounding can put z[y] a hair above lse when one entry dominates (as the CPU op).
-    logp[row] = fminf(z_label - row_lse, 0.0f);
+    const float ln_sum = logf(s.sum);
+    lse[row] = s.max + ln_sum;
+    // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order, as the CPU op), not `z[y] − lse`: with
+    // logits near 1e4, lse rounds to ulp(max) ≈ 1e-3, which would swamp a small log-prob, while
+    // `z[y] − max` is exact whenever it is small. The clamp guards rounding when one entry dominates.
+    logp[row] = fminf((z_label - s.max) - ln_sum, 0.0f);
 }
 
 #define HALO_TOKEN_FORWARD(SUFFIX, T)                                                                            \

@@ -46,10 +46,10 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     const float row_lse = lse[row];
     const float g = grad_logp[row];
     if (lane == 0) {
-        // The CPU op checks lse and grad_logp on every row, ignored ones included.
         if (bad_label) atomicMin(&status[HALO_STATUS_BAD_LABEL], (int32_t)row);
-        if (!isfinite(row_lse)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
-        if (!isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
+        // As the CPU op: ignored rows are not read, so only counted rows must hold finite values.
+        if (!ignored && !isfinite(row_lse)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
+        if (!ignored && !isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
     }
     const bool zero_row = ignored || bad_label;
     const int64_t y = label;

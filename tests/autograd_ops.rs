@@ -1,6 +1,9 @@
 //! Every autograd op: forward against a plain f64 reference, gradient against central finite
 //! differences (f32 storage, f64 loss accumulation, relative tolerance), at awkward sizes.
 
+// Finite-difference loops index several parallel arrays by the same j: clearer than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 use halo_kernels::autograd::{Tape, Var};
 use halo_kernels::{HaloError, IGNORE_INDEX};
 use rand::{Rng, SeedableRng};

@@ -371,21 +371,9 @@ fn check_dpo(seed: u64, n: usize, loss: DpoKernelLoss, beta: f32, eps: f32) {
         }
     }
     let beta64 = beta as f64;
-    let norm = |i: usize, side: usize| {
-        if loss == DpoKernelLoss::Ipo {
-            if side == 0 {
-                nc[i] as f64
-            } else {
-                nr[i] as f64
-            }
-        } else {
-            1.0
-        }
-    };
+    // Rewards (and so accuracy) are on the summed log-probs for every loss type, IPO included.
     let acc = (0..n)
-        .filter(|&i| {
-            beta64 * (pc64[i] - rc64[i]) / norm(i, 0) > beta64 * (pr64[i] - rr64[i]) / norm(i, 1)
-        })
+        .filter(|&i| beta64 * (pc64[i] - rc64[i]) > beta64 * (pr64[i] - rr64[i]))
         .count();
     assert_eq!(
         got.out[dpo_out::ACCURACY_COUNT] as usize,

@@ -28,8 +28,8 @@ fn interesting_floats() -> Vec<f32> {
         1.0e-45,
         f32::INFINITY,
         f32::NEG_INFINITY,
-        1.00390625,
-        1.01171875,
+        f32::from_bits(0x3f80_8000), // 1 + 2^-8: a bf16 tie
+        f32::from_bits(0x3f81_8000), // 1 + 3·2^-8: the other parity
         3.0e38,
     ]);
     // Exact ties between neighbouring bf16 / f16 values, both parities.

@@ -277,8 +277,19 @@ fn check_backward<T: EmulatedElement>(
     offset: usize,
     ignore: f64,
 ) {
+    check_backward_scaled::<T>(seed, rows, vocab, offset, ignore, 6.0);
+}
+
+fn check_backward_scaled<T: EmulatedElement>(
+    seed: u64,
+    rows: usize,
+    vocab: usize,
+    offset: usize,
+    ignore: f64,
+    scale: f32,
+) {
     let mut r = rng(seed);
-    let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, 6.0);
+    let buf: Vec<T> = random_logits(&mut r, rows * vocab + offset, scale);
     let logits = &buf[offset..];
     let labels = random_labels(&mut r, rows, vocab, ignore);
     let fwd = cpu::token_logprobs(logits, &labels, vocab, IGNORE).unwrap();
@@ -374,6 +385,13 @@ fn backward_all_dtypes_awkward_shapes() {
 }
 
 #[test]
+fn backward_extreme_logits() {
+    check_backward_scaled::<f32>(310, 9, 301, 0, 0.1, 1.0e4);
+    check_backward_scaled::<bf16>(311, 9, 77, 1, 0.1, 1.0e4);
+    check_backward_scaled::<f16>(312, 9, 77, 0, 0.1, 6.0e4);
+}
+
+#[test]
 fn backward_large_rows_and_all_ignored() {
     check_backward::<bf16>(300, 2, 128 * 1024 + 5, 0, 0.0);
     check_backward::<f32>(301, 11, 77, 0, 1.0);
@@ -412,7 +430,7 @@ fn backward_reports_the_cpu_errors() {
         run(&bad, &lse, &grad),
         HaloError::LabelOutOfRange { row: 9, .. }
     ));
-    // A non-finite lse in an ignored row is still an error (the CPU checks every row).
+    // Ignored rows are not read: a non-finite lse / grad there is no error (as the CPU op).
     let mut l = lse.clone();
     l[4] = f32::NAN;
     l[7] = f32::INFINITY;
@@ -420,10 +438,11 @@ fn backward_reports_the_cpu_errors() {
         run(&labels, &l, &grad),
         HaloError::NonFinite {
             what: "lse",
-            row: 4
+            row: 7
         }
     );
     let mut g = grad.clone();
+    g[4] = f32::NAN;
     g[25] = f32::NEG_INFINITY;
     assert_eq!(
         run(&labels, &lse, &g),
@@ -432,12 +451,29 @@ fn backward_reports_the_cpu_errors() {
             row: 25
         }
     );
+    let mut only_ignored = lse.clone();
+    only_ignored[4] = f32::NAN;
+    let mut out = vec![f16::ZERO; rows * vocab];
+    emu::token_logprobs_backward(
+        &logits,
+        &labels,
+        &only_ignored,
+        &grad,
+        vocab,
+        IGNORE,
+        &mut out,
+    )
+    .unwrap();
+    assert!(
+        out[4 * vocab..5 * vocab].iter().all(|x| x.to_f32() == 0.0),
+        "ignored row zeroed"
+    );
     // lse is checked before grad_logp.
     assert_eq!(
         run(&labels, &l, &g),
         HaloError::NonFinite {
             what: "lse",
-            row: 4
+            row: 7
         }
     );
 }

@@ -105,20 +105,13 @@ fn check(p: &Pairs, cfg: DpoConfig) {
         assert_grad_close(&format!("{name} grad"), &got, &fd, 1e-5);
     }
 
-    // Metrics from their TRL definitions (IPO: on length-normalised log-probs).
-    let (sc, sr): (Vec<f64>, Vec<f64>) = if cfg.loss_type == DpoLossType::Ipo {
-        (
-            p.cc.iter().map(|&c| 1.0 / c as f64).collect(),
-            p.cr.iter().map(|&c| 1.0 / c as f64).collect(),
-        )
-    } else {
-        (vec![1.0; n], vec![1.0; n])
-    };
+    // Metrics from their TRL (>= 1.0) definitions: on the summed log-probs for every loss type,
+    // IPO included (TRL length-normalises inside the IPO loss only).
     let chosen_r: Vec<f64> = (0..n)
-        .map(|i| cfg.beta * (p.pc[i] as f64 - rc[i]) * sc[i])
+        .map(|i| cfg.beta * (p.pc[i] as f64 - rc[i]))
         .collect();
     let rejected_r: Vec<f64> = (0..n)
-        .map(|i| cfg.beta * (p.pr[i] as f64 - rr[i]) * sr[i])
+        .map(|i| cfg.beta * (p.pr[i] as f64 - rr[i]))
         .collect();
     let m = out.metrics;
     assert_opt_close(
@@ -144,12 +137,12 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     assert_opt_close(
         "logps/chosen",
         m.logps_chosen,
-        mean((0..n).map(|i| p.pc[i] as f64 * sc[i])),
+        mean((0..n).map(|i| p.pc[i] as f64)),
     );
     assert_opt_close(
         "logps/rejected",
         m.logps_rejected,
-        mean((0..n).map(|i| p.pr[i] as f64 * sr[i])),
+        mean((0..n).map(|i| p.pr[i] as f64)),
     );
     assert_eq!(m.kl, None);
 }

@@ -1,7 +1,7 @@
 //! Safetensors save/load: round trips in f32 and bf16, Hugging Face naming, and refusals.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use halo_kernels::model::{DTypeOnDisk, Gpt, GptConfig};
 use halo_kernels::HaloError;
@@ -30,7 +30,7 @@ const IDS: [u32; 6] = [1, 5, 12, 0, 7, 3];
 
 /// Writes `tensors` (name → (shape, f32 data)) with optional metadata.
 fn write_raw(
-    path: &PathBuf,
+    path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     metadata: Option<HashMap<String, String>>,
 ) {

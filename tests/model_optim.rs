@@ -1,5 +1,8 @@
 //! AdamW against a plain f64 transcription of `torch.optim.AdamW`, gradient clipping, schedules.
 
+// Finite-difference loops index several parallel arrays by the same j: clearer than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 use halo_kernels::autograd::Gradients;
 use halo_kernels::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use halo_kernels::model::{Gpt, GptConfig};

@@ -9,8 +9,8 @@
 //!   divided by its sequence's token count (TRL: `all_logps / loss_mask.sum(-1)` for "ipo").
 //! - `ApoZero` (D'Oosterlinck et al. 2024): `1 − σ(β(π_c − ref_c)) + σ(β(π_r − ref_r))`.
 //!
-//! Loss = mean over pairs. Rewards are `β·(π − ref)` (on the normalised log-probs for IPO, like
-//! TRL); `logps/*` metrics likewise report what the loss saw. Label smoothing is used only by
+//! Loss = mean over pairs. Rewards are `β·(π − ref)` and `logps/*` the policy log-probs, always on
+//! the summed log-probs — for IPO too, as TRL ≥ 1.0 logs them (it normalises inside the loss only). Label smoothing is used only by
 //! `Sigmoid` (ε ∈ [0, 1]) and `Robust` (ε ∈ [0, 0.5)); the others ignore it.
 //! Zero-token sequences are allowed except for `Ipo` (`EmptySequence`).
 
@@ -197,10 +197,16 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         loss_sum += loss_i;
         grad_chosen.push((d_chosen * sc * inv_n) as f32);
         grad_rejected.push((d_rejected * sr * inv_n) as f32);
-        chosen_rewards.push(beta * chosen_logratio);
-        rejected_rewards.push(beta * rejected_logratio);
-        chosen_logps.push(pc);
-        rejected_logps.push(pr);
+        // Metrics on the summed log-probs for every loss type, IPO included: TRL >= 1.0 divides by
+        // the length inside the IPO loss only and logs rewards/logps from the sums.
+        let (raw_pc, raw_pr) = (
+            batch.policy_chosen_logps[i] as f64,
+            batch.policy_rejected_logps[i] as f64,
+        );
+        chosen_rewards.push(beta * (raw_pc - batch.reference_chosen_logps[i] as f64));
+        rejected_rewards.push(beta * (raw_pr - batch.reference_rejected_logps[i] as f64));
+        chosen_logps.push(raw_pc);
+        rejected_logps.push(raw_pr);
     }
 
     let loss = loss_sum * inv_n;
