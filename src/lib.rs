@@ -15,9 +15,11 @@ pub mod dtype;
 pub mod emulation;
 pub mod error;
 pub mod kernel_abi;
+mod kernel_host;
 pub mod losses;
 pub mod model;
 pub mod train;
+mod validate;
 
 pub use dtype::{DType, LogitElement};
 pub use error::{HaloError, Result};

@@ -16,7 +16,8 @@ pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};
 
 use crate::dtype::{DType, LogitElement};
-use crate::error::{HaloError, Result};
+// The token ops' argument checks, shared with the CUDA and emulated twins.
+pub(crate) use crate::validate::{check_labels, check_logits_shape};
 
 /// Whether the AVX2 builds of the row kernels can run here (std caches the CPUID check).
 ///
@@ -69,44 +70,4 @@ pub(crate) fn load_f32<T: LogitElement>(src: &[T], dst: &mut [f32]) {
 /// Rows below this many logits are grouped so rayon's per-task overhead stays small.
 pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
     (16 * 1024 / vocab.max(1)).max(1)
-}
-
-/// Checks `logits.len() == rows * vocab` and `labels.len() == rows`; returns `rows`.
-pub(crate) fn check_logits_shape(
-    logits_len: usize,
-    labels_len: usize,
-    vocab: usize,
-) -> Result<usize> {
-    if vocab == 0 {
-        return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
-    }
-    let rows = labels_len;
-    // Checked: a wrapped product could match a short `logits` and silently skip rows.
-    let expected = rows.checked_mul(vocab).ok_or_else(|| {
-        HaloError::InvalidShape(format!("rows {rows} * vocab {vocab} overflows usize"))
-    })?;
-    if logits_len != expected {
-        return Err(HaloError::LengthMismatch {
-            what: "logits",
-            expected,
-            got: logits_len,
-        });
-    }
-    Ok(rows)
-}
-
-/// Every label must be the ignore index or a valid vocabulary id.
-pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
-    match labels
-        .iter()
-        .position(|&y| y != ignore_index && (y < 0 || y as usize >= vocab))
-    {
-        Some(row) => Err(HaloError::LabelOutOfRange {
-            row,
-            label: labels[row] as i64,
-            vocab,
-            ignore_index: ignore_index as i64,
-        }),
-        None => Ok(()),
-    }
 }

@@ -5,6 +5,9 @@
 //! sum 0 and count 0; the losses decide whether that is an error (length-normalised ones refuse it).
 
 use crate::error::{HaloError, Result};
+use crate::validate::{
+    check_counted_finite, check_finite, check_humanline_args, check_len, check_logratio_args,
+};
 
 /// How the token rows are grouped into sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,21 @@ impl SequenceLayout<'_> {
 
     /// Validates the layout against `rows` token rows; returns each sequence's row range.
     pub fn ranges(&self, rows: usize) -> Result<Vec<std::ops::Range<usize>>> {
+        self.check_rows(rows)?;
+        Ok(match *self {
+            SequenceLayout::Padded { batch, seq } => {
+                (0..batch).map(|b| b * seq..(b + 1) * seq).collect()
+            }
+            SequenceLayout::Packed { cu_seqlens } => cu_seqlens
+                .windows(2)
+                .map(|w| w[0] as usize..w[1] as usize)
+                .collect(),
+        })
+    }
+
+    /// Validates the layout against `rows` token rows with the errors of [`Self::ranges`], without
+    /// building the ranges (the GPU backend only needs the check); returns the number of sequences.
+    pub(crate) fn check_rows(&self, rows: usize) -> Result<usize> {
         match *self {
             SequenceLayout::Padded { batch, seq } => {
                 // Checked: a wrapped product could match `rows` and then allocate `batch` ranges.
@@ -41,7 +59,6 @@ impl SequenceLayout<'_> {
                         got: rows,
                     });
                 }
-                Ok((0..batch).map(|b| b * seq..(b + 1) * seq).collect())
             }
             SequenceLayout::Packed { cu_seqlens } => {
                 if cu_seqlens.len() < 2 {
@@ -65,12 +82,9 @@ impl SequenceLayout<'_> {
                         cu_seqlens[i + 1]
                     )));
                 }
-                Ok(cu_seqlens
-                    .windows(2)
-                    .map(|w| w[0] as usize..w[1] as usize)
-                    .collect())
             }
         }
+        Ok(self.batch())
     }
 }
 
@@ -128,9 +142,7 @@ pub fn sequence_logratio_sums(
     layout: SequenceLayout<'_>,
     clamp: Option<LogRatioClamp>,
 ) -> Result<SequenceSums> {
-    check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
-    check_len("labels", policy_logp.len(), labels.len())?;
-    check_clamp(clamp)?;
+    check_logratio_args(policy_logp.len(), reference_logp.len(), labels.len(), clamp)?;
     let ranges = layout.ranges(policy_logp.len())?;
     check_counted_finite("policy_logp", policy_logp, labels, ignore_index)?;
     check_counted_finite("reference_logp", reference_logp, labels, ignore_index)?;
@@ -153,12 +165,7 @@ pub fn broadcast_sequence_grad(
 ) -> Result<Vec<f32>> {
     let ranges = layout.ranges(labels.len())?;
     check_len("grad_seq", ranges.len(), grad_seq.len())?;
-    if let Some(row) = grad_seq.iter().position(|g| !g.is_finite()) {
-        return Err(HaloError::NonFinite {
-            what: "grad_seq",
-            row,
-        });
-    }
+    check_finite("grad_seq", grad_seq)?;
     let mut token_grad = vec![0.0f32; labels.len()];
     for (range, &g) in ranges.into_iter().zip(grad_seq) {
         for t in range {
@@ -178,9 +185,12 @@ pub fn humanline_grad_mask(
     clamp: LogRatioClamp,
     token_grad: &mut [f32],
 ) -> Result<()> {
-    check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
-    check_len("token_grad", policy_logp.len(), token_grad.len())?;
-    check_clamp(Some(clamp))?;
+    check_humanline_args(
+        policy_logp.len(),
+        reference_logp.len(),
+        token_grad.len(),
+        clamp,
+    )?;
     for ((g, &p), &r) in token_grad.iter_mut().zip(policy_logp).zip(reference_logp) {
         // Same ratio and comparison as `sequence_logratio_sums`; at the bounds the gradient
         // passes, as in `torch.clamp`'s backward.
@@ -220,46 +230,4 @@ fn masked_sums(
 #[inline]
 fn log_ratio(policy: f32, reference: f32) -> f64 {
     policy as f64 - reference as f64
-}
-
-/// Tokens that count must hold finite values; ignored tokens are not read.
-fn check_counted_finite(
-    what: &'static str,
-    values: &[f32],
-    labels: &[i32],
-    ignore_index: i32,
-) -> Result<()> {
-    match values
-        .iter()
-        .zip(labels)
-        .position(|(v, &y)| y != ignore_index && !v.is_finite())
-    {
-        Some(row) => Err(HaloError::NonFinite { what, row }),
-        None => Ok(()),
-    }
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
-}
-
-fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
-    match clamp {
-        Some(c) if !c.min.is_finite() || !c.max.is_finite() || c.min > c.max => {
-            Err(HaloError::InvalidHyperParameter {
-                name: "LogRatioClamp",
-                value: c.min as f64,
-                reason: "needs finite min <= max",
-            })
-        }
-        _ => Ok(()),
-    }
 }

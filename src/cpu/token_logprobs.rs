@@ -11,6 +11,7 @@ use super::fast_exp::fast_exp;
 use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, CHUNK};
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
+use crate::validate::check_forward_outputs;
 
 /// Output of [`token_logprobs`]: one entry per row.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,15 +62,7 @@ pub fn token_logprobs_into<T: LogitElement>(
     lse: &mut [f32],
 ) -> Result<()> {
     let rows = check_logits_shape(logits.len(), labels.len(), vocab)?;
-    for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
-        if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
-        }
-    }
+    check_forward_outputs(rows, logp.len(), lse.len())?;
     check_labels(labels, vocab, ignore_index)?;
     if rows == 0 {
         return Ok(());

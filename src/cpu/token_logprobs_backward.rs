@@ -11,7 +11,8 @@ use super::{
     check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, store_f32, CHUNK,
 };
 use crate::dtype::{DType, LogitElement};
-use crate::error::{HaloError, Result};
+use crate::error::Result;
+use crate::validate::{check_backward_inputs, check_counted_finite, check_grad_logits};
 
 /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `lse` is the
 /// forward's saved logsumexp and `grad_logp` is `∂L/∂logp` per row.
@@ -28,13 +29,7 @@ pub fn token_logprobs_backward<T: LogitElement>(
     grad_logits: &mut [T],
 ) -> Result<()> {
     let rows = check_backward_args(logits.len(), labels, lse, grad_logp, vocab, ignore_index)?;
-    if grad_logits.len() != rows * vocab {
-        return Err(HaloError::LengthMismatch {
-            what: "grad_logits",
-            expected: rows * vocab,
-            got: grad_logits.len(),
-        });
-    }
+    check_grad_logits(rows, vocab, grad_logits.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -174,26 +169,11 @@ fn check_backward_args(
     ignore_index: i32,
 ) -> Result<usize> {
     let rows = check_logits_shape(logits_len, labels.len(), vocab)?;
-    for (what, got) in [("lse", lse.len()), ("grad_logp", grad_logp.len())] {
-        if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
-        }
-    }
+    check_backward_inputs(rows, lse.len(), grad_logp.len())?;
     check_labels(labels, vocab, ignore_index)?;
     // Ignored rows are not read (their gradient is 0 whatever lse / grad_logp hold there).
-    for (what, values) in [("lse", lse), ("grad_logp", grad_logp)] {
-        if let Some(row) = values
-            .iter()
-            .zip(labels)
-            .position(|(v, &y)| y != ignore_index && !v.is_finite())
-        {
-            return Err(HaloError::NonFinite { what, row });
-        }
-    }
+    check_counted_finite("lse", lse, labels, ignore_index)?;
+    check_counted_finite("grad_logp", grad_logp, labels, ignore_index)?;
     Ok(rows)
 }
 

@@ -9,13 +9,12 @@
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
-use super::launch::{blocks_launch, check_len};
+use super::launch::blocks_launch;
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{
-    dpo_out, HaloDpoParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_ROBUST,
-    DPO_LOSS_SIGMOID, LOSS_THREADS,
-};
-use crate::losses::{dpo_loss, DpoConfig, DpoLossType, LossMetrics, PairBatch, PairLossOutput};
+use crate::kernel_abi::{dpo_out, HaloDpoParams, LOSS_THREADS};
+use crate::kernel_host::{dpo_loss_code, dpo_metrics};
+use crate::losses::validate::{check_count_lengths, check_pair_lengths, ipo_counts};
+use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput};
 
 /// One batch of preference pairs on the device (device twin of [`PairBatch`]); every buffer has
 /// one entry per pair.
@@ -56,23 +55,10 @@ impl CudaBackend {
         batch: &CudaPairBatch<'_>,
     ) -> Result<(PairLossOutput, CudaPairGrads)> {
         config.validate()?;
-        let n = batch.policy_chosen_logps.len();
-        if n == 0 {
-            return Err(HaloError::EmptyBatch("policy_chosen_logps"));
-        }
-        check_len(
-            "policy_rejected_logps",
-            n,
+        let n = check_pair_lengths(
+            batch.policy_chosen_logps.len(),
             batch.policy_rejected_logps.len(),
-        )?;
-        check_len(
-            "reference_chosen_logps",
-            n,
             batch.reference_chosen_logps.len(),
-        )?;
-        check_len(
-            "reference_rejected_logps",
-            n,
             batch.reference_rejected_logps.len(),
         )?;
         if n > i32::MAX as usize {
@@ -87,13 +73,7 @@ impl CudaBackend {
         };
         let params = HaloDpoParams {
             pairs: n as i32,
-            loss_type: match config.loss_type {
-                DpoLossType::Sigmoid => DPO_LOSS_SIGMOID,
-                DpoLossType::Robust => DPO_LOSS_ROBUST,
-                DpoLossType::Hinge => DPO_LOSS_HINGE,
-                DpoLossType::Ipo => DPO_LOSS_IPO,
-                DpoLossType::ApoZero => DPO_LOSS_APO_ZERO,
-            },
+            loss_type: dpo_loss_code(config.loss_type),
             beta: config.beta as f32,
             // Only sigmoid and robust use it; the CPU ignores it (unvalidated) for the others.
             label_smoothing: match config.loss_type {
@@ -221,46 +201,13 @@ fn check_counts<'b, 'a>(
     batch: &'b CudaPairBatch<'a>,
     n: usize,
 ) -> Result<Option<(&'b CudaView<'a, u32>, &'b CudaView<'a, u32>)>> {
-    if let Some(c) = &batch.chosen_counts {
-        check_len("chosen_counts", n, c.len())?;
-    }
-    if let Some(c) = &batch.rejected_counts {
-        check_len("rejected_counts", n, c.len())?;
-    }
+    check_count_lengths(
+        n,
+        batch.chosen_counts.as_ref().map(|c| c.len()),
+        batch.rejected_counts.as_ref().map(|c| c.len()),
+    )?;
     if config.loss_type != DpoLossType::Ipo {
         return Ok(None);
     }
-    let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
-    let chosen = batch
-        .chosen_counts
-        .as_ref()
-        .ok_or(HaloError::MissingArgument {
-            what: "chosen_counts",
-            needed_by,
-        })?;
-    let rejected = batch
-        .rejected_counts
-        .as_ref()
-        .ok_or(HaloError::MissingArgument {
-            what: "rejected_counts",
-            needed_by,
-        })?;
-    Ok(Some((chosen, rejected)))
-}
-
-/// TRL's pair metrics from the kernel's sums.
-fn dpo_metrics(n: usize, out: &[f32]) -> LossMetrics {
-    let n_f = n as f64;
-    let mean = |slot: usize| Some(out[slot] as f64 / n_f);
-    LossMetrics {
-        rewards_chosen: mean(dpo_out::CHOSEN_REWARD_SUM),
-        rewards_rejected: mean(dpo_out::REJECTED_REWARD_SUM),
-        rewards_margins: mean(dpo_out::MARGIN_SUM),
-        rewards_accuracies: mean(dpo_out::ACCURACY_COUNT),
-        logps_chosen: mean(dpo_out::CHOSEN_LOGP_SUM),
-        logps_rejected: mean(dpo_out::REJECTED_LOGP_SUM),
-        chosen_count: n as u64,
-        rejected_count: n as u64,
-        ..LossMetrics::default()
-    }
+    ipo_counts(batch.chosen_counts.as_ref(), batch.rejected_counts.as_ref()).map(Some)
 }

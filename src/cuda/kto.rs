@@ -14,12 +14,12 @@ use super::device::{cuda_err, CudaBackend};
 use super::launch::{blocks_launch, check_len};
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{
-    kto_out, HaloKtoParams, KL_FROM_PAIRS, KL_FROM_SUM, KL_ZERO, KTO_LOSS_APO_ZERO_UNPAIRED,
-    KTO_LOSS_KTO, LOSS_THREADS,
+    kto_out, HaloKtoParams, KL_FROM_PAIRS, KL_FROM_SUM, KL_ZERO, LOSS_THREADS,
 };
+use crate::kernel_host::{kto_loss_code, kto_metrics};
+use crate::losses::validate::check_kto_lengths;
 use crate::losses::{
-    kto_loss, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, LossMetrics,
-    ReferencePointPartial,
+    kto_loss, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, ReferencePointPartial,
 };
 
 /// Where the reference point comes from (device twin of [`KlInput`]).
@@ -72,12 +72,11 @@ impl CudaBackend {
         batch: &CudaKtoBatch<'_>,
     ) -> Result<(KtoOutput, CudaSlice<f32>)> {
         config.validate()?;
-        let n = batch.policy_logps.len();
-        if n == 0 {
-            return Err(HaloError::EmptyBatch("policy_logps"));
-        }
-        check_len("reference_logps", n, batch.reference_logps.len())?;
-        check_len("is_desirable", n, batch.is_desirable.len())?;
+        let n = check_kto_lengths(
+            batch.policy_logps.len(),
+            batch.reference_logps.len(),
+            batch.is_desirable.len(),
+        )?;
         if n > i32::MAX as usize {
             return Err(HaloError::InvalidShape(format!(
                 "KTO batch of {n} examples exceeds i32"
@@ -91,10 +90,7 @@ impl CudaBackend {
         let params = HaloKtoParams {
             batch: n as i32,
             kl_count: kl.count,
-            loss_type: match config.loss_type {
-                KtoLossType::Kto => KTO_LOSS_KTO,
-                KtoLossType::ApoZeroUnpaired => KTO_LOSS_APO_ZERO_UNPAIRED,
-            },
+            loss_type: kto_loss_code(config.loss_type),
             kl_mode: kl.mode,
             beta: config.beta as f32,
             desirable_weight: config.desirable_weight as f32,
@@ -250,25 +246,5 @@ fn kl_setup<'a>(config: &KtoConfig, batch: &'a CudaKtoBatch<'a>) -> Result<KlSet
                 ..none
             })
         }
-    }
-}
-
-/// TRL's KTO metrics from the kernel's sums (means per class; `None` for an absent class).
-fn kto_metrics(z0: f64, out: &[f32]) -> LossMetrics {
-    let chosen = out[kto_out::CHOSEN_COUNT] as f64;
-    let rejected = out[kto_out::REJECTED_COUNT] as f64;
-    let mean = |sum: usize, count: f64| (count > 0.0).then(|| out[sum] as f64 / count);
-    let rewards_chosen = mean(kto_out::CHOSEN_REWARD_SUM, chosen);
-    let rewards_rejected = mean(kto_out::REJECTED_REWARD_SUM, rejected);
-    LossMetrics {
-        rewards_chosen,
-        rewards_rejected,
-        rewards_margins: rewards_chosen.zip(rewards_rejected).map(|(c, r)| c - r),
-        logps_chosen: mean(kto_out::CHOSEN_LOGP_SUM, chosen),
-        logps_rejected: mean(kto_out::REJECTED_LOGP_SUM, rejected),
-        kl: Some(z0),
-        chosen_count: chosen as u64,
-        rejected_count: rejected as u64,
-        ..LossMetrics::default()
     }
 }

@@ -5,6 +5,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{token_grid, token_rows_per_block, HaloTokenParams, TOKEN_THREADS};
+use crate::validate::check_logits_shape;
 
 /// A logits element the kernels exist for (`f32`, `bf16`, `f16`), storable in device memory.
 pub trait CudaLogit: LogitElement + DeviceRepr {}
@@ -20,17 +21,7 @@ pub(crate) fn entry_name<T: LogitElement>(op: &str) -> String {
     format!("{op}_{suffix}")
 }
 
-pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
-}
+pub(crate) use crate::validate::check_len;
 
 /// The status buffer reports rows as `i32` (and `i32::MAX` means "no error").
 pub(crate) fn check_rows_fit_status(rows: usize) -> Result<()> {
@@ -50,7 +41,7 @@ pub(crate) fn check_token_shape(
     labels_len: usize,
     vocab: usize,
 ) -> Result<usize> {
-    let rows = crate::cpu::check_logits_shape(logits_len, labels_len, vocab)?;
+    let rows = check_logits_shape(logits_len, labels_len, vocab)?;
     check_rows_fit_status(rows)?;
     if vocab > i64::MAX as usize {
         return Err(HaloError::InvalidShape(format!(

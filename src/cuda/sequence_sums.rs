@@ -19,6 +19,8 @@ use super::launch::{blocks_launch, check_aligned, check_len, check_rows_fit_stat
 use crate::cpu::{self, LogRatioClamp, SequenceLayout};
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
+use crate::kernel_host;
+use crate::validate::{check_finite, check_humanline_args, check_logratio_args};
 
 /// Output of the sequence sums on the device: one entry per sequence.
 #[derive(Debug)]
@@ -121,9 +123,7 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
         clamp: Option<LogRatioClamp>,
     ) -> Result<CudaSequenceSums> {
-        check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
-        check_len("labels", policy_logp.len(), labels.len())?;
-        check_clamp(clamp)?;
+        check_logratio_args(policy_logp.len(), reference_logp.len(), labels.len(), clamp)?;
         let mut out = self.alloc_sums(validate_layout(policy_logp.len(), layout)?)?;
         self.sequence_logratio_sums_into(
             policy_logp,
@@ -149,9 +149,7 @@ impl CudaBackend {
         clamp: Option<LogRatioClamp>,
         out: &mut CudaSequenceSums,
     ) -> Result<()> {
-        check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
-        check_len("labels", policy_logp.len(), labels.len())?;
-        check_clamp(clamp)?;
+        check_logratio_args(policy_logp.len(), reference_logp.len(), labels.len(), clamp)?;
         let seq = self.seq_launch(policy_logp.len(), ignore_index, layout, clamp)?;
         check_sums_len(&seq, out)?;
         if seq.batch == 0 {
@@ -254,12 +252,7 @@ impl CudaBackend {
         }
         // As the CPU op: every grad_seq entry finite, also of sequences with no counted token
         // (one small copy of `batch` values).
-        if let Some(row) = self.dtoh(grad_seq)?.iter().position(|g| !g.is_finite()) {
-            return Err(HaloError::NonFinite {
-                what: "grad_seq",
-                row,
-            });
-        }
+        check_finite("grad_seq", &self.dtoh(grad_seq)?)?;
         {
             let func = self.function(&seq.entry("broadcast_sequence_grad"))?;
             let stream = self.stream();
@@ -294,9 +287,7 @@ impl CudaBackend {
         token_grad: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         let n = policy_logp.len();
-        check_len("reference_logp", n, reference_logp.len())?;
-        check_len("token_grad", n, token_grad.len())?;
-        check_clamp(Some(clamp))?;
+        check_humanline_args(n, reference_logp.len(), token_grad.len(), clamp)?;
         if n == 0 {
             return Ok(());
         }
@@ -336,19 +327,11 @@ impl CudaBackend {
         clamp: Option<LogRatioClamp>,
     ) -> Result<SeqLaunch> {
         let batch = validate_layout(rows, layout)?;
-        let (seq, cu_seqlens) = match layout {
-            SequenceLayout::Padded { seq, .. } => (seq, None),
-            SequenceLayout::Packed { cu_seqlens } => (0, Some(self.htod(cu_seqlens)?)),
+        let cu_seqlens = match layout {
+            SequenceLayout::Padded { .. } => None,
+            SequenceLayout::Packed { cu_seqlens } => Some(self.htod(cu_seqlens)?),
         };
-        let clamp_or_default = clamp.unwrap_or(LogRatioClamp { min: 0.0, max: 0.0 });
-        let params = HaloSeqParams {
-            batch: batch as i64,
-            seq: seq as i64,
-            ignore_index,
-            use_clamp: clamp.is_some() as i32,
-            clamp_min: clamp_or_default.min,
-            clamp_max: clamp_or_default.max,
-        };
+        let params = kernel_host::seq_params(batch, &layout, ignore_index, clamp);
         Ok(SeqLaunch {
             params,
             cfg: blocks_launch(batch.max(1), SEQ_THREADS)?,
@@ -368,24 +351,8 @@ impl CudaBackend {
 /// Validates `layout` against `rows` with the CPU's errors; returns the number of sequences.
 fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
     check_rows_fit_status(rows)?;
-    let batch = match layout {
-        SequenceLayout::Padded { batch, seq } => {
-            // Checked here rather than through `layout.ranges`, which would first build a
-            // `batch`-long list; same error as the CPU for a mismatch.
-            let covered = batch.checked_mul(seq).ok_or_else(|| {
-                HaloError::InvalidShape(format!("padded batch {batch} * seq {seq} overflows usize"))
-            })?;
-            if covered != rows {
-                return Err(HaloError::LengthMismatch {
-                    what: "token rows (padded batch * seq)",
-                    expected: covered,
-                    got: rows,
-                });
-            }
-            batch
-        }
-        SequenceLayout::Packed { .. } => layout.ranges(rows)?.len(),
-    };
+    // The CPU's own check, without building the `batch`-long list of ranges.
+    let batch = layout.check_rows(rows)?;
     if batch > i32::MAX as usize {
         return Err(HaloError::InvalidShape(format!(
             "{batch} sequences exceed the CUDA grid limit"
@@ -397,18 +364,4 @@ fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
 fn check_sums_len(seq: &SeqLaunch, out: &CudaSequenceSums) -> Result<()> {
     check_len("sums", seq.batch, out.sums.len())?;
     check_len("counts", seq.batch, out.counts.len())
-}
-
-/// Same rule and error as the CPU op: a clamp needs finite `min <= max`.
-fn check_clamp(clamp: Option<LogRatioClamp>) -> Result<()> {
-    match clamp {
-        Some(c) if !c.min.is_finite() || !c.max.is_finite() || c.min > c.max => {
-            Err(HaloError::InvalidHyperParameter {
-                name: "LogRatioClamp",
-                value: c.min as f64,
-                reason: "needs finite min <= max",
-            })
-        }
-        _ => Ok(()),
-    }
 }

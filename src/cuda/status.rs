@@ -5,11 +5,12 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::device::{cuda_err, CudaBackend};
-use crate::error::{HaloError, Result};
+use crate::error::Result;
 use crate::kernel_abi::{
     STATUS_BAD_LABEL, STATUS_EMPTY_SEQUENCE, STATUS_LEN, STATUS_NONFINITE, STATUS_NONFINITE_GRAD,
     STATUS_OK,
 };
+use crate::kernel_host::{self, status_row};
 
 /// A device status buffer for one launch at a time (reset it before each launch).
 #[derive(Debug)]
@@ -23,8 +24,7 @@ pub struct StatusWord(pub [i32; STATUS_LEN]);
 
 impl StatusWord {
     fn row(&self, slot: usize) -> Option<usize> {
-        let v = self.0[slot];
-        (v != STATUS_OK).then_some(v.max(0) as usize)
+        status_row(&self.0, slot)
     }
     /// First row whose label is neither the ignore index nor in `0..vocab`.
     pub fn bad_label_row(&self) -> Option<usize> {
@@ -72,9 +72,8 @@ impl CudaBackend {
         Ok(StatusWord(word))
     }
 
-    /// The CPU op's error for a token kernel's status, in the CPU op's order of checks: a bad
-    /// label first (its value read back from `labels`), then `nonfinite_what` (logits in the
-    /// forward, lse in the backward), then `grad_logp`.
+    /// The CPU op's error for a token kernel's status (see
+    /// [`crate::kernel_host::token_status_error`]); a bad label's value is read back from `labels`.
     pub(crate) fn token_status_error(
         &self,
         word: StatusWord,
@@ -83,27 +82,12 @@ impl CudaBackend {
         ignore_index: i32,
         nonfinite_what: &'static str,
     ) -> Result<()> {
-        if let Some(row) = word.bad_label_row() {
-            let label = self.read_element(labels, row)?;
-            return Err(HaloError::LabelOutOfRange {
-                row,
-                label: label as i64,
-                vocab,
-                ignore_index: ignore_index as i64,
-            });
-        }
-        if let Some(row) = word.nonfinite_row() {
-            return Err(HaloError::NonFinite {
-                what: nonfinite_what,
-                row,
-            });
-        }
-        if let Some(row) = word.nonfinite_grad_row() {
-            return Err(HaloError::NonFinite {
-                what: "grad_logp",
-                row,
-            });
-        }
-        Ok(())
+        kernel_host::token_status_error(
+            &word.0,
+            |row| self.read_element(labels, row),
+            vocab,
+            ignore_index,
+            nonfinite_what,
+        )
     }
 }

@@ -5,12 +5,11 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
-use super::launch::{
-    check_aligned, check_len, check_token_shape, entry_name, token_launch, CudaLogit,
-};
+use super::launch::{check_aligned, check_token_shape, entry_name, token_launch, CudaLogit};
 use super::status::KernelStatus;
 use super::status::StatusWord;
 use crate::error::Result;
+use crate::validate::check_forward_outputs;
 
 /// Output of [`CudaBackend::token_logprobs`]: one entry per row, on the device.
 #[derive(Debug)]
@@ -62,8 +61,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         if rows == 0 {
-            check_len("logp", 0, logp.len())?;
-            return check_len("lse", 0, lse.len());
+            return check_forward_outputs(0, logp.len(), lse.len());
         }
         let mut status = self.new_status()?;
         self.enqueue_token_logprobs(logits, labels, vocab, ignore_index, logp, lse, &mut status)?;
@@ -86,8 +84,7 @@ impl CudaBackend {
         status: &mut KernelStatus,
     ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
-        check_len("logp", rows, logp.len())?;
-        check_len("lse", rows, lse.len())?;
+        check_forward_outputs(rows, logp.len(), lse.len())?;
         if rows == 0 {
             return Ok(());
         }

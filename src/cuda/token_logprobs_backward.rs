@@ -9,11 +9,10 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
-use super::launch::{
-    check_aligned, check_len, check_token_shape, entry_name, token_launch, CudaLogit,
-};
+use super::launch::{check_aligned, check_token_shape, entry_name, token_launch, CudaLogit};
 use super::status::{KernelStatus, StatusWord};
 use crate::error::Result;
+use crate::validate::{check_backward_inputs, check_grad_logits};
 
 impl CudaBackend {
     /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), like
@@ -191,7 +190,6 @@ fn check_backward_lengths(
     grad_logp_len: usize,
     grad_logits_len: usize,
 ) -> Result<()> {
-    check_len("lse", rows, lse_len)?;
-    check_len("grad_logp", rows, grad_logp_len)?;
-    check_len("grad_logits", rows * vocab, grad_logits_len)
+    check_backward_inputs(rows, lse_len, grad_logp_len)?;
+    check_grad_logits(rows, vocab, grad_logits_len)
 }

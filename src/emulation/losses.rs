@@ -4,11 +4,13 @@
 use super::ffi;
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{
-    dpo_out, kto_out, HaloDpoParams, HaloKtoParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE,
-    DPO_LOSS_IPO, DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID, KL_FROM_PAIRS, KL_FROM_SUM, KL_ZERO,
-    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, LOSS_THREADS, STATUS_EMPTY_SEQUENCE, STATUS_LEN,
-    STATUS_OK,
+    dpo_out, kto_out, HaloDpoParams, HaloKtoParams, KL_FROM_PAIRS, KL_FROM_SUM, KL_ZERO,
+    LOSS_THREADS, STATUS_EMPTY_SEQUENCE, STATUS_LEN, STATUS_OK,
 };
+use crate::kernel_host::{dpo_loss_code, kto_loss_code, status_row};
+use crate::losses::validate::{self, check_finite};
+use crate::losses::{DpoLossType, KtoLossType};
+use crate::validate::check_len;
 
 /// KTO loss variants (TRL `KTOConfig.loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,28 +65,9 @@ pub struct KtoKernelOutput {
     pub out: Vec<f32>,
 }
 
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
-}
-
+/// The losses' own hyper-parameter check, on the kernel's f32 value (exact in f64).
 fn check_positive(name: &'static str, value: f32) -> Result<()> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
-        Err(HaloError::InvalidHyperParameter {
-            name,
-            value: value as f64,
-            reason: "must be finite and > 0",
-        })
-    }
+    validate::check_positive(name, value as f64)
 }
 
 /// Emulated `kto_loss_f32` at the kernel's level (f32 in and out, raw output slots).
@@ -106,23 +89,17 @@ pub fn kto_loss_kernel(
         ("desirable_weight", config.desirable_weight),
         ("undesirable_weight", config.undesirable_weight),
     ] {
-        if !(w.is_finite() && w >= 0.0) {
-            return Err(HaloError::InvalidHyperParameter {
-                name,
-                value: w as f64,
-                reason: "must be finite and >= 0",
-            });
-        }
+        validate::check_nonnegative(name, w as f64)?;
     }
     if batch > i32::MAX as usize {
         return Err(HaloError::InvalidShape(format!(
             "batch {batch} exceeds int32"
         )));
     }
-    let loss_type = match config.loss {
-        KtoKernelLoss::Kto => KTO_LOSS_KTO,
-        KtoKernelLoss::ApoZeroUnpaired => KTO_LOSS_APO_ZERO_UNPAIRED,
-    };
+    let loss_type = kto_loss_code(match config.loss {
+        KtoKernelLoss::Kto => KtoLossType::Kto,
+        KtoKernelLoss::ApoZeroUnpaired => KtoLossType::ApoZeroUnpaired,
+    });
     let mut p = HaloKtoParams {
         batch: batch as i32,
         loss_type,
@@ -244,13 +221,13 @@ pub fn dpo_loss_kernel(
     if n > i32::MAX as usize {
         return Err(HaloError::InvalidShape(format!("{n} pairs exceed int32")));
     }
-    let loss_type = match loss {
-        DpoKernelLoss::Sigmoid => DPO_LOSS_SIGMOID,
-        DpoKernelLoss::Robust => DPO_LOSS_ROBUST,
-        DpoKernelLoss::Hinge => DPO_LOSS_HINGE,
-        DpoKernelLoss::Ipo => DPO_LOSS_IPO,
-        DpoKernelLoss::ApoZero => DPO_LOSS_APO_ZERO,
-    };
+    let loss_type = dpo_loss_code(match loss {
+        DpoKernelLoss::Sigmoid => DpoLossType::Sigmoid,
+        DpoKernelLoss::Robust => DpoLossType::Robust,
+        DpoKernelLoss::Hinge => DpoLossType::Hinge,
+        DpoKernelLoss::Ipo => DpoLossType::Ipo,
+        DpoKernelLoss::ApoZero => DpoLossType::ApoZero,
+    });
     let dummy = [0u32; 1];
     let (chosen_counts, rejected_counts) = match pairs.counts {
         Some((c, r)) => {
@@ -293,10 +270,10 @@ pub fn dpo_loss_kernel(
             p,
         );
     }
-    if status[STATUS_EMPTY_SEQUENCE] != STATUS_OK {
+    if let Some(index) = status_row(&status, STATUS_EMPTY_SEQUENCE) {
         return Err(HaloError::EmptySequence {
             what: "dpo pairs (chosen or rejected completion)",
-            index: status[STATUS_EMPTY_SEQUENCE] as usize,
+            index,
         });
     }
     Ok(DpoKernelOutput {
@@ -309,35 +286,19 @@ pub fn dpo_loss_kernel(
 
 // ---- the losses module's API (`crate::losses`), computed by the kernels ----------------------
 
+use crate::kernel_host::{dpo_metrics, kto_metrics};
+use crate::losses::dpo::{check_pair_batch, ipo_checked_counts};
+use crate::losses::kto::check_kto_batch;
 use crate::losses::{
-    DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, LossMetrics,
-    PairBatch, PairLossOutput,
+    DpoConfig, KlInput, KtoBatch, KtoConfig, KtoOutput, PairBatch, PairLossOutput,
 };
-
-fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(row) => Err(HaloError::NonFinite { what, row }),
-        None => Ok(()),
-    }
-}
-
-fn mean(sum: f32, count: f32) -> Option<f64> {
-    (count > 0.0).then(|| sum as f64 / count as f64)
-}
 
 /// Emulated [`crate::losses::kto_loss`]: same arguments, validation and output type. Deliberate
 /// difference: the kernel computes in f32 (the CPU loss in f64), and an all-reduced
 /// `ReferencePointPartial` enters the kernel as an f32 sum and count.
 pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
     config.validate()?;
-    let n = batch.policy_logps.len();
-    if n == 0 {
-        return Err(HaloError::EmptyBatch("policy_logps"));
-    }
-    check_len("reference_logps", n, batch.reference_logps.len())?;
-    check_len("is_desirable", n, batch.is_desirable.len())?;
-    check_finite("policy_logps", batch.policy_logps)?;
-    check_finite("reference_logps", batch.reference_logps)?;
+    check_kto_batch(batch)?;
     let kl = match config.loss_type {
         KtoLossType::ApoZeroUnpaired => KlSource::Zero,
         KtoLossType::Kto => match batch.kl {
@@ -383,25 +344,11 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
             row: 0,
         });
     }
-    let o = &raw.out;
-    let (cc, rc) = (o[kto_out::CHOSEN_COUNT], o[kto_out::REJECTED_COUNT]);
-    let rewards_chosen = mean(o[kto_out::CHOSEN_REWARD_SUM], cc);
-    let rewards_rejected = mean(o[kto_out::REJECTED_REWARD_SUM], rc);
     Ok(KtoOutput {
         loss: raw.loss as f64,
+        metrics: kto_metrics(raw.z0 as f64, &raw.out),
         grad_policy_logps: raw.grad_policy,
         z0: raw.z0 as f64,
-        metrics: LossMetrics {
-            rewards_chosen,
-            rewards_rejected,
-            rewards_margins: rewards_chosen.zip(rewards_rejected).map(|(c, r)| c - r),
-            logps_chosen: mean(o[kto_out::CHOSEN_LOGP_SUM], cc),
-            logps_rejected: mean(o[kto_out::REJECTED_LOGP_SUM], rc),
-            kl: Some(raw.z0 as f64),
-            chosen_count: cc as u64,
-            rejected_count: rc as u64,
-            ..LossMetrics::default()
-        },
     })
 }
 
@@ -409,35 +356,7 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
 /// computes in f32, the CPU loss in f64).
 pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
     config.validate()?;
-    let n = batch.policy_chosen_logps.len();
-    if n == 0 {
-        return Err(HaloError::EmptyBatch("policy_chosen_logps"));
-    }
-    check_len(
-        "policy_rejected_logps",
-        n,
-        batch.policy_rejected_logps.len(),
-    )?;
-    check_len(
-        "reference_chosen_logps",
-        n,
-        batch.reference_chosen_logps.len(),
-    )?;
-    check_len(
-        "reference_rejected_logps",
-        n,
-        batch.reference_rejected_logps.len(),
-    )?;
-    check_finite("policy_chosen_logps", batch.policy_chosen_logps)?;
-    check_finite("policy_rejected_logps", batch.policy_rejected_logps)?;
-    check_finite("reference_chosen_logps", batch.reference_chosen_logps)?;
-    check_finite("reference_rejected_logps", batch.reference_rejected_logps)?;
-    if let Some(c) = batch.chosen_counts {
-        check_len("chosen_counts", n, c.len())?;
-    }
-    if let Some(c) = batch.rejected_counts {
-        check_len("rejected_counts", n, c.len())?;
-    }
+    let n = check_pair_batch(batch)?;
     let loss = match config.loss_type {
         DpoLossType::Sigmoid => DpoKernelLoss::Sigmoid,
         DpoLossType::Robust => DpoKernelLoss::Robust,
@@ -450,16 +369,7 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         _ => None,
     };
     if loss == DpoKernelLoss::Ipo {
-        let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
-        for (what, c) in [
-            ("chosen_counts", batch.chosen_counts),
-            ("rejected_counts", batch.rejected_counts),
-        ] {
-            let c = c.ok_or(HaloError::MissingArgument { what, needed_by })?;
-            if let Some(index) = c.iter().position(|&x| x == 0) {
-                return Err(HaloError::EmptySequence { what, index });
-            }
-        }
+        ipo_checked_counts(batch)?;
     }
     let pairs = DpoPairs {
         policy_chosen: batch.policy_chosen_logps,
@@ -486,22 +396,10 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
             row: 0,
         });
     }
-    let o = &raw.out;
-    let nf = n as f32;
     Ok(PairLossOutput {
         loss: raw.loss as f64,
+        metrics: dpo_metrics(n, &raw.out),
         grad_chosen: raw.grad_chosen,
         grad_rejected: raw.grad_rejected,
-        metrics: LossMetrics {
-            rewards_chosen: mean(o[dpo_out::CHOSEN_REWARD_SUM], nf),
-            rewards_rejected: mean(o[dpo_out::REJECTED_REWARD_SUM], nf),
-            rewards_margins: mean(o[dpo_out::MARGIN_SUM], nf),
-            rewards_accuracies: mean(o[dpo_out::ACCURACY_COUNT], nf),
-            logps_chosen: mean(o[dpo_out::CHOSEN_LOGP_SUM], nf),
-            logps_rejected: mean(o[dpo_out::REJECTED_LOGP_SUM], nf),
-            chosen_count: n as u64,
-            rejected_count: n as u64,
-            ..LossMetrics::default()
-        },
     })
 }

@@ -7,18 +7,8 @@ use super::ffi;
 use crate::cpu::{LogRatioClamp, SequenceLayout, SequenceSums};
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
-}
+use crate::kernel_host;
+use crate::validate::{check_clamp, check_humanline_args, check_len};
 
 fn seq_params(
     layout: &SequenceLayout<'_>,
@@ -26,35 +16,14 @@ fn seq_params(
     ignore_index: i32,
     clamp: Option<LogRatioClamp>,
 ) -> Result<HaloSeqParams> {
-    layout.ranges(rows)?;
-    let seq = match *layout {
-        SequenceLayout::Padded { seq, .. } => seq as i64,
-        SequenceLayout::Packed { .. } => 0,
-    };
-    let batch = layout.batch();
+    let batch = layout.check_rows(rows)?;
     if batch > u32::MAX as usize || rows > u32::MAX as usize {
         return Err(HaloError::InvalidShape(format!(
             "{batch} sequences of {rows} rows: the kernels take 32-bit offsets"
         )));
     }
-    if let Some(c) = clamp {
-        let valid = c.min.is_finite() && c.max.is_finite() && c.min <= c.max;
-        if !valid {
-            return Err(HaloError::InvalidHyperParameter {
-                name: "LogRatioClamp",
-                value: c.min as f64,
-                reason: "needs finite min <= max",
-            });
-        }
-    }
-    Ok(HaloSeqParams {
-        batch: batch as i64,
-        seq,
-        ignore_index,
-        use_clamp: clamp.is_some() as i32,
-        clamp_min: clamp.map_or(0.0, |c| c.min),
-        clamp_max: clamp.map_or(0.0, |c| c.max),
-    })
+    check_clamp(clamp)?;
+    Ok(kernel_host::seq_params(batch, layout, ignore_index, clamp))
 }
 
 /// Poisoned outputs: NaN sums and `u32::MAX` counts, so an unwritten element cannot pass.
@@ -210,14 +179,11 @@ pub fn humanline_grad_mask(
     clamp: LogRatioClamp,
     token_grad: &mut [f32],
 ) -> Result<()> {
-    check_len("reference_logp", policy_logp.len(), reference_logp.len())?;
-    check_len("token_grad", policy_logp.len(), token_grad.len())?;
-    // Same clamp validation as the sums (reuses their error).
-    seq_params(
-        &SequenceLayout::Padded { batch: 0, seq: 0 },
-        0,
-        0,
-        Some(clamp),
+    check_humanline_args(
+        policy_logp.len(),
+        reference_logp.len(),
+        token_grad.len(),
+        clamp,
     )?;
     let n = policy_logp.len();
     if n == 0 {

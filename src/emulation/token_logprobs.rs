@@ -11,8 +11,11 @@ use crate::cpu::TokenLogprobs;
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{
-    token_grid, token_rows_per_block, HaloTokenParams, STATUS_BAD_LABEL, STATUS_LEN,
-    STATUS_NONFINITE, STATUS_NONFINITE_GRAD, STATUS_OK, TOKEN_THREADS,
+    token_grid, token_rows_per_block, HaloTokenParams, STATUS_LEN, STATUS_OK, TOKEN_THREADS,
+};
+use crate::kernel_host::token_status_error;
+use crate::validate::{
+    check_backward_inputs, check_forward_outputs, check_grad_logits, check_logits_shape,
 };
 
 /// A logits dtype with emulated kernels.
@@ -140,7 +143,7 @@ pub(crate) fn token_params(
     vocab: usize,
     ignore_index: i32,
 ) -> Result<HaloTokenParams> {
-    let rows = crate::cpu::check_logits_shape(logits_len, labels_len, vocab)?;
+    let rows = check_logits_shape(logits_len, labels_len, vocab)?;
     if rows >= i32::MAX as usize {
         return Err(HaloError::InvalidShape(format!(
             "{rows} rows: the kernels index rows with int32 (at most {})",
@@ -153,40 +156,6 @@ pub(crate) fn token_params(
         ignore_index,
         rows_per_block: token_rows_per_block(vocab),
     })
-}
-
-/// Maps a status buffer to the CPU op's error, in the CPU op's order of checks.
-pub(crate) fn status_to_result(
-    status: &[i32; STATUS_LEN],
-    labels: &[i32],
-    vocab: usize,
-    ignore_index: i32,
-    nonfinite_what: &'static str,
-) -> Result<()> {
-    if status[STATUS_BAD_LABEL] != STATUS_OK {
-        let row = status[STATUS_BAD_LABEL] as usize;
-        return Err(HaloError::LabelOutOfRange {
-            row,
-            label: labels[row] as i64,
-            vocab,
-            ignore_index: ignore_index as i64,
-        });
-    }
-    if status[STATUS_NONFINITE] != STATUS_OK {
-        let row = status[STATUS_NONFINITE] as usize;
-        return Err(HaloError::NonFinite {
-            what: nonfinite_what,
-            row,
-        });
-    }
-    if status[STATUS_NONFINITE_GRAD] != STATUS_OK {
-        let row = status[STATUS_NONFINITE_GRAD] as usize;
-        return Err(HaloError::NonFinite {
-            what: "grad_logp",
-            row,
-        });
-    }
-    Ok(())
 }
 
 /// Emulated [`crate::cpu::token_logprobs`].
@@ -224,15 +193,7 @@ pub fn token_logprobs_into<T: EmulatedElement>(
 ) -> Result<()> {
     let p = token_params(logits.len(), labels.len(), vocab, ignore_index)?;
     let rows = labels.len();
-    for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
-        if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
-        }
-    }
+    check_forward_outputs(rows, logp.len(), lse.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -249,20 +210,13 @@ pub fn token_logprobs_into<T: EmulatedElement>(
             p,
         );
     }
-    status_to_result(&status, labels, vocab, ignore_index, "logits")
-}
-
-fn check_backward_lengths(rows: usize, lse: &[f32], grad_logp: &[f32]) -> Result<()> {
-    for (what, got) in [("lse", lse.len()), ("grad_logp", grad_logp.len())] {
-        if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
-        }
-    }
-    Ok(())
+    token_status_error(
+        &status,
+        |row| Ok(labels[row]),
+        vocab,
+        ignore_index,
+        "logits",
+    )
 }
 
 /// Emulated [`crate::cpu::token_logprobs_backward`]. On error the contents of `grad_logits` are
@@ -279,14 +233,8 @@ pub fn token_logprobs_backward<T: EmulatedElement>(
 ) -> Result<()> {
     let p = token_params(logits.len(), labels.len(), vocab, ignore_index)?;
     let rows = labels.len();
-    check_backward_lengths(rows, lse, grad_logp)?;
-    if grad_logits.len() != rows * vocab {
-        return Err(HaloError::LengthMismatch {
-            what: "grad_logits",
-            expected: rows * vocab,
-            got: grad_logits.len(),
-        });
-    }
+    check_backward_inputs(rows, lse.len(), grad_logp.len())?;
+    check_grad_logits(rows, vocab, grad_logits.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -304,7 +252,7 @@ pub fn token_logprobs_backward<T: EmulatedElement>(
             p,
         );
     }
-    status_to_result(&status, labels, vocab, ignore_index, "lse")
+    token_status_error(&status, |row| Ok(labels[row]), vocab, ignore_index, "lse")
 }
 
 /// Emulated [`crate::cpu::token_logprobs_backward_inplace`]. On error the logits are unspecified.
@@ -318,7 +266,7 @@ pub fn token_logprobs_backward_inplace<T: EmulatedElement>(
 ) -> Result<()> {
     let p = token_params(logits.len(), labels.len(), vocab, ignore_index)?;
     let rows = labels.len();
-    check_backward_lengths(rows, lse, grad_logp)?;
+    check_backward_inputs(rows, lse.len(), grad_logp.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -335,5 +283,5 @@ pub fn token_logprobs_backward_inplace<T: EmulatedElement>(
             p,
         );
     }
-    status_to_result(&status, labels, vocab, ignore_index, "lse")
+    token_status_error(&status, |row| Ok(labels[row]), vocab, ignore_index, "lse")
 }

@@ -18,10 +18,10 @@ use super::metrics::pair_metrics;
 use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
 use super::validate::{
-    check_counts_positive, check_finite, check_label_smoothing, check_len, check_nonempty,
-    check_outputs, check_positive,
+    check_count_lengths, check_counts_positive, check_finite, check_label_smoothing, check_outputs,
+    check_pair_lengths, check_positive, ipo_counts,
 };
-use crate::error::{HaloError, Result};
+use crate::error::Result;
 
 /// Which DPO-family loss (TRL `DPOConfig.loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,40 +99,12 @@ impl DpoConfig {
 /// count of 0.
 pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
     config.validate()?;
-    let n = batch.policy_chosen_logps.len();
-    check_nonempty("policy_chosen_logps", batch.policy_chosen_logps)?;
-    check_len("policy_rejected_logps", n, batch.policy_rejected_logps)?;
-    check_len("reference_chosen_logps", n, batch.reference_chosen_logps)?;
-    check_len(
-        "reference_rejected_logps",
-        n,
-        batch.reference_rejected_logps,
-    )?;
-    check_finite("policy_chosen_logps", batch.policy_chosen_logps)?;
-    check_finite("policy_rejected_logps", batch.policy_rejected_logps)?;
-    check_finite("reference_chosen_logps", batch.reference_chosen_logps)?;
-    check_finite("reference_rejected_logps", batch.reference_rejected_logps)?;
-    if let Some(c) = batch.chosen_counts {
-        check_len("chosen_counts", n, c)?;
-    }
-    if let Some(c) = batch.rejected_counts {
-        check_len("rejected_counts", n, c)?;
-    }
+    let n = check_pair_batch(batch)?;
 
     // Per-sequence scale applied to every log-prob: 1/count for IPO, 1 otherwise.
     let (chosen_scale, rejected_scale): (Vec<f64>, Vec<f64>) =
         if config.loss_type == DpoLossType::Ipo {
-            let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
-            let chosen = batch.chosen_counts.ok_or(HaloError::MissingArgument {
-                what: "chosen_counts",
-                needed_by,
-            })?;
-            let rejected = batch.rejected_counts.ok_or(HaloError::MissingArgument {
-                what: "rejected_counts",
-                needed_by,
-            })?;
-            check_counts_positive("chosen_counts", chosen)?;
-            check_counts_positive("rejected_counts", rejected)?;
+            let (chosen, rejected) = ipo_checked_counts(batch)?;
             (
                 chosen.iter().map(|&c| 1.0 / c as f64).collect(),
                 rejected.iter().map(|&c| 1.0 / c as f64).collect(),
@@ -226,4 +198,34 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
             &rejected_logps,
         ),
     })
+}
+
+/// The batch checks of [`dpo_loss`] before any loss-type specific one, in its order (shared with
+/// the emulated loss): lengths, finite log-probs, lengths of the counts that are given. Returns
+/// the number of pairs.
+pub(crate) fn check_pair_batch(batch: &PairBatch<'_>) -> Result<usize> {
+    let n = check_pair_lengths(
+        batch.policy_chosen_logps.len(),
+        batch.policy_rejected_logps.len(),
+        batch.reference_chosen_logps.len(),
+        batch.reference_rejected_logps.len(),
+    )?;
+    check_finite("policy_chosen_logps", batch.policy_chosen_logps)?;
+    check_finite("policy_rejected_logps", batch.policy_rejected_logps)?;
+    check_finite("reference_chosen_logps", batch.reference_chosen_logps)?;
+    check_finite("reference_rejected_logps", batch.reference_rejected_logps)?;
+    check_count_lengths(
+        n,
+        batch.chosen_counts.map(<[u32]>::len),
+        batch.rejected_counts.map(<[u32]>::len),
+    )?;
+    Ok(n)
+}
+
+/// IPO's token counts: both given (`MissingArgument`), every count ≥ 1 (`EmptySequence`).
+pub(crate) fn ipo_checked_counts<'a>(batch: &PairBatch<'a>) -> Result<(&'a [u32], &'a [u32])> {
+    let (chosen, rejected) = ipo_counts(batch.chosen_counts, batch.rejected_counts)?;
+    check_counts_positive("chosen_counts", chosen)?;
+    check_counts_positive("rejected_counts", rejected)?;
+    Ok((chosen, rejected))
 }

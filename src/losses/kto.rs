@@ -13,7 +13,7 @@ use super::metrics::{mean_of, LossMetrics};
 use super::reference_point::ReferencePointPartial;
 use super::sigmoid::{sigmoid, sigmoid_derivative};
 use super::validate::{
-    check_finite, check_len, check_nonempty, check_nonnegative, check_outputs, check_positive,
+    check_finite, check_kto_lengths, check_nonnegative, check_outputs, check_positive,
 };
 use crate::error::{HaloError, Result};
 
@@ -121,12 +121,7 @@ pub struct KtoOutput {
 /// pair.
 pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
     config.validate()?;
-    let n = batch.policy_logps.len();
-    check_nonempty("policy_logps", batch.policy_logps)?;
-    check_len("reference_logps", n, batch.reference_logps)?;
-    check_len("is_desirable", n, batch.is_desirable)?;
-    check_finite("policy_logps", batch.policy_logps)?;
-    check_finite("reference_logps", batch.reference_logps)?;
+    let n = check_kto_batch(batch)?;
 
     let z0 = match config.loss_type {
         KtoLossType::ApoZeroUnpaired => 0.0,
@@ -175,6 +170,19 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
         z0,
         metrics,
     })
+}
+
+/// The per-example checks of [`kto_loss`], in its order (shared with the emulated loss): lengths,
+/// then finite log-probs. Returns the batch size.
+pub(crate) fn check_kto_batch(batch: &KtoBatch<'_>) -> Result<usize> {
+    let n = check_kto_lengths(
+        batch.policy_logps.len(),
+        batch.reference_logps.len(),
+        batch.is_desirable.len(),
+    )?;
+    check_finite("policy_logps", batch.policy_logps)?;
+    check_finite("reference_logps", batch.reference_logps)?;
+    Ok(n)
 }
 
 /// TRL's KTO metrics: rewards `β r` and policy log-probs averaged per class, `kl = z0`.

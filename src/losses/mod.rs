@@ -53,7 +53,7 @@ mod reference_free;
 pub mod reference_point;
 pub mod sigmoid;
 pub mod simpo;
-mod validate;
+pub(crate) mod validate;
 pub mod weights;
 
 pub use dpo::{dpo_loss, DpoConfig, DpoLossType};

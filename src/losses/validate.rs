@@ -1,18 +1,11 @@
-//! Input checks shared by the losses: lengths, finiteness, hyper-parameter domains.
+//! Input checks shared by the losses: lengths, finiteness, hyper-parameter domains. The CUDA and
+//! emulated losses call the same checks (on their buffers' lengths) so their errors match.
 
 use crate::error::{HaloError, Result};
 
 /// `got.len() == expected`, else `LengthMismatch` naming `what`.
 pub(crate) fn check_len<T>(what: &'static str, expected: usize, got: &[T]) -> Result<()> {
-    if got.len() == expected {
-        Ok(())
-    } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got: got.len(),
-        })
-    }
+    crate::validate::check_len(what, expected, got.len())
 }
 
 /// At least one element, else `EmptyBatch(what)`.
@@ -25,12 +18,7 @@ pub(crate) fn check_nonempty<T>(what: &'static str, values: &[T]) -> Result<()> 
 }
 
 /// Every value finite, else `NonFinite` at the first bad index.
-pub(crate) fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(row) => Err(HaloError::NonFinite { what, row }),
-        None => Ok(()),
-    }
-}
+pub(crate) use crate::validate::check_finite;
 
 /// Every count ≥ 1 (length-normalised losses divide by it), else `EmptySequence`.
 pub(crate) fn check_counts_positive(what: &'static str, counts: &[u32]) -> Result<()> {
@@ -100,4 +88,67 @@ pub(crate) fn check_outputs(what: &'static str, loss: f64, grads: &[&[f32]]) -> 
         check_finite(what, g)?;
     }
     Ok(())
+}
+
+/// The per-example lists of a KTO batch: at least one example (`EmptyBatch("policy_logps")`), then
+/// `reference_logps` and `is_desirable` of the same length. Returns the batch size.
+pub(crate) fn check_kto_lengths(
+    policy_len: usize,
+    reference_len: usize,
+    desirable_len: usize,
+) -> Result<usize> {
+    if policy_len == 0 {
+        return Err(HaloError::EmptyBatch("policy_logps"));
+    }
+    crate::validate::check_len("reference_logps", policy_len, reference_len)?;
+    crate::validate::check_len("is_desirable", policy_len, desirable_len)?;
+    Ok(policy_len)
+}
+
+/// The per-pair log-prob lists of a DPO batch: at least one pair
+/// (`EmptyBatch("policy_chosen_logps")`), then the other three of the same length. Returns the
+/// number of pairs.
+pub(crate) fn check_pair_lengths(
+    policy_chosen_len: usize,
+    policy_rejected_len: usize,
+    reference_chosen_len: usize,
+    reference_rejected_len: usize,
+) -> Result<usize> {
+    let n = policy_chosen_len;
+    if n == 0 {
+        return Err(HaloError::EmptyBatch("policy_chosen_logps"));
+    }
+    crate::validate::check_len("policy_rejected_logps", n, policy_rejected_len)?;
+    crate::validate::check_len("reference_chosen_logps", n, reference_chosen_len)?;
+    crate::validate::check_len("reference_rejected_logps", n, reference_rejected_len)?;
+    Ok(n)
+}
+
+/// Token-count lists, where given, hold one entry per pair.
+pub(crate) fn check_count_lengths(
+    n: usize,
+    chosen_len: Option<usize>,
+    rejected_len: Option<usize>,
+) -> Result<()> {
+    if let Some(len) = chosen_len {
+        crate::validate::check_len("chosen_counts", n, len)?;
+    }
+    if let Some(len) = rejected_len {
+        crate::validate::check_len("rejected_counts", n, len)?;
+    }
+    Ok(())
+}
+
+/// IPO length-normalises: both token-count lists must be given (`MissingArgument`, chosen first).
+pub(crate) fn ipo_counts<C>(chosen: Option<C>, rejected: Option<C>) -> Result<(C, C)> {
+    let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
+    let chosen = chosen.ok_or(HaloError::MissingArgument {
+        what: "chosen_counts",
+        needed_by,
+    })?;
+    let rejected = rejected.ok_or(HaloError::MissingArgument {
+        what: "rejected_counts",
+        needed_by,
+    })?;
+    Ok((chosen, rejected))
 }

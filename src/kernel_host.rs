@@ -1,0 +1,129 @@
+//! The host side of the kernel ABI shared by the CUDA backend and the host emulation: building
+//! the parameter structs of [`crate::kernel_abi`] from the CPU ops' and losses' arguments, and
+//! turning what a kernel wrote (status word, loss output slots) into the CPU op's error or output.
+//! Both backends call these, so they cannot drift from each other.
+
+use crate::cpu::{LogRatioClamp, SequenceLayout};
+use crate::error::Result;
+use crate::kernel_abi::{
+    dpo_out, kto_out, HaloSeqParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO,
+    DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID, KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL,
+    STATUS_LEN, STATUS_NONFINITE, STATUS_NONFINITE_GRAD, STATUS_OK,
+};
+use crate::losses::{DpoLossType, KtoLossType, LossMetrics};
+use crate::validate::label_out_of_range;
+use crate::HaloError;
+
+/// The row a kernel reported in status slot `slot`, or `None` for "no error".
+pub(crate) fn status_row(status: &[i32; STATUS_LEN], slot: usize) -> Option<usize> {
+    let v = status[slot];
+    (v != STATUS_OK).then_some(v.max(0) as usize)
+}
+
+/// The CPU op's error for a token kernel's status, in the CPU op's order of checks: a bad label
+/// first (its value fetched by `label_at(row)`), then `nonfinite_what` (`"logits"` in the forward,
+/// `"lse"` in the backward), then `grad_logp`.
+pub(crate) fn token_status_error(
+    status: &[i32; STATUS_LEN],
+    label_at: impl FnOnce(usize) -> Result<i32>,
+    vocab: usize,
+    ignore_index: i32,
+    nonfinite_what: &'static str,
+) -> Result<()> {
+    if let Some(row) = status_row(status, STATUS_BAD_LABEL) {
+        let label = label_at(row)?;
+        return Err(label_out_of_range(row, label, vocab, ignore_index));
+    }
+    if let Some(row) = status_row(status, STATUS_NONFINITE) {
+        return Err(HaloError::NonFinite {
+            what: nonfinite_what,
+            row,
+        });
+    }
+    if let Some(row) = status_row(status, STATUS_NONFINITE_GRAD) {
+        return Err(HaloError::NonFinite {
+            what: "grad_logp",
+            row,
+        });
+    }
+    Ok(())
+}
+
+/// Parameters of the sequence kernels for a validated `layout` of `batch` sequences (`seq` is
+/// read only by the padded entry points; clamp bounds only when `use_clamp`).
+pub(crate) fn seq_params(
+    batch: usize,
+    layout: &SequenceLayout<'_>,
+    ignore_index: i32,
+    clamp: Option<LogRatioClamp>,
+) -> HaloSeqParams {
+    let seq = match *layout {
+        SequenceLayout::Padded { seq, .. } => seq as i64,
+        SequenceLayout::Packed { .. } => 0,
+    };
+    HaloSeqParams {
+        batch: batch as i64,
+        seq,
+        ignore_index,
+        use_clamp: clamp.is_some() as i32,
+        clamp_min: clamp.map_or(0.0, |c| c.min),
+        clamp_max: clamp.map_or(0.0, |c| c.max),
+    }
+}
+
+/// `HaloKtoParams.loss_type` for a KTO loss type.
+pub(crate) fn kto_loss_code(loss_type: KtoLossType) -> i32 {
+    match loss_type {
+        KtoLossType::Kto => KTO_LOSS_KTO,
+        KtoLossType::ApoZeroUnpaired => KTO_LOSS_APO_ZERO_UNPAIRED,
+    }
+}
+
+/// `HaloDpoParams.loss_type` for a DPO-family loss type.
+pub(crate) fn dpo_loss_code(loss_type: DpoLossType) -> i32 {
+    match loss_type {
+        DpoLossType::Sigmoid => DPO_LOSS_SIGMOID,
+        DpoLossType::Robust => DPO_LOSS_ROBUST,
+        DpoLossType::Hinge => DPO_LOSS_HINGE,
+        DpoLossType::Ipo => DPO_LOSS_IPO,
+        DpoLossType::ApoZero => DPO_LOSS_APO_ZERO,
+    }
+}
+
+/// TRL's KTO metrics from the kernel's output slots (means per class, `None` for an absent
+/// class), with `z0` the reference point reported as `kl`.
+pub(crate) fn kto_metrics(z0: f64, out: &[f32]) -> LossMetrics {
+    let chosen = out[kto_out::CHOSEN_COUNT] as f64;
+    let rejected = out[kto_out::REJECTED_COUNT] as f64;
+    let mean = |sum: usize, count: f64| (count > 0.0).then(|| out[sum] as f64 / count);
+    let rewards_chosen = mean(kto_out::CHOSEN_REWARD_SUM, chosen);
+    let rewards_rejected = mean(kto_out::REJECTED_REWARD_SUM, rejected);
+    LossMetrics {
+        rewards_chosen,
+        rewards_rejected,
+        rewards_margins: rewards_chosen.zip(rewards_rejected).map(|(c, r)| c - r),
+        logps_chosen: mean(kto_out::CHOSEN_LOGP_SUM, chosen),
+        logps_rejected: mean(kto_out::REJECTED_LOGP_SUM, rejected),
+        kl: Some(z0),
+        chosen_count: chosen as u64,
+        rejected_count: rejected as u64,
+        ..LossMetrics::default()
+    }
+}
+
+/// TRL's pair metrics (means over the `n` pairs) from the DPO kernel's output slots.
+pub(crate) fn dpo_metrics(n: usize, out: &[f32]) -> LossMetrics {
+    let n_f = n as f64;
+    let mean = |slot: usize| Some(out[slot] as f64 / n_f);
+    LossMetrics {
+        rewards_chosen: mean(dpo_out::CHOSEN_REWARD_SUM),
+        rewards_rejected: mean(dpo_out::REJECTED_REWARD_SUM),
+        rewards_margins: mean(dpo_out::MARGIN_SUM),
+        rewards_accuracies: mean(dpo_out::ACCURACY_COUNT),
+        logps_chosen: mean(dpo_out::CHOSEN_LOGP_SUM),
+        logps_rejected: mean(dpo_out::REJECTED_LOGP_SUM),
+        chosen_count: n as u64,
+        rejected_count: n as u64,
+        ..LossMetrics::default()
+    }
+}
