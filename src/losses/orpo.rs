@@ -19,9 +19,8 @@
 //! - the rejected gradient grows like `β / |r|` as `r → 0⁻`; where it would overflow f32
 //!   (`|r| ≲ 1e-38 β`) the call returns `NonFinite` rather than an infinite gradient.
 
-use super::metrics::pair_metrics;
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
-use super::reference_free::{average_logps, chosen_nll};
+use super::reference_free::{average_logps, chosen_nll, reference_free_metrics};
 use super::sigmoid::{log1m_exp, log_sigmoid};
 use super::validate::{check_outputs, check_positive};
 use crate::error::{HaloError, Result};
@@ -99,10 +98,7 @@ pub fn orpo_loss(
         grad_rejected.push((d_r * inv_n / batch.rejected_counts[i] as f64) as f32);
     }
 
-    let chosen_rewards: Vec<f64> = avg_c.iter().map(|a| beta * a).collect();
-    let rejected_rewards: Vec<f64> = avg_r.iter().map(|a| beta * a).collect();
-    let mut metrics = pair_metrics(&chosen_rewards, &rejected_rewards, &avg_c, &avg_r);
-    metrics.nll_loss = Some(nll);
+    let mut metrics = reference_free_metrics(beta, &avg_c, &avg_r, nll);
     metrics.log_odds_ratio = Some(ratio_sum * inv_n);
     metrics.log_odds_chosen = Some(log_odds_sum * inv_n);
     let loss = nll - beta * ratio_sum * inv_n;

@@ -1,5 +1,6 @@
 //! Validation and per-pair averaging shared by the reference-free losses (SimPO, ORPO).
 
+use super::metrics::{pair_metrics, LossMetrics};
 use super::pairs::ReferenceFreePairBatch;
 use super::validate::{check_counts_positive, check_finite, check_len, check_nonempty};
 use crate::error::Result;
@@ -36,4 +37,19 @@ pub(crate) fn chosen_nll(batch: &ReferenceFreePairBatch<'_>) -> (f64, f64) {
     let tokens: f64 = batch.chosen_counts.iter().map(|&c| c as f64).sum();
     let sum: f64 = batch.policy_chosen_logps.iter().map(|&s| s as f64).sum();
     (-sum / tokens, -1.0 / tokens)
+}
+
+/// The metrics both reference-free losses report: rewards `β·a` on the average log-probs `a`,
+/// the average log-probs themselves, and the chosen NLL.
+pub(crate) fn reference_free_metrics(
+    beta: f64,
+    avg_chosen: &[f64],
+    avg_rejected: &[f64],
+    nll: f64,
+) -> LossMetrics {
+    let chosen_rewards: Vec<f64> = avg_chosen.iter().map(|a| beta * a).collect();
+    let rejected_rewards: Vec<f64> = avg_rejected.iter().map(|a| beta * a).collect();
+    let mut metrics = pair_metrics(&chosen_rewards, &rejected_rewards, avg_chosen, avg_rejected);
+    metrics.nll_loss = Some(nll);
+    metrics
 }

@@ -12,9 +12,8 @@
 //! `simpo_gamma` = 0.5); the SimPO paper uses larger β (2.0–10).
 //! A sequence with no tokens is an error (`EmptySequence`): its average log-prob is undefined.
 
-use super::metrics::pair_metrics;
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
-use super::reference_free::{average_logps, chosen_nll};
+use super::reference_free::{average_logps, chosen_nll, reference_free_metrics};
 use super::sigmoid::{log_sigmoid, sigmoid};
 use super::validate::{check_label_smoothing, check_nonnegative, check_outputs, check_positive};
 use crate::error::{HaloError, Result};
@@ -89,10 +88,7 @@ pub fn simpo_loss(
         grad_rejected.push(gr as f32);
     }
 
-    let chosen_rewards: Vec<f64> = avg_c.iter().map(|a| beta * a).collect();
-    let rejected_rewards: Vec<f64> = avg_r.iter().map(|a| beta * a).collect();
-    let mut metrics = pair_metrics(&chosen_rewards, &rejected_rewards, &avg_c, &avg_r);
-    metrics.nll_loss = Some(nll);
+    let metrics = reference_free_metrics(beta, &avg_c, &avg_r, nll);
     let loss = loss_sum * inv_n + config.nll_weight * nll;
     check_outputs(
         "simpo loss or gradient",
