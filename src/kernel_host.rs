@@ -6,9 +6,10 @@
 use crate::cpu::{LogRatioClamp, SequenceLayout};
 use crate::error::Result;
 use crate::kernel_abi::{
-    dpo_out, kto_out, HaloSeqParams, DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO,
-    DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID, KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL,
-    STATUS_LEN, STATUS_NONFINITE, STATUS_NONFINITE_GRAD, STATUS_OK,
+    dpo_out, kto_out, token_rows_per_block, HaloClampParams, HaloSeqParams, HaloTokenParams,
+    DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID,
+    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL, STATUS_LEN, STATUS_NONFINITE,
+    STATUS_NONFINITE_GRAD, STATUS_OK,
 };
 use crate::losses::{DpoLossType, KtoLossType, LossMetrics};
 use crate::validate::label_out_of_range;
@@ -47,6 +48,25 @@ pub(crate) fn token_status_error(
         });
     }
     Ok(())
+}
+
+/// Parameters of the token kernels for a validated `[rows, vocab]` shape.
+pub(crate) fn token_params(rows: usize, vocab: usize, ignore_index: i32) -> HaloTokenParams {
+    HaloTokenParams {
+        rows: rows as i64,
+        vocab: vocab as i64,
+        ignore_index,
+        rows_per_block: token_rows_per_block(vocab),
+    }
+}
+
+/// Parameters of `humanline_grad_mask_f32` over `n` tokens.
+pub(crate) fn clamp_params(n: usize, clamp: LogRatioClamp) -> HaloClampParams {
+    HaloClampParams {
+        n: n as i64,
+        clamp_min: clamp.min,
+        clamp_max: clamp.max,
+    }
 }
 
 /// Parameters of the sequence kernels for a validated `layout` of `batch` sequences (`seq` is

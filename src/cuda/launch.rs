@@ -4,7 +4,8 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{token_grid, token_rows_per_block, HaloTokenParams, TOKEN_THREADS};
+use crate::kernel_abi::{token_grid, HaloTokenParams, TOKEN_THREADS};
+use crate::kernel_host;
 use crate::validate::check_logits_shape;
 
 /// A logits element the kernels exist for (`f32`, `bf16`, `f16`), storable in device memory.
@@ -58,15 +59,9 @@ pub(crate) fn token_launch(
     vocab: usize,
     ignore_index: i32,
 ) -> (HaloTokenParams, LaunchConfig) {
-    let rows_per_block = token_rows_per_block(vocab);
-    let params = HaloTokenParams {
-        rows: rows as i64,
-        vocab: vocab as i64,
-        ignore_index,
-        rows_per_block,
-    };
+    let params = kernel_host::token_params(rows, vocab, ignore_index);
     let cfg = LaunchConfig {
-        grid_dim: (token_grid(rows, rows_per_block), 1, 1),
+        grid_dim: (token_grid(rows, params.rows_per_block), 1, 1),
         block_dim: (TOKEN_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };

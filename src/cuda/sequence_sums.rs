@@ -18,7 +18,7 @@ use super::device::{cuda_err, CudaBackend};
 use super::launch::{blocks_launch, check_aligned, check_len, check_rows_fit_status};
 use crate::cpu::{self, LogRatioClamp, SequenceLayout};
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
+use crate::kernel_abi::{HaloSeqParams, SEQ_THREADS};
 use crate::kernel_host;
 use crate::validate::{check_finite, check_humanline_args, check_logratio_args};
 
@@ -293,11 +293,7 @@ impl CudaBackend {
         }
         let blocks = n.div_ceil(SEQ_THREADS as usize);
         let cfg = blocks_launch(blocks, SEQ_THREADS)?;
-        let params = HaloClampParams {
-            n: n as i64,
-            clamp_min: clamp.min,
-            clamp_max: clamp.max,
-        };
+        let params = kernel_host::clamp_params(n, clamp);
         let func = self.function("humanline_grad_mask_f32")?;
         let stream = self.stream();
         let (policy_ptr, _r0) = policy_logp.device_ptr(stream);

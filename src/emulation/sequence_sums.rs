@@ -6,7 +6,7 @@
 use super::ffi;
 use crate::cpu::{LogRatioClamp, SequenceLayout, SequenceSums};
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{HaloClampParams, HaloSeqParams, SEQ_THREADS};
+use crate::kernel_abi::{HaloSeqParams, SEQ_THREADS};
 use crate::kernel_host;
 use crate::validate::{check_clamp, check_humanline_args, check_len};
 
@@ -191,11 +191,7 @@ pub fn humanline_grad_mask(
     }
     let grid = u32::try_from(n.div_ceil(SEQ_THREADS as usize))
         .map_err(|_| HaloError::InvalidShape(format!("{n} tokens exceed the 1-D grid")))?;
-    let p = HaloClampParams {
-        n: n as i64,
-        clamp_min: clamp.min,
-        clamp_max: clamp.max,
-    };
+    let p = kernel_host::clamp_params(n, clamp);
     // SAFETY: all three slices hold n elements.
     unsafe {
         ffi::halo_emu_humanline_grad_mask_f32(

@@ -10,10 +10,8 @@ use super::ffi;
 use crate::cpu::TokenLogprobs;
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{
-    token_grid, token_rows_per_block, HaloTokenParams, STATUS_LEN, STATUS_OK, TOKEN_THREADS,
-};
-use crate::kernel_host::token_status_error;
+use crate::kernel_abi::{token_grid, HaloTokenParams, STATUS_LEN, STATUS_OK, TOKEN_THREADS};
+use crate::kernel_host::{self, token_status_error};
 use crate::validate::{
     check_backward_inputs, check_forward_outputs, check_grad_logits, check_logits_shape,
 };
@@ -150,12 +148,7 @@ pub(crate) fn token_params(
             i32::MAX - 1
         )));
     }
-    Ok(HaloTokenParams {
-        rows: rows as i64,
-        vocab: vocab as i64,
-        ignore_index,
-        rows_per_block: token_rows_per_block(vocab),
-    })
+    Ok(kernel_host::token_params(rows, vocab, ignore_index))
 }
 
 /// Emulated [`crate::cpu::token_logprobs`].
