@@ -403,3 +403,41 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         grad_rejected: raw.grad_rejected,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::losses::{dpo_loss as cpu_dpo_loss, DpoLossType};
+
+    /// The emulated loss runs the CPU loss's own batch checks, so even combined faults give the
+    /// CPU's error: IPO with a zero chosen count AND no rejected counts is `MissingArgument`
+    /// (presence of both lists is checked before their values).
+    #[test]
+    fn ipo_count_errors_come_in_the_cpu_order() {
+        let v = [-5.0f32, -6.0];
+        let config = DpoConfig {
+            loss_type: DpoLossType::Ipo,
+            ..DpoConfig::default()
+        };
+        let batch = PairBatch {
+            policy_chosen_logps: &v,
+            policy_rejected_logps: &v,
+            reference_chosen_logps: &v,
+            reference_rejected_logps: &v,
+            chosen_counts: Some(&[3, 0]),
+            rejected_counts: None,
+        };
+        let want = cpu_dpo_loss(&config, &batch).unwrap_err();
+        assert!(
+            matches!(
+                want,
+                HaloError::MissingArgument {
+                    what: "rejected_counts",
+                    ..
+                }
+            ),
+            "{want:?}"
+        );
+        assert_eq!(dpo_loss(&config, &batch).unwrap_err(), want);
+    }
+}
