@@ -33,7 +33,9 @@ pub enum HaloError {
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),
     /// A KTO batch needs the log-probs of its mismatched (KL) pairs to form the reference point.
-    #[error("KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given")]
+    #[error(
+        "KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given"
+    )]
     MissingKlPairs { loss_type: &'static str },
     /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
     #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]
@@ -51,6 +53,16 @@ pub enum HaloError {
     /// The CUDA backend is unavailable (no driver, no GPU, or the kernels were not compiled).
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
+    /// A dataset line is malformed (bad JSON, missing or mistyped field); names the file and 1-based line.
+    #[error("{file}:{line}: {reason}")]
+    Dataset {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    /// Reading or writing a file failed (datasets, metrics, checkpoints, plots).
+    #[error("I/O error on `{path}`: {reason}")]
+    Io { path: String, reason: String },
     /// A CUDA driver call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
