@@ -21,11 +21,7 @@ pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
 }
 
 /// Checks `logits.len() == rows * vocab` and `labels.len() == rows`; returns `rows`.
-pub(crate) fn check_logits_shape(
-    logits_len: usize,
-    labels_len: usize,
-    vocab: usize,
-) -> Result<usize> {
+pub(crate) fn check_logits_shape(logits_len: usize, labels_len: usize, vocab: usize) -> Result<usize> {
     if vocab == 0 {
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }

@@ -85,10 +85,7 @@ pub struct LogRatioClamp {
 
 impl Default for LogRatioClamp {
     fn default() -> Self {
-        LogRatioClamp {
-            min: -1.0,
-            max: 1.5,
-        }
+        LogRatioClamp { min: -1.0, max: 1.5 }
     }
 }
 
@@ -101,9 +98,7 @@ pub fn sequence_sums(
 ) -> Result<SequenceSums> {
     check_len("labels", token_values.len(), labels.len())?;
     let ranges = layout.ranges(token_values.len())?;
-    Ok(masked_sums(&ranges, labels, ignore_index, |t| {
-        token_values[t]
-    }))
+    Ok(masked_sums(&ranges, labels, ignore_index, |t| token_values[t]))
 }
 
 /// Per-sequence sums of the per-token log-ratio `policy − reference`, optionally clamped per token
@@ -198,11 +193,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {
-        Err(HaloError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
+        Err(HaloError::LengthMismatch { what, expected, got })
     }
 }
 

@@ -40,14 +40,7 @@ pub fn token_logprobs<T: LogitElement>(
         logp: vec![0.0; rows],
         lse: vec![0.0; rows],
     };
-    token_logprobs_into(
-        logits,
-        labels,
-        vocab,
-        ignore_index,
-        &mut out.logp,
-        &mut out.lse,
-    )?;
+    token_logprobs_into(logits, labels, vocab, ignore_index, &mut out.logp, &mut out.lse)?;
     Ok(out)
 }
 
@@ -63,11 +56,7 @@ pub fn token_logprobs_into<T: LogitElement>(
     let rows = check_logits_shape(logits.len(), labels.len(), vocab)?;
     for (what, got) in [("logp", logp.len()), ("lse", lse.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
+            return Err(HaloError::LengthMismatch { what, expected: rows, got });
         }
     }
     check_labels(labels, vocab, ignore_index)?;
@@ -98,10 +87,7 @@ pub fn token_logprobs_into<T: LogitElement>(
         })
         .min();
     match first_bad_row {
-        Some(row) => Err(HaloError::NonFinite {
-            what: "logits",
-            row,
-        }),
+        Some(row) => Err(HaloError::NonFinite { what: "logits", row }),
         None => Ok(()),
     }
 }

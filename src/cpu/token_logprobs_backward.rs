@@ -35,11 +35,7 @@ pub fn token_logprobs_backward<T: LogitElement>(
     logits
         .par_chunks(vocab)
         .zip(grad_logits.par_chunks_mut(vocab))
-        .zip(
-            labels
-                .par_iter()
-                .zip(lse.par_iter().zip(grad_logp.par_iter())),
-        )
+        .zip(labels.par_iter().zip(lse.par_iter().zip(grad_logp.par_iter())))
         .with_min_len(min_rows_per_task(vocab))
         .for_each(|((z, dz), (&label, (&lse, &g)))| {
             if label == ignore_index {
@@ -70,11 +66,7 @@ pub fn token_logprobs_backward_inplace<T: LogitElement>(
     }
     logits
         .par_chunks_mut(vocab)
-        .zip(
-            labels
-                .par_iter()
-                .zip(lse.par_iter().zip(grad_logp.par_iter())),
-        )
+        .zip(labels.par_iter().zip(lse.par_iter().zip(grad_logp.par_iter())))
         .with_min_len(min_rows_per_task(vocab))
         .for_each(|(z, (&label, (&lse, &g)))| {
             if label == ignore_index {
@@ -102,11 +94,7 @@ fn check_backward_args(
     let rows = check_logits_shape(logits_len, labels.len(), vocab)?;
     for (what, got) in [("lse", lse.len()), ("grad_logp", grad_logp.len())] {
         if got != rows {
-            return Err(HaloError::LengthMismatch {
-                what,
-                expected: rows,
-                got,
-            });
+            return Err(HaloError::LengthMismatch { what, expected: rows, got });
         }
     }
     check_labels(labels, vocab, ignore_index)?;
