@@ -47,6 +47,19 @@ pub enum HaloError {
         value: f64,
         reason: &'static str,
     },
+    /// An optional argument that this loss type needs was not given (e.g. token counts for IPO).
+    #[error("`{what}` is required by {needed_by} but was not given")]
+    MissingArgument {
+        what: &'static str,
+        needed_by: &'static str,
+    },
+    /// A value that must be a log-probability (≤ 0) is positive.
+    #[error("`{what}` at index {index} is {value}, but a log-probability must be <= 0")]
+    InvalidLogProb {
+        what: &'static str,
+        index: usize,
+        value: f64,
+    },
     /// Packed-sequence offsets are not a non-decreasing list starting at 0 and ending at the row count.
     #[error("invalid sequence offsets: {0}")]
     InvalidOffsets(String),

@@ -1,1 +1,44 @@
-//! (placeholder: filled in by the losses work)
+//! Human-aware losses on per-sequence log-probs: KTO (and APO-zero unpaired), the DPO family
+//! (sigmoid/cDPO, robust, hinge, IPO, APO-zero), SimPO and ORPO.
+//!
+//! Every loss takes per-sequence policy (and, where used, reference) log-probs summed over each
+//! completion's tokens (f32, as [`crate::cpu::sequence_sums`] produces them; token counts `u32`
+//! where a loss length-normalises) and returns, in one call:
+//! - `loss`: the mean batch loss, **f64**;
+//! - the gradient of `loss` w.r.t. each SUMMED policy log-prob, **f32** (feed it to
+//!   [`crate::cpu::broadcast_sequence_grad`]);
+//! - [`LossMetrics`], f64, named and defined as TRL logs them.
+//!
+//! All arithmetic is f64 internally; reference log-probs and KTO's reference point are constants
+//! (no gradient). Formulas follow TRL (`trl/trainer/{kto,dpo,cpo,orpo}_trainer.py`); each module
+//! cites its function and documents any deliberate difference.
+//!
+//! Zero-token sequences: summed losses (KTO, DPO sigmoid/robust/hinge/apo_zero) accept them (their
+//! log-prob is 0); length-normalised ones (IPO, SimPO, ORPO) return `HaloError::EmptySequence`.
+//!
+//! [`reference`] holds plain f64 transcriptions of every formula for tests.
+
+pub mod dpo;
+pub mod kto;
+pub mod metrics;
+pub mod orpo;
+pub mod pairs;
+pub mod reference;
+mod reference_free;
+pub mod reference_point;
+pub mod sigmoid;
+pub mod simpo;
+mod validate;
+pub mod weights;
+
+pub use dpo::{dpo_loss, DpoConfig, DpoLossType};
+pub use kto::{kto_loss, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput};
+pub use metrics::LossMetrics;
+pub use orpo::{orpo_loss, OrpoConfig};
+pub use pairs::{PairBatch, PairLossOutput, ReferenceFreePairBatch};
+pub use reference_point::ReferencePointPartial;
+pub use simpo::{simpo_loss, SimpoConfig};
+pub use weights::{
+    check_kto_weights, suggest_kto_weights, KtoWeightCheck, KtoWeights, KTO_WEIGHT_RATIO_MAX,
+    KTO_WEIGHT_RATIO_MIN,
+};

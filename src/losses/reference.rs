@@ -1,0 +1,169 @@
+//! Plain f64 reference implementations of every loss, transcribed literally from the TRL formulas
+//! with no attention to numerics, and a central finite-difference helper. Tests (here and in other
+//! modules, e.g. the CUDA backend) compare the optimised losses against these on moderate inputs;
+//! they are not meant for extreme values (`exp` may overflow beyond |x| ≈ 700).
+
+/// `1 / (1 + e^{−x})`, literally.
+pub fn sigmoid_ref(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `log σ(x) = −log(1 + e^{−x})`.
+pub fn log_sigmoid_ref(x: f64) -> f64 {
+    -(-x).exp().ln_1p()
+}
+
+/// `max(0, mean(policy − reference))` over the KL pairs.
+pub fn kto_z0_ref(kl_policy: &[f64], kl_reference: &[f64]) -> f64 {
+    let mut total = 0.0;
+    for j in 0..kl_policy.len() {
+        total += kl_policy[j] - kl_reference[j];
+    }
+    (total / kl_policy.len() as f64).max(0.0)
+}
+
+/// TRL `kto_loss` + `nanmean`: `apo_zero_unpaired` when `apo` is set (then `z0` is unused).
+#[allow(clippy::too_many_arguments)]
+pub fn kto_loss_ref(
+    policy: &[f64],
+    reference: &[f64],
+    desirable: &[bool],
+    z0: f64,
+    beta: f64,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+    apo: bool,
+) -> f64 {
+    let mut losses = Vec::new();
+    for i in 0..policy.len() {
+        let logratio = policy[i] - reference[i];
+        let loss = match (desirable[i], apo) {
+            (true, false) => desirable_weight * (1.0 - sigmoid_ref(beta * (logratio - z0))),
+            (false, false) => undesirable_weight * (1.0 - sigmoid_ref(beta * (z0 - logratio))),
+            (true, true) => desirable_weight * (1.0 - sigmoid_ref(beta * logratio)),
+            (false, true) => undesirable_weight * sigmoid_ref(beta * logratio),
+        };
+        losses.push(loss);
+    }
+    losses.iter().sum::<f64>() / losses.len() as f64
+}
+
+/// TRL `dpo_loss` loss types by name: "sigmoid", "robust", "hinge", "ipo", "apo_zero".
+/// For "ipo" pass the token counts; every log-prob is divided by its count first.
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_loss_ref(
+    loss_type: &str,
+    beta: f64,
+    label_smoothing: f64,
+    policy_chosen: &[f64],
+    policy_rejected: &[f64],
+    reference_chosen: &[f64],
+    reference_rejected: &[f64],
+    chosen_counts: &[u32],
+    rejected_counts: &[u32],
+) -> f64 {
+    let n = policy_chosen.len();
+    let mut total = 0.0;
+    for i in 0..n {
+        let (mut pc, mut pr, mut rc, mut rr) = (
+            policy_chosen[i],
+            policy_rejected[i],
+            reference_chosen[i],
+            reference_rejected[i],
+        );
+        if loss_type == "ipo" {
+            pc /= chosen_counts[i] as f64;
+            rc /= chosen_counts[i] as f64;
+            pr /= rejected_counts[i] as f64;
+            rr /= rejected_counts[i] as f64;
+        }
+        let chosen_logratios = pc - rc;
+        let rejected_logratios = pr - rr;
+        let logits = chosen_logratios - rejected_logratios;
+        let eps = label_smoothing;
+        total += match loss_type {
+            "sigmoid" => {
+                -log_sigmoid_ref(beta * logits) * (1.0 - eps)
+                    - log_sigmoid_ref(-beta * logits) * eps
+            }
+            "robust" => {
+                (-log_sigmoid_ref(beta * logits) * (1.0 - eps)
+                    + log_sigmoid_ref(-beta * logits) * eps)
+                    / (1.0 - 2.0 * eps)
+            }
+            "hinge" => (1.0 - beta * logits).max(0.0),
+            "ipo" => (logits - 1.0 / (2.0 * beta)).powi(2),
+            "apo_zero" => {
+                (1.0 - sigmoid_ref(beta * chosen_logratios))
+                    + sigmoid_ref(beta * rejected_logratios)
+            }
+            other => panic!("unknown loss type {other}"),
+        };
+    }
+    total / n as f64
+}
+
+/// Token-mean NLL over all chosen tokens: `−Σ sum_c / Σ count_c`.
+pub fn chosen_nll_ref(policy_chosen: &[f64], chosen_counts: &[u32]) -> f64 {
+    let tokens: f64 = chosen_counts.iter().map(|&c| c as f64).sum();
+    -policy_chosen.iter().sum::<f64>() / tokens
+}
+
+/// TRL `cpo_loss` with `loss_type="simpo"`, plus `nll_weight · NLL` (TRL `cpo_alpha`).
+#[allow(clippy::too_many_arguments)]
+pub fn simpo_loss_ref(
+    beta: f64,
+    gamma: f64,
+    label_smoothing: f64,
+    nll_weight: f64,
+    policy_chosen: &[f64],
+    policy_rejected: &[f64],
+    chosen_counts: &[u32],
+    rejected_counts: &[u32],
+) -> f64 {
+    let n = policy_chosen.len();
+    let mut total = 0.0;
+    for i in 0..n {
+        let c = policy_chosen[i] / chosen_counts[i] as f64;
+        let r = policy_rejected[i] / rejected_counts[i] as f64;
+        let logits = (c - r) - gamma / beta;
+        total += -log_sigmoid_ref(beta * logits) * (1.0 - label_smoothing)
+            - log_sigmoid_ref(-beta * logits) * label_smoothing;
+    }
+    total / n as f64 + nll_weight * chosen_nll_ref(policy_chosen, chosen_counts)
+}
+
+/// TRL `odds_ratio_loss` + NLL: `NLL − β mean(logσ(log_odds))`.
+pub fn orpo_loss_ref(
+    beta: f64,
+    policy_chosen: &[f64],
+    policy_rejected: &[f64],
+    chosen_counts: &[u32],
+    rejected_counts: &[u32],
+) -> f64 {
+    let n = policy_chosen.len();
+    let mut ratio = 0.0;
+    for i in 0..n {
+        let c = policy_chosen[i] / chosen_counts[i] as f64;
+        let r = policy_rejected[i] / rejected_counts[i] as f64;
+        let log_odds = (c - r) - ((-c.exp()).ln_1p() - (-r.exp()).ln_1p());
+        ratio += log_sigmoid_ref(log_odds);
+    }
+    chosen_nll_ref(policy_chosen, chosen_counts) - beta * ratio / n as f64
+}
+
+/// Central difference `(f(x + h e_i) − f(x − h e_i)) / 2h` of `f` at `x` along coordinate `i`.
+pub fn central_difference(f: impl Fn(&[f64]) -> f64, x: &[f64], i: usize, h: f64) -> f64 {
+    let mut plus = x.to_vec();
+    let mut minus = x.to_vec();
+    plus[i] += h;
+    minus[i] -= h;
+    (f(&plus) - f(&minus)) / (2.0 * h)
+}
+
+/// The full central-difference gradient of `f` at `x`.
+pub fn finite_difference_gradient(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| central_difference(&f, x, i, h))
+        .collect()
+}
