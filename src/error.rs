@@ -79,4 +79,10 @@ pub enum HaloError {
     /// A CUDA driver call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// Misuse of the autograd tape (a variable from another tape, a second backward, ...).
+    #[error("autograd: {0}")]
+    Autograd(String),
+    /// A model checkpoint cannot be read, written or matched to the model (names the tensor).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }

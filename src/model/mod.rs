@@ -1,1 +1,24 @@
-//! (placeholder: filled in by the model work)
+//! A GPT-2-style language model on the [`autograd`](crate::autograd) tape, small enough to read in
+//! one sitting and fast enough to train a few million parameters on a laptop CPU.
+//!
+//! Architecture (Radford et al. 2019; Hugging Face `modeling_gpt2.py`): token embedding `wte` plus
+//! learned positions `wpe`; `n_layer` pre-layernorm blocks
+//! `x += c_proj(attn(c_attn(ln_1(x))))`, `x += mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))`; a final
+//! `ln_f`; logits `= h·wteᵀ` (tied unembedding). Parameter names and layouts are Hugging Face's
+//! (`transformer.h.{i}.attn.c_attn.weight` in Conv1D `[in, out]` layout, ...), so GPT-2
+//! safetensors checkpoints load directly and ours load in `transformers`.
+//!
+//! Files: `gpt` ([`Gpt`]: parameters, forward, per-token log-probs with and without a tape),
+//! `config` ([`GptConfig`]), `generate` (greedy / top-k [`Sampling`]), `checkpoint`
+//! (safetensors save/load, [`DTypeOnDisk`]), `optim` (AdamW, gradient clipping, LR schedules).
+
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod gpt;
+pub mod optim;
+
+pub use checkpoint::DTypeOnDisk;
+pub use config::GptConfig;
+pub use generate::Sampling;
+pub use gpt::Gpt;

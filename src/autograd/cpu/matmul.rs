@@ -1,0 +1,201 @@
+//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized, threaded for large
+//! sizes). Transposes are free: sgemm takes row and column strides for every operand.
+
+/// A read-only matrix view: `rows × cols` at `data[offset + r*row_stride + c*col_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            offset: 0,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// The index one past the last element touched, for bounds checks.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return self.offset;
+        }
+        self.offset
+            + (self.rows - 1) * self.row_stride as usize
+            + (self.cols - 1) * self.col_stride as usize
+            + 1
+    }
+}
+
+/// A mutable matrix view, laid out like [`MatRef`].
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A dense row-major matrix.
+    pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            offset: 0,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return self.offset;
+        }
+        self.offset
+            + (self.rows - 1) * self.row_stride as usize
+            + (self.cols - 1) * self.col_stride as usize
+            + 1
+    }
+}
+
+/// `c = alpha · a·b + beta · c`. Panics if the shapes disagree or a view leaves its buffer
+/// (strides must be non-negative), which would be a bug in the caller, not bad user input.
+pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
+    assert_eq!(
+        (a.rows, b.cols),
+        (c.rows, c.cols),
+        "gemm: output shape differs"
+    );
+    assert!(a.row_stride >= 0 && a.col_stride >= 0 && b.row_stride >= 0 && b.col_stride >= 0);
+    assert!(c.row_stride >= 0 && c.col_stride >= 0);
+    assert!(a.extent() <= a.data.len(), "gemm: `a` view out of bounds");
+    assert!(b.extent() <= b.data.len(), "gemm: `b` view out of bounds");
+    assert!(c.extent() <= c.data.len(), "gemm: `c` view out of bounds");
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    // SAFETY: every element sgemm reads or writes lies inside its slice (checked just above),
+    // `c` is borrowed mutably so it cannot alias `a` or `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            a.rows,
+            a.cols,
+            b.cols,
+            alpha,
+            a.data.as_ptr().add(a.offset),
+            a.row_stride,
+            a.col_stride,
+            b.data.as_ptr().add(b.offset),
+            b.row_stride,
+            b.col_stride,
+            beta,
+            c.data.as_mut_ptr().add(c.offset),
+            c.row_stride,
+            c.col_stride,
+        );
+    }
+}
+
+/// Forward of `y = x·w (+ b)` with `x: [n, k]`, `w: [k, m]` (Conv1D layout) or `w: [m, k]`
+/// when `transpose_w` (the tied unembedding `h·wteᵀ`), `b: [m]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+    transpose_w: bool,
+    y: &mut [f32],
+) {
+    let wv = weight_view(w, k, m, transpose_w);
+    let beta = match b {
+        Some(b) => {
+            for row in y.chunks_exact_mut(m) {
+                row.copy_from_slice(b);
+            }
+            1.0
+        }
+        None => 0.0,
+    };
+    gemm(
+        1.0,
+        MatRef::row_major(x, n, k),
+        wv,
+        beta,
+        MatMut::row_major(y, n, m),
+    );
+}
+
+/// `w` seen as a `[k, m]` matrix whatever its storage.
+fn weight_view(w: &[f32], k: usize, m: usize, transpose_w: bool) -> MatRef<'_> {
+    if transpose_w {
+        MatRef::row_major(w, m, k).t()
+    } else {
+        MatRef::row_major(w, k, m)
+    }
+}
+
+/// Backward of [`linear_forward`]: `dx += dy·wᵀ`, `dw += xᵀ·dy` (or `dyᵀ·x` when transposed),
+/// `db += Σ_rows dy`. Pass `None` for a gradient that is not needed.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+    transpose_w: bool,
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) {
+    let dyv = MatRef::row_major(dy, n, m);
+    if let Some(dx) = dx {
+        let wv = weight_view(w, k, m, transpose_w);
+        gemm(1.0, dyv, wv.t(), 1.0, MatMut::row_major(dx, n, k));
+    }
+    if let Some(dw) = dw {
+        let xv = MatRef::row_major(x, n, k);
+        if transpose_w {
+            gemm(1.0, dyv.t(), xv, 1.0, MatMut::row_major(dw, m, k));
+        } else {
+            gemm(1.0, xv.t(), dyv, 1.0, MatMut::row_major(dw, k, m));
+        }
+    }
+    if let Some(db) = db {
+        for row in dy.chunks_exact(m) {
+            for (d, &g) in db.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+    }
+}
