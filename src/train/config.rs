@@ -153,10 +153,13 @@ impl TrainArgs {
             return dir.clone();
         }
         let name = self.run_name.clone().unwrap_or_else(|| {
-            let mut name = format!("{}", match self.loss_type {
-                UnpairedLoss::Kto => "kto",
-                UnpairedLoss::ApoZeroUnpaired => "apo_zero_unpaired",
-            });
+            let mut name = format!(
+                "{}",
+                match self.loss_type {
+                    UnpairedLoss::Kto => "kto",
+                    UnpairedLoss::ApoZeroUnpaired => "apo_zero_unpaired",
+                }
+            );
             if self.skip_sft {
                 name.push_str("-nosft");
             }

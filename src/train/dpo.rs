@@ -14,14 +14,25 @@ use crate::IGNORE_INDEX;
 
 /// Loss, gradients and TRL metrics of one DPO step on a batch from
 /// [`dpo_batch`](super::batching::dpo_batch).
-pub fn dpo_step(policy: &Gpt, reference: &Gpt, batch: &TokenBatch, config: &DpoConfig) -> Result<StepOutput> {
+pub fn dpo_step(
+    policy: &Gpt,
+    reference: &Gpt,
+    batch: &TokenBatch,
+    config: &DpoConfig,
+) -> Result<StepOutput> {
     let n = batch.batch / 2;
     let layout = SequenceLayout::Padded {
         batch: batch.batch,
         seq: batch.seq,
     };
     let mut tape = Tape::new();
-    let token_logp = policy.token_logprobs(&mut tape, &batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
+    let token_logp = policy.token_logprobs(
+        &mut tape,
+        &batch.input_ids,
+        &batch.targets,
+        batch.batch,
+        batch.seq,
+    )?;
     let sums = sequence_sums(tape.value(token_logp), &batch.targets, IGNORE_INDEX, layout)?;
     let reference_logps = sequence_logps_inference(reference, batch)?;
     let out = dpo_loss(
@@ -35,7 +46,12 @@ pub fn dpo_step(policy: &Gpt, reference: &Gpt, batch: &TokenBatch, config: &DpoC
             rejected_counts: Some(&sums.counts[n..]),
         },
     )?;
-    let grad_seq: Vec<f32> = out.grad_chosen.iter().chain(&out.grad_rejected).copied().collect();
+    let grad_seq: Vec<f32> = out
+        .grad_chosen
+        .iter()
+        .chain(&out.grad_rejected)
+        .copied()
+        .collect();
     let token_grad = broadcast_sequence_grad(&grad_seq, &batch.targets, IGNORE_INDEX, layout)?;
     let grads = tape.backward(token_logp, &token_grad)?;
     Ok(StepOutput {

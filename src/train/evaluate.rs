@@ -15,13 +15,21 @@ const PROMPTS_PER_CHUNK: usize = 256;
 
 /// Greedy completion of each prompt (prefixed by the start token, as in training): `Some(text)`
 /// when the model closed it with EOS within `max_new_tokens`, `None` otherwise.
-pub fn greedy_completions(model: &Gpt, prompts: &[String], max_new_tokens: usize) -> Result<Vec<Option<String>>> {
+pub fn greedy_completions(
+    model: &Gpt,
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> Result<Vec<Option<String>>> {
     let tok = ByteTokenizer;
     let mut results = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(PROMPTS_PER_CHUNK) {
         let mut sequences: Vec<Vec<u32>> = chunk
             .iter()
-            .map(|p| std::iter::once(ByteTokenizer::EOS).chain(tok.encode(p)).collect())
+            .map(|p| {
+                std::iter::once(ByteTokenizer::EOS)
+                    .chain(tok.encode(p))
+                    .collect()
+            })
             .collect();
         let prompt_lens: Vec<usize> = sequences.iter().map(Vec::len).collect();
         let mut finished = vec![false; chunk.len()];
@@ -30,7 +38,13 @@ pub fn greedy_completions(model: &Gpt, prompts: &[String], max_new_tokens: usize
             if active.is_empty() {
                 break;
             }
-            let next = greedy_next_tokens(model, &active.iter().map(|&i| sequences[i].as_slice()).collect::<Vec<_>>())?;
+            let next = greedy_next_tokens(
+                model,
+                &active
+                    .iter()
+                    .map(|&i| sequences[i].as_slice())
+                    .collect::<Vec<_>>(),
+            )?;
             for (&i, token) in active.iter().zip(next) {
                 sequences[i].push(token);
                 finished[i] = token == ByteTokenizer::EOS;

@@ -26,16 +26,34 @@ fn layout(batch: &TokenBatch) -> SequenceLayout<'static> {
 
 /// Summed completion log-probs of `batch` under `model`, without gradient.
 pub fn sequence_logps_inference(model: &Gpt, batch: &TokenBatch) -> Result<Vec<f32>> {
-    let tokens = model.token_logprobs_inference(&batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
+    let tokens =
+        model.token_logprobs_inference(&batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
     Ok(sequence_sums(&tokens, &batch.targets, IGNORE_INDEX, layout(batch))?.sums)
 }
 
 /// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step.
-pub fn kto_step(policy: &Gpt, reference: &Gpt, batch: &KtoBatch, config: &KtoConfig) -> Result<StepOutput> {
+pub fn kto_step(
+    policy: &Gpt,
+    reference: &Gpt,
+    batch: &KtoBatch,
+    config: &KtoConfig,
+) -> Result<StepOutput> {
     let examples = &batch.examples;
     let mut tape = Tape::new();
-    let token_logp = policy.token_logprobs(&mut tape, &examples.input_ids, &examples.targets, examples.batch, examples.seq)?;
-    let policy_logps = sequence_sums(tape.value(token_logp), &examples.targets, IGNORE_INDEX, layout(examples))?.sums;
+    let token_logp = policy.token_logprobs(
+        &mut tape,
+        &examples.input_ids,
+        &examples.targets,
+        examples.batch,
+        examples.seq,
+    )?;
+    let policy_logps = sequence_sums(
+        tape.value(token_logp),
+        &examples.targets,
+        IGNORE_INDEX,
+        layout(examples),
+    )?
+    .sums;
     let reference_logps = sequence_logps_inference(reference, examples)?;
     // Reference point inputs: no gradient flows through them.
     let kl_policy = sequence_logps_inference(policy, &batch.kl_pairs)?;
@@ -53,7 +71,12 @@ pub fn kto_step(policy: &Gpt, reference: &Gpt, batch: &KtoBatch, config: &KtoCon
             }),
         },
     )?;
-    let token_grad = broadcast_sequence_grad(&out.grad_policy_logps, &examples.targets, IGNORE_INDEX, layout(examples))?;
+    let token_grad = broadcast_sequence_grad(
+        &out.grad_policy_logps,
+        &examples.targets,
+        IGNORE_INDEX,
+        layout(examples),
+    )?;
     let grads = tape.backward(token_logp, &token_grad)?;
     let mut metrics: Vec<(String, f64)> = out
         .metrics

@@ -11,7 +11,13 @@ use crate::model::Gpt;
 /// Loss and gradients of one NLL step.
 pub fn nll_step(model: &Gpt, batch: &TokenBatch) -> Result<StepOutput> {
     let mut tape = Tape::new();
-    let loss = model.nll(&mut tape, &batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
+    let loss = model.nll(
+        &mut tape,
+        &batch.input_ids,
+        &batch.targets,
+        batch.batch,
+        batch.seq,
+    )?;
     let value = tape.value(loss)[0] as f64;
     let grads = tape.backward_scalar(loss)?;
     Ok(StepOutput {

@@ -140,19 +140,31 @@ fn draw_panel(root: &Area, area: &Area, panel: &Panel) -> std::result::Result<()
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let (y0, y1) = (y0 - pad, y1 + pad);
 
+    // No label areas: plotters' own text needs a font backend (it panics without one), so the
+    // grid and tick labels are drawn by hand below.
     let mut chart = ChartBuilder::on(area)
-        .margin_top(28)
+        .margin_top(30)
         .margin_right(16)
-        .x_label_area_size(26)
-        .y_label_area_size(60)
+        .margin_left(70)
+        .margin_bottom(30)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
+    let grid = RGBColor(225, 225, 225);
+    for i in 0..=4 {
+        let x = x0 + (x1 - x0) * i as f64 / 4.0;
+        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+        chart
+            .draw_series([
+                PathElement::new(vec![(x, y0), (x, y1)], grid),
+                PathElement::new(vec![(x0, y), (x1, y)], grid),
+            ])
+            .map_err(|e| e.to_string())?;
+    }
     chart
-        .configure_mesh()
-        .x_labels(5)
-        .y_labels(5)
-        .light_line_style(WHITE)
-        .draw()
+        .draw_series([PathElement::new(
+            vec![(x0, y1), (x0, y0), (x1, y0)],
+            BLACK.stroke_width(1),
+        )])
         .map_err(|e| e.to_string())?;
     for series in &panel.series {
         chart
