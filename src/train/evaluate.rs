@@ -21,39 +21,49 @@ pub fn greedy_completions(
     max_new_tokens: usize,
 ) -> Result<Vec<Option<String>>> {
     let tok = ByteTokenizer;
-    let mut results = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(PROMPTS_PER_CHUNK) {
-        let mut sequences: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|p| {
-                std::iter::once(ByteTokenizer::EOS)
-                    .chain(tok.encode(p))
-                    .collect()
-            })
-            .collect();
-        let prompt_lens: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    let contexts: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            std::iter::once(ByteTokenizer::EOS)
+                .chain(tok.encode(p))
+                .collect()
+        })
+        .collect();
+    let generated = greedy_decode(model, &contexts, max_new_tokens, ByteTokenizer::EOS)?;
+    Ok(generated
+        .iter()
+        .map(|ids| (ids.last() == Some(&ByteTokenizer::EOS)).then(|| tok.decode(ids)))
+        .collect())
+}
+
+/// Greedy decoding of many token contexts at once: for each, up to `max_new_tokens` new tokens,
+/// stopping right after `stop_token` (included), exactly as `Gpt::generate` with
+/// `Sampling::Greedy` does for one context.
+pub fn greedy_decode(
+    model: &Gpt,
+    contexts: &[Vec<u32>],
+    max_new_tokens: usize,
+    stop_token: u32,
+) -> Result<Vec<Vec<u32>>> {
+    let mut results = Vec::with_capacity(contexts.len());
+    for chunk in contexts.chunks(PROMPTS_PER_CHUNK) {
+        let mut sequences: Vec<Vec<u32>> = chunk.to_vec();
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
         let mut finished = vec![false; chunk.len()];
         for _ in 0..max_new_tokens {
             let active: Vec<usize> = (0..chunk.len()).filter(|&i| !finished[i]).collect();
             if active.is_empty() {
                 break;
             }
-            let next = greedy_next_tokens(
-                model,
-                &active
-                    .iter()
-                    .map(|&i| sequences[i].as_slice())
-                    .collect::<Vec<_>>(),
-            )?;
+            let views: Vec<&[u32]> = active.iter().map(|&i| sequences[i].as_slice()).collect();
+            let next = greedy_next_tokens(model, &views)?;
             for (&i, token) in active.iter().zip(next) {
                 sequences[i].push(token);
-                finished[i] = token == ByteTokenizer::EOS;
+                generated[i].push(token);
+                finished[i] = token == stop_token;
             }
         }
-        for (i, sequence) in sequences.iter().enumerate() {
-            let completion = &sequence[prompt_lens[i]..];
-            results.push(finished[i].then(|| tok.decode(completion)));
-        }
+        results.extend(generated);
     }
     Ok(results)
 }
