@@ -61,7 +61,8 @@ fn generated_data_is_judge_labelled_and_evaluation_prompts_are_held_out() {
     let task = ArithmeticTask {
         operand_limit: 20,
         n_pretrain: 2000,
-        error_rate: 0.3,
+        carry_error_rate: 0.6,
+        noise_rate: 0.1,
         n_sft: 500,
         n_preferences: 300,
         n_eval: 50,
@@ -70,13 +71,32 @@ fn generated_data_is_judge_labelled_and_evaluation_prompts_are_held_out() {
     assert_eq!(data.eval_prompts.len(), 50);
     let eval: std::collections::HashSet<&String> = data.eval_prompts.iter().collect();
     assert!(data.pretrain.iter().all(|(p, _)| !eval.contains(p)));
-    let wrong = data
-        .pretrain
-        .iter()
-        .filter(|(p, c)| !judge(p, c).unwrap().is_desirable())
-        .count();
-    let rate = wrong as f64 / data.pretrain.len() as f64;
-    assert!((rate - 0.3).abs() < 0.05, "error rate {rate}");
+    // Carry prompts forget the carry at carry_error_rate; the others are noisy at noise_rate.
+    let (mut carry, mut carry_dropped, mut plain, mut plain_wrong) = (0, 0, 0, 0);
+    for (p, c) in &data.pretrain {
+        let (a, b) = parse_prompt(p).unwrap();
+        let got: u64 = c.parse().unwrap();
+        if a % 10 + b % 10 >= 10 {
+            carry += 1;
+            if got == a + b - 10 {
+                carry_dropped += 1;
+            } else {
+                assert_eq!(got, a + b);
+            }
+        } else {
+            plain += 1;
+            if got != a + b {
+                plain_wrong += 1;
+                assert!([1, 2, 10].contains(&got.abs_diff(a + b)), "{p}{c}");
+            }
+        }
+    }
+    let carry_rate = carry_dropped as f64 / carry as f64;
+    let noise = plain_wrong as f64 / plain as f64;
+    assert!((carry_rate - 0.6).abs() < 0.06, "carry error rate {carry_rate}");
+    assert!((noise - 0.1).abs() < 0.04, "noise rate {noise}");
+    assert_eq!(ArithmeticTask::dropped_carry(38, 47), Some(75));
+    assert_eq!(ArithmeticTask::dropped_carry(31, 47), None);
     for row in &data.sft {
         let PreferenceRow::Unpaired(e) = row else {
             panic!("sft rows are unpaired")
@@ -97,6 +117,11 @@ fn generated_data_is_judge_labelled_and_evaluation_prompts_are_held_out() {
             judge(&p.prompt, &p.rejected).unwrap(),
             Verdict::Wrong { .. }
         ));
+        // The rejected answer is the typical mistake: the dropped carry where there is one.
+        let (a, b) = parse_prompt(&p.prompt).unwrap();
+        if let Some(mistake) = ArithmeticTask::dropped_carry(a, b) {
+            assert_eq!(p.rejected, mistake.to_string());
+        }
     }
     // Same seed, same data; other seed, other data.
     assert_eq!(task.generate(3).unwrap().eval_prompts, data.eval_prompts);

@@ -3,9 +3,11 @@
 //! stage can be scored without humans or a reward model.
 //!
 //! [`ArithmeticTask::generate`] builds every data set from one seed:
-//! - `pretrain`: mixed-quality text `"a+b=c"` where a fraction of the answers is off by a small
-//!   offset (±1, ±2, ±10 — the mistakes a model that half-learned carrying makes), so the base
-//!   model produces both correct and incorrect completions;
+//! - `pretrain`: mixed-quality text `"a+b=c"` with a *systematic* mistake, the kind web text is
+//!   full of: when the units column carries, the answer forgets the carry (`38+47=75`) with
+//!   probability `carry_error_rate` (> 1/2 by default, so it is the most common answer there and
+//!   the base model learns it); elsewhere a fraction `noise_rate` of answers is off by a small
+//!   offset (±1, ±2, ±10). The base model thus answers some prompts correctly and others not;
 //! - `sft`: unpaired `(prompt, completion, label)` rows, labelled by the judge (SFT keeps the
 //!   desirable ones);
 //! - `preferences`: paired `(prompt, chosen, rejected)` rows, chosen/rejected decided by the judge
@@ -79,8 +81,10 @@ pub struct ArithmeticTask {
     pub operand_limit: u64,
     /// Lines of pretraining text.
     pub n_pretrain: usize,
-    /// Fraction of pretraining (and SFT-candidate) answers that are wrong.
-    pub error_rate: f64,
+    /// Probability that a prompt whose units column carries gets the forgot-the-carry answer.
+    pub carry_error_rate: f64,
+    /// Probability that any other prompt gets a random near miss.
+    pub noise_rate: f64,
     /// Unpaired SFT candidates (judge-labelled; SFT trains on the desirable ones).
     pub n_sft: usize,
     /// Preference pairs for KTO / DPO.
@@ -94,7 +98,8 @@ impl Default for ArithmeticTask {
         Self {
             operand_limit: 50,
             n_pretrain: 20_000,
-            error_rate: 0.35,
+            carry_error_rate: 0.6,
+            noise_rate: 0.1,
             n_sft: 4_000,
             n_preferences: 4_000,
             n_eval: 200,
@@ -121,6 +126,16 @@ impl ArithmeticTask {
         format!("{a}+{b}=")
     }
 
+    /// The forgot-the-carry answer `a + b − 10` when the units column carries, else `None`.
+    pub fn dropped_carry(a: u64, b: u64) -> Option<u64> {
+        (a % 10 + b % 10 >= 10).then(|| a + b - 10)
+    }
+
+    /// A typical wrong answer: the dropped carry where there is one, else a near miss.
+    fn typical_mistake(rng: &mut ChaCha8Rng, a: u64, b: u64) -> u64 {
+        Self::dropped_carry(a, b).unwrap_or_else(|| Self::near_miss(rng, a + b))
+    }
+
     /// A wrong but well-formed answer near `a + b`.
     fn near_miss(rng: &mut ChaCha8Rng, sum: u64) -> u64 {
         loop {
@@ -135,6 +150,15 @@ impl ArithmeticTask {
     /// Builds every data set; the same seed gives the same data.
     pub fn generate(&self, seed: u64) -> Result<TaskData> {
         let n_pairs = (self.operand_limit * self.operand_limit) as usize;
+        for (name, p) in [("carry_error_rate", self.carry_error_rate), ("noise_rate", self.noise_rate)] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(HaloError::InvalidHyperParameter {
+                    name,
+                    value: p,
+                    reason: "must be a probability in [0, 1]",
+                });
+            }
+        }
         if self.operand_limit < 2 || self.n_eval * 2 > n_pairs {
             return Err(HaloError::InvalidShape(format!(
                 "operand_limit {} gives {n_pairs} prompts: too few to hold out {} for evaluation",
@@ -151,10 +175,10 @@ impl ArithmeticTask {
 
         let mixed_line = |rng: &mut ChaCha8Rng| {
             let (a, b) = train[rng.gen_range(0..train.len())];
-            let answer = if rng.gen_bool(self.error_rate) {
-                Self::near_miss(rng, a + b)
-            } else {
-                a + b
+            let answer = match Self::dropped_carry(a, b) {
+                Some(mistake) if rng.gen_bool(self.carry_error_rate) => mistake,
+                None if rng.gen_bool(self.noise_rate) => Self::near_miss(rng, a + b),
+                _ => a + b,
             };
             (Self::prompt(a, b), answer.to_string())
         };
@@ -178,7 +202,7 @@ impl ArithmeticTask {
             let prompt = Self::prompt(a, b);
             let mut candidates = [
                 (a + b).to_string(),
-                Self::near_miss(&mut rng, a + b).to_string(),
+                Self::typical_mistake(&mut rng, a, b).to_string(),
             ];
             candidates.shuffle(&mut rng);
             // The judge, not the generator, decides which candidate is chosen.

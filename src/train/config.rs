@@ -127,11 +127,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     pub n_embd: usize,
     /// Operands are drawn from `0..operand_limit`.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     pub operand_limit: u64,
-    /// Fraction of wrong answers in the pretraining text.
-    #[arg(long, default_value_t = 0.35)]
-    pub error_rate: f64,
+    /// Probability that a pretraining line whose units column carries forgets the carry.
+    #[arg(long, default_value_t = 0.6)]
+    pub carry_error_rate: f64,
+    /// Probability of a random near miss on the other pretraining lines.
+    #[arg(long, default_value_t = 0.1)]
+    pub noise_rate: f64,
     /// Held-out evaluation prompts.
     #[arg(long, default_value_t = 200)]
     pub n_eval: usize,

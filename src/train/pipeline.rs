@@ -78,7 +78,8 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // ---- data ----
     let task = ArithmeticTask {
         operand_limit: args.operand_limit,
-        error_rate: args.error_rate,
+        carry_error_rate: args.carry_error_rate,
+        noise_rate: args.noise_rate,
         n_eval: args.n_eval,
         ..ArithmeticTask::default()
     };
@@ -293,9 +294,6 @@ fn validate(args: &TrainArgs) -> Result<()> {
             args.desirable_fraction,
             "must be in (0, 1]",
         );
-    }
-    if !(args.error_rate >= 0.0 && args.error_rate <= 1.0) {
-        return bad("error_rate", args.error_rate, "must be in [0, 1]");
     }
     for (name, lr) in [("lr", args.lr), ("pretrain_lr", args.pretrain_lr)] {
         if !(lr.is_finite() && lr >= 0.0) {
