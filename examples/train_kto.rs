@@ -16,10 +16,14 @@ fn main() {
     let args = TrainArgs::parse();
     match run(&args, true) {
         Ok(summary) => {
+            let sampled = summary
+                .sample_desirable_rate
+                .map_or(String::new(), |r| format!(", judge accepted {r:.3} of the samples"));
             eprintln!(
-                "run directory: {} ({:.0} s; KTO weights lambda_D={:.3} lambda_U={:.3})",
+                "run directory: {} ({:.0} s; {} preference rows{sampled}; KTO weights lambda_D={:.3} lambda_U={:.3})",
                 summary.output_dir.display(),
                 summary.seconds,
+                summary.n_preference_rows,
                 summary.kto_weights.0,
                 summary.kto_weights.1
             );

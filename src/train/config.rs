@@ -50,6 +50,16 @@ impl From<PairedLoss> for DpoLossType {
     }
 }
 
+/// Where the KTO / DPO preference data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreferenceSource {
+    /// Completions sampled from the starting model, labelled by the judge (chosen = a correct
+    /// sample, rejected = a wrong one, for prompts with both).
+    Sampled,
+    /// Generated pairs: the correct sum vs the typical mistake (forgotten carry / near miss).
+    Synthetic,
+}
+
 /// Train a small GPT from scratch on the built-in arithmetic task (pretrain → SFT → KTO, optionally
 /// DPO) and report how often the judge accepts its greedy answers on held-out prompts.
 #[derive(Debug, Clone, Parser)]
@@ -100,10 +110,24 @@ pub struct TrainArgs {
     /// Paired loss of the DPO stage.
     #[arg(long, value_enum, default_value_t = PairedLoss::Sigmoid)]
     pub dpo_loss_type: PairedLoss,
+    /// Where the preference data comes from (ignored with --preferences).
+    #[arg(long, value_enum, default_value_t = PreferenceSource::Sampled)]
+    pub preference_data: PreferenceSource,
+    /// Completions sampled per prompt for `--preference-data sampled`.
+    #[arg(long, default_value_t = 4)]
+    pub samples_per_prompt: usize,
+    /// Sampling temperature for `--preference-data sampled`.
+    #[arg(long, default_value_t = 1.0)]
+    pub sample_temperature: f32,
     /// Use this preference JSONL (TRL paired or unpaired rows, prompts `"<a>+<b>="`) instead of the
     /// generated one.
     #[arg(long)]
     pub preferences: Option<PathBuf>,
+
+    /// Skip pretraining and SFT: load `base.safetensors` and `sft.safetensors` from this earlier
+    /// run directory (made with the same --seed and task flags) and run only the alignment stages.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 
     // ---- pretraining and SFT ----
     /// Optimizer steps of pretraining (language modelling on the mixed-quality text).

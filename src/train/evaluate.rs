@@ -5,6 +5,8 @@
 //! it, so this gives exactly the tokens `Gpt::generate(.., Sampling::Greedy, ..)` gives one prompt
 //! at a time (a test checks it), at a fraction of the cost.
 
+use rand::Rng;
+
 use super::arithmetic_task::{judge, Verdict};
 use super::tokenizer::ByteTokenizer;
 use crate::error::Result;
@@ -36,15 +38,31 @@ pub fn greedy_completions(
         .collect())
 }
 
+/// How the next token is picked.
+#[derive(Debug)]
+pub enum Decoding<'r, R: Rng> {
+    /// The arg-max token (lowest id on ties), as `Sampling::Greedy`.
+    Greedy,
+    /// A draw from `softmax(logits / temperature)` over the whole vocabulary.
+    Sample { temperature: f32, rng: &'r mut R },
+}
+
 /// Greedy decoding of many token contexts at once: for each, up to `max_new_tokens` new tokens,
 /// stopping right after `stop_token` (included), exactly as `Gpt::generate` with
 /// `Sampling::Greedy` does for one context.
-pub fn greedy_decode(
+pub fn greedy_decode(model: &Gpt, contexts: &[Vec<u32>], max_new_tokens: usize, stop_token: u32) -> Result<Vec<Vec<u32>>> {
+    decode::<rand_chacha::ChaCha8Rng>(model, contexts, max_new_tokens, stop_token, Decoding::Greedy)
+}
+
+/// Batched decoding (greedy or sampled) of many token contexts; see [`greedy_decode`].
+pub fn decode<R: Rng>(
     model: &Gpt,
     contexts: &[Vec<u32>],
     max_new_tokens: usize,
     stop_token: u32,
+    mut decoding: Decoding<'_, R>,
 ) -> Result<Vec<Vec<u32>>> {
+    let vocab = model.config().vocab_size;
     let mut results = Vec::with_capacity(contexts.len());
     for chunk in contexts.chunks(PROMPTS_PER_CHUNK) {
         let mut sequences: Vec<Vec<u32>> = chunk.to_vec();
@@ -56,8 +74,13 @@ pub fn greedy_decode(
                 break;
             }
             let views: Vec<&[u32]> = active.iter().map(|&i| sequences[i].as_slice()).collect();
-            let next = greedy_next_tokens(model, &views)?;
-            for (&i, token) in active.iter().zip(next) {
+            let logits = last_position_logits(model, &views)?;
+            for (row, &i) in active.iter().enumerate() {
+                let row_logits = &logits[row * vocab..(row + 1) * vocab];
+                let token = match &mut decoding {
+                    Decoding::Greedy => argmax(row_logits),
+                    Decoding::Sample { temperature, rng } => sample(row_logits, *temperature, *rng),
+                };
                 sequences[i].push(token);
                 generated[i].push(token);
                 finished[i] = token == stop_token;
@@ -68,9 +91,9 @@ pub fn greedy_decode(
     Ok(results)
 }
 
-/// The arg-max next token (lowest id on ties) after each sequence, in one padded forward.
+/// The logits after each sequence (`[sequences, vocab]`), in one right-padded forward.
 /// Sequences longer than the context keep their last `n_ctx` tokens.
-fn greedy_next_tokens(model: &Gpt, sequences: &[&[u32]]) -> Result<Vec<u32>> {
+fn last_position_logits(model: &Gpt, sequences: &[&[u32]]) -> Result<Vec<f32>> {
     let n_ctx = model.config().n_ctx;
     let vocab = model.config().vocab_size;
     let cropped: Vec<&[u32]> = sequences
@@ -83,14 +106,29 @@ fn greedy_next_tokens(model: &Gpt, sequences: &[&[u32]]) -> Result<Vec<u32>> {
         ids[row * seq..row * seq + s.len()].copy_from_slice(s);
     }
     let logits = model.logits_inference(&ids, cropped.len(), seq)?;
-    Ok(cropped
+    let mut last = Vec::with_capacity(cropped.len() * vocab);
+    for (row, s) in cropped.iter().enumerate() {
+        let at = (row * seq + s.len() - 1) * vocab;
+        last.extend_from_slice(&logits[at..at + vocab]);
+    }
+    Ok(last)
+}
+
+fn sample<R: Rng>(logits: &[f32], temperature: f32, rng: &mut R) -> u32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let weights: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(row, s)| {
-            let at = (row * seq + s.len() - 1) * vocab;
-            argmax(&logits[at..at + vocab])
-        })
-        .collect())
+        .map(|&v| (((v - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.gen::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
+        u -= w;
+        if u <= 0.0 {
+            return i as u32;
+        }
+    }
+    (weights.len() - 1) as u32
 }
 
 fn argmax(values: &[f32]) -> u32 {

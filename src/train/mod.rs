@@ -10,7 +10,8 @@
 //! - [`batching`]: padded token batches, KTO KL pairs, DPO pair batches, epoch sampler.
 //! - [`nll`], [`kto`], [`dpo`]: one training step of each stage.
 //! - [`stage`]: the loop shared by the stages (clip, AdamW, log, progress bar, periodic eval).
-//! - [`evaluate`]: batched greedy decoding + judge → desirable rate.
+//! - [`evaluate`]: batched greedy / sampled decoding + judge → desirable rate.
+//! - [`on_policy`]: judge-labelled preference pairs sampled from the starting model.
 //! - [`metrics_log`], [`plot`], [`bitmap_font`]: metrics JSONL and the PNG of the curves.
 //! - [`config`]: command-line flags; [`pipeline`]: the whole run.
 
@@ -24,6 +25,7 @@ pub mod evaluate;
 pub mod kto;
 pub mod metrics_log;
 pub mod nll;
+pub mod on_policy;
 pub mod pipeline;
 pub mod plot;
 pub mod stage;

@@ -8,15 +8,17 @@ use std::time::Instant;
 
 use super::arithmetic_task::ArithmeticTask;
 use super::batching::{dpo_batch, kto_batch, token_batch, EpochSampler, TargetSpan};
-use super::config::TrainArgs;
+use super::config::{PreferenceSource, TrainArgs};
 use super::data::{
     io_error, keep_desirable_fraction, load_jsonl, paired_only, to_unpaired, write_jsonl,
     PreferenceRow,
 };
 use super::dpo::dpo_step;
+use super::evaluate::evaluate;
 use super::kto::kto_step;
 use super::metrics_log::MetricsLog;
 use super::nll::nll_step;
+use super::on_policy::{sample_preferences, SamplingPlan};
 use super::plot::plot_training;
 use super::stage::{run_stage, StageContext, StageSpec};
 use super::tokenizer::ByteTokenizer;
@@ -37,6 +39,10 @@ pub struct RunSummary {
     pub kto: f64,
     /// `Some` with `--run-dpo`.
     pub dpo: Option<f64>,
+    /// Fraction of the starting model's samples the judge accepted (sampled preference data).
+    pub sample_desirable_rate: Option<f64>,
+    /// Preference pairs (or unpaired rows) the alignment stages trained on.
+    pub n_preference_rows: usize,
     /// λ_D, λ_U actually used.
     pub kto_weights: (f64, f64),
     pub output_dir: PathBuf,
@@ -86,13 +92,9 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let data = task.generate(args.seed)?;
     let sft_path = out_dir.join("data/sft.jsonl");
     write_jsonl(&sft_path, &data.sft)?;
-    let generated_prefs = out_dir.join("data/preferences.jsonl");
-    write_jsonl(&generated_prefs, &data.preferences)?;
     let eval_path = out_dir.join("data/eval_prompts.txt");
     std::fs::write(&eval_path, data.eval_prompts.join("\n") + "\n")
         .map_err(|e| io_error(&eval_path, e))?;
-    let prefs_path = args.preferences.clone().unwrap_or(generated_prefs);
-    let preference_rows = load_jsonl(&prefs_path)?;
     let sft_examples: Vec<(String, String)> = load_jsonl(&sft_path)?
         .into_iter()
         .filter_map(|row| match row {
@@ -100,22 +102,6 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             _ => None,
         })
         .collect();
-    let kto_examples = keep_desirable_fraction(
-        to_unpaired(&preference_rows, args.seed),
-        args.desirable_fraction,
-    );
-    let n_desirable = kto_examples.iter().filter(|e| e.desirable).count() as u64;
-    let n_undesirable = kto_examples.len() as u64 - n_desirable;
-    let suggested = suggest_kto_weights(n_desirable.max(1), n_undesirable.max(1))?;
-    let kto_config = KtoConfig {
-        beta: args.beta,
-        desirable_weight: args.desirable_weight.unwrap_or(suggested.desirable_weight),
-        undesirable_weight: args
-            .undesirable_weight
-            .unwrap_or(suggested.undesirable_weight),
-        loss_type: args.loss_type.into(),
-    };
-
     // ---- model ----
     let mut model = Gpt::new(
         GptConfig {
@@ -156,20 +142,31 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         optimizer: adamw(args.pretrain_lr, 0.01),
         first_global_step: 0,
     };
-    let base = run_stage(&spec, &mut model, &mut ctx, |m, _| {
-        let rows: Vec<(&str, &str)> = sampler
-            .next_batch(args.pretrain_batch_size)
-            .into_iter()
-            .map(|i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
-            .collect();
-        nll_step(m, &token_batch(&rows, TargetSpan::Everything, N_CTX)?)
-    })?;
+    let base_rate = if let Some(dir) = &args.init_from {
+        model = Gpt::load_safetensors(dir.join("base.safetensors"))?;
+        evaluate(&model, &data.eval_prompts)?.desirable_rate
+    } else {
+        run_stage(&spec, &mut model, &mut ctx, |m, _| {
+            let rows: Vec<(&str, &str)> = sampler
+                .next_batch(args.pretrain_batch_size)
+                .into_iter()
+                .map(|i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
+                .collect();
+            nll_step(m, &token_batch(&rows, TargetSpan::Everything, N_CTX)?)
+        })?
+        .desirable_rate
+    };
     checkpoint(&model, &out_dir, "base")?;
     let mut global = args.pretrain_steps;
 
     // ---- SFT: NLL on the desirable completions only ----
     let sft_rate = if args.skip_sft {
         None
+    } else if let Some(dir) = &args.init_from {
+        model = Gpt::load_safetensors(dir.join("sft.safetensors"))?;
+        checkpoint(&model, &out_dir, "sft")?;
+        global += args.sft_steps;
+        Some(evaluate(&model, &data.eval_prompts)?.desirable_rate)
     } else {
         let mut sampler = EpochSampler::new(sft_examples.len(), args.seed ^ 2)?;
         let lr = args.pretrain_lr * 0.3;
@@ -192,6 +189,57 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         global += args.sft_steps;
         Some(result.desirable_rate)
     };
+
+    // ---- preference data: judge-labelled samples of the starting model (or synthetic / a file) ----
+    let generated_prefs = out_dir.join("data/preferences.jsonl");
+    let mut sample_rate = None;
+    let prefs_path = if let Some(path) = &args.preferences {
+        path.clone()
+    } else {
+        let rows = match args.preference_data {
+            PreferenceSource::Synthetic => data.preferences.clone(),
+            PreferenceSource::Sampled => {
+                let prompts: Vec<String> = data
+                    .preferences
+                    .iter()
+                    .map(|row| match row {
+                        PreferenceRow::Paired(p) => p.prompt.clone(),
+                        PreferenceRow::Unpaired(e) => e.prompt.clone(),
+                    })
+                    .collect();
+                let sampled = sample_preferences(
+                    &model,
+                    &prompts,
+                    SamplingPlan {
+                        samples_per_prompt: args.samples_per_prompt,
+                        temperature: args.sample_temperature,
+                        seed: args.seed ^ 5,
+                    },
+                )?;
+                sample_rate = Some(sampled.sample_desirable_rate);
+                sampled.pairs
+            }
+        };
+        write_jsonl(&generated_prefs, &rows)?;
+        generated_prefs
+    };
+    let preference_rows = load_jsonl(&prefs_path)?;
+    let kto_examples = keep_desirable_fraction(
+        to_unpaired(&preference_rows, args.seed),
+        args.desirable_fraction,
+    );
+    let n_desirable = kto_examples.iter().filter(|e| e.desirable).count() as u64;
+    let n_undesirable = kto_examples.len() as u64 - n_desirable;
+    let suggested = suggest_kto_weights(n_desirable.max(1), n_undesirable.max(1))?;
+    let kto_config = KtoConfig {
+        beta: args.beta,
+        desirable_weight: args.desirable_weight.unwrap_or(suggested.desirable_weight),
+        undesirable_weight: args
+            .undesirable_weight
+            .unwrap_or(suggested.undesirable_weight),
+        loss_type: args.loss_type.into(),
+    };
+
 
     // ---- KTO against a frozen copy of the starting model ----
     let start = model.clone();
@@ -250,10 +298,12 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
 
     plot_training(&out_dir.join("training_curves.png"), &log)?;
     let summary = RunSummary {
-        base: base.desirable_rate,
+        base: base_rate,
         sft: sft_rate,
         kto: kto.desirable_rate,
         dpo: dpo_rate,
+        sample_desirable_rate: sample_rate,
+        n_preference_rows: preference_rows.len(),
         kto_weights: (kto_config.desirable_weight, kto_config.undesirable_weight),
         output_dir: out_dir.clone(),
         seconds: started.elapsed().as_secs_f64(),
