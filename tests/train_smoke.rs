@@ -10,6 +10,7 @@ use halo_kernels::train::evaluate::greedy_decode;
 use halo_kernels::train::kto::kto_step;
 use halo_kernels::train::nll::nll_step;
 use halo_kernels::train::stage::StepOutput;
+use halo_kernels::train::config::PreferenceSource;
 use halo_kernels::train::{
     kto_batch, run, token_batch, ByteTokenizer, PairedExample, TargetSpan, TrainArgs,
     UnpairedExample,
@@ -196,6 +197,8 @@ fn tiny_end_to_end_run_writes_checkpoints_metrics_plot_and_summary() {
         pretrain_batch_size: 8,
         evals_per_stage: 1,
         run_dpo: true,
+        // A 6-step model rarely answers correctly, so sampled pairs would be too few.
+        preference_data: PreferenceSource::Synthetic,
         ..TrainArgs::default()
     };
     let summary = run(&args, false).unwrap();

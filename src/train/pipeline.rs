@@ -224,6 +224,18 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         generated_prefs
     };
     let preference_rows = load_jsonl(&prefs_path)?;
+    if preference_rows.len() < 2 {
+        return Err(HaloError::Dataset {
+            file: prefs_path.display().to_string(),
+            line: 0,
+            reason: format!(
+                "only {} preference rows: the starting model produced too few prompts with both a \
+                 correct and a wrong sample (train it longer, raise --samples-per-prompt, or use \
+                 --preference-data synthetic)",
+                preference_rows.len()
+            ),
+        });
+    }
     let kto_examples = keep_desirable_fraction(
         to_unpaired(&preference_rows, args.seed),
         args.desirable_fraction,

@@ -40,15 +40,35 @@ pub fn stage_color(stage: &str) -> RGBColor {
 
 const STAGES: [&str; 4] = ["pretrain", "sft", "kto", "dpo"];
 
+/// Training-step metrics are noisy per batch: the plot shows their trailing mean over this many steps.
+const SMOOTHING_WINDOW: usize = 10;
+
+/// Trailing mean of the last `window` values (fewer at the start).
+pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let mut sum = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            sum += y;
+            if i >= window {
+                sum -= points[i - window].1;
+            }
+            (x, sum / (i + 1).min(window) as f64)
+        })
+        .collect()
+}
+
 /// The four standard panels from a run's metrics.
 pub fn training_panels(log: &MetricsLog) -> Vec<Panel> {
     let per_stage = |metric: &str| -> Vec<Series> {
+        let window = if metric.starts_with("eval/") { 1 } else { SMOOTHING_WINDOW };
         STAGES
             .iter()
             .map(|stage| Series {
                 label: stage.to_string(),
                 color: stage_color(stage),
-                points: log.series(Some(stage), metric),
+                points: smooth(&log.series(Some(stage), metric), window),
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -61,7 +81,7 @@ pub fn training_panels(log: &MetricsLog) -> Vec<Panel> {
             ("rewards/chosen", base, "chosen"),
             ("rewards/rejected", light, "rejected"),
         ] {
-            let points = log.series(Some(stage), metric);
+            let points = smooth(&log.series(Some(stage), metric), SMOOTHING_WINDOW);
             if !points.is_empty() {
                 rewards.push(Series {
                     label: format!("{stage} {name}"),
@@ -73,7 +93,7 @@ pub fn training_panels(log: &MetricsLog) -> Vec<Panel> {
     }
     vec![
         Panel {
-            title: "train loss".into(),
+            title: "train loss (mean of 10 steps)".into(),
             series: per_stage("loss"),
         },
         Panel {
