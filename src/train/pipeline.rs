@@ -23,7 +23,7 @@ use super::plot::plot_training;
 use super::stage::{run_stage, StageContext, StageSpec};
 use super::tokenizer::ByteTokenizer;
 use crate::error::{HaloError, Result};
-use crate::losses::{suggest_kto_weights, DpoConfig, KtoConfig};
+use crate::losses::{DpoConfig, KtoConfig};
 use crate::model::optim::{AdamWConfig, LrSchedule};
 use crate::model::{DTypeOnDisk, Gpt, GptConfig};
 
@@ -162,11 +162,6 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // ---- SFT: NLL on the desirable completions only ----
     let sft_rate = if args.skip_sft {
         None
-    } else if let Some(dir) = &args.init_from {
-        model = Gpt::load_safetensors(dir.join("sft.safetensors"))?;
-        checkpoint(&model, &out_dir, "sft")?;
-        global += args.sft_steps;
-        Some(evaluate(&model, &data.eval_prompts)?.desirable_rate)
     } else {
         let mut sampler = EpochSampler::new(sft_examples.len(), args.seed ^ 2)?;
         let lr = args.pretrain_lr * 0.3;
@@ -242,13 +237,14 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     );
     let n_desirable = kto_examples.iter().filter(|e| e.desirable).count() as u64;
     let n_undesirable = kto_examples.len() as u64 - n_desirable;
-    let suggested = suggest_kto_weights(n_desirable.max(1), n_undesirable.max(1))?;
+    // Paper's rule: λ_D n_D / (λ_U n_U) ∈ [1, 4/3]. Default λ_U = 1 and λ_D at the ratio
+    // `--weight-ratio` (4/3, the top of the range: on this task the undesirable push is the risky
+    // part, see docs/RESULTS.md).
+    let auto_desirable_weight = args.weight_ratio * n_undesirable.max(1) as f64 / n_desirable.max(1) as f64;
     let kto_config = KtoConfig {
         beta: args.beta,
-        desirable_weight: args.desirable_weight.unwrap_or(suggested.desirable_weight),
-        undesirable_weight: args
-            .undesirable_weight
-            .unwrap_or(suggested.undesirable_weight),
+        desirable_weight: args.desirable_weight.unwrap_or(auto_desirable_weight),
+        undesirable_weight: args.undesirable_weight.unwrap_or(1.0),
         loss_type: args.loss_type.into(),
     };
 
