@@ -16,9 +16,9 @@ fn main() {
     let args = TrainArgs::parse();
     match run(&args, true) {
         Ok(summary) => {
-            let sampled = summary
-                .sample_desirable_rate
-                .map_or(String::new(), |r| format!(", judge accepted {r:.3} of the samples"));
+            let sampled = summary.sample_desirable_rate.map_or(String::new(), |r| {
+                format!(", judge accepted {r:.3} of the samples")
+            });
             eprintln!(
                 "run directory: {} ({:.0} s; {} preference rows{sampled}; KTO weights lambda_D={:.3} lambda_U={:.3})",
                 summary.output_dir.display(),

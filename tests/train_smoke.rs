@@ -5,12 +5,12 @@ use halo_kernels::losses::{DpoConfig, KtoConfig};
 use halo_kernels::model::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use halo_kernels::model::{Gpt, GptConfig, Sampling};
 use halo_kernels::train::batching::dpo_batch;
+use halo_kernels::train::config::PreferenceSource;
 use halo_kernels::train::dpo::dpo_step;
-use halo_kernels::train::evaluate::greedy_decode;
+use halo_kernels::train::evaluate::{decode, greedy_decode, Decoding};
 use halo_kernels::train::kto::kto_step;
 use halo_kernels::train::nll::nll_step;
 use halo_kernels::train::stage::StepOutput;
-use halo_kernels::train::config::PreferenceSource;
 use halo_kernels::train::{
     kto_batch, run, token_batch, ByteTokenizer, PairedExample, TargetSpan, TrainArgs,
     UnpairedExample,
@@ -178,6 +178,48 @@ fn batched_greedy_decoding_matches_generate() {
             .unwrap();
         assert_eq!(got, &want, "context {context:?}");
     }
+}
+
+#[test]
+fn sampling_at_a_tiny_temperature_is_greedy_and_at_a_high_one_is_not() {
+    let mut model = tiny_model(5);
+    let rows = [("1+2=", "3"), ("4+4=", "8"), ("12+30=", "42")];
+    let batch = token_batch(&rows, TargetSpan::Everything, 16).unwrap();
+    train(&mut model, 10, 1e-2, |m| nll_step(m, &batch));
+    let tok = ByteTokenizer;
+    let contexts: Vec<Vec<u32>> = (0..30)
+        .map(|i| {
+            std::iter::once(ByteTokenizer::EOS)
+                .chain(tok.encode(&format!("{i}+{}=", i % 7)))
+                .collect()
+        })
+        .collect();
+    let greedy = greedy_decode(&model, &contexts, 6, ByteTokenizer::EOS).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let cold = decode(
+        &model,
+        &contexts,
+        6,
+        ByteTokenizer::EOS,
+        Decoding::Sample {
+            temperature: 1e-4,
+            rng: &mut rng,
+        },
+    )
+    .unwrap();
+    assert_eq!(cold, greedy);
+    let hot = decode(
+        &model,
+        &contexts,
+        6,
+        ByteTokenizer::EOS,
+        Decoding::Sample {
+            temperature: 5.0,
+            rng: &mut rng,
+        },
+    )
+    .unwrap();
+    assert_ne!(hot, greedy);
 }
 
 #[test]

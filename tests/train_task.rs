@@ -93,7 +93,10 @@ fn generated_data_is_judge_labelled_and_evaluation_prompts_are_held_out() {
     }
     let carry_rate = carry_dropped as f64 / carry as f64;
     let noise = plain_wrong as f64 / plain as f64;
-    assert!((carry_rate - 0.6).abs() < 0.06, "carry error rate {carry_rate}");
+    assert!(
+        (carry_rate - 0.6).abs() < 0.06,
+        "carry error rate {carry_rate}"
+    );
     assert!((noise - 0.1).abs() < 0.04, "noise rate {noise}");
     assert_eq!(ArithmeticTask::dropped_carry(38, 47), Some(75));
     assert_eq!(ArithmeticTask::dropped_carry(31, 47), None);

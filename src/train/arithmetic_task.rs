@@ -150,7 +150,10 @@ impl ArithmeticTask {
     /// Builds every data set; the same seed gives the same data.
     pub fn generate(&self, seed: u64) -> Result<TaskData> {
         let n_pairs = (self.operand_limit * self.operand_limit) as usize;
-        for (name, p) in [("carry_error_rate", self.carry_error_rate), ("noise_rate", self.noise_rate)] {
+        for (name, p) in [
+            ("carry_error_rate", self.carry_error_rate),
+            ("noise_rate", self.noise_rate),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(HaloError::InvalidHyperParameter {
                     name,

@@ -185,13 +185,11 @@ impl TrainArgs {
             return dir.clone();
         }
         let name = self.run_name.clone().unwrap_or_else(|| {
-            let mut name = format!(
-                "{}",
-                match self.loss_type {
-                    UnpairedLoss::Kto => "kto",
-                    UnpairedLoss::ApoZeroUnpaired => "apo_zero_unpaired",
-                }
-            );
+            let mut name = match self.loss_type {
+                UnpairedLoss::Kto => "kto",
+                UnpairedLoss::ApoZeroUnpaired => "apo_zero_unpaired",
+            }
+            .to_string();
             if self.skip_sft {
                 name.push_str("-nosft");
             }

@@ -50,8 +50,19 @@ pub enum Decoding<'r, R: Rng> {
 /// Greedy decoding of many token contexts at once: for each, up to `max_new_tokens` new tokens,
 /// stopping right after `stop_token` (included), exactly as `Gpt::generate` with
 /// `Sampling::Greedy` does for one context.
-pub fn greedy_decode(model: &Gpt, contexts: &[Vec<u32>], max_new_tokens: usize, stop_token: u32) -> Result<Vec<Vec<u32>>> {
-    decode::<rand_chacha::ChaCha8Rng>(model, contexts, max_new_tokens, stop_token, Decoding::Greedy)
+pub fn greedy_decode(
+    model: &Gpt,
+    contexts: &[Vec<u32>],
+    max_new_tokens: usize,
+    stop_token: u32,
+) -> Result<Vec<Vec<u32>>> {
+    decode::<rand_chacha::ChaCha8Rng>(
+        model,
+        contexts,
+        max_new_tokens,
+        stop_token,
+        Decoding::Greedy,
+    )
 }
 
 /// Batched decoding (greedy or sampled) of many token contexts; see [`greedy_decode`].

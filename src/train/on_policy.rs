@@ -40,12 +40,18 @@ pub struct SampledPreferences {
 /// Samples `plan.samples_per_prompt` completions of each prompt and pairs a correct one with a
 /// wrong one where both occur. A completion that never emits EOS counts as wrong (its text is the
 /// tokens it produced).
-pub fn sample_preferences(model: &Gpt, prompts: &[String], plan: SamplingPlan) -> Result<SampledPreferences> {
+pub fn sample_preferences(
+    model: &Gpt,
+    prompts: &[String],
+    plan: SamplingPlan,
+) -> Result<SampledPreferences> {
     let tok = ByteTokenizer;
     let contexts: Vec<Vec<u32>> = prompts
         .iter()
         .flat_map(|p| {
-            let context: Vec<u32> = std::iter::once(ByteTokenizer::EOS).chain(tok.encode(p)).collect();
+            let context: Vec<u32> = std::iter::once(ByteTokenizer::EOS)
+                .chain(tok.encode(p))
+                .collect();
             std::iter::repeat_n(context, plan.samples_per_prompt)
         })
         .collect();
@@ -62,7 +68,10 @@ pub fn sample_preferences(model: &Gpt, prompts: &[String], plan: SamplingPlan) -
     )?;
     let mut pairs = Vec::new();
     let mut accepted = 0usize;
-    for (prompt, samples) in prompts.iter().zip(generated.chunks(plan.samples_per_prompt.max(1))) {
+    for (prompt, samples) in prompts
+        .iter()
+        .zip(generated.chunks(plan.samples_per_prompt.max(1)))
+    {
         let mut chosen = None;
         let mut rejected = None;
         for ids in samples {

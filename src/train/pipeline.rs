@@ -240,14 +240,14 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // Paper's rule: λ_D n_D / (λ_U n_U) ∈ [1, 4/3]. Default λ_U = 1 and λ_D at the ratio
     // `--weight-ratio` (4/3, the top of the range: on this task the undesirable push is the risky
     // part, see docs/RESULTS.md).
-    let auto_desirable_weight = args.weight_ratio * n_undesirable.max(1) as f64 / n_desirable.max(1) as f64;
+    let auto_desirable_weight =
+        args.weight_ratio * n_undesirable.max(1) as f64 / n_desirable.max(1) as f64;
     let kto_config = KtoConfig {
         beta: args.beta,
         desirable_weight: args.desirable_weight.unwrap_or(auto_desirable_weight),
         undesirable_weight: args.undesirable_weight.unwrap_or(1.0),
         loss_type: args.loss_type.into(),
     };
-
 
     // ---- KTO against a frozen copy of the starting model ----
     let start = model.clone();
@@ -258,7 +258,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let spec = StageSpec {
         name: "kto",
         steps: args.kto_steps,
-        schedule: align_schedule.clone(),
+        schedule: align_schedule,
         optimizer: adamw(args.lr, 0.0),
         first_global_step: global,
     };

@@ -62,7 +62,11 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 /// The four standard panels from a run's metrics.
 pub fn training_panels(log: &MetricsLog) -> Vec<Panel> {
     let per_stage = |metric: &str| -> Vec<Series> {
-        let window = if metric.starts_with("eval/") { 1 } else { SMOOTHING_WINDOW };
+        let window = if metric.starts_with("eval/") {
+            1
+        } else {
+            SMOOTHING_WINDOW
+        };
         STAGES
             .iter()
             .map(|stage| Series {
