@@ -82,6 +82,11 @@ impl Tape {
         self.linear_impl(x, w, b, false)
     }
 
+    /// The plain product `a·b` (`a: [n, k]`, `b: [k, m]`): [`linear`](Tape::linear) without a bias.
+    pub fn matmul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.linear_impl(a, b, None, false)
+    }
+
     /// `x·wᵀ (+ b)` with `w: [out, in]` (nn.Linear layout; the tied unembedding `h·wteᵀ`).
     pub fn linear_transposed(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
         self.linear_impl(x, w, b, true)
@@ -303,8 +308,8 @@ impl Tape {
     }
 
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
-    /// −100 = ignored → 0) → `[rows]`. Forward is [`crate::cpu::token_logprobs`], backward
-    /// [`crate::cpu::token_logprobs_backward`]: this is where a HALO loss's per-token gradient
+    /// −100 = ignored → 0) → `[rows]`. Forward is [`crate::cpu::token_logprobs()`], backward
+    /// [`crate::cpu::token_logprobs_backward()`]: this is where a HALO loss's per-token gradient
     /// enters the model.
     pub fn token_logprobs(&mut self, logits: Var, labels: &[i32]) -> Result<Var> {
         self.check(logits, "logits")?;

@@ -18,6 +18,18 @@ use crate::IGNORE_INDEX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(pub(crate) usize);
 
+impl Var {
+    /// The node index on its tape.
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// A handle to node `index` (checked by every op: a stale or foreign index is an error).
+    pub fn from_index(index: usize) -> Self {
+        Self(index)
+    }
+}
+
 /// What produced a node, with the inputs and the tensors its backward needs.
 pub(crate) enum Op {
     /// A parameter (gradient reported under `param`) or a constant (`None`, no gradient).
@@ -84,6 +96,8 @@ pub(crate) struct Node {
     pub(crate) shape: Vec<usize>,
     /// Whether any parameter reaches this node (otherwise the backward skips it).
     pub(crate) requires_grad: bool,
+    /// How many later ops read this node (its value can be recycled when the only reader is done).
+    pub(crate) uses: usize,
     pub(crate) op: Op,
 }
 
@@ -186,10 +200,14 @@ impl Tape {
             Op::Leaf { param } => param.is_some(),
             _ => inputs.iter().any(|v| self.nodes[v.0].requires_grad),
         };
+        for v in inputs {
+            self.nodes[v.0].uses += 1;
+        }
         self.nodes.push(Node {
             value,
             shape,
             requires_grad,
+            uses: 0,
             op,
         });
         Var(self.nodes.len() - 1)
@@ -208,30 +226,66 @@ impl Tape {
     /// the peak memory is the forward's plus one gradient per live activation. A tape can be
     /// swept once; the output's value stays readable.
     pub fn backward(&mut self, output: Var, upstream: &[f32]) -> Result<Gradients> {
-        self.check(output, "output")?;
-        let out_len = self.nodes[output.0].value.len();
-        if upstream.len() != out_len {
-            return Err(HaloError::LengthMismatch {
-                what: "upstream gradient",
-                expected: out_len,
-                got: upstream.len(),
-            });
+        self.backward_many(&[(output, upstream)])
+    }
+
+    /// [`backward`](Tape::backward) from several outputs at once (e.g. two forwards recorded on
+    /// one tape), each with its own upstream gradient: the result is the sum of their gradients.
+    pub fn backward_many(&mut self, seeds: &[(Var, &[f32])]) -> Result<Gradients> {
+        let Some(last) = seeds.iter().map(|(v, _)| v.0).max() else {
+            return Ok(Gradients::default());
+        };
+        for &(output, upstream) in seeds {
+            self.check(output, "output")?;
+            let out_len = self.nodes[output.0].value.len();
+            if upstream.len() != out_len {
+                return Err(HaloError::LengthMismatch {
+                    what: "upstream gradient",
+                    expected: out_len,
+                    got: upstream.len(),
+                });
+            }
         }
         self.consumed = true;
-        let mut grads: Vec<Option<Vec<f32>>> = (0..=output.0).map(|_| None).collect();
-        if self.nodes[output.0].requires_grad {
-            grads[output.0] = Some(upstream.to_vec());
+        let mut grads: Vec<Option<Vec<f32>>> = (0..=last).map(|_| None).collect();
+        for &(output, upstream) in seeds {
+            if self.nodes[output.0].requires_grad {
+                put_grad(&mut grads, output, Some(upstream.to_vec()));
+            }
         }
         let mut result = Gradients::default();
-        for i in (0..=output.0).rev() {
+        for i in (0..=last).rev() {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Consumed);
             if let Some(dy) = grads[i].take() {
                 match op {
                     Op::Leaf { param: Some(p) } => result.add(p, dy),
+                    Op::TokenLogprobs {
+                        logits,
+                        labels,
+                        lse,
+                        vocab,
+                    } if self.nodes[logits.0].uses == 1
+                        && self.nodes[logits.0].requires_grad
+                        && !seeds.iter().any(|(v, _)| *v == logits) =>
+                    {
+                        // Nothing else reads the logits, and their producer's backward needs only
+                        // its inputs: overwrite them with their gradient instead of allocating a
+                        // second [rows, vocab] buffer (Liger-Kernel's trick).
+                        let mut z = std::mem::take(&mut self.nodes[logits.0].value);
+                        crate::cpu::token_logprobs_backward_inplace(
+                            &mut z,
+                            &labels,
+                            &lse,
+                            &dy,
+                            vocab,
+                            IGNORE_INDEX,
+                        )?;
+                        put_grad(&mut grads, logits, Some(z));
+                    }
                     op => backward_op(&self.nodes, &mut grads, op, &dy, i)?,
                 }
             }
-            if i != output.0 {
+            if !seeds.iter().any(|(v, _)| v.0 == i) {
                 self.nodes[i].value = Vec::new();
             }
         }
@@ -258,6 +312,18 @@ fn put_grad(grads: &mut [Option<Vec<f32>>], v: Var, g: Option<Vec<f32>>) {
     match &mut grads[v.0] {
         Some(existing) => accumulate(existing, &g),
         slot => *slot = Some(g),
+    }
+}
+
+/// `∂L/∂v += dy` for an op whose local derivative is the identity: copies `dy` into an empty slot
+/// instead of zero-filling and adding.
+fn add_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) {
+    if !nodes[v.0].requires_grad {
+        return;
+    }
+    match &mut grads[v.0] {
+        Some(existing) => accumulate(existing, dy),
+        slot => *slot = Some(dy.to_vec()),
     }
 }
 
@@ -311,11 +377,7 @@ fn backward_op(
             }
         }
         Op::AddBias { x, b } => {
-            let mut dx = take_grad(nodes, grads, x);
-            if let Some(dx) = dx.as_mut() {
-                accumulate(dx, dy);
-            }
-            put_grad(grads, x, dx);
+            add_grad(nodes, grads, x, dy);
             let mut db = take_grad(nodes, grads, b);
             if let Some(db) = db.as_mut() {
                 bias_backward(dy, db);
@@ -323,13 +385,8 @@ fn backward_op(
             put_grad(grads, b, db);
         }
         Op::Add { a, b } => {
-            for v in [a, b] {
-                let mut d = take_grad(nodes, grads, v);
-                if let Some(d) = d.as_mut() {
-                    accumulate(d, dy);
-                }
-                put_grad(grads, v, d);
-            }
+            add_grad(nodes, grads, a, dy);
+            add_grad(nodes, grads, b, dy);
         }
         Op::Scale { x, factor } => {
             let mut dx = take_grad(nodes, grads, x);

@@ -3,7 +3,8 @@
 //! Saved names carry the `transformer.` prefix (as `GPT2LMHeadModel.state_dict()`; `lm_head.weight`
 //! is omitted because it is tied to `wte`). On load, names without the prefix (Hugging Face's own
 //! `gpt2/model.safetensors`) are accepted too, and GPT-2's non-parameter buffers (`attn.bias`,
-//! `attn.masked_bias`) and `lm_head.weight` are ignored. The config is stored as JSON under the
+//! `attn.masked_bias`) and `lm_head.weight` are ignored; any other tensor without a slot in the
+//! model (a deeper model's `h.5.*`, say) is refused as a config mismatch. The config is stored as JSON under the
 //! metadata key [`CONFIG_KEY`]; a file without it (a Hugging Face checkpoint) gets its config
 //! from the tensor shapes, with GPT-2's head size of 64.
 
@@ -179,8 +180,21 @@ fn infer_config(st: &SafeTensors<'_>) -> Result<GptConfig> {
     Ok(config)
 }
 
+/// Tensors GPT-2 files carry that are not parameters: the causal-mask buffers and the tied head.
+fn is_ignorable(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight"
+}
+
 fn load_into(st: &SafeTensors<'_>, config: GptConfig) -> Result<Gpt> {
     let skeleton = Gpt::zeros(config)?;
+    // A tensor the model has no slot for means the file is for another config (e.g. more layers).
+    for name in st.names() {
+        if !is_ignorable(name) && skeleton.parameter_index(name).is_none() {
+            return Err(ckpt_err(format!(
+                "unexpected tensor `{name}`: the checkpoint does not match the config {config:?}"
+            )));
+        }
+    }
     let mut params: Vec<Parameter> = Vec::with_capacity(skeleton.parameters().len());
     for p in skeleton.parameters() {
         let t =

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{gemm, MatMut, MatRef};
+use crate::cpu::fast_exp::fast_exp;
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +89,7 @@ fn causal_softmax_row(row: &mut [f32], i: usize) {
     let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in visible.iter_mut() {
-        *v = (*v - max).exp();
+        *v = fast_exp(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
