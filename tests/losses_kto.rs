@@ -115,8 +115,16 @@ fn check_against_reference(seed: u64, n: usize, mode: u8, cfg: KtoConfig) {
         m.rewards_margins,
         rc.zip(rr).map(|(a, b)| a - b),
     );
-    assert_opt_close("logps/chosen", m.logps_chosen, mean(idx(true).map(|i| policy[i])));
-    assert_opt_close("logps/rejected", m.logps_rejected, mean(idx(false).map(|i| policy[i])));
+    assert_opt_close(
+        "logps/chosen",
+        m.logps_chosen,
+        mean(idx(true).map(|i| policy[i])),
+    );
+    assert_opt_close(
+        "logps/rejected",
+        m.logps_rejected,
+        mean(idx(false).map(|i| policy[i])),
+    );
     assert_opt_close("kl", m.kl, Some(z0));
     assert_eq!(m.rewards_accuracies, None);
     assert_eq!(m.chosen_count as usize, idx(true).count());
@@ -208,7 +216,11 @@ fn partial_input_equals_raw_kl_input() {
     .unwrap();
     assert_close("loss", via_partial.loss, raw.loss, 1e-12, 1e-15);
     assert_close("z0", via_partial.z0, raw.z0, 1e-12, 1e-15);
-    for (a, b) in via_partial.grad_policy_logps.iter().zip(&raw.grad_policy_logps) {
+    for (a, b) in via_partial
+        .grad_policy_logps
+        .iter()
+        .zip(&raw.grad_policy_logps)
+    {
         assert_close("grad", *a as f64, *b as f64, 1e-6, 1e-15);
     }
 }
@@ -275,7 +287,10 @@ fn extreme_log_ratios_give_finite_tiny_gradients() {
 }
 
 fn fixed_partial(z0: f64) -> KlInput<'static> {
-    KlInput::Partial(ReferencePointPartial { sum: z0 * 4.0, count: 4 })
+    KlInput::Partial(ReferencePointPartial {
+        sum: z0 * 4.0,
+        count: 4,
+    })
 }
 
 proptest! {
@@ -379,19 +394,58 @@ fn bad_inputs_are_errors() {
 
     let err = |cfg: &KtoConfig, b: &KtoBatch| kto_loss(cfg, b).unwrap_err();
     assert!(matches!(
-        err(&cfg, &KtoBatch { reference_logps: &q[..2], ..ok }),
-        HaloError::LengthMismatch { what: "reference_logps", expected: 3, got: 2 }
+        err(
+            &cfg,
+            &KtoBatch {
+                reference_logps: &q[..2],
+                ..ok
+            }
+        ),
+        HaloError::LengthMismatch {
+            what: "reference_logps",
+            expected: 3,
+            got: 2
+        }
     ));
     assert!(matches!(
-        err(&cfg, &KtoBatch { is_desirable: &d[..1], ..ok }),
-        HaloError::LengthMismatch { what: "is_desirable", .. }
+        err(
+            &cfg,
+            &KtoBatch {
+                is_desirable: &d[..1],
+                ..ok
+            }
+        ),
+        HaloError::LengthMismatch {
+            what: "is_desirable",
+            ..
+        }
     ));
     assert!(matches!(
-        err(&cfg, &KtoBatch { kl: Some(KlInput::LogProbs { policy: &p, reference: &q[..1] }), ..ok }),
-        HaloError::LengthMismatch { what: "kl_reference_logps", .. }
+        err(
+            &cfg,
+            &KtoBatch {
+                kl: Some(KlInput::LogProbs {
+                    policy: &p,
+                    reference: &q[..1]
+                }),
+                ..ok
+            }
+        ),
+        HaloError::LengthMismatch {
+            what: "kl_reference_logps",
+            ..
+        }
     ));
     assert_eq!(
-        err(&cfg, &KtoBatch { policy_logps: &[], reference_logps: &[], is_desirable: &[], kl }),
+        err(
+            &cfg,
+            &KtoBatch {
+                policy_logps: &[],
+                reference_logps: &[],
+                is_desirable: &[],
+                kl
+            }
+        ),
         HaloError::EmptyBatch("policy_logps")
     );
     assert_eq!(
@@ -399,40 +453,130 @@ fn bad_inputs_are_errors() {
         HaloError::MissingKlPairs { loss_type: "kto" }
     );
     assert_eq!(
-        err(&cfg, &KtoBatch { kl: Some(KlInput::LogProbs { policy: &[], reference: &[] }), ..ok }),
+        err(
+            &cfg,
+            &KtoBatch {
+                kl: Some(KlInput::LogProbs {
+                    policy: &[],
+                    reference: &[]
+                }),
+                ..ok
+            }
+        ),
         HaloError::EmptyBatch("kl pairs")
     );
     assert_eq!(
-        err(&cfg, &KtoBatch { kl: Some(KlInput::Partial(ReferencePointPartial::empty())), ..ok }),
+        err(
+            &cfg,
+            &KtoBatch {
+                kl: Some(KlInput::Partial(ReferencePointPartial::empty())),
+                ..ok
+            }
+        ),
         HaloError::EmptyBatch("kl pairs")
     );
     let nan = [-1.0f32, f32::NAN, -3.0];
     let inf = [-1.0f32, -2.0, f32::NEG_INFINITY];
     assert_eq!(
-        err(&cfg, &KtoBatch { policy_logps: &nan, ..ok }),
-        HaloError::NonFinite { what: "policy_logps", row: 1 }
+        err(
+            &cfg,
+            &KtoBatch {
+                policy_logps: &nan,
+                ..ok
+            }
+        ),
+        HaloError::NonFinite {
+            what: "policy_logps",
+            row: 1
+        }
     );
     assert_eq!(
-        err(&cfg, &KtoBatch { reference_logps: &inf, ..ok }),
-        HaloError::NonFinite { what: "reference_logps", row: 2 }
+        err(
+            &cfg,
+            &KtoBatch {
+                reference_logps: &inf,
+                ..ok
+            }
+        ),
+        HaloError::NonFinite {
+            what: "reference_logps",
+            row: 2
+        }
     );
     assert!(matches!(
-        err(&cfg, &KtoBatch { kl: Some(KlInput::LogProbs { policy: &nan, reference: &q }), ..ok }),
-        HaloError::NonFinite { what: "kl_policy_logps", row: 1 }
+        err(
+            &cfg,
+            &KtoBatch {
+                kl: Some(KlInput::LogProbs {
+                    policy: &nan,
+                    reference: &q
+                }),
+                ..ok
+            }
+        ),
+        HaloError::NonFinite {
+            what: "kl_policy_logps",
+            row: 1
+        }
     ));
     assert!(matches!(
-        err(&cfg, &KtoBatch { kl: Some(KlInput::Partial(ReferencePointPartial { sum: f64::NAN, count: 3 })), ..ok }),
+        err(
+            &cfg,
+            &KtoBatch {
+                kl: Some(KlInput::Partial(ReferencePointPartial {
+                    sum: f64::NAN,
+                    count: 3
+                })),
+                ..ok
+            }
+        ),
         HaloError::NonFinite { .. }
     ));
     for (name, bad) in [
         ("beta", KtoConfig { beta: 0.0, ..cfg }),
         ("beta", KtoConfig { beta: -0.1, ..cfg }),
-        ("beta", KtoConfig { beta: f64::NAN, ..cfg }),
-        ("beta", KtoConfig { beta: f64::INFINITY, ..cfg }),
-        ("desirable_weight", KtoConfig { desirable_weight: -1.0, ..cfg }),
-        ("desirable_weight", KtoConfig { desirable_weight: f64::INFINITY, ..cfg }),
-        ("undesirable_weight", KtoConfig { undesirable_weight: -0.5, ..cfg }),
-        ("undesirable_weight", KtoConfig { undesirable_weight: f64::NAN, ..cfg }),
+        (
+            "beta",
+            KtoConfig {
+                beta: f64::NAN,
+                ..cfg
+            },
+        ),
+        (
+            "beta",
+            KtoConfig {
+                beta: f64::INFINITY,
+                ..cfg
+            },
+        ),
+        (
+            "desirable_weight",
+            KtoConfig {
+                desirable_weight: -1.0,
+                ..cfg
+            },
+        ),
+        (
+            "desirable_weight",
+            KtoConfig {
+                desirable_weight: f64::INFINITY,
+                ..cfg
+            },
+        ),
+        (
+            "undesirable_weight",
+            KtoConfig {
+                undesirable_weight: -0.5,
+                ..cfg
+            },
+        ),
+        (
+            "undesirable_weight",
+            KtoConfig {
+                undesirable_weight: f64::NAN,
+                ..cfg
+            },
+        ),
     ] {
         match err(&bad, &ok) {
             HaloError::InvalidHyperParameter { name: got, .. } => assert_eq!(got, name),
@@ -450,10 +594,22 @@ fn zero_token_sequences_are_allowed_for_summed_losses() {
             policy_logps: &[0.0, -4.0],
             reference_logps: &[0.0, -3.0],
             is_desirable: &[true, false],
-            kl: Some(KlInput::LogProbs { policy: &[0.0], reference: &[0.0] }),
+            kl: Some(KlInput::LogProbs {
+                policy: &[0.0],
+                reference: &[0.0],
+            }),
         },
     )
     .unwrap();
-    let want = kto_loss_ref(&[0.0, -4.0], &[0.0, -3.0], &[true, false], 0.0, 0.1, 1.0, 1.0, false);
+    let want = kto_loss_ref(
+        &[0.0, -4.0],
+        &[0.0, -3.0],
+        &[true, false],
+        0.0,
+        0.1,
+        1.0,
+        1.0,
+        false,
+    );
     assert_close("loss", out.loss, want, 1e-12, 1e-15);
 }

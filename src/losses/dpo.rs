@@ -19,7 +19,7 @@ use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
 use super::validate::{
     check_counts_positive, check_finite, check_label_smoothing, check_len, check_nonempty,
-    check_positive,
+    check_outputs, check_positive,
 };
 use crate::error::{HaloError, Result};
 
@@ -203,8 +203,14 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         rejected_logps.push(pr);
     }
 
+    let loss = loss_sum * inv_n;
+    check_outputs(
+        "dpo loss or gradient",
+        loss,
+        &[&grad_chosen, &grad_rejected],
+    )?;
     Ok(PairLossOutput {
-        loss: loss_sum * inv_n,
+        loss,
         grad_chosen,
         grad_rejected,
         metrics: pair_metrics(

@@ -12,7 +12,9 @@
 use super::metrics::{mean_of, LossMetrics};
 use super::reference_point::ReferencePointPartial;
 use super::sigmoid::{sigmoid, sigmoid_derivative};
-use super::validate::{check_finite, check_len, check_nonempty, check_nonnegative, check_positive};
+use super::validate::{
+    check_finite, check_len, check_nonempty, check_nonnegative, check_outputs, check_positive,
+};
 use crate::error::{HaloError, Result};
 
 /// Which unpaired loss (TRL `KTOConfig.loss_type`).
@@ -84,7 +86,9 @@ pub enum KlInput<'a> {
 pub struct KtoBatch<'a> {
     /// Summed policy log-probs `logp_policy(y_i|x_i)`.
     pub policy_logps: &'a [f32],
-    /// Summed reference log-probs `logp_ref(y_i|x_i)`.
+    /// Summed reference log-probs `logp_ref(y_i|x_i)`. For the humanline variant pass the clamped
+    /// log-ratio sums of [`crate::cpu::sequence_logratio_sums`] as `policy_logps` and zeros here
+    /// (the `logps/*` metrics then report log-ratios).
     pub reference_logps: &'a [f32],
     /// `true` for a desirable example, `false` for an undesirable one.
     pub is_desirable: &'a [bool],
@@ -162,9 +166,11 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
         grad.push((grad_i * inv_n) as f32);
     }
 
+    let loss = loss_sum * inv_n;
+    check_outputs("kto loss or gradient", loss, &[&grad])?;
     let metrics = kto_metrics(batch, beta, z0);
     Ok(KtoOutput {
-        loss: loss_sum * inv_n,
+        loss,
         grad_policy_logps: grad,
         z0,
         metrics,

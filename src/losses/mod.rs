@@ -16,6 +16,31 @@
 //! Zero-token sequences: summed losses (KTO, DPO sigmoid/robust/hinge/apo_zero) accept them (their
 //! log-prob is 0); length-normalised ones (IPO, SimPO, ORPO) return `HaloError::EmptySequence`.
 //!
+//! No loss ever returns a NaN or infinite loss or gradient: inputs are validated, and an output
+//! that would still overflow is reported as `HaloError::NonFinite`.
+//!
+//! ```
+//! use halo_kernels::losses::{kto_loss, KlInput, KtoBatch, KtoConfig, ReferencePointPartial};
+//!
+//! // Per-sequence summed log-probs (e.g. `cpu::sequence_sums(...).sums`) of 3 examples.
+//! let policy = [-12.5f32, -30.0, -7.25];
+//! let reference = [-13.0f32, -28.0, -7.5];
+//! // KL pairs of this device; on several devices all-reduce `sum` and `count` first.
+//! let partial = ReferencePointPartial::from_kl_logps(&[-20.0, -9.0], &[-21.0, -9.5])?;
+//! let out = kto_loss(
+//!     &KtoConfig::default(),
+//!     &KtoBatch {
+//!         policy_logps: &policy,
+//!         reference_logps: &reference,
+//!         is_desirable: &[true, false, true],
+//!         kl: Some(KlInput::Partial(partial)),
+//!     },
+//! )?;
+//! assert!(out.loss > 0.0 && out.z0 == 0.75);
+//! assert_eq!(out.grad_policy_logps.len(), 3); // → cpu::broadcast_sequence_grad
+//! # Ok::<(), halo_kernels::HaloError>(())
+//! ```
+//!
 //! [`reference`] holds plain f64 transcriptions of every formula for tests.
 
 pub mod dpo;

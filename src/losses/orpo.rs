@@ -16,12 +16,14 @@
 //! - average rejected log-prob exactly 0: the loss is `+inf` → `NonFinite("orpo log_odds ...")`.
 //! - a positive average log-prob is not a log-probability → `InvalidLogProb`.
 //! - a sequence with no tokens → `EmptySequence`.
+//! - the rejected gradient grows like `β / |r|` as `r → 0⁻`; where it would overflow f32
+//!   (`|r| ≲ 1e-38 β`) the call returns `NonFinite` rather than an infinite gradient.
 
 use super::metrics::pair_metrics;
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
 use super::reference_free::{average_logps, chosen_nll};
 use super::sigmoid::{log1m_exp, log_sigmoid};
-use super::validate::check_positive;
+use super::validate::{check_outputs, check_positive};
 use crate::error::{HaloError, Result};
 
 /// Hyper-parameters (TRL `ORPOConfig`: β = 0.1, the weight of the odds-ratio term).
@@ -103,8 +105,14 @@ pub fn orpo_loss(
     metrics.nll_loss = Some(nll);
     metrics.log_odds_ratio = Some(ratio_sum * inv_n);
     metrics.log_odds_chosen = Some(log_odds_sum * inv_n);
+    let loss = nll - beta * ratio_sum * inv_n;
+    check_outputs(
+        "orpo loss or gradient (an average log-prob too close to 0?)",
+        loss,
+        &[&grad_chosen, &grad_rejected],
+    )?;
     Ok(PairLossOutput {
-        loss: nll - beta * ratio_sum * inv_n,
+        loss,
         grad_chosen,
         grad_rejected,
         metrics,

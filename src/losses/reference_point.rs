@@ -8,10 +8,10 @@
 //! [`ReferencePointPartial::from_kl_logps`], all-reduce `sum` and `count` (or [`merge`] them), then
 //! take [`ReferencePointPartial::z0`] and pass the merged partial to the loss.
 //!
-//! Deliberate difference from TRL: TRL clamps each device's mean, gathers the clamped means and
-//! averages them (`gather_for_metrics(kl).mean().clamp(min=0)`). The partial gives the exact global
-//! mean over all KL pairs, clamped once; both agree when every device holds the same number of
-//! KL pairs and no per-device mean is negative.
+//! Deliberate difference from TRL: TRL takes each device's mean, gathers the means and averages
+//! them before clamping (`gather_for_metrics(kl).mean().clamp(min=0)`), a mean of means. The
+//! partial gives the exact global mean over all KL pairs, clamped once; both agree whenever every
+//! device holds the same number of KL pairs (and on a single device always).
 //!
 //! [`merge`]: ReferencePointPartial::merge
 

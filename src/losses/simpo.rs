@@ -16,7 +16,7 @@ use super::metrics::pair_metrics;
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
 use super::reference_free::{average_logps, chosen_nll};
 use super::sigmoid::{log_sigmoid, sigmoid};
-use super::validate::{check_label_smoothing, check_nonnegative, check_positive};
+use super::validate::{check_label_smoothing, check_nonnegative, check_outputs, check_positive};
 use crate::error::{HaloError, Result};
 
 /// Hyper-parameters (defaults: β = 0.1, γ = 0.5, ε = 0, `nll_weight` = 0; see the module docs).
@@ -93,8 +93,14 @@ pub fn simpo_loss(
     let rejected_rewards: Vec<f64> = avg_r.iter().map(|a| beta * a).collect();
     let mut metrics = pair_metrics(&chosen_rewards, &rejected_rewards, &avg_c, &avg_r);
     metrics.nll_loss = Some(nll);
+    let loss = loss_sum * inv_n + config.nll_weight * nll;
+    check_outputs(
+        "simpo loss or gradient",
+        loss,
+        &[&grad_chosen, &grad_rejected],
+    )?;
     Ok(PairLossOutput {
-        loss: loss_sum * inv_n + config.nll_weight * nll,
+        loss,
         grad_chosen,
         grad_rejected,
         metrics,

@@ -88,3 +88,16 @@ pub(crate) fn check_label_smoothing(
         })
     }
 }
+
+/// Last line of defence on outputs: a finite loss and finite f32 gradients, else `NonFinite`
+/// naming `what` (e.g. an ORPO rejected average log-prob so close to 0 that its gradient, of
+/// size ~β/|avg|, overflows f32).
+pub(crate) fn check_outputs(what: &'static str, loss: f64, grads: &[&[f32]]) -> Result<()> {
+    if !loss.is_finite() {
+        return Err(HaloError::NonFinite { what, row: 0 });
+    }
+    for g in grads {
+        check_finite(what, g)?;
+    }
+    Ok(())
+}
