@@ -66,6 +66,16 @@ pub enum HaloError {
     /// The CUDA backend is unavailable (no driver, no GPU, or the kernels were not compiled).
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
+    /// A dataset line is malformed (bad JSON, missing or mistyped field); names the file and 1-based line.
+    #[error("{file}:{line}: {reason}")]
+    Dataset {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    /// Reading or writing a file failed (datasets, metrics, checkpoints, plots).
+    #[error("I/O error on `{path}`: {reason}")]
+    Io { path: String, reason: String },
     /// A CUDA driver call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
