@@ -60,6 +60,16 @@ pub enum PreferenceSource {
     Synthetic,
 }
 
+/// What the KTO stage trains on when the preference data is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KtoData {
+    /// The judged pairs, read unpaired: exactly the data DPO gets (the paper's comparison).
+    Pairs,
+    /// Every judged sample, including prompts whose samples were all correct or all wrong
+    /// (data only an unpaired loss can use).
+    AllSamples,
+}
+
 /// Train a small GPT from scratch on the built-in arithmetic task (pretrain → SFT → KTO, optionally
 /// DPO) and report how often the judge accepts its greedy answers on held-out prompts.
 #[derive(Debug, Clone, Parser)]
@@ -118,6 +128,9 @@ pub struct TrainArgs {
     /// Where the preference data comes from (ignored with --preferences).
     #[arg(long, value_enum, default_value_t = PreferenceSource::Sampled)]
     pub preference_data: PreferenceSource,
+    /// What KTO trains on: the pairs (read unpaired) or every judged sample.
+    #[arg(long, value_enum, default_value_t = KtoData::Pairs)]
+    pub kto_data: KtoData,
     /// Completions sampled per prompt for `--preference-data sampled`.
     #[arg(long, default_value_t = 4)]
     pub samples_per_prompt: usize,
@@ -164,6 +177,12 @@ pub struct TrainArgs {
     /// Probability of a random near miss on the other pretraining lines.
     #[arg(long, default_value_t = 0.1)]
     pub noise_rate: f64,
+    /// Lines of mixed-quality pretraining text.
+    #[arg(long, default_value_t = 20_000)]
+    pub pretrain_lines: usize,
+    /// Judge-labelled SFT candidates (SFT trains on the desirable ones).
+    #[arg(long, default_value_t = 4_000)]
+    pub sft_lines: usize,
     /// Held-out evaluation prompts.
     #[arg(long, default_value_t = 500)]
     pub n_eval: usize,

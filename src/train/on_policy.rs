@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::arithmetic_task::judge;
-use super::data::{PairedExample, PreferenceRow};
+use super::data::{PairedExample, PreferenceRow, UnpairedExample};
 use super::evaluate::{decode, Decoding, EVAL_MAX_NEW_TOKENS};
 use super::tokenizer::ByteTokenizer;
 use crate::error::Result;
@@ -33,6 +33,8 @@ pub struct SamplingPlan {
 pub struct SampledPreferences {
     /// One pair per prompt that got both a correct and a wrong sample.
     pub pairs: Vec<PreferenceRow>,
+    /// Every sample, judged: the unpaired data KTO can use in full (DPO only gets `pairs`).
+    pub all_samples: Vec<PreferenceRow>,
     /// Fraction of all samples the judge accepted.
     pub sample_desirable_rate: f64,
 }
@@ -67,6 +69,7 @@ pub fn sample_preferences(
         },
     )?;
     let mut pairs = Vec::new();
+    let mut all_samples = Vec::with_capacity(generated.len());
     let mut accepted = 0usize;
     for (prompt, samples) in prompts
         .iter()
@@ -77,7 +80,13 @@ pub fn sample_preferences(
         for ids in samples {
             let text = tok.decode(ids);
             let terminated = ids.last() == Some(&ByteTokenizer::EOS);
-            if terminated && judge(prompt, &text)?.is_desirable() {
+            let desirable = terminated && judge(prompt, &text)?.is_desirable();
+            all_samples.push(PreferenceRow::Unpaired(UnpairedExample {
+                prompt: prompt.clone(),
+                completion: text.clone(),
+                desirable,
+            }));
+            if desirable {
                 accepted += 1;
                 chosen.get_or_insert(text);
             } else {
@@ -94,6 +103,7 @@ pub fn sample_preferences(
     }
     Ok(SampledPreferences {
         pairs,
+        all_samples,
         sample_desirable_rate: accepted as f64 / generated.len().max(1) as f64,
     })
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::arithmetic_task::ArithmeticTask;
 use super::batching::{dpo_batch, kto_batch, token_batch, EpochSampler, TargetSpan};
-use super::config::{PreferenceSource, TrainArgs};
+use super::config::{KtoData, PreferenceSource, TrainArgs};
 use super::data::{
     io_error, keep_desirable_fraction, load_jsonl, paired_only, to_unpaired, write_jsonl,
     PreferenceRow,
@@ -87,6 +87,8 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         carry_error_rate: args.carry_error_rate,
         noise_rate: args.noise_rate,
         n_eval: args.n_eval,
+        n_pretrain: args.pretrain_lines,
+        n_sft: args.sft_lines,
         ..ArithmeticTask::default()
     };
     let data = task.generate(args.seed)?;
@@ -212,6 +214,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                     },
                 )?;
                 sample_rate = Some(sampled.sample_desirable_rate);
+                write_jsonl(&out_dir.join("data/samples.jsonl"), &sampled.all_samples)?;
                 sampled.pairs
             }
         };
@@ -231,10 +234,23 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             ),
         });
     }
-    let kto_examples = keep_desirable_fraction(
-        to_unpaired(&preference_rows, args.seed),
-        args.desirable_fraction,
-    );
+    // KTO reads the pairs unpaired (the same data DPO gets), or, with `--kto-data all-samples`,
+    // every judged sample — data DPO cannot use (prompts whose samples all agree).
+    let kto_rows = match args.kto_data {
+        KtoData::Pairs => preference_rows.clone(),
+        KtoData::AllSamples => {
+            let samples = out_dir.join("data/samples.jsonl");
+            if args.preferences.is_some() || args.preference_data != PreferenceSource::Sampled {
+                return Err(HaloError::InvalidShape(
+                    "--kto-data all-samples needs --preference-data sampled and no --preferences file"
+                        .into(),
+                ));
+            }
+            load_jsonl(&samples)?
+        }
+    };
+    let kto_examples =
+        keep_desirable_fraction(to_unpaired(&kto_rows, args.seed), args.desirable_fraction);
     let n_desirable = kto_examples.iter().filter(|e| e.desirable).count() as u64;
     let n_undesirable = kto_examples.len() as u64 - n_desirable;
     // Paper's rule: λ_D n_D / (λ_U n_U) ∈ [1, 4/3]. Default λ_U = 1 and λ_D at the ratio
