@@ -28,6 +28,12 @@ impl Parameter {
         Self { name, shape, data }
     }
 
+    /// A parameter of `shape` filled with zeros.
+    fn zeros(name: String, shape: Vec<usize>) -> Self {
+        let data = vec![0.0; shape.iter().product()];
+        Self::new(name, shape, data)
+    }
+
     /// Whether AdamW applies weight decay to it: matrices (linear weights and the two embedding
     /// tables) yes, vectors (biases, layer-norm gains and shifts) no — nanoGPT's rule.
     pub fn decays(&self) -> bool {
@@ -96,16 +102,8 @@ impl Gpt {
         config.validate()?;
         let c = config.n_embd;
         let mut params = vec![
-            Parameter::new(
-                "transformer.wte.weight".into(),
-                vec![config.vocab_size, c],
-                vec![],
-            ),
-            Parameter::new(
-                "transformer.wpe.weight".into(),
-                vec![config.n_ctx, c],
-                vec![],
-            ),
+            Parameter::zeros("transformer.wte.weight".into(), vec![config.vocab_size, c]),
+            Parameter::zeros("transformer.wpe.weight".into(), vec![config.n_ctx, c]),
         ];
         for layer in 0..config.n_layer {
             for slot in BLOCK_PARAMS {
@@ -118,26 +116,14 @@ impl Gpt {
                     "mlp.c_proj.weight" => vec![4 * c, c],
                     _ => vec![c],
                 };
-                params.push(Parameter::new(
+                params.push(Parameter::zeros(
                     format!("transformer.h.{layer}.{slot}"),
                     shape,
-                    vec![],
                 ));
             }
         }
-        params.push(Parameter::new(
-            "transformer.ln_f.weight".into(),
-            vec![c],
-            vec![],
-        ));
-        params.push(Parameter::new(
-            "transformer.ln_f.bias".into(),
-            vec![c],
-            vec![],
-        ));
-        for p in &mut params {
-            p.data = vec![0.0; p.shape.iter().product()];
-        }
+        params.push(Parameter::zeros("transformer.ln_f.weight".into(), vec![c]));
+        params.push(Parameter::zeros("transformer.ln_f.bias".into(), vec![c]));
         Ok(Self { config, params })
     }
 
