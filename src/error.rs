@@ -85,4 +85,8 @@ pub enum HaloError {
     /// A model checkpoint cannot be read, written or matched to the model (names the tensor).
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A tokenizer cannot be loaded or used (invalid `tokenizer.json`, no end-of-sequence token,
+    /// text it cannot encode); names the tokenizer file.
+    #[error("tokenizer `{path}`: {reason}")]
+    Tokenizer { path: String, reason: String },
 }

@@ -3,15 +3,17 @@
 use halo_kernels::train::batching::dpo_batch;
 use halo_kernels::train::{
     kl_partners, kto_batch, token_batch, ByteTokenizer, EpochSampler, PairedExample, TargetSpan,
-    UnpairedExample,
+    TextTokenizer, UnpairedExample,
 };
 use halo_kernels::IGNORE_INDEX;
 
 const EOS: u32 = ByteTokenizer::EOS;
+const BYTES: TextTokenizer = TextTokenizer::Byte;
 
 #[test]
 fn completion_targets_cover_exactly_the_completion_and_its_eos() {
     let b = token_batch(
+        &BYTES,
         &[("1+2=", "3"), ("10+20=", "30")],
         TargetSpan::CompletionOnly,
         32,
@@ -30,19 +32,19 @@ fn completion_targets_cover_exactly_the_completion_and_its_eos() {
 
 #[test]
 fn language_model_targets_cover_every_next_token() {
-    let b = token_batch(&[("ab", "c")], TargetSpan::Everything, 32).unwrap();
+    let b = token_batch(&BYTES, &[("ab", "c")], TargetSpan::Everything, 32).unwrap();
     assert_eq!(b.input_ids, vec![EOS, 97, 98, 99, EOS]);
     assert_eq!(b.targets, vec![97, 98, 99, EOS as i32, IGNORE_INDEX]);
 }
 
 #[test]
 fn long_examples_keep_the_end_of_the_prompt() {
-    let b = token_batch(&[("abcdefgh", "xy")], TargetSpan::CompletionOnly, 6).unwrap();
+    let b = token_batch(&BYTES, &[("abcdefgh", "xy")], TargetSpan::CompletionOnly, 6).unwrap();
     assert_eq!(b.input_ids, vec![102, 103, 104, 120, 121, EOS]);
     let i = IGNORE_INDEX;
     assert_eq!(b.targets, vec![i, i, 120, 121, EOS as i32, i]);
-    assert!(token_batch(&[], TargetSpan::Everything, 8).is_err());
-    assert!(token_batch(&[("a", "b")], TargetSpan::Everything, 1).is_err());
+    assert!(token_batch(&BYTES, &[], TargetSpan::Everything, 8).is_err());
+    assert!(token_batch(&BYTES, &[("a", "b")], TargetSpan::Everything, 1).is_err());
 }
 
 #[test]
@@ -71,7 +73,7 @@ fn kto_batch_pairs_each_prompt_with_another_examples_completion() {
         })
         .collect();
     let refs: Vec<&UnpairedExample> = examples.iter().collect();
-    let batch = kto_batch(&refs, 32).unwrap();
+    let batch = kto_batch(&BYTES, &refs, 32).unwrap();
     assert_eq!(batch.desirable, vec![true, false, true, false, true]);
     let tok = ByteTokenizer;
     let row_text = |b: &halo_kernels::train::TokenBatch, r: usize| {
@@ -90,7 +92,7 @@ fn kto_batch_pairs_each_prompt_with_another_examples_completion() {
         );
         assert_ne!(partner.completion, examples[i].completion);
     }
-    assert!(kto_batch(&refs[..1], 32).is_err());
+    assert!(kto_batch(&BYTES, &refs[..1], 32).is_err());
 }
 
 #[test]
@@ -101,7 +103,7 @@ fn dpo_batch_puts_chosen_rows_before_rejected_rows() {
         rejected: "3".into(),
     }];
     let refs: Vec<&PairedExample> = pairs.iter().collect();
-    let b = dpo_batch(&refs, 16).unwrap();
+    let b = dpo_batch(&BYTES, &refs, 16).unwrap();
     assert_eq!(b.batch, 2);
     assert_eq!(b.input_ids[5], b'2' as u32);
     assert_eq!(b.input_ids[b.seq + 5], b'3' as u32);

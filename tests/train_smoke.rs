@@ -12,8 +12,8 @@ use halo_kernels::train::kto::kto_step;
 use halo_kernels::train::nll::nll_step;
 use halo_kernels::train::stage::StepOutput;
 use halo_kernels::train::{
-    kto_batch, run, token_batch, ByteTokenizer, PairedExample, TargetSpan, TrainArgs,
-    UnpairedExample,
+    kto_batch, run, token_batch, ByteTokenizer, PairedExample, TargetSpan, TextTokenizer,
+    TrainArgs, UnpairedExample,
 };
 use halo_kernels::Result;
 use rand::SeedableRng;
@@ -78,7 +78,7 @@ fn examples() -> Vec<UnpairedExample> {
 fn nll_loss_decreases() {
     let mut model = tiny_model(1);
     let rows = [("1+2=", "3"), ("4+4=", "8"), ("12+30=", "42")];
-    let batch = token_batch(&rows, TargetSpan::Everything, 16).unwrap();
+    let batch = token_batch(&TextTokenizer::Byte, &rows, TargetSpan::Everything, 16).unwrap();
     let losses = train(&mut model, 15, 1e-2, |m| nll_step(m, &batch));
     // A fresh model starts near ln(257) ≈ 5.55 nats per token.
     assert!((losses[0] - (257f64).ln()).abs() < 0.5, "{losses:?}");
@@ -91,7 +91,7 @@ fn kto_loss_decreases_from_one_half_and_separates_the_classes() {
     let mut policy = reference.clone();
     let data = examples();
     let refs: Vec<&UnpairedExample> = data.iter().collect();
-    let batch = kto_batch(&refs, 16).unwrap();
+    let batch = kto_batch(&TextTokenizer::Byte, &refs, 16).unwrap();
     let config = KtoConfig {
         beta: 1.0,
         ..KtoConfig::default()
@@ -128,7 +128,7 @@ fn dpo_loss_decreases_from_ln_two() {
         })
         .collect();
     let refs: Vec<&PairedExample> = pairs.iter().collect();
-    let batch = dpo_batch(&refs, 16).unwrap();
+    let batch = dpo_batch(&TextTokenizer::Byte, &refs, 16).unwrap();
     let config = DpoConfig {
         beta: 1.0,
         ..DpoConfig::default()
@@ -153,7 +153,7 @@ fn batched_greedy_decoding_matches_generate() {
         ("12+30=", "42"),
         ("7+7=", "14"),
     ];
-    let batch = token_batch(&rows, TargetSpan::Everything, 16).unwrap();
+    let batch = token_batch(&TextTokenizer::Byte, &rows, TargetSpan::Everything, 16).unwrap();
     train(&mut model, 10, 1e-2, |m| nll_step(m, &batch));
     let tok = ByteTokenizer;
     let contexts: Vec<Vec<u32>> = ["1+2=", "12+30=", "9", "123+456=", "7+7="]
@@ -184,7 +184,7 @@ fn batched_greedy_decoding_matches_generate() {
 fn sampling_at_a_tiny_temperature_is_greedy_and_at_a_high_one_is_not() {
     let mut model = tiny_model(5);
     let rows = [("1+2=", "3"), ("4+4=", "8"), ("12+30=", "42")];
-    let batch = token_batch(&rows, TargetSpan::Everything, 16).unwrap();
+    let batch = token_batch(&TextTokenizer::Byte, &rows, TargetSpan::Everything, 16).unwrap();
     train(&mut model, 10, 1e-2, |m| nll_step(m, &batch));
     let tok = ByteTokenizer;
     let contexts: Vec<Vec<u32>> = (0..30)

@@ -2,7 +2,8 @@
 //! epoch sampler, and the KTO KL pairs.
 //!
 //! Every sequence is `[EOS] prompt completion [EOS]` (the leading EOS plays GPT-2's
-//! `<|endoftext|>` role as a start token). `targets[t]` is the token predicted at position `t`,
+//! `<|endoftext|>` role as a start token), prompt and completion encoded separately by the run's
+//! [`TextTokenizer`] (see [`super::tokenizer`] for what that means with a BPE tokenizer). `targets[t]` is the token predicted at position `t`,
 //! i.e. `input_ids[t + 1]`, or [`IGNORE_INDEX`] where that token does not count: prompt tokens in
 //! completion batches, the last position, padding.
 
@@ -11,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::data::{PairedExample, UnpairedExample};
-use super::tokenizer::ByteTokenizer;
+use super::tokenizer::TextTokenizer;
 use crate::error::{HaloError, Result};
 use crate::IGNORE_INDEX;
 
@@ -34,12 +35,16 @@ pub enum TargetSpan {
 }
 
 /// One tokenized sequence and the index where its completion starts.
-fn encode(prompt: &str, completion: &str, max_len: usize) -> (Vec<u32>, usize) {
-    let tok = ByteTokenizer;
-    let mut head = vec![ByteTokenizer::EOS];
-    head.extend(tok.encode(prompt));
-    let mut tail = tok.encode(completion);
-    tail.push(ByteTokenizer::EOS);
+fn encode(
+    tok: &TextTokenizer,
+    prompt: &str,
+    completion: &str,
+    max_len: usize,
+) -> Result<(Vec<u32>, usize)> {
+    let mut head = vec![tok.eos()];
+    head.extend(tok.encode(prompt)?);
+    let mut tail = tok.encode(completion)?;
+    tail.push(tok.eos());
     // Over-long examples keep the end of the prompt and the start of the completion (TRL's
     // truncation keeps the prompt's end too); one context token always remains.
     tail.truncate(max_len.saturating_sub(1).max(1));
@@ -49,11 +54,12 @@ fn encode(prompt: &str, completion: &str, max_len: usize) -> (Vec<u32>, usize) {
     }
     let start = head.len();
     head.extend(tail);
-    (head, start)
+    Ok((head, start))
 }
 
 /// Tokenizes `(prompt, completion)` pairs into one padded batch (padding id EOS, target ignored).
 pub fn token_batch(
+    tok: &TextTokenizer,
     examples: &[(&str, &str)],
     span: TargetSpan,
     max_len: usize,
@@ -68,10 +74,10 @@ pub fn token_batch(
     }
     let encoded: Vec<(Vec<u32>, usize)> = examples
         .iter()
-        .map(|(p, c)| encode(p, c, max_len))
-        .collect();
+        .map(|(p, c)| encode(tok, p, c, max_len))
+        .collect::<Result<_>>()?;
     let seq = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
-    let mut input_ids = vec![ByteTokenizer::EOS; examples.len() * seq];
+    let mut input_ids = vec![tok.eos(); examples.len() * seq];
     let mut targets = vec![IGNORE_INDEX; examples.len() * seq];
     for (row, (ids, completion_start)) in encoded.iter().enumerate() {
         let base = row * seq;
@@ -115,7 +121,11 @@ pub struct KtoBatch {
 }
 
 /// Tokenizes a KTO batch, building KL pairs by rotating completions by one.
-pub fn kto_batch(examples: &[&UnpairedExample], max_len: usize) -> Result<KtoBatch> {
+pub fn kto_batch(
+    tok: &TextTokenizer,
+    examples: &[&UnpairedExample],
+    max_len: usize,
+) -> Result<KtoBatch> {
     let partners = kl_partners(examples.len())?;
     let matched: Vec<(&str, &str)> = examples
         .iter()
@@ -127,15 +137,19 @@ pub fn kto_batch(examples: &[&UnpairedExample], max_len: usize) -> Result<KtoBat
         .map(|(e, &j)| (e.prompt.as_str(), examples[j].completion.as_str()))
         .collect();
     Ok(KtoBatch {
-        examples: token_batch(&matched, TargetSpan::CompletionOnly, max_len)?,
-        kl_pairs: token_batch(&mismatched, TargetSpan::CompletionOnly, max_len)?,
+        examples: token_batch(tok, &matched, TargetSpan::CompletionOnly, max_len)?,
+        kl_pairs: token_batch(tok, &mismatched, TargetSpan::CompletionOnly, max_len)?,
         desirable: examples.iter().map(|e| e.desirable).collect(),
     })
 }
 
 /// A DPO batch as one forward pass: rows `0..n` are the chosen completions, rows `n..2n` the
 /// rejected ones (TRL's `concatenated_forward` order).
-pub fn dpo_batch(pairs: &[&PairedExample], max_len: usize) -> Result<TokenBatch> {
+pub fn dpo_batch(
+    tok: &TextTokenizer,
+    pairs: &[&PairedExample],
+    max_len: usize,
+) -> Result<TokenBatch> {
     let rows: Vec<(&str, &str)> = pairs
         .iter()
         .map(|p| (p.prompt.as_str(), p.chosen.as_str()))
@@ -145,7 +159,7 @@ pub fn dpo_batch(pairs: &[&PairedExample], max_len: usize) -> Result<TokenBatch>
                 .map(|p| (p.prompt.as_str(), p.rejected.as_str())),
         )
         .collect();
-    token_batch(&rows, TargetSpan::CompletionOnly, max_len)
+    token_batch(tok, &rows, TargetSpan::CompletionOnly, max_len)
 }
 
 /// Draws full batches of indices in shuffled epochs: every index once per epoch; a batch that

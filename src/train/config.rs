@@ -198,6 +198,17 @@ pub struct TrainArgs {
     /// Evaluate (greedy, held-out) this many times per stage, for the plot.
     #[arg(long, default_value_t = 5)]
     pub evals_per_stage: usize,
+
+    // ---- tokenizer ----
+    /// A Hugging Face `tokenizer.json` to use instead of the byte-level tokenizer (the model's
+    /// vocabulary follows it). Prompt and completion are encoded separately: exact for byte- or
+    /// character-level tokenizers, see `src/train/tokenizer.rs` for BPE.
+    #[arg(long, value_name = "TOKENIZER_JSON")]
+    pub tokenizer: Option<PathBuf>,
+    /// End-of-sequence token of --tokenizer; default: the first of `<|endoftext|>`, `</s>`,
+    /// `<eos>`, `<|eos|>` in its vocabulary.
+    #[arg(long, requires = "tokenizer")]
+    pub eos_token: Option<String>,
 }
 
 impl Default for TrainArgs {

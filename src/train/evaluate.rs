@@ -8,7 +8,7 @@
 use rand::Rng;
 
 use super::arithmetic_task::{judge, Verdict};
-use super::tokenizer::ByteTokenizer;
+use super::tokenizer::TextTokenizer;
 use crate::error::Result;
 use crate::model::Gpt;
 
@@ -19,23 +19,26 @@ const PROMPTS_PER_CHUNK: usize = 256;
 /// when the model closed it with EOS within `max_new_tokens`, `None` otherwise.
 pub fn greedy_completions(
     model: &Gpt,
+    tok: &TextTokenizer,
     prompts: &[String],
     max_new_tokens: usize,
 ) -> Result<Vec<Option<String>>> {
-    let tok = ByteTokenizer;
     let contexts: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
-            std::iter::once(ByteTokenizer::EOS)
-                .chain(tok.encode(p))
-                .collect()
-        })
-        .collect();
-    let generated = greedy_decode(model, &contexts, max_new_tokens, ByteTokenizer::EOS)?;
+        .map(|p| prompt_context(tok, p))
+        .collect::<Result<_>>()?;
+    let generated = greedy_decode(model, &contexts, max_new_tokens, tok.eos())?;
     Ok(generated
         .iter()
-        .map(|ids| (ids.last() == Some(&ByteTokenizer::EOS)).then(|| tok.decode(ids)))
+        .map(|ids| (ids.last() == Some(&tok.eos())).then(|| tok.decode(ids)))
         .collect())
+}
+
+/// `[EOS] prompt`: what the model continues (the start of a training sequence).
+pub fn prompt_context(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let mut context = vec![tok.eos()];
+    context.extend(tok.encode(prompt)?);
+    Ok(context)
 }
 
 /// How the next token is picked.
@@ -48,7 +51,7 @@ pub enum Decoding<'r, R: Rng> {
 }
 
 /// Greedy decoding of many token contexts at once: for each, up to `max_new_tokens` new tokens,
-/// stopping right after `stop_token` (included), exactly as `Gpt::generate` with
+/// stopping right after `stop_token` (included; also the padding id), exactly as `Gpt::generate` with
 /// `Sampling::Greedy` does for one context.
 pub fn greedy_decode(
     model: &Gpt,
@@ -85,7 +88,7 @@ pub fn decode<R: Rng>(
                 break;
             }
             let views: Vec<&[u32]> = active.iter().map(|&i| sequences[i].as_slice()).collect();
-            let logits = last_position_logits(model, &views)?;
+            let logits = last_position_logits(model, &views, stop_token)?;
             for (row, &i) in active.iter().enumerate() {
                 let row_logits = &logits[row * vocab..(row + 1) * vocab];
                 let token = match &mut decoding {
@@ -102,9 +105,9 @@ pub fn decode<R: Rng>(
     Ok(results)
 }
 
-/// The logits after each sequence (`[sequences, vocab]`), in one right-padded forward.
+/// The logits after each sequence (`[sequences, vocab]`), in one forward right-padded with `pad`.
 /// Sequences longer than the context keep their last `n_ctx` tokens.
-fn last_position_logits(model: &Gpt, sequences: &[&[u32]]) -> Result<Vec<f32>> {
+fn last_position_logits(model: &Gpt, sequences: &[&[u32]], pad: u32) -> Result<Vec<f32>> {
     let n_ctx = model.config().n_ctx;
     let vocab = model.config().vocab_size;
     let cropped: Vec<&[u32]> = sequences
@@ -112,7 +115,7 @@ fn last_position_logits(model: &Gpt, sequences: &[&[u32]]) -> Result<Vec<f32>> {
         .map(|s| &s[s.len().saturating_sub(n_ctx)..])
         .collect();
     let seq = cropped.iter().map(|s| s.len()).max().unwrap_or(1);
-    let mut ids = vec![ByteTokenizer::EOS; cropped.len() * seq];
+    let mut ids = vec![pad; cropped.len() * seq];
     for (row, s) in cropped.iter().enumerate() {
         ids[row * seq..row * seq + s.len()].copy_from_slice(s);
     }
@@ -169,8 +172,8 @@ pub struct EvalReport {
 pub const EVAL_MAX_NEW_TOKENS: usize = 8;
 
 /// Greedy-decodes every prompt and judges it; an unterminated completion counts as garbled.
-pub fn evaluate(model: &Gpt, prompts: &[String]) -> Result<EvalReport> {
-    let completions = greedy_completions(model, prompts, EVAL_MAX_NEW_TOKENS)?;
+pub fn evaluate(model: &Gpt, tok: &TextTokenizer, prompts: &[String]) -> Result<EvalReport> {
+    let completions = greedy_completions(model, tok, prompts, EVAL_MAX_NEW_TOKENS)?;
     let mut samples = Vec::with_capacity(prompts.len());
     let (mut correct, mut wrong, mut garbled) = (0usize, 0usize, 0usize);
     for (prompt, completion) in prompts.iter().zip(completions) {

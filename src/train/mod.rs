@@ -5,7 +5,7 @@
 //! `cargo run --release --example train_kto` runs [`pipeline::run`]; see `docs/RESULTS.md`.
 //!
 //! - [`data`]: TRL-format JSONL (unpaired / paired) loading and conversion.
-//! - [`tokenizer`]: byte-level tokenizer.
+//! - [`tokenizer`]: byte-level tokenizer (default) or a Hugging Face `tokenizer.json`.
 //! - [`arithmetic_task`]: the built-in task, its data sets and the judge.
 //! - [`batching`]: padded token batches, KTO KL pairs, DPO pair batches, epoch sampler.
 //! - [`nll`], [`kto`], [`dpo`]: one training step of each stage.
@@ -41,4 +41,4 @@ pub use data::{
 };
 pub use metrics_log::{MetricRecord, MetricsLog};
 pub use pipeline::{run, RunSummary};
-pub use tokenizer::ByteTokenizer;
+pub use tokenizer::{ByteTokenizer, TextTokenizer};

@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::arithmetic_task::judge;
 use super::data::{PairedExample, PreferenceRow, UnpairedExample};
-use super::evaluate::{decode, Decoding, EVAL_MAX_NEW_TOKENS};
-use super::tokenizer::ByteTokenizer;
+use super::evaluate::{decode, prompt_context, Decoding, EVAL_MAX_NEW_TOKENS};
+use super::tokenizer::TextTokenizer;
 use crate::error::Result;
 use crate::model::Gpt;
 
@@ -44,25 +44,21 @@ pub struct SampledPreferences {
 /// tokens it produced).
 pub fn sample_preferences(
     model: &Gpt,
+    tok: &TextTokenizer,
     prompts: &[String],
     plan: SamplingPlan,
 ) -> Result<SampledPreferences> {
-    let tok = ByteTokenizer;
-    let contexts: Vec<Vec<u32>> = prompts
-        .iter()
-        .flat_map(|p| {
-            let context: Vec<u32> = std::iter::once(ByteTokenizer::EOS)
-                .chain(tok.encode(p))
-                .collect();
-            std::iter::repeat_n(context, plan.samples_per_prompt)
-        })
-        .collect();
+    let mut contexts: Vec<Vec<u32>> = Vec::with_capacity(prompts.len() * plan.samples_per_prompt);
+    for p in prompts {
+        let context = prompt_context(tok, p)?;
+        contexts.extend(std::iter::repeat_n(context, plan.samples_per_prompt));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
     let generated = decode(
         model,
         &contexts,
         EVAL_MAX_NEW_TOKENS,
-        ByteTokenizer::EOS,
+        tok.eos(),
         Decoding::Sample {
             temperature: plan.temperature,
             rng: &mut rng,
@@ -79,7 +75,7 @@ pub fn sample_preferences(
         let mut rejected = None;
         for ids in samples {
             let text = tok.decode(ids);
-            let terminated = ids.last() == Some(&ByteTokenizer::EOS);
+            let terminated = ids.last() == Some(&tok.eos());
             let desirable = terminated && judge(prompt, &text)?.is_desirable();
             all_samples.push(PreferenceRow::Unpaired(UnpairedExample {
                 prompt: prompt.clone(),

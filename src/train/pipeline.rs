@@ -21,7 +21,7 @@ use super::nll::nll_step;
 use super::on_policy::{sample_preferences, SamplingPlan};
 use super::plot::plot_training;
 use super::stage::{run_stage, StageContext, StageSpec};
-use super::tokenizer::ByteTokenizer;
+use super::tokenizer::TextTokenizer;
 use crate::error::{HaloError, Result};
 use crate::losses::{DpoConfig, KtoConfig};
 use crate::model::optim::{AdamWConfig, LrSchedule};
@@ -76,6 +76,7 @@ fn checkpoint(model: &Gpt, dir: &Path, stage: &str) -> Result<()> {
 pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let started = Instant::now();
     validate(args)?;
+    let tok = TextTokenizer::from_flags(args.tokenizer.as_deref(), args.eos_token.as_deref())?;
     let out_dir = args.resolved_output_dir();
     std::fs::create_dir_all(out_dir.join("data")).map_err(|e| io_error(&out_dir, e))?;
     let args_path = out_dir.join("args.txt");
@@ -110,7 +111,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             n_layer: args.n_layer,
             n_head: args.n_head,
             n_embd: args.n_embd,
-            vocab_size: ByteTokenizer.vocab_size(),
+            vocab_size: tok.vocab_size(),
             n_ctx: N_CTX,
             dropout: 0.0,
         },
@@ -119,6 +120,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let mut log = MetricsLog::to_file(&out_dir.join("metrics.jsonl"))?;
     let mut ctx = StageContext {
         log: &mut log,
+        tokenizer: &tok,
         eval_prompts: &data.eval_prompts,
         evals_per_stage: args.evals_per_stage,
         progress,
@@ -146,7 +148,16 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     };
     let base_rate = if let Some(dir) = &args.init_from {
         model = Gpt::load_safetensors(dir.join("base.safetensors"))?;
-        evaluate(&model, &data.eval_prompts)?.desirable_rate
+        if model.config().vocab_size != tok.vocab_size() {
+            return Err(HaloError::Checkpoint(format!(
+                "{}/base.safetensors has a vocabulary of {} ids but the tokenizer has {} \
+                 (--init-from needs the same --tokenizer)",
+                dir.display(),
+                model.config().vocab_size,
+                tok.vocab_size()
+            )));
+        }
+        evaluate(&model, &tok, &data.eval_prompts)?.desirable_rate
     } else {
         run_stage(&spec, &mut model, &mut ctx, |m, _| {
             let rows: Vec<(&str, &str)> = sampler
@@ -154,7 +165,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .into_iter()
                 .map(|i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
                 .collect();
-            nll_step(m, &token_batch(&rows, TargetSpan::Everything, N_CTX)?)
+            nll_step(m, &token_batch(&tok, &rows, TargetSpan::Everything, N_CTX)?)
         })?
         .desirable_rate
     };
@@ -180,7 +191,10 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .into_iter()
                 .map(|i| (sft_examples[i].0.as_str(), sft_examples[i].1.as_str()))
                 .collect();
-            nll_step(m, &token_batch(&rows, TargetSpan::CompletionOnly, N_CTX)?)
+            nll_step(
+                m,
+                &token_batch(&tok, &rows, TargetSpan::CompletionOnly, N_CTX)?,
+            )
         })?;
         checkpoint(&model, &out_dir, "sft")?;
         global += args.sft_steps;
@@ -206,6 +220,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                     .collect();
                 let sampled = sample_preferences(
                     &model,
+                    &tok,
                     &prompts,
                     SamplingPlan {
                         samples_per_prompt: args.samples_per_prompt,
@@ -284,7 +299,12 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             .into_iter()
             .map(|i| &kto_examples[i])
             .collect();
-        kto_step(m, &reference, &kto_batch(&examples, N_CTX)?, &kto_config)
+        kto_step(
+            m,
+            &reference,
+            &kto_batch(&tok, &examples, N_CTX)?,
+            &kto_config,
+        )
     })?;
     checkpoint(&policy, &out_dir, "kto")?;
 
@@ -312,7 +332,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .into_iter()
                 .map(|i| &pairs[i])
                 .collect();
-            dpo_step(m, &reference, &dpo_batch(&batch, N_CTX)?, &dpo_config)
+            dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
         })?;
         checkpoint(&policy, &out_dir, "dpo")?;
         Some(result.desirable_rate)

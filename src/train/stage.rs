@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::evaluate::evaluate;
 use super::metrics_log::{MetricRecord, MetricsLog};
+use super::tokenizer::TextTokenizer;
 use crate::autograd::Gradients;
 use crate::error::Result;
 use crate::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
@@ -29,6 +30,8 @@ pub struct StepOutput {
 #[derive(Debug)]
 pub struct StageContext<'a> {
     pub log: &'a mut MetricsLog,
+    /// The run's tokenizer (evaluation encodes the prompts and decodes the completions).
+    pub tokenizer: &'a TextTokenizer,
     pub eval_prompts: &'a [String],
     /// Evaluations per stage (0: only the final one).
     pub evals_per_stage: usize,
@@ -111,7 +114,7 @@ pub fn run_stage(
     bar.finish();
     ctx.log.flush()?;
     if spec.steps == 0 {
-        last_rate = evaluate(model, ctx.eval_prompts)?.desirable_rate;
+        last_rate = evaluate(model, ctx.tokenizer, ctx.eval_prompts)?.desirable_rate;
     }
     let tail = (losses.len() / 10).max(1).min(losses.len());
     let final_loss = if tail == 0 {
@@ -127,7 +130,7 @@ pub fn run_stage(
 }
 
 fn log_eval(spec: &StageSpec, model: &Gpt, ctx: &mut StageContext<'_>, step: usize) -> Result<f64> {
-    let report = evaluate(model, ctx.eval_prompts)?;
+    let report = evaluate(model, ctx.tokenizer, ctx.eval_prompts)?;
     ctx.log.log(MetricRecord {
         stage: spec.name.to_string(),
         step,
