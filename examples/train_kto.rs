@@ -27,6 +27,9 @@ fn main() {
                 summary.kto_weights.0,
                 summary.kto_weights.1
             );
+            for (stage, breakdown) in &summary.error_breakdowns {
+                eprintln!("{stage:>4}: {breakdown}");
+            }
             println!("{}", summary.summary_line());
         }
         Err(err) => {

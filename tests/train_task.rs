@@ -130,3 +130,38 @@ fn generated_data_is_judge_labelled_and_evaluation_prompts_are_held_out() {
     assert_eq!(task.generate(3).unwrap().eval_prompts, data.eval_prompts);
     assert_ne!(task.generate(4).unwrap().eval_prompts, data.eval_prompts);
 }
+
+#[test]
+fn error_breakdown_separates_carrying_prompts_and_counts_offsets() {
+    use halo_kernels::train::ErrorBreakdown;
+    let judged: Vec<(String, Verdict)> = [
+        ("38+47=", "75"),
+        ("38+47=", "85"),
+        ("9+1=", "0"),
+        ("12+13=", "25"),
+        ("12+30=", "52"),
+        ("20+22=", "52"),
+        ("5+4=", "x"),
+    ]
+    .iter()
+    .map(|&(p, c)| (p.to_string(), judge(p, c).unwrap()))
+    .collect();
+    let b = ErrorBreakdown::from_verdicts(judged.iter().map(|(p, v)| (p.as_str(), v))).unwrap();
+    // 38+47 and 9+1 carry in the units column; 12+13, 12+30, 20+22, 5+4 do not.
+    assert_eq!(b.carrying, (1, 3));
+    assert_eq!(b.non_carrying, (1, 4));
+    assert_eq!(b.garbled, 1);
+    // Ties in count: carrying first.
+    assert_eq!(
+        b.most_common_wrong(5),
+        vec![((true, -10), 2), ((false, 10), 2)]
+    );
+    assert_eq!(b.most_common_wrong(1), vec![((true, -10), 2)]);
+    let text = b.to_string();
+    assert!(
+        text.starts_with("carrying 1/3, other 1/4, garbled 1"),
+        "{text}"
+    );
+    assert!(text.contains("other+10 x2"), "{text}");
+    assert!(ErrorBreakdown::from_verdicts([("38-47=", &Verdict::Garbled)]).is_err());
+}

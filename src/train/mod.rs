@@ -10,6 +10,7 @@
 //! - [`batching`]: padded token batches, KTO KL pairs, DPO pair batches, epoch sampler.
 //! - [`nll`], [`kto`], [`dpo`]: one training step of each stage.
 //! - [`stage`]: the loop shared by the stages (clip, AdamW, log, progress bar, periodic eval).
+//! - [`error_analysis`]: carrying vs other prompts, the most common wrong answers.
 //! - [`evaluate`]: batched greedy / sampled decoding + judge → desirable rate.
 //! - [`on_policy`]: judge-labelled preference pairs sampled from the starting model.
 //! - [`metrics_log`], [`plot`], [`bitmap_font`]: metrics JSONL and the PNG of the curves.
@@ -21,6 +22,7 @@ pub mod bitmap_font;
 pub mod config;
 pub mod data;
 pub mod dpo;
+pub mod error_analysis;
 pub mod evaluate;
 pub mod kto;
 pub mod metrics_log;
@@ -39,6 +41,7 @@ pub use config::TrainArgs;
 pub use data::{
     load_jsonl, parse_jsonl, to_unpaired, PairedExample, PreferenceRow, UnpairedExample,
 };
+pub use error_analysis::ErrorBreakdown;
 pub use metrics_log::{MetricRecord, MetricsLog};
 pub use pipeline::{run, RunSummary};
 pub use tokenizer::{ByteTokenizer, TextTokenizer};

@@ -14,7 +14,8 @@ use super::data::{
     PreferenceRow,
 };
 use super::dpo::dpo_step;
-use super::evaluate::evaluate;
+use super::error_analysis::ErrorBreakdown;
+use super::evaluate::{evaluate, EvalReport};
 use super::kto::kto_step;
 use super::metrics_log::MetricsLog;
 use super::nll::nll_step;
@@ -45,6 +46,8 @@ pub struct RunSummary {
     pub n_preference_rows: usize,
     /// λ_D, λ_U actually used.
     pub kto_weights: (f64, f64),
+    /// Per stage (`base`, `sft`, `kto`, `dpo`): what kind of mistakes its greedy answers make.
+    pub error_breakdowns: Vec<(&'static str, ErrorBreakdown)>,
     pub output_dir: PathBuf,
     pub seconds: f64,
 }
@@ -146,7 +149,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         optimizer: adamw(args.pretrain_lr, 0.01),
         first_global_step: 0,
     };
-    let base_rate = if let Some(dir) = &args.init_from {
+    let base_eval = if let Some(dir) = &args.init_from {
         model = Gpt::load_safetensors(dir.join("base.safetensors"))?;
         if model.config().vocab_size != tok.vocab_size() {
             return Err(HaloError::Checkpoint(format!(
@@ -157,7 +160,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 tok.vocab_size()
             )));
         }
-        evaluate(&model, &tok, &data.eval_prompts)?.desirable_rate
+        evaluate(&model, &tok, &data.eval_prompts)?
     } else {
         run_stage(&spec, &mut model, &mut ctx, |m, _| {
             let rows: Vec<(&str, &str)> = sampler
@@ -167,8 +170,10 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .collect();
             nll_step(m, &token_batch(&tok, &rows, TargetSpan::Everything, N_CTX)?)
         })?
-        .desirable_rate
+        .final_eval
     };
+    let base_rate = base_eval.desirable_rate;
+    let mut breakdowns = vec![("base", breakdown(&base_eval)?)];
     checkpoint(&model, &out_dir, "base")?;
     let mut global = args.pretrain_steps;
 
@@ -198,6 +203,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         })?;
         checkpoint(&model, &out_dir, "sft")?;
         global += args.sft_steps;
+        breakdowns.push(("sft", breakdown(&result.final_eval)?));
         Some(result.desirable_rate)
     };
 
@@ -307,6 +313,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         )
     })?;
     checkpoint(&policy, &out_dir, "kto")?;
+    breakdowns.push(("kto", breakdown(&kto.final_eval)?));
 
     // ---- DPO from the same start, on the paired form of the same data ----
     let dpo_rate = if args.run_dpo {
@@ -335,6 +342,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
         })?;
         checkpoint(&policy, &out_dir, "dpo")?;
+        breakdowns.push(("dpo", breakdown(&result.final_eval)?));
         Some(result.desirable_rate)
     } else {
         None
@@ -349,19 +357,33 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         sample_desirable_rate: sample_rate,
         n_preference_rows: preference_rows.len(),
         kto_weights: (kto_config.desirable_weight, kto_config.undesirable_weight),
+        error_breakdowns: breakdowns,
         output_dir: out_dir.clone(),
         seconds: started.elapsed().as_secs_f64(),
     };
     let summary_path = out_dir.join("summary.txt");
-    let text = format!(
+    let mut text = format!(
         "{}\nkto weights: lambda_D={} lambda_U={} (n_D={n_desirable}, n_U={n_undesirable})\nseconds: {:.1}\n",
         summary.summary_line(),
         summary.kto_weights.0,
         summary.kto_weights.1,
         summary.seconds
     );
+    for (stage, breakdown) in &summary.error_breakdowns {
+        text.push_str(&format!("{stage}: {breakdown}\n"));
+    }
     std::fs::write(&summary_path, text).map_err(|e| io_error(&summary_path, e))?;
     Ok(summary)
+}
+
+/// The kinds of mistakes in an evaluation of the held-out prompts.
+fn breakdown(report: &EvalReport) -> Result<ErrorBreakdown> {
+    ErrorBreakdown::from_verdicts(
+        report
+            .samples
+            .iter()
+            .map(|(prompt, _, verdict)| (prompt.as_str(), verdict)),
+    )
 }
 
 fn validate(args: &TrainArgs) -> Result<()> {

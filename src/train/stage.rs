@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::evaluate::evaluate;
+use super::evaluate::{evaluate, EvalReport};
 use super::metrics_log::{MetricRecord, MetricsLog};
 use super::tokenizer::TextTokenizer;
 use crate::autograd::Gradients;
@@ -55,6 +55,8 @@ pub struct StageSpec {
 pub struct StageResult {
     /// The judge's desirable rate on the held-out prompts after the last step.
     pub desirable_rate: f64,
+    /// The whole evaluation after the last step (every completion and verdict).
+    pub final_eval: EvalReport,
     /// Mean loss of the last 10% of steps.
     pub final_loss: f64,
     /// Every step's loss.
@@ -77,9 +79,9 @@ pub fn run_stage(
     };
     let mut recent: VecDeque<Vec<(String, f64)>> = VecDeque::new();
     let mut losses = Vec::with_capacity(spec.steps);
-    let mut last_rate = f64::NAN;
+    let mut last_eval: Option<EvalReport> = None;
     if spec.steps > 0 && ctx.evals_per_stage > 0 {
-        last_rate = log_eval(spec, model, ctx, 0)?;
+        last_eval = Some(log_eval(spec, model, ctx, 0)?);
     }
     for step in 0..spec.steps {
         let mut out = step_fn(model, step)?;
@@ -106,16 +108,19 @@ pub fn run_stage(
         }
         let last = step + 1 == spec.steps;
         if last || (step + 1) % eval_every == 0 {
-            last_rate = log_eval(spec, model, ctx, step + 1)?;
+            last_eval = Some(log_eval(spec, model, ctx, step + 1)?);
         }
+        let last_rate = last_eval.as_ref().map_or(f64::NAN, |e| e.desirable_rate);
         bar.set_message(progress_message(&recent, last_rate));
         bar.inc(1);
     }
     bar.finish();
     ctx.log.flush()?;
-    if spec.steps == 0 {
-        last_rate = evaluate(model, ctx.tokenizer, ctx.eval_prompts)?.desirable_rate;
-    }
+    // The last step always evaluates, so only a stage of zero steps gets here without a report.
+    let final_eval = match last_eval {
+        Some(report) => report,
+        None => evaluate(model, ctx.tokenizer, ctx.eval_prompts)?,
+    };
     let tail = (losses.len() / 10).max(1).min(losses.len());
     let final_loss = if tail == 0 {
         f64::NAN
@@ -123,13 +128,19 @@ pub fn run_stage(
         losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64
     };
     Ok(StageResult {
-        desirable_rate: last_rate,
+        desirable_rate: final_eval.desirable_rate,
+        final_eval,
         final_loss,
         losses,
     })
 }
 
-fn log_eval(spec: &StageSpec, model: &Gpt, ctx: &mut StageContext<'_>, step: usize) -> Result<f64> {
+fn log_eval(
+    spec: &StageSpec,
+    model: &Gpt,
+    ctx: &mut StageContext<'_>,
+    step: usize,
+) -> Result<EvalReport> {
     let report = evaluate(model, ctx.tokenizer, ctx.eval_prompts)?;
     ctx.log.log(MetricRecord {
         stage: spec.name.to_string(),
@@ -141,7 +152,7 @@ fn log_eval(spec: &StageSpec, model: &Gpt, ctx: &mut StageContext<'_>, step: usi
             ("eval/garbled_rate".into(), report.garbled_rate),
         ],
     })?;
-    Ok(report.desirable_rate)
+    Ok(report)
 }
 
 fn progress_bar(spec: &StageSpec, visible: bool) -> ProgressBar {
