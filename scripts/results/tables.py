@@ -65,7 +65,7 @@ table("2. KTO with 90% of the desirable examples discarded vs DPO on all the dat
 table("3. KTO straight from the base model (no SFT)", [
     ("base", "e3-nosft", "base"), ("KTO from base", "e3-nosft", "kto"),
     ("DPO from base", "e3-nosft", "dpo"), ("SFT", "e1", "sft"), ("SFT+KTO", "e1", "kto")])
-table("4. Plentiful demonstrations (SFT on ≈2 800 correct lines instead of ≈140)", [
+table("4. Plentiful demonstrations (SFT on ≈2 700 correct lines instead of ≈140)", [
     ("SFT", "e4-sft4000", "sft"), ("SFT+KTO", "e4-sft4000", "kto"),
     ("SFT+DPO", "e4-sft4000", "dpo")])
 table("5. Knobs (all from the default SFT model)", [
