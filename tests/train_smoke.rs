@@ -5,7 +5,6 @@ use halo_kernels::losses::{DpoConfig, KtoConfig};
 use halo_kernels::model::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use halo_kernels::model::{Gpt, GptConfig, Sampling};
 use halo_kernels::train::batching::dpo_batch;
-use halo_kernels::train::config::PreferenceSource;
 use halo_kernels::train::dpo::dpo_step;
 use halo_kernels::train::evaluate::{decode, greedy_decode, Decoding};
 use halo_kernels::train::kto::kto_step;
@@ -17,6 +16,9 @@ use halo_kernels::train::{
 };
 use halo_kernels::Result;
 use rand::SeedableRng;
+
+mod train_support;
+use train_support::{assert_full_summary_line, tiny_run_args};
 
 fn tiny_model(seed: u64) -> Gpt {
     Gpt::new(
@@ -225,37 +227,9 @@ fn sampling_at_a_tiny_temperature_is_greedy_and_at_a_high_one_is_not() {
 #[test]
 fn tiny_end_to_end_run_writes_checkpoints_metrics_plot_and_summary() {
     let dir = std::env::temp_dir().join(format!("halo-train-smoke-{}", std::process::id()));
-    let args = TrainArgs {
-        output_dir: Some(dir.clone()),
-        n_layer: 1,
-        n_head: 2,
-        n_embd: 32,
-        operand_limit: 20,
-        n_eval: 20,
-        pretrain_steps: 6,
-        sft_steps: 3,
-        kto_steps: 3,
-        batch_size: 4,
-        pretrain_batch_size: 8,
-        evals_per_stage: 1,
-        run_dpo: true,
-        // A 6-step model rarely answers correctly, so sampled pairs would be too few.
-        preference_data: PreferenceSource::Synthetic,
-        ..TrainArgs::default()
-    };
+    let args = tiny_run_args(&dir);
     let summary = run(&args, false).unwrap();
-    let line = summary.summary_line();
-    let fields: Vec<&str> = line.split(' ').collect();
-    assert_eq!(fields[0], "desirable_rate");
-    for (field, name) in fields[1..].iter().zip(["base", "sft", "kto", "dpo"]) {
-        let value: f64 = field
-            .strip_prefix(&format!("{name}="))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!((0.0..=1.0).contains(&value), "{line}");
-    }
-    assert_eq!(fields.len(), 5, "{line}");
+    assert_full_summary_line(&summary.summary_line());
     for file in [
         "base.safetensors",
         "sft.safetensors",

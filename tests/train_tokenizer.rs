@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use halo_kernels::model::Gpt;
-use halo_kernels::train::config::PreferenceSource;
 use halo_kernels::train::{run, token_batch, ByteTokenizer, TargetSpan, TextTokenizer, TrainArgs};
 use halo_kernels::{HaloError, IGNORE_INDEX};
 use serde_json::{json, Value};
+
+mod train_support;
+use train_support::{assert_full_summary_line, tiny_run_args};
 
 /// Ids of the test vocabulary: `'0'..='9'` → 0..=9, `+` → 10, `=` → 11, `<|endoftext|>` → 12.
 const PLUS: u32 = 10;
@@ -295,38 +297,12 @@ fn tiny_end_to_end_run_with_a_hugging_face_tokenizer() {
     let dir = test_dir("run");
     let tokenizer = arithmetic_tokenizer(&dir);
     let out = dir.join("run");
-    // The settings of train_smoke's tiny end-to-end run.
     let args = TrainArgs {
-        output_dir: Some(out.clone()),
         tokenizer: Some(tokenizer.clone()),
-        n_layer: 1,
-        n_head: 2,
-        n_embd: 32,
-        operand_limit: 20,
-        n_eval: 20,
-        pretrain_steps: 6,
-        sft_steps: 3,
-        kto_steps: 3,
-        batch_size: 4,
-        pretrain_batch_size: 8,
-        evals_per_stage: 1,
-        run_dpo: true,
-        preference_data: PreferenceSource::Synthetic,
-        ..TrainArgs::default()
+        ..tiny_run_args(&out)
     };
     let summary = run(&args, false).unwrap();
-    let line = summary.summary_line();
-    let fields: Vec<&str> = line.split(' ').collect();
-    assert_eq!(fields.len(), 5, "{line}");
-    assert_eq!(fields[0], "desirable_rate");
-    for (field, name) in fields[1..].iter().zip(["base", "sft", "kto", "dpo"]) {
-        let value: f64 = field
-            .strip_prefix(&format!("{name}="))
-            .unwrap_or_else(|| panic!("{line}"))
-            .parse()
-            .unwrap();
-        assert!((0.0..=1.0).contains(&value), "{line}");
-    }
+    assert_full_summary_line(&summary.summary_line());
     // The model's vocabulary is the tokenizer's (13 ids), not the byte tokenizer's 257.
     for stage in ["base", "sft", "kto", "dpo"] {
         let model = Gpt::load_safetensors(out.join(format!("{stage}.safetensors"))).unwrap();
