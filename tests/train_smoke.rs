@@ -266,3 +266,51 @@ fn tiny_end_to_end_run_writes_checkpoints_metrics_plot_and_summary() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn empty_data_sets_are_named_errors_before_any_training() {
+    use halo_kernels::HaloError;
+    let dir = std::env::temp_dir().join(format!("halo-train-empty-{}", std::process::id()));
+    for (args, flag) in [
+        (
+            TrainArgs {
+                sft_lines: 0,
+                ..tiny_run_args(&dir)
+            },
+            "sft_lines",
+        ),
+        (
+            TrainArgs {
+                pretrain_lines: 0,
+                ..tiny_run_args(&dir)
+            },
+            "pretrain_lines",
+        ),
+        (
+            TrainArgs {
+                samples_per_prompt: 0,
+                preference_data: halo_kernels::train::config::PreferenceSource::Sampled,
+                ..tiny_run_args(&dir)
+            },
+            "samples_per_prompt",
+        ),
+    ] {
+        match run(&args, false) {
+            Err(HaloError::InvalidHyperParameter { name, .. }) => assert_eq!(name, flag),
+            other => panic!("{flag}: expected an error naming it, got {other:?}"),
+        }
+    }
+    // SFT lines exist but none is desirable: every generated answer is wrong.
+    let no_desirable = TrainArgs {
+        sft_lines: 5,
+        carry_error_rate: 1.0,
+        noise_rate: 1.0,
+        ..tiny_run_args(&dir)
+    };
+    let err = run(&no_desirable, false).unwrap_err();
+    assert!(
+        matches!(&err, HaloError::Dataset { reason, .. } if reason.contains("no desirable line")),
+        "{err:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -181,6 +181,14 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let sft_rate = if args.skip_sft {
         None
     } else {
+        if sft_examples.is_empty() {
+            return Err(HaloError::Dataset {
+                file: sft_path.display().to_string(),
+                line: 0,
+                reason: "no desirable line to train SFT on (raise --sft-lines or use --skip-sft)"
+                    .into(),
+            });
+        }
         let mut sampler = EpochSampler::new(sft_examples.len(), args.seed ^ 2)?;
         let lr = args.pretrain_lr * 0.3;
         let spec = StageSpec {
@@ -403,6 +411,19 @@ fn validate(args: &TrainArgs) -> Result<()> {
     }
     if args.pretrain_batch_size == 0 {
         return bad("pretrain_batch_size", 0.0, "must be at least 1");
+    }
+    if args.pretrain_lines == 0 {
+        return bad("pretrain_lines", 0.0, "must be at least 1");
+    }
+    if args.sft_lines == 0 && !args.skip_sft {
+        return bad("sft_lines", 0.0, "must be at least 1 (or use --skip-sft)");
+    }
+    if args.samples_per_prompt == 0 && args.preference_data == PreferenceSource::Sampled {
+        return bad(
+            "samples_per_prompt",
+            0.0,
+            "sampled preference data needs at least 1 sample per prompt",
+        );
     }
     if !(args.desirable_fraction > 0.0 && args.desirable_fraction <= 1.0) {
         return bad(
