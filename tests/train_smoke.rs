@@ -11,7 +11,7 @@ use halo_kernels::train::kto::kto_step;
 use halo_kernels::train::nll::nll_step;
 use halo_kernels::train::stage::StepOutput;
 use halo_kernels::train::{
-    kto_batch, run, token_batch, ByteTokenizer, PairedExample, TargetSpan, TextTokenizer,
+    kto_batch, run, token_batch, ByteTokenizer, KtoBatch, PairedExample, TargetSpan, TextTokenizer,
     TrainArgs, UnpairedExample,
 };
 use halo_kernels::Result;
@@ -313,4 +313,63 @@ fn empty_data_sets_are_named_errors_before_any_training() {
         "{err:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn precomputed_reference_logps_give_the_same_kto_step_and_are_really_used() {
+    use halo_kernels::train::kto::precompute_reference_logps;
+    let tok = TextTokenizer::Byte;
+    let (policy, reference) = (tiny_model(1), tiny_model(2));
+    let examples = examples();
+    let refs: Vec<&UnpairedExample> = examples.iter().collect();
+    let config = KtoConfig::default();
+    let batch = kto_batch(&tok, &refs, 16).unwrap();
+    let on_the_fly = kto_step(&policy, &reference, &batch, &config).unwrap();
+
+    // Scored in one pass, in a different order than the batch: the cache is indexed, not ordered.
+    let rows: Vec<(&str, &str)> = examples
+        .iter()
+        .rev()
+        .map(|e| (e.prompt.as_str(), e.completion.as_str()))
+        .collect();
+    let mut cache = precompute_reference_logps(&reference, &tok, &rows, 16).unwrap();
+    cache.reverse();
+    let precomputed = KtoBatch {
+        reference_logps: Some(cache.clone()),
+        ..batch.clone()
+    };
+    let cached = kto_step(&policy, &reference, &precomputed, &config).unwrap();
+    assert!(
+        (cached.loss - on_the_fly.loss).abs() < 1e-6,
+        "{} vs {}",
+        cached.loss,
+        on_the_fly.loss
+    );
+    for (param, g) in on_the_fly.grads.iter() {
+        let h = cached.grads.get(param).unwrap();
+        for (a, b) in g.iter().zip(h) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "param {param}: {a} vs {b}"
+            );
+        }
+    }
+
+    // The step reads the cache: raising one example's cached reference log-prob moves the loss.
+    // (Shifting all of them would cancel between the balanced desirable and undesirable halves.)
+    let mut raised = cache.clone();
+    raised[0] += 1.0;
+    let shifted = KtoBatch {
+        reference_logps: Some(raised),
+        ..batch.clone()
+    };
+    let moved = kto_step(&policy, &reference, &shifted, &config).unwrap();
+    assert!((moved.loss - on_the_fly.loss).abs() > 1e-3);
+
+    // A cache of the wrong length is an error, not a silent mismatch.
+    let short = KtoBatch {
+        reference_logps: Some(cache[1..].to_vec()),
+        ..batch
+    };
+    assert!(kto_step(&policy, &reference, &short, &config).is_err());
 }

@@ -118,6 +118,10 @@ pub struct KtoBatch {
     pub examples: TokenBatch,
     pub kl_pairs: TokenBatch,
     pub desirable: Vec<bool>,
+    /// The reference model's summed log-probs of `examples`, when they were computed once before
+    /// training (`--precompute-ref-logps`, TRL's `precompute_ref_log_probs`); `None`: the step
+    /// runs the reference model itself.
+    pub reference_logps: Option<Vec<f32>>,
 }
 
 /// Tokenizes a KTO batch, building KL pairs by rotating completions by one.
@@ -140,6 +144,7 @@ pub fn kto_batch(
         examples: token_batch(tok, &matched, TargetSpan::CompletionOnly, max_len)?,
         kl_pairs: token_batch(tok, &mismatched, TargetSpan::CompletionOnly, max_len)?,
         desirable: examples.iter().map(|e| e.desirable).collect(),
+        reference_logps: None,
     })
 }
 

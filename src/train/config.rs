@@ -118,6 +118,10 @@ pub struct TrainArgs {
     /// Optimizer steps of the KTO stage (and of the DPO stage).
     #[arg(long, default_value_t = 300)]
     pub kto_steps: usize,
+    /// Score every KTO example under the frozen reference once before training instead of in
+    /// every step (TRL's `precompute_ref_log_probs`); the KL pairs are still scored per step.
+    #[arg(long)]
+    pub precompute_ref_logps: bool,
     /// Skip SFT: KTO (and DPO) start from the base model.
     #[arg(long)]
     pub skip_sft: bool,

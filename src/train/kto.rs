@@ -8,11 +8,12 @@
 //! reference without gradient, as TRL and the HALOs repo do: the reference point `z0` is a
 //! constant in the loss.
 
-use super::batching::{KtoBatch, TokenBatch};
+use super::batching::{token_batch, KtoBatch, TargetSpan, TokenBatch};
 use super::stage::StepOutput;
+use super::tokenizer::TextTokenizer;
 use crate::autograd::Tape;
 use crate::cpu::{broadcast_sequence_grad, sequence_sums, SequenceLayout};
-use crate::error::Result;
+use crate::error::{HaloError, Result};
 use crate::losses::{kto_loss, KlInput, KtoBatch as KtoLossBatch, KtoConfig};
 use crate::model::Gpt;
 use crate::IGNORE_INDEX;
@@ -29,6 +30,27 @@ pub fn sequence_logps_inference(model: &Gpt, batch: &TokenBatch) -> Result<Vec<f
     let tokens =
         model.token_logprobs_inference(&batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
     Ok(sequence_sums(&tokens, &batch.targets, IGNORE_INDEX, layout(batch))?.sums)
+}
+
+/// Examples scored per forward pass by [`precompute_reference_logps`].
+const PRECOMPUTE_CHUNK: usize = 256;
+
+/// Summed completion log-probs of every `(prompt, completion)` under the frozen `reference`, in
+/// one pass before training (TRL's `precompute_ref_log_probs`): the reference forward then drops
+/// out of every step. The KL pairs are still scored per step, because their completions are
+/// rotated inside each batch and so change with the batch order.
+pub fn precompute_reference_logps(
+    reference: &Gpt,
+    tok: &TextTokenizer,
+    rows: &[(&str, &str)],
+    max_len: usize,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(PRECOMPUTE_CHUNK) {
+        let batch = token_batch(tok, chunk, TargetSpan::CompletionOnly, max_len)?;
+        out.extend(sequence_logps_inference(reference, &batch)?);
+    }
+    Ok(out)
 }
 
 /// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step.
@@ -54,7 +76,17 @@ pub fn kto_step(
         layout(examples),
     )?
     .sums;
-    let reference_logps = sequence_logps_inference(reference, examples)?;
+    let reference_logps = match &batch.reference_logps {
+        Some(precomputed) if precomputed.len() == examples.batch => precomputed.clone(),
+        Some(precomputed) => {
+            return Err(HaloError::InvalidShape(format!(
+                "{} precomputed reference log-probs for a batch of {} examples",
+                precomputed.len(),
+                examples.batch
+            )))
+        }
+        None => sequence_logps_inference(reference, examples)?,
+    };
     // Reference point inputs: no gradient flows through them.
     let kl_policy = sequence_logps_inference(policy, &batch.kl_pairs)?;
     let kl_reference = sequence_logps_inference(reference, &batch.kl_pairs)?;

@@ -16,7 +16,7 @@ use super::data::{
 use super::dpo::dpo_step;
 use super::error_analysis::ErrorBreakdown;
 use super::evaluate::{evaluate, EvalReport};
-use super::kto::kto_step;
+use super::kto::{kto_step, precompute_reference_logps};
 use super::metrics_log::MetricsLog;
 use super::nll::nll_step;
 use super::on_policy::{sample_preferences, SamplingPlan};
@@ -307,18 +307,23 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         optimizer: adamw(args.lr, 0.0),
         first_global_step: global,
     };
-    let kto = run_stage(&spec, &mut policy, &mut ctx, |m, _| {
-        let examples: Vec<_> = sampler
-            .next_batch(args.batch_size)
-            .into_iter()
-            .map(|i| &kto_examples[i])
+    let precomputed_reference = if args.precompute_ref_logps {
+        let rows: Vec<(&str, &str)> = kto_examples
+            .iter()
+            .map(|e| (e.prompt.as_str(), e.completion.as_str()))
             .collect();
-        kto_step(
-            m,
-            &reference,
-            &kto_batch(&tok, &examples, N_CTX)?,
-            &kto_config,
-        )
+        Some(precompute_reference_logps(&reference, &tok, &rows, N_CTX)?)
+    } else {
+        None
+    };
+    let kto = run_stage(&spec, &mut policy, &mut ctx, |m, _| {
+        let indices = sampler.next_batch(args.batch_size);
+        let examples: Vec<_> = indices.iter().map(|&i| &kto_examples[i]).collect();
+        let mut batch = kto_batch(&tok, &examples, N_CTX)?;
+        if let Some(all) = &precomputed_reference {
+            batch.reference_logps = Some(indices.iter().map(|&i| all[i]).collect());
+        }
+        kto_step(m, &reference, &batch, &kto_config)
     })?;
     checkpoint(&policy, &out_dir, "kto")?;
     breakdowns.push(("kto", breakdown(&kto.final_eval)?));
