@@ -165,3 +165,15 @@ fn error_breakdown_separates_carrying_prompts_and_counts_offsets() {
     assert!(text.contains("other+10 x2"), "{text}");
     assert!(ErrorBreakdown::from_verdicts([("38-47=", &Verdict::Garbled)]).is_err());
 }
+
+#[test]
+fn the_task_defaults_are_the_training_examples() {
+    use halo_kernels::train::TrainArgs;
+    let (task, args) = (ArithmeticTask::default(), TrainArgs::default());
+    assert_eq!(task.operand_limit, args.operand_limit);
+    assert_eq!(task.n_pretrain, args.pretrain_lines);
+    assert_eq!(task.n_sft, args.sft_lines);
+    assert_eq!(task.n_eval, args.n_eval);
+    assert_eq!(task.carry_error_rate, args.carry_error_rate);
+    assert_eq!(task.noise_rate, args.noise_rate);
+}

@@ -93,16 +93,17 @@ pub struct ArithmeticTask {
     pub n_eval: usize,
 }
 
+/// The training example's defaults (`TrainArgs`): see `docs/RESULTS.md` for why.
 impl Default for ArithmeticTask {
     fn default() -> Self {
         Self {
-            operand_limit: 50,
-            n_pretrain: 20_000,
+            operand_limit: 100,
+            n_pretrain: 200_000,
             carry_error_rate: 0.6,
             noise_rate: 0.1,
-            n_sft: 4_000,
+            n_sft: 200,
             n_preferences: 4_000,
-            n_eval: 200,
+            n_eval: 500,
         }
     }
 }
