@@ -41,8 +41,7 @@ fn judge(run: &Path, stages: &[String]) -> halo_kernels::Result<()> {
     for stage in stages {
         let model = Gpt::load_safetensors(run.join(format!("{stage}.safetensors")))?;
         let report = evaluate(&model, &tok, &prompts)?;
-        let breakdown =
-            ErrorBreakdown::from_verdicts(report.samples.iter().map(|(p, _, v)| (p.as_str(), v)))?;
+        let breakdown = ErrorBreakdown::from_report(&report)?;
         println!("{stage}: {:.3} ({breakdown})", report.desirable_rate);
     }
     Ok(())

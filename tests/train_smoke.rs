@@ -300,6 +300,16 @@ fn empty_data_sets_are_named_errors_before_any_training() {
             other => panic!("{flag}: expected an error naming it, got {other:?}"),
         }
     }
+    // Every judged sample for KTO needs samples: refused before any training.
+    let all_samples = TrainArgs {
+        kto_data: halo_kernels::train::config::KtoData::AllSamples,
+        ..tiny_run_args(&dir)
+    };
+    assert!(matches!(
+        run(&all_samples, false),
+        Err(HaloError::InvalidShape(m)) if m.contains("all-samples")
+    ));
+    assert!(!dir.join("base.safetensors").exists());
     // SFT lines exist but none is desirable: every generated answer is wrong.
     let no_desirable = TrainArgs {
         sft_lines: 5,

@@ -34,6 +34,14 @@ pub enum TargetSpan {
     CompletionOnly,
 }
 
+/// `[EOS] prompt`: the head of every training sequence, and what the model continues when it
+/// generates.
+pub fn prompt_context(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let mut context = vec![tok.eos()];
+    context.extend(tok.encode(prompt)?);
+    Ok(context)
+}
+
 /// One tokenized sequence and the index where its completion starts.
 fn encode(
     tok: &TextTokenizer,
@@ -41,8 +49,7 @@ fn encode(
     completion: &str,
     max_len: usize,
 ) -> Result<(Vec<u32>, usize)> {
-    let mut head = vec![tok.eos()];
-    head.extend(tok.encode(prompt)?);
+    let mut head = prompt_context(tok, prompt)?;
     let mut tail = tok.encode(completion)?;
     tail.push(tok.eos());
     // Over-long examples keep the end of the prompt and the start of the completion (TRL's

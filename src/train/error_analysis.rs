@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::arithmetic_task::{parse_prompt, ArithmeticTask, Verdict};
+use super::evaluate::EvalReport;
 use crate::error::{HaloError, Result};
 
 /// Counts over one set of judged prompts.
@@ -49,6 +50,16 @@ impl ErrorBreakdown {
             }
         }
         Ok(out)
+    }
+
+    /// Tallies an evaluation of held-out prompts.
+    pub fn from_report(report: &EvalReport) -> Result<Self> {
+        Self::from_verdicts(
+            report
+                .samples
+                .iter()
+                .map(|(prompt, _, verdict)| (prompt.as_str(), verdict)),
+        )
     }
 
     /// The `n` most common wrong answers, most common first (ties: smaller offset first).

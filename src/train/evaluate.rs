@@ -8,6 +8,7 @@
 use rand::Rng;
 
 use super::arithmetic_task::{judge, Verdict};
+use super::batching::prompt_context;
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
 use crate::model::Gpt;
@@ -32,13 +33,6 @@ pub fn greedy_completions(
         .iter()
         .map(|ids| (ids.last() == Some(&tok.eos())).then(|| tok.decode(ids)))
         .collect())
-}
-
-/// `[EOS] prompt`: what the model continues (the start of a training sequence).
-pub fn prompt_context(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>> {
-    let mut context = vec![tok.eos()];
-    context.extend(tok.encode(prompt)?);
-    Ok(context)
 }
 
 /// How the next token is picked.

@@ -12,8 +12,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::arithmetic_task::judge;
+use super::batching::prompt_context;
 use super::data::{PairedExample, PreferenceRow, UnpairedExample};
-use super::evaluate::{decode, prompt_context, Decoding, EVAL_MAX_NEW_TOKENS};
+use super::evaluate::{decode, Decoding, EVAL_MAX_NEW_TOKENS};
 use super::tokenizer::TextTokenizer;
 use crate::error::Result;
 use crate::model::Gpt;

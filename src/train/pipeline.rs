@@ -15,7 +15,7 @@ use super::data::{
 };
 use super::dpo::dpo_step;
 use super::error_analysis::ErrorBreakdown;
-use super::evaluate::{evaluate, EvalReport};
+use super::evaluate::evaluate;
 use super::kto::{kto_step, precompute_reference_logps};
 use super::metrics_log::MetricsLog;
 use super::nll::nll_step;
@@ -173,7 +173,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         .final_eval
     };
     let base_rate = base_eval.desirable_rate;
-    let mut breakdowns = vec![("base", breakdown(&base_eval)?)];
+    let mut breakdowns = vec![("base", ErrorBreakdown::from_report(&base_eval)?)];
     checkpoint(&model, &out_dir, "base")?;
     let mut global = args.pretrain_steps;
 
@@ -211,8 +211,8 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         })?;
         checkpoint(&model, &out_dir, "sft")?;
         global += args.sft_steps;
-        breakdowns.push(("sft", breakdown(&result.final_eval)?));
-        Some(result.desirable_rate)
+        breakdowns.push(("sft", ErrorBreakdown::from_report(&result.final_eval)?));
+        Some(result.final_eval.desirable_rate)
     };
 
     // ---- preference data: judge-labelled samples of the starting model (or synthetic / a file) ----
@@ -267,16 +267,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // every judged sample — data DPO cannot use (prompts whose samples all agree).
     let kto_rows = match args.kto_data {
         KtoData::Pairs => preference_rows.clone(),
-        KtoData::AllSamples => {
-            let samples = out_dir.join("data/samples.jsonl");
-            if args.preferences.is_some() || args.preference_data != PreferenceSource::Sampled {
-                return Err(HaloError::InvalidShape(
-                    "--kto-data all-samples needs --preference-data sampled and no --preferences file"
-                        .into(),
-                ));
-            }
-            load_jsonl(&samples)?
-        }
+        KtoData::AllSamples => load_jsonl(&out_dir.join("data/samples.jsonl"))?,
     };
     let kto_examples =
         keep_desirable_fraction(to_unpaired(&kto_rows, args.seed), args.desirable_fraction);
@@ -326,7 +317,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         kto_step(m, &reference, &batch, &kto_config)
     })?;
     checkpoint(&policy, &out_dir, "kto")?;
-    breakdowns.push(("kto", breakdown(&kto.final_eval)?));
+    breakdowns.push(("kto", ErrorBreakdown::from_report(&kto.final_eval)?));
 
     // ---- DPO from the same start, on the paired form of the same data ----
     let dpo_rate = if args.run_dpo {
@@ -355,8 +346,8 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
         })?;
         checkpoint(&policy, &out_dir, "dpo")?;
-        breakdowns.push(("dpo", breakdown(&result.final_eval)?));
-        Some(result.desirable_rate)
+        breakdowns.push(("dpo", ErrorBreakdown::from_report(&result.final_eval)?));
+        Some(result.final_eval.desirable_rate)
     } else {
         None
     };
@@ -365,7 +356,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let summary = RunSummary {
         base: base_rate,
         sft: sft_rate,
-        kto: kto.desirable_rate,
+        kto: kto.final_eval.desirable_rate,
         dpo: dpo_rate,
         sample_desirable_rate: sample_rate,
         n_preference_rows: preference_rows.len(),
@@ -387,16 +378,6 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     }
     std::fs::write(&summary_path, text).map_err(|e| io_error(&summary_path, e))?;
     Ok(summary)
-}
-
-/// The kinds of mistakes in an evaluation of the held-out prompts.
-fn breakdown(report: &EvalReport) -> Result<ErrorBreakdown> {
-    ErrorBreakdown::from_verdicts(
-        report
-            .samples
-            .iter()
-            .map(|(prompt, _, verdict)| (prompt.as_str(), verdict)),
-    )
 }
 
 fn validate(args: &TrainArgs) -> Result<()> {
@@ -429,6 +410,14 @@ fn validate(args: &TrainArgs) -> Result<()> {
             0.0,
             "sampled preference data needs at least 1 sample per prompt",
         );
+    }
+    let samples_written =
+        args.preferences.is_none() && args.preference_data == PreferenceSource::Sampled;
+    if args.kto_data == KtoData::AllSamples && !samples_written {
+        return Err(HaloError::InvalidShape(
+            "--kto-data all-samples needs --preference-data sampled and no --preferences file"
+                .into(),
+        ));
     }
     if !(args.desirable_fraction > 0.0 && args.desirable_fraction <= 1.0) {
         return bad(

@@ -53,9 +53,8 @@ pub struct StageSpec {
 /// What a stage ends with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageResult {
-    /// The judge's desirable rate on the held-out prompts after the last step.
-    pub desirable_rate: f64,
-    /// The whole evaluation after the last step (every completion and verdict).
+    /// The judge's evaluation of the held-out prompts after the last step (desirable rate, every
+    /// completion and verdict).
     pub final_eval: EvalReport,
     /// Mean loss of the last 10% of steps.
     pub final_loss: f64,
@@ -128,7 +127,6 @@ pub fn run_stage(
         losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64
     };
     Ok(StageResult {
-        desirable_rate: final_eval.desirable_rate,
         final_eval,
         final_loss,
         losses,
