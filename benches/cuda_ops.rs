@@ -10,6 +10,10 @@
 //!
 //! Without a GPU it prints "skipped: no CUDA GPU" and exits 0.
 //! Run: `cargo bench --bench cuda_ops` (add `-- --quick` for a short run, or a filter).
+//!
+//! `cargo test` runs this file too (`test = true` in Cargo.toml), without `--bench`: then every
+//! bench runs once (criterion's test mode) at tiny shapes, on the GPU or else on the emulated
+//! device, so that the bench code cannot rot unseen. No figure from that run means anything.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -27,28 +31,44 @@ const VOCABS: [usize; 2] = [32000, 128256];
 /// Tokens per sequence for the KTO launch (batch = rows / SEQ_LEN).
 const SEQ_LEN: usize = 512;
 
+/// Shapes of the smoke run under `cargo test` (odd vocabularies on purpose).
+const SMOKE_ROWS: [usize; 1] = [24];
+const SMOKE_VOCABS: [usize; 2] = [515, 1031];
+
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test` does not.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
     let gpu = match CudaBackend::new() {
         Ok(gpu) => gpu,
-        Err(e) => {
+        Err(e) if bench_mode => {
             println!("skipped: no CUDA GPU ({e})");
             return;
         }
+        Err(_) => CudaBackend::emulated().expect("the emulated CUDA device"),
     };
     let name = gpu.device_name().unwrap_or_else(|_| "unknown GPU".into());
     println!("cuda_ops on {name}");
+    let (rows_list, vocabs): (&[usize], &[usize]) = if bench_mode {
+        (&ROWS, &VOCABS)
+    } else {
+        (&SMOKE_ROWS, &SMOKE_VOCABS)
+    };
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     let mut summary = Vec::new();
-    for &rows in &ROWS {
-        for &vocab in &VOCABS {
+    for &rows in rows_list {
+        for &vocab in vocabs {
             summary.extend(bench_shape(&mut c, &gpu, rows, vocab));
         }
     }
     c.final_summary();
+    if !bench_mode {
+        println!("smoke run on {name}: every bench ran once at tiny shapes (no figures)");
+        return;
+    }
     println!("\nsummary ({name}, bf16):");
     for line in summary {
         println!("  {line}");

@@ -11,6 +11,17 @@
 
 #include "halo_abi.h"
 
+#ifndef HALO_HOST_EMULATION
+// The emulation checks 16-byte vector accesses for alignment (the device faults on a misaligned one).
+#define HALO_CHECK_ALIGNED16(p) ((void)0)
+// `extern __shared__` storage of the launch (dynamic shared memory), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* halo_dynamic_shared() {
+    extern __shared__ uint4 halo_dynamic_shared_storage[];
+    return reinterpret_cast<T*>(halo_dynamic_shared_storage);
+}
+#endif
+
 #define HALO_FULL_MASK 0xffffffffu
 #define HALO_LOG2E 1.4426950408889634f
 
@@ -83,6 +94,16 @@ __device__ __forceinline__ uint4 pack_vec(const float (&in)[Elem<T>::VEC]) {
     v.z = Elem<T>::pack_word(in + 2 * P);
     v.w = Elem<T>::pack_word(in + 3 * P);
     return v;
+}
+
+// Plain 16-byte vector load and store (a buffer the kernel also writes: not the read-only path).
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+    HALO_CHECK_ALIGNED16(p);
+    return *p;
+}
+__device__ __forceinline__ void store16(uint4* p, const uint4& v) {
+    HALO_CHECK_ALIGNED16(p);
+    *p = v;
 }
 
 // Elements from `p` to the next 16-byte boundary (0 if aligned), at most `n`.

@@ -14,7 +14,7 @@ __device__ __forceinline__ float grad_element(float z, int64_t col, int64_t labe
 template <typename T, bool InPlace>
 __device__ __forceinline__ uint4 load_vec(const uint4* p) {
     // In place the buffer is written by this kernel: plain loads, not the read-only cache path.
-    if (InPlace) return *p;
+    if (InPlace) return load16(p);
     return __ldg(p);
 }
 
@@ -71,17 +71,17 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
     if (zero_row) {
         const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
-        for (int64_t i = lane; i < n_vecs; i += threads_per_row) out_vecs[i] = zero;
+        for (int64_t i = lane; i < n_vecs; i += threads_per_row) store16(out_vecs + i, zero);
     } else {
         // Two 16-byte loads in flight per thread before either is consumed.
         int64_t i = lane;
         for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
             const uint4 a = load_vec<T, InPlace>(in_vecs + i);
             const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
-            out_vecs[i] = grad_vec<T>(a, head + i * VEC, y, g, row_lse);
-            out_vecs[i + threads_per_row] = grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, row_lse);
+            store16(out_vecs + i, grad_vec<T>(a, head + i * VEC, y, g, row_lse));
+            store16(out_vecs + i + threads_per_row, grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, row_lse));
         }
-        if (i < n_vecs) out_vecs[i] = grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, row_lse);
+        if (i < n_vecs) store16(out_vecs + i, grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, row_lse));
     }
     for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
         const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);

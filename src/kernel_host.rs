@@ -1,4 +1,4 @@
-//! The host side of the kernel ABI shared by the CUDA backend and the host emulation: building
+//! The host side of the kernel ABI of the CUDA backend (on a real or the emulated device): building
 //! the parameter structs of [`crate::kernel_abi`] from the CPU ops' and losses' arguments, and
 //! turning what a kernel wrote (status word, loss output slots) into the CPU op's error or output.
 //! Both backends call these, so they cannot drift from each other.

@@ -1,5 +1,5 @@
-//! Argument checks shared by the three backends (CPU, CUDA, emulation) of the token and sequence
-//! ops: the CPU op defines each check and its error; the CUDA and emulated twins call the same
+//! Argument checks shared by the two backends (CPU, CUDA — real or emulated) of the token and sequence
+//! ops: the CPU op defines each check and its error; the CUDA twins call the same
 //! function (on lengths, where their buffers live on the device), so their errors cannot drift.
 //! The checks that read values (labels, finiteness) run on host slices.
 

@@ -18,7 +18,7 @@
 //!   ours applies it (cDPO, as TRL < 1.0 did). Equal at ε = 0.
 //! - DPO `ipo` metrics (an open mismatch): TRL ≥ 1.0 logs rewards and `logps/*` on the summed
 //!   log-probs (the length normalisation is inside the loss only); ours, like TRL < 1.0 and like
-//!   the DPO kernel pinned to the CPU loss by `tests/emulated_losses.rs`, reports the normalised
+//!   the DPO kernel pinned to the CPU loss by `tests/device_losses.rs`, reports the normalised
 //!   values the loss saw. Loss and gradients agree.
 //! - ORPO: TRL casts to float32 inside `odds_ratio_loss`; ours matches the float64 formula tightly
 //!   and TRL's float32 result to float32 precision.

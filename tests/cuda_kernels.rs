@@ -26,27 +26,71 @@ type TestResult = Result<(), Failed>;
 struct GpuTest {
     name: &'static str,
     what: &'static str,
+    /// Sizes too big to emulate: run on a real GPU only, reported ignored by name on the emulated one.
+    real_gpu_only: bool,
     run: fn(&CudaBackend) -> TestResult,
 }
 
 fn main() {
     let args = Arguments::from_args();
-    let backend: Result<Arc<CudaBackend>, String> =
-        CudaBackend::new().map(Arc::new).map_err(|e| e.to_string());
-    if let Err(reason) = &backend {
-        eprintln!("cuda_kernels: every GPU test is ignored: {reason}");
+    let (backend, device) = backend_for_tests();
+    match &backend {
+        Ok(b) => eprintln!(
+            "cuda_kernels: running on {}",
+            b.device_name().unwrap_or_else(|e| e.to_string())
+        ),
+        Err(reason) => eprintln!("cuda_kernels: every GPU test is ignored: {reason}"),
     }
     let trials = gpu_tests()
         .into_iter()
         .map(|t| {
             let backend = backend.clone();
             Trial::ignorable_test(t.name, move || match backend {
-                Err(_) => Ok(Completion::ignored_with(format!("no CUDA GPU: {}", t.what))),
+                Err(_) => Ok(Completion::ignored_with(format!(
+                    "no CUDA device: {}",
+                    t.what
+                ))),
+                Ok(_) if t.real_gpu_only && device == Device::Emulated => {
+                    Ok(Completion::ignored_with(format!(
+                        "needs a real GPU (too big to emulate): {}",
+                        t.what
+                    )))
+                }
                 Ok(b) => (t.run)(&b).map(|_| Completion::Completed),
             })
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    Real,
+    Emulated,
+}
+
+/// The real GPU when there is one (and `HALO_CUDA_EMULATED` is not set), else the emulated device:
+/// on a machine without a GPU every test runs on the emulated device, through the same wrappers.
+fn backend_for_tests() -> (Result<Arc<CudaBackend>, String>, Device) {
+    match CudaBackend::new() {
+        Ok(b) => {
+            let device = if b.is_emulated() {
+                Device::Emulated
+            } else {
+                Device::Real
+            };
+            (Ok(Arc::new(b)), device)
+        }
+        Err(real) => match CudaBackend::emulated() {
+            Ok(b) => (Ok(Arc::new(b)), Device::Emulated),
+            Err(emulated) => (
+                Err(format!(
+                    "no GPU ({real}) and no emulated device ({emulated})"
+                )),
+                Device::Emulated,
+            ),
+        },
+    }
 }
 
 fn gpu_tests() -> Vec<GpuTest> {
@@ -55,6 +99,15 @@ fn gpu_tests() -> Vec<GpuTest> {
             GpuTest {
                 name: $name,
                 what: $what,
+                real_gpu_only: false,
+                run: $f,
+            }
+        };
+        (real_gpu_only $name:literal, $what:literal, $f:expr) => {
+            GpuTest {
+                name: $name,
+                what: $what,
+                real_gpu_only: true,
                 run: $f,
             }
         };

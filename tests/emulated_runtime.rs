@@ -44,7 +44,7 @@ fn interesting_floats() -> Vec<f32> {
 #[test]
 fn bf16_narrowing_is_round_to_nearest_even_with_canonical_nan() {
     for x in interesting_floats() {
-        let got = rt::float_to_bf16_bits(x);
+        let got = rt::float_to_bf16_bits(x).unwrap();
         if x.is_nan() {
             assert_eq!(got, 0x7fff, "NaN {:#x}", x.to_bits());
         } else {
@@ -61,7 +61,7 @@ fn bf16_narrowing_is_round_to_nearest_even_with_canonical_nan() {
 #[test]
 fn f16_narrowing_is_round_to_nearest_even_with_canonical_nan() {
     for x in interesting_floats() {
-        let got = rt::float_to_f16_bits(x);
+        let got = rt::float_to_f16_bits(x).unwrap();
         if x.is_nan() {
             assert_eq!(got, 0x7fff, "NaN {:#x}", x.to_bits());
         } else {
@@ -82,7 +82,10 @@ fn widening_is_exact_for_every_16_bit_pattern() {
             bf16::from_bits(bits).to_f32(),
             f16::from_bits(bits).to_f32(),
         );
-        let (gb, gh) = (rt::bf16_bits_to_float(bits), rt::f16_bits_to_float(bits));
+        let (gb, gh) = (
+            rt::bf16_bits_to_float(bits).unwrap(),
+            rt::f16_bits_to_float(bits).unwrap(),
+        );
         assert!(
             gb.to_bits() == b.to_bits() || (gb.is_nan() && b.is_nan()),
             "bf16 {bits:#x}"
@@ -97,7 +100,7 @@ fn widening_is_exact_for_every_16_bit_pattern() {
 #[test]
 fn warp_primitives_follow_the_cuda_semantics() {
     let (grid, block) = (3u32, 96u32);
-    let out = rt::warp_primitives(grid, block);
+    let out = rt::warp_primitives(grid, block).unwrap();
     for b in 0..grid as i32 {
         for t in 0..block as i32 {
             let o = &out[8 * (b * block as i32 + t) as usize..][..8];

@@ -74,6 +74,7 @@ struct Machine {
     std::vector<unsigned> shuffle_parity;  // per thread
     std::function<void()> kernel;
     dim3 block_idx, block_dim, grid_dim;
+    std::vector<uint4> dynamic_shared;
 };
 
 inline Machine& machine() {
@@ -163,10 +164,20 @@ __attribute__((noinline)) inline void run_block(unsigned b, unsigned block_x, un
     m.current = nullptr;
 }
 
-// Runs `kernel` over a 1-D grid: blocks one after another, a block's threads as fibers.
-inline void launch(unsigned grid_x, unsigned block_x, std::function<void()> kernel) {
+// Raises a fault in the running kernel (implemented by the emulated driver: the launch stops and
+// fails with CUDA_ERROR_MISALIGNED_ADDRESS / CUDA_ERROR_ILLEGAL_ADDRESS naming the kernel).
+[[noreturn]] void fault(int kind, const void* addr);
+constexpr int FAULT_MISALIGNED = 2;
+
+// 16-byte vector accesses fault on a misaligned address on the device; so they do here.
+inline void check_aligned16(const void* p) {
+    if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) fault(FAULT_MISALIGNED, p);
+}
+
+// Runs `kernel` over a 1-D grid: blocks one after another, a block's threads as fibers. The caller
+// holds the launch lock (the driver's), so `static` shared memory is per block.
+inline void run_grid(unsigned grid_x, unsigned block_x, size_t dynamic_shared_bytes, std::function<void()> kernel) {
     Machine& m = machine();
-    std::lock_guard<std::mutex> guard(m.launch_mutex);
     const size_t stack_size = 256 * 1024;
     if (m.stacks.size() < block_x) m.stacks.resize(block_x);
     for (unsigned t = 0; t < block_x; t++)
@@ -175,8 +186,17 @@ inline void launch(unsigned grid_x, unsigned block_x, std::function<void()> kern
     m.kernel = std::move(kernel);
     m.grid_dim = dim3{grid_x, 1, 1};
     m.block_dim = dim3{block_x, 1, 1};
+    // Dynamic shared memory: uint4 elements so that it is 16-byte aligned, as on the device.
+    m.dynamic_shared.assign((dynamic_shared_bytes + 15) / 16, uint4{0, 0, 0, 0});
     for (unsigned b = 0; b < grid_x; b++) run_block(b, block_x, warps, stack_size);
     m.kernel = nullptr;
+}
+
+// A grid run outside the driver (the runtime self-test): takes the same lock the driver does.
+inline void launch(unsigned grid_x, unsigned block_x, std::function<void()> kernel) {
+    Machine& m = machine();
+    std::lock_guard<std::mutex> guard(m.launch_mutex);
+    run_grid(grid_x, block_x, 0, std::move(kernel));
 }
 
 // One shuffle: publish `bits`, wait for the warp, read lane `src`'s value (own value if src < 0).
@@ -282,6 +302,19 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+inline uint4 __ldg(const uint4* p) {
+    halo_emu::check_aligned16(p);
+    return *p;
+}
+
+// 16-byte vector load/store of halo_common.cuh (plain pointer accesses on the device).
+#define HALO_CHECK_ALIGNED16(p) ::halo_emu::check_aligned16(p)
+
+// `extern __shared__` storage of the launch (halo_common.cuh's halo_dynamic_shared).
+template <typename T>
+inline T* halo_dynamic_shared() {
+    return reinterpret_cast<T*>(::halo_emu::machine().dynamic_shared.data());
+}
 
 // ---- math -------------------------------------------------------------------------------------
 using std::isfinite;
@@ -354,11 +387,3 @@ inline __half __float2half(float f) { return __float2half_rn(f); }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
-
-// ---- shims --------------------------------------------------------------------------------------
-// HALO_EMU_SHIM(name, (params...), (args...)) defines `extern "C" void halo_emu_name(grid, block, params...)`.
-#define HALO_EMU_SHIM(name, params, args)                                               \
-    extern "C" void halo_emu_##name(uint32_t grid_x, uint32_t block_x, HALO_EMU_UNPAREN params) { \
-        ::halo_emu::launch(grid_x, block_x, [&] { name args; });                        \
-    }
-#define HALO_EMU_UNPAREN(...) __VA_ARGS__

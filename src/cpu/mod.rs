@@ -16,7 +16,7 @@ pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};
 
 use crate::dtype::{DType, LogitElement};
-// The token ops' argument checks, shared with the CUDA and emulated twins.
+// The token ops' argument checks, shared with the CUDA twins.
 pub(crate) use crate::validate::{check_labels, check_logits_shape};
 
 /// Whether the AVX2 builds of the row kernels can run here (std caches the CPUID check).

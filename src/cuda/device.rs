@@ -4,6 +4,9 @@
 //! time) and that the driver library can be loaded (cudarc's `CudaContext::new` panics when
 //! libcuda is missing), then maps every driver failure to [`HaloError::CudaUnavailable`] (no
 //! usable GPU) or [`HaloError::Cuda`] (a call that failed on a working GPU).
+//!
+//! [`CudaBackend::emulated`] is the same backend on the emulated CUDA device ([`crate::emulation`]):
+//! the same wrappers, launches and error paths, with host memory as device memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::ptx;
+use crate::emulation;
 use crate::error::{HaloError, Result};
 
 /// What to do when the kernels were not compiled into this build.
@@ -31,18 +35,51 @@ pub const HOW_TO_COMPILE_KERNELS: &str =
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    functions: HashMap<&'static str, CudaFunction>,
+    functions: HashMap<String, CudaFunction>,
+    emulated: bool,
 }
 
 impl CudaBackend {
-    /// The backend on GPU 0, launching on its default stream.
+    /// The backend on GPU 0, launching on its default stream; on the emulated device instead when
+    /// the environment variable `HALO_CUDA_EMULATED` is `1` ([`CudaBackend::emulated`]).
     pub fn new() -> Result<Self> {
         Self::with_ordinal(0)
     }
 
-    /// The backend on GPU `ordinal`, launching on its default stream.
+    /// The backend on GPU `ordinal`, launching on its default stream (on the emulated device, which
+    /// has one device, when `HALO_CUDA_EMULATED=1`).
     pub fn with_ordinal(ordinal: usize) -> Result<Self> {
+        if emulation::requested_by_env() {
+            emulation::choose_emulated()?;
+            return Self::open(ordinal);
+        }
+        if emulation::is_loaded() {
+            return Err(HaloError::CudaUnavailable(format!(
+                "this process loaded the emulated CUDA device, so the real driver cannot be used \
+                 beside it (set {} to use the emulated device through CudaBackend::new)",
+                emulation::USE_EMULATED_ENV
+            )));
+        }
         check_available()?;
+        emulation::choose_real()?;
+        Self::open(ordinal)
+    }
+
+    /// The backend on the emulated CUDA device ([`crate::emulation`]): the host-compiled kernels
+    /// behind the very same wrappers, for machines without a GPU (tests, CI). Refused once this
+    /// process uses a real GPU; afterwards the real driver is refused in this process.
+    pub fn emulated() -> Result<Self> {
+        emulation::choose_emulated()?;
+        Self::open(0)
+    }
+
+    /// `true` when this backend runs on the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.emulated
+    }
+
+    /// A context and the kernels on device `ordinal` of the driver this process chose.
+    fn open(ordinal: usize) -> Result<Self> {
         let count = CudaContext::device_count()
             .map_err(|e| HaloError::CudaUnavailable(format!("no usable CUDA device: {e}")))?;
         if ordinal >= count.max(0) as usize {
@@ -60,14 +97,18 @@ impl CudaBackend {
     /// A backend launching on `stream` (a stream the caller created, e.g. to overlap with its own
     /// work). Loads the kernels into the stream's context.
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
-        check_available()?;
+        let emulated = emulation::is_loaded();
+        if !emulated {
+            check_available()?;
+        }
         let ctx = stream.context().clone();
         check_compute_capability(&ctx)?;
-        let functions = load_kernels(&ctx)?;
+        let functions = load_kernels(&ctx, emulated)?;
         Ok(CudaBackend {
             ctx,
             stream,
             functions,
+            emulated,
         })
     }
 
@@ -258,15 +299,37 @@ fn check_compute_capability(ctx: &Arc<CudaContext>) -> Result<()> {
 }
 
 /// Loads every compiled module (the driver JIT-compiles the PTX) and looks up its entry points.
-fn load_kernels(ctx: &Arc<CudaContext>) -> Result<HashMap<&'static str, CudaFunction>> {
+///
+/// On the emulated device the PTX is checked against the host build (every entry must exist there,
+/// with parameters of the same sizes). A build without nvcc has no PTX: the emulated device then
+/// loads one module naming every kernel it has, so the kernels still run there.
+fn load_kernels(ctx: &Arc<CudaContext>, emulated: bool) -> Result<HashMap<String, CudaFunction>> {
+    let mut modules: Vec<(String, String, Vec<String>)> = ptx::MODULES
+        .iter()
+        .map(|m| {
+            let entries = m.entries.iter().map(|e| e.to_string()).collect();
+            (m.name.to_string(), m.ptx.to_string(), entries)
+        })
+        .collect();
+    if emulated && !ptx::KERNELS_COMPILED {
+        let names = emulation::kernel_names()?;
+        let text: String = names
+            .iter()
+            .map(|n| format!(".visible .entry {n}()\n{{\n}}\n"))
+            .collect();
+        modules.push(("emulated".into(), text, names));
+    }
     let mut functions = HashMap::new();
-    for module in ptx::MODULES {
+    for (name, text, entries) in modules {
         let loaded = ctx
-            .load_module(Ptx::from_src(module.ptx))
-            .map_err(|e| load_error(module.name, e))?;
-        for &entry in module.entries {
-            let function = loaded.load_function(entry).map_err(|e| {
-                HaloError::Cuda(format!("kernel `{entry}` of module `{}`: {e}", module.name))
+            .load_module(Ptx::from_src(text))
+            .map_err(|e| load_error(&name, e))?;
+        for entry in entries {
+            let function = loaded.load_function(&entry).map_err(|e| {
+                HaloError::Cuda(format!(
+                    "kernel `{entry}` of module `{name}`: {}",
+                    driver_error_text(&e)
+                ))
             })?;
             functions.insert(entry, function);
         }
@@ -284,6 +347,7 @@ fn load_error(module: &str, e: DriverError) -> HaloError {
     } else {
         ""
     };
+    let e = driver_error_text(&e);
     HaloError::CudaUnavailable(format!(
         "loading PTX module `{module}` (built by {} for {}) failed on driver {}.{}: {e}{hint}",
         ptx::NVCC_VERSION,
@@ -295,5 +359,21 @@ fn load_error(module: &str, e: DriverError) -> HaloError {
 
 /// Maps a driver error to [`HaloError::Cuda`] naming the call that failed.
 pub(crate) fn cuda_err(what: &'static str) -> impl Fn(DriverError) -> HaloError {
-    move |e| HaloError::Cuda(format!("{what}: {e}"))
+    move |e| HaloError::Cuda(format!("{what}: {}", driver_error_text(&e)))
+}
+
+/// The driver's error, and on the emulated device what it recorded about it (which kernel, which
+/// address) when that record is about this error.
+pub(crate) fn driver_error_text(e: &DriverError) -> String {
+    let mut text = e.to_string();
+    if let Some(detail) = emulation::take_last_error() {
+        let same_error = e
+            .error_name()
+            .map(|name| detail.starts_with(&*name.to_string_lossy()))
+            .unwrap_or(false);
+        if same_error {
+            text.push_str(&format!(" [emulated device: {detail}]"));
+        }
+    }
+    text
 }

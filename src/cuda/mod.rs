@@ -44,4 +44,6 @@ pub use status::{KernelStatus, StatusWord};
 pub use token_logprobs::CudaTokenLogprobs;
 
 /// Re-exported so callers name device buffers without depending on cudarc directly.
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+pub use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+};

@@ -201,7 +201,7 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
 }
 
 /// The batch checks of [`dpo_loss`] before any loss-type specific one, in its order (shared with
-/// the emulated loss): lengths, finite log-probs, lengths of the counts that are given. Returns
+/// the CUDA loss): lengths, finite log-probs, lengths of the counts that are given. Returns
 /// the number of pairs.
 pub(crate) fn check_pair_batch(batch: &PairBatch<'_>) -> Result<usize> {
     let n = check_pair_lengths(

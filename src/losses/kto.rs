@@ -172,7 +172,7 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
     })
 }
 
-/// The per-example checks of [`kto_loss`], in its order (shared with the emulated loss): lengths,
+/// The per-example checks of [`kto_loss`], in its order (shared with the CUDA loss): lengths,
 /// then finite log-probs. Returns the batch size.
 pub(crate) fn check_kto_batch(batch: &KtoBatch<'_>) -> Result<usize> {
     let n = check_kto_lengths(

@@ -1,5 +1,5 @@
-//! Input checks shared by the losses: lengths, finiteness, hyper-parameter domains. The CUDA and
-//! emulated losses call the same checks (on their buffers' lengths) so their errors match.
+//! Input checks shared by the losses: lengths, finiteness, hyper-parameter domains. The CUDA
+//! losses call the same checks (on their buffers' lengths) so their errors match.
 
 use crate::error::{HaloError, Result};
 

@@ -1,0 +1,506 @@
+//! One test body per op, run on every backend present (in the spirit of candle's `test_device!`):
+//! the [`Device`] trait gives every op a host-slice signature (the CPU op's), implemented by the CPU
+//! ops ([`Cpu`]) and by [`CudaBackend`] (upload, the device op, download). A body generic over
+//! `D: Device` checks against f64 references or independent definitions, never against the device
+//! itself; [`device_tests!`] instantiates it as `<body>::cpu` and `<body>::cuda`.
+//!
+//! `cuda` runs on the real GPU when one is present, else on the emulated CUDA device
+//! ([`halo_kernels::emulation`]), so on a machine without a GPU the CUDA wrappers run, never skip.
+//! `HALO_CUDA_EMULATED=1` forces the emulated device on a GPU machine.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use halo_kernels::cpu::{self, LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
+use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoBatch, CudaLogit, CudaPairBatch};
+use halo_kernels::losses::{
+    self, DpoConfig, KlInput, KtoBatch, KtoConfig, KtoOutput, PairBatch, PairLossOutput,
+};
+use halo_kernels::{LogitElement, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Every op with the CPU op's host-slice signature.
+pub trait Device: Sync {
+    /// "cpu", or the CUDA device's name.
+    fn name(&self) -> String;
+
+    fn token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<TokenLogprobs>;
+
+    #[allow(clippy::too_many_arguments)]
+    fn token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut [T],
+    ) -> Result<()>;
+
+    fn token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut [T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()>;
+
+    fn sequence_sums(
+        &self,
+        token_values: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<SequenceSums>;
+
+    fn sequence_logratio_sums(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<SequenceSums>;
+
+    fn broadcast_sequence_grad(
+        &self,
+        grad_seq: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<Vec<f32>>;
+
+    fn humanline_grad_mask(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        clamp: LogRatioClamp,
+        token_grad: &mut [f32],
+    ) -> Result<()>;
+
+    fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput>;
+
+    fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput>;
+}
+
+/// The CPU ops.
+pub struct Cpu;
+
+impl Device for Cpu {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<TokenLogprobs> {
+        cpu::token_logprobs(logits, labels, vocab, ignore_index)
+    }
+
+    fn token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut [T],
+    ) -> Result<()> {
+        cpu::token_logprobs_backward(
+            logits,
+            labels,
+            lse,
+            grad_logp,
+            vocab,
+            ignore_index,
+            grad_logits,
+        )
+    }
+
+    fn token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut [T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        cpu::token_logprobs_backward_inplace(logits, labels, lse, grad_logp, vocab, ignore_index)
+    }
+
+    fn sequence_sums(
+        &self,
+        token_values: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<SequenceSums> {
+        cpu::sequence_sums(token_values, labels, ignore_index, layout)
+    }
+
+    fn sequence_logratio_sums(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<SequenceSums> {
+        cpu::sequence_logratio_sums(
+            policy_logp,
+            reference_logp,
+            labels,
+            ignore_index,
+            layout,
+            clamp,
+        )
+    }
+
+    fn broadcast_sequence_grad(
+        &self,
+        grad_seq: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<Vec<f32>> {
+        cpu::broadcast_sequence_grad(grad_seq, labels, ignore_index, layout)
+    }
+
+    fn humanline_grad_mask(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        clamp: LogRatioClamp,
+        token_grad: &mut [f32],
+    ) -> Result<()> {
+        cpu::humanline_grad_mask(policy_logp, reference_logp, clamp, token_grad)
+    }
+
+    fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
+        losses::kto_loss(config, batch)
+    }
+
+    fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
+        losses::dpo_loss(config, batch)
+    }
+}
+
+/// The CUDA backend shared by every test of the process: the real GPU when present (and
+/// `HALO_CUDA_EMULATED` is unset), else the emulated device. Panics, failing the test, when
+/// neither can be created (the emulated device is built with the crate, so that is a bug).
+pub fn cuda() -> &'static CudaBackend {
+    static BACKEND: OnceLock<std::result::Result<CudaBackend, String>> = OnceLock::new();
+    let backend = BACKEND.get_or_init(|| {
+        CudaBackend::new().or_else(|real| {
+            CudaBackend::emulated()
+                .map_err(|emulated| format!("no GPU ({real}) and no emulated device ({emulated})"))
+        })
+    });
+    match backend {
+        Ok(b) => b,
+        Err(e) => panic!("no CUDA backend: {e}"),
+    }
+}
+
+/// Uploads `host` (a 0-length upload is a valid empty buffer).
+fn up<T: halo_kernels::cuda::DeviceRepr>(
+    d: &CudaBackend,
+    host: &[T],
+) -> Result<halo_kernels::cuda::CudaSlice<T>> {
+    d.htod(host)
+}
+
+impl Device for CudaBackend {
+    fn name(&self) -> String {
+        self.device_name().unwrap_or_else(|e| format!("cuda ({e})"))
+    }
+
+    fn token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<TokenLogprobs> {
+        let out = CudaBackend::token_logprobs(
+            self,
+            &up(self, logits)?,
+            &up(self, labels)?,
+            vocab,
+            ignore_index,
+        )?;
+        Ok(TokenLogprobs {
+            logp: self.dtoh(&out.logp)?,
+            lse: self.dtoh(&out.lse)?,
+        })
+    }
+
+    fn token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut [T],
+    ) -> Result<()> {
+        // The output buffer starts as the caller's contents, as the CPU op's `&mut` does.
+        let mut out = up(self, grad_logits)?;
+        CudaBackend::token_logprobs_backward(
+            self,
+            &up(self, logits)?,
+            &up(self, labels)?,
+            &up(self, lse)?,
+            &up(self, grad_logp)?,
+            vocab,
+            ignore_index,
+            &mut out,
+        )?;
+        grad_logits.copy_from_slice(&self.dtoh(&out)?);
+        Ok(())
+    }
+
+    fn token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut [T],
+        labels: &[i32],
+        lse: &[f32],
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        let mut buf = up(self, logits)?;
+        CudaBackend::token_logprobs_backward_inplace(
+            self,
+            &mut buf,
+            &up(self, labels)?,
+            &up(self, lse)?,
+            &up(self, grad_logp)?,
+            vocab,
+            ignore_index,
+        )?;
+        logits.copy_from_slice(&self.dtoh(&buf)?);
+        Ok(())
+    }
+
+    fn sequence_sums(
+        &self,
+        token_values: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<SequenceSums> {
+        let out = CudaBackend::sequence_sums(
+            self,
+            &up(self, token_values)?,
+            &up(self, labels)?,
+            ignore_index,
+            layout,
+        )?;
+        Ok(SequenceSums {
+            sums: self.dtoh(&out.sums)?,
+            counts: self.dtoh(&out.counts)?,
+        })
+    }
+
+    fn sequence_logratio_sums(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<SequenceSums> {
+        let out = CudaBackend::sequence_logratio_sums(
+            self,
+            &up(self, policy_logp)?,
+            &up(self, reference_logp)?,
+            &up(self, labels)?,
+            ignore_index,
+            layout,
+            clamp,
+        )?;
+        Ok(SequenceSums {
+            sums: self.dtoh(&out.sums)?,
+            counts: self.dtoh(&out.counts)?,
+        })
+    }
+
+    fn broadcast_sequence_grad(
+        &self,
+        grad_seq: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<Vec<f32>> {
+        let out = CudaBackend::broadcast_sequence_grad(
+            self,
+            &up(self, grad_seq)?,
+            &up(self, labels)?,
+            ignore_index,
+            layout,
+        )?;
+        self.dtoh(&out)
+    }
+
+    fn humanline_grad_mask(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        clamp: LogRatioClamp,
+        token_grad: &mut [f32],
+    ) -> Result<()> {
+        let mut grad = up(self, token_grad)?;
+        CudaBackend::humanline_grad_mask(
+            self,
+            &up(self, policy_logp)?,
+            &up(self, reference_logp)?,
+            clamp,
+            &mut grad,
+        )?;
+        token_grad.copy_from_slice(&self.dtoh(&grad)?);
+        Ok(())
+    }
+
+    fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
+        let policy = up(self, batch.policy_logps)?;
+        let reference = up(self, batch.reference_logps)?;
+        let desirable: Vec<u8> = batch.is_desirable.iter().map(|&d| d as u8).collect();
+        let desirable = up(self, &desirable)?;
+        let kl_buffers = match batch.kl {
+            Some(KlInput::LogProbs { policy, reference }) => {
+                Some((up(self, policy)?, up(self, reference)?))
+            }
+            _ => None,
+        };
+        let kl = match (batch.kl, &kl_buffers) {
+            (Some(KlInput::Partial(p)), _) => Some(CudaKlInput::Partial(p)),
+            (Some(KlInput::LogProbs { .. }), Some((p, r))) => Some(CudaKlInput::LogProbs {
+                policy: p.as_view(),
+                reference: r.as_view(),
+            }),
+            _ => None,
+        };
+        CudaBackend::kto_loss(
+            self,
+            config,
+            &CudaKtoBatch {
+                policy_logps: policy.as_view(),
+                reference_logps: reference.as_view(),
+                is_desirable: desirable.as_view(),
+                kl,
+            },
+        )
+    }
+
+    fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
+        let pc = up(self, batch.policy_chosen_logps)?;
+        let pr = up(self, batch.policy_rejected_logps)?;
+        let rc = up(self, batch.reference_chosen_logps)?;
+        let rr = up(self, batch.reference_rejected_logps)?;
+        let cc = batch.chosen_counts.map(|c| up(self, c)).transpose()?;
+        let rcn = batch.rejected_counts.map(|c| up(self, c)).transpose()?;
+        CudaBackend::dpo_loss(
+            self,
+            config,
+            &CudaPairBatch {
+                policy_chosen_logps: pc.as_view(),
+                policy_rejected_logps: pr.as_view(),
+                reference_chosen_logps: rc.as_view(),
+                reference_rejected_logps: rr.as_view(),
+                chosen_counts: cc.as_ref().map(|c| c.as_view()),
+                rejected_counts: rcn.as_ref().map(|c| c.as_view()),
+            },
+        )
+    }
+}
+
+/// `device_tests!(body_a, body_b, …)`: for each generic `fn body<D: Device>(d: &D)`, a module
+/// `body` with the tests `cpu` and `cuda` (see [`cuda`] for which CUDA device).
+#[macro_export]
+macro_rules! device_tests {
+    ($($body:ident),* $(,)?) => {
+        $(
+            mod $body {
+                #[test]
+                fn cpu() {
+                    super::$body(&$crate::device_support::Cpu);
+                }
+                #[test]
+                fn cuda() {
+                    super::$body($crate::device_support::cuda());
+                }
+            }
+        )*
+    };
+}
+
+// ---- seeded random inputs and tolerant comparisons -----------------------------------------
+
+pub const IGNORE: i32 = halo_kernels::IGNORE_INDEX;
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Logits in [-scale, scale] (never all zero), stored in `T`.
+pub fn random_logits<T: LogitElement>(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.gen_range(-scale..scale)))
+        .collect()
+}
+
+/// Labels in 0..vocab with about `ignore_fraction` of them the ignore index.
+pub fn random_labels(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    vocab: usize,
+    ignore_fraction: f64,
+) -> Vec<i32> {
+    (0..rows)
+        .map(|_| {
+            if rng.gen_bool(ignore_fraction) {
+                IGNORE
+            } else {
+                rng.gen_range(0..vocab as i32)
+            }
+        })
+        .collect()
+}
+
+/// |a − b| ≤ abs + rel · max(|a|, |b|), element by element, with a useful message.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = abs + rel * g.abs().max(w.abs());
+        assert!(
+            (g - w).abs() <= tol || (g.is_nan() && w.is_nan()),
+            "{what}[{i}]: got {g}, want {w} (|diff| {} > tol {tol})",
+            (g - w).abs()
+        );
+    }
+}
+
+pub fn to_f32<T: LogitElement>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
