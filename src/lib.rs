@@ -7,8 +7,11 @@
 //! logits + labels → [`cpu::token_logprobs()`] → per-token log-probs →
 //! [`cpu::sequence_sums()`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
 //! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward`] → ∂L/∂logits.
+//!
+//! The same ops run on a GPU through [`cuda::CudaBackend`] (or, with the `emulation` feature, on
+//! the emulated CUDA device: [`cuda::CudaBackend::emulated`]). The autograd, the model and the
+//! training example live in the `halo-train` crate of this workspace.
 
-pub mod autograd;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
@@ -17,8 +20,6 @@ pub mod error;
 pub mod kernel_abi;
 mod kernel_host;
 pub mod losses;
-pub mod model;
-pub mod train;
 mod validate;
 
 pub use dtype::{DType, LogitElement};

@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
+# The model fixtures belong to the halo-train crate of the workspace (its tests read them).
+TRAIN_FIXTURES = ROOT / "halo-train" / "tests" / "fixtures"
 VENV = ROOT / ".tools" / "conformance-venv"
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -705,7 +707,7 @@ def make_trl_fixture():
 # 3. transformers GPT-2
 # ----------------------------------------------------------------------------------------------
 
-GPT2_DIR = FIXTURES / "tiny_gpt2"
+GPT2_DIR = TRAIN_FIXTURES / "tiny_gpt2"
 
 
 def tiny_gpt2():
@@ -797,10 +799,10 @@ def make_transformers_fixture():
                 for n, p in model64.named_parameters() if p.grad is not None
             }
         cases.append(case)
-    write_json(FIXTURES / "transformers_gpt2.json", {
+    write_json(TRAIN_FIXTURES / "transformers_gpt2.json", {
         "versions": versions(),
         "source": "transformers GPT2LMHeadModel (eval, float64 copy for the reference logits), "
-                  "saved with save_pretrained to tests/fixtures/tiny_gpt2/",
+                  "saved with save_pretrained to halo-train/tests/fixtures/tiny_gpt2/",
         "config": json.loads((GPT2_DIR / "config.json").read_text()),
         "cases": cases,
     })
@@ -814,7 +816,7 @@ def check_reverse_checkpoint():
 
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(**__import__("os").environ, HALO_CONFORMANCE_OUT=tmp)
-        subprocess.run(["cargo", "test", "--release", "--test", "conformance_transformers", "--",
+        subprocess.run(["cargo", "test", "--release", "-p", "halo-train", "--test", "conformance_transformers", "--",
                         "--ignored", "write_halo_checkpoint_for_python", "--exact"],
                        cwd=ROOT, env=env, check=True)
         meta = json.loads((Path(tmp) / "halo_logits.json").read_text())
@@ -862,7 +864,7 @@ def main():
         make_transformers_fixture()
     if args.reverse_check:
         check_reverse_checkpoint()
-    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for d in (FIXTURES, TRAIN_FIXTURES) for p in d.rglob("*") if p.is_file())
     print(f"fixtures total: {total / 1024:.1f} KiB")
     assert total < 2 * 1024 * 1024, "fixtures must stay under 2 MiB"
 

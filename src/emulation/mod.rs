@@ -29,16 +29,17 @@ use libloading::os::unix::Library;
 
 use crate::error::{HaloError, Result};
 
-/// Environment variable naming another build of the emulated driver library (default: the one this
-/// crate's build wrote, [`BUILT_DRIVER_LIB`]).
+/// Environment variable naming a build of the emulated driver library (default: the one this
+/// crate's build wrote with the `emulation` feature, [`BUILT_DRIVER_LIB`]).
 pub const DRIVER_LIB_ENV: &str = "HALO_EMULATED_DRIVER_LIB";
 
 /// Environment variable that makes [`crate::cuda::CudaBackend::new`] use the emulated device
 /// (`1`, `true` or `yes`).
 pub const USE_EMULATED_ENV: &str = "HALO_CUDA_EMULATED";
 
-/// The emulated driver library built with this crate (an absolute path in `target/`).
-pub const BUILT_DRIVER_LIB: &str = env!("HALO_EMULATED_DRIVER_LIB");
+/// The emulated driver library built with this crate (an absolute path in `target/`); `None`
+/// without the `emulation` feature.
+pub const BUILT_DRIVER_LIB: Option<&str> = option_env!("HALO_EMULATED_DRIVER_LIB");
 
 /// Which CUDA driver this process uses; fixed by the first backend created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,12 +58,23 @@ pub fn requested_by_env() -> bool {
         .unwrap_or(false)
 }
 
-/// The emulated driver library this process loads (or would load).
-pub fn driver_path() -> PathBuf {
+/// The emulated driver library this process loads (or would load): `HALO_EMULATED_DRIVER_LIB`,
+/// else the one built with the `emulation` feature; `None` when there is neither.
+pub fn driver_path() -> Option<PathBuf> {
     match std::env::var_os(DRIVER_LIB_ENV) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(BUILT_DRIVER_LIB),
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => BUILT_DRIVER_LIB.map(PathBuf::from),
     }
+}
+
+/// The library to load, or why there is none.
+fn driver_path_or_error() -> Result<PathBuf> {
+    driver_path().ok_or_else(|| {
+        HaloError::CudaUnavailable(format!(
+            "this build of halo-kernels has no emulated CUDA device: enable its `emulation` \
+             feature (or set {DRIVER_LIB_ENV} to a built libhalo_cuda_emulated.so)"
+        ))
+    })
 }
 
 /// `true` once this process has loaded the emulated driver.
@@ -76,9 +88,8 @@ pub(crate) fn choose_real() -> Result<()> {
     let mut chosen = CHOSEN.lock().unwrap_or_else(|e| e.into_inner());
     match *chosen {
         Some(Driver::Emulated) => Err(HaloError::CudaUnavailable(format!(
-            "this process loaded the emulated CUDA device ({}), so the real driver cannot be used \
-             beside it; run the GPU work in another process, without {USE_EMULATED_ENV}",
-            driver_path().display()
+            "this process loaded the emulated CUDA device, so the real driver cannot be used \
+             beside it; run the GPU work in another process, without {USE_EMULATED_ENV}"
         ))),
         _ => {
             *chosen = Some(Driver::Real);
@@ -98,8 +109,8 @@ pub(crate) fn choose_emulated() -> Result<()> {
         ));
     }
     if LIBRARY.get().is_none() {
+        let path = driver_path_or_error()?;
         refuse_if_real_driver_loaded()?;
-        let path = driver_path();
         // SAFETY: our own library; its initialisers only set up static tables.
         let lib =
             unsafe { Library::open(Some(&path), libloading::os::unix::RTLD_NOW) }.map_err(|e| {

@@ -1,0 +1,207 @@
+//! AdamW, global gradient-norm clipping and learning-rate schedules.
+
+use crate::autograd::Gradients;
+use halo_kernels::error::{HaloError, Result};
+
+use super::gpt::Gpt;
+
+/// AdamW hyper-parameters (PyTorch `torch.optim.AdamW` names and defaults except `weight_decay`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub betas: (f32, f32),
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW (Loshchilov & Hutter 2019) exactly as `torch.optim.AdamW`: with `t` the step count,
+/// `p ← p − lr·λ·p` (decoupled decay), `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+/// `p ← p − lr · (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)`.
+///
+/// Weight decay applies only to matrices (linear weights, `wte`, `wpe`), not to biases or
+/// layer-norm parameters ([`Parameter::decays`](super::gpt::Parameter::decays); nanoGPT's rule).
+/// A parameter with no gradient this step is left untouched (its moments do not decay either).
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    decays: Vec<bool>,
+    step: u32,
+}
+
+impl AdamW {
+    /// Zero moments for every parameter of `model`.
+    pub fn new(model: &Gpt, config: AdamWConfig) -> Self {
+        let params = model.parameters();
+        Self {
+            config,
+            m: params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            v: params.iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            decays: params.iter().map(|p| p.decays()).collect(),
+            step: 0,
+        }
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u32 {
+        self.step
+    }
+
+    /// One update with learning rate `lr` (from a schedule; `config.lr` is only the default
+    /// for callers without one). Errors if `grads` does not fit the model.
+    pub fn step(&mut self, model: &mut Gpt, grads: &Gradients, lr: f32) -> Result<()> {
+        let params = model.params_mut();
+        if params.len() != self.m.len() {
+            return Err(HaloError::LengthMismatch {
+                what: "model parameters (AdamW was built for another model)",
+                expected: self.m.len(),
+                got: params.len(),
+            });
+        }
+        for (i, g) in grads.iter() {
+            let expected = params.get(i).map(|p| p.data.len());
+            if expected != Some(g.len()) {
+                return Err(HaloError::LengthMismatch {
+                    what: "gradient",
+                    expected: expected.unwrap_or(0),
+                    got: g.len(),
+                });
+            }
+        }
+        self.step += 1;
+        let AdamWConfig {
+            betas: (b1, b2),
+            eps,
+            weight_decay,
+            ..
+        } = self.config;
+        let bias1 = 1.0 - b1.powi(self.step as i32);
+        let bias2 = 1.0 - b2.powi(self.step as i32);
+        for (i, g) in grads.iter() {
+            let decay = if self.decays[i] {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            for (((p, &g), m), v) in params[i]
+                .data
+                .iter_mut()
+                .zip(g)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
+                *p *= decay;
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let m_hat = *m / bias1;
+                let v_hat = *v / bias2;
+                *p -= lr * m_hat / (v_hat.sqrt() + eps);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
+/// clipping. Same rule as `torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`
+/// applied only when it is below 1.
+pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f32) -> f32 {
+    let norm = grads.global_norm();
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        grads.scale(factor);
+    }
+    norm
+}
+
+/// How the learning rate falls after warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decay {
+    /// Half a cosine from `peak_lr` to `min_lr`.
+    Cosine,
+    /// A straight line from `peak_lr` to `min_lr`.
+    Linear,
+    /// Stay at `peak_lr`.
+    Constant,
+}
+
+/// Linear warmup over `warmup_steps` (step `s < warmup` gets `peak·(s+1)/warmup`), then
+/// [`Decay`] until `total_steps`, then `min_lr`. Steps count from 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub peak_lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    pub decay: Decay,
+}
+
+impl LrSchedule {
+    pub fn cosine(peak_lr: f32, min_lr: f32, warmup_steps: usize, total_steps: usize) -> Self {
+        Self {
+            peak_lr,
+            min_lr,
+            warmup_steps,
+            total_steps,
+            decay: Decay::Cosine,
+        }
+    }
+
+    pub fn linear(peak_lr: f32, min_lr: f32, warmup_steps: usize, total_steps: usize) -> Self {
+        Self {
+            peak_lr,
+            min_lr,
+            warmup_steps,
+            total_steps,
+            decay: Decay::Linear,
+        }
+    }
+
+    pub fn constant(lr: f32) -> Self {
+        Self {
+            peak_lr: lr,
+            min_lr: lr,
+            warmup_steps: 0,
+            total_steps: 0,
+            decay: Decay::Constant,
+        }
+    }
+
+    /// The learning rate for step `step`.
+    pub fn lr_at(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            return self.peak_lr * (step + 1) as f32 / self.warmup_steps as f32;
+        }
+        if self.decay == Decay::Constant {
+            return self.peak_lr;
+        }
+        if step >= self.total_steps {
+            return self.min_lr;
+        }
+        let span = (self.total_steps - self.warmup_steps).max(1) as f32;
+        let progress = (step - self.warmup_steps) as f32 / span;
+        let shape = match self.decay {
+            Decay::Cosine => 0.5 * (1.0 + (std::f32::consts::PI * progress).cos()),
+            Decay::Linear => 1.0 - progress,
+            Decay::Constant => 1.0,
+        };
+        self.min_lr + (self.peak_lr - self.min_lr) * shape
+    }
+}

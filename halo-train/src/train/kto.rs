@@ -1,0 +1,127 @@
+//! KTO step (TRL `KTOTrainer`, HALOs `KTOTrainer`): per-token log-probs from the model's own
+//! op, summed per completion with [`sequence_sums`], the loss and its gradient w.r.t. each
+//! summed log-prob from [`kto_loss`], broadcast back to tokens with [`broadcast_sequence_grad`]
+//! and pushed through the tape.
+//!
+//! The reference model is a frozen copy of the starting model. The KL pairs (each prompt with
+//! the completion of the previous example in the batch) are scored by the policy and the
+//! reference without gradient, as TRL and the HALOs repo do: the reference point `z0` is a
+//! constant in the loss.
+
+use super::batching::{token_batch, KtoBatch, TargetSpan, TokenBatch};
+use super::stage::StepOutput;
+use super::tokenizer::TextTokenizer;
+use crate::autograd::Tape;
+use crate::model::Gpt;
+use halo_kernels::cpu::{broadcast_sequence_grad, sequence_sums, SequenceLayout};
+use halo_kernels::error::{HaloError, Result};
+use halo_kernels::losses::{kto_loss, KlInput, KtoBatch as KtoLossBatch, KtoConfig};
+use halo_kernels::IGNORE_INDEX;
+
+fn layout(batch: &TokenBatch) -> SequenceLayout<'static> {
+    SequenceLayout::Padded {
+        batch: batch.batch,
+        seq: batch.seq,
+    }
+}
+
+/// Summed completion log-probs of `batch` under `model`, without gradient.
+pub fn sequence_logps_inference(model: &Gpt, batch: &TokenBatch) -> Result<Vec<f32>> {
+    let tokens =
+        model.token_logprobs_inference(&batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
+    Ok(sequence_sums(&tokens, &batch.targets, IGNORE_INDEX, layout(batch))?.sums)
+}
+
+/// Examples scored per forward pass by [`precompute_reference_logps`].
+const PRECOMPUTE_CHUNK: usize = 256;
+
+/// Summed completion log-probs of every `(prompt, completion)` under the frozen `reference`, in
+/// one pass before training (TRL's `precompute_ref_log_probs`): the reference forward then drops
+/// out of every step. The KL pairs are still scored per step, because their completions are
+/// rotated inside each batch and so change with the batch order.
+pub fn precompute_reference_logps(
+    reference: &Gpt,
+    tok: &TextTokenizer,
+    rows: &[(&str, &str)],
+    max_len: usize,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(PRECOMPUTE_CHUNK) {
+        let batch = token_batch(tok, chunk, TargetSpan::CompletionOnly, max_len)?;
+        out.extend(sequence_logps_inference(reference, &batch)?);
+    }
+    Ok(out)
+}
+
+/// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step.
+pub fn kto_step(
+    policy: &Gpt,
+    reference: &Gpt,
+    batch: &KtoBatch,
+    config: &KtoConfig,
+) -> Result<StepOutput> {
+    let examples = &batch.examples;
+    let mut tape = Tape::new();
+    let token_logp = policy.token_logprobs(
+        &mut tape,
+        &examples.input_ids,
+        &examples.targets,
+        examples.batch,
+        examples.seq,
+    )?;
+    let policy_logps = sequence_sums(
+        tape.value(token_logp),
+        &examples.targets,
+        IGNORE_INDEX,
+        layout(examples),
+    )?
+    .sums;
+    let reference_logps = match &batch.reference_logps {
+        Some(precomputed) if precomputed.len() == examples.batch => precomputed.clone(),
+        Some(precomputed) => {
+            return Err(HaloError::InvalidShape(format!(
+                "{} precomputed reference log-probs for a batch of {} examples",
+                precomputed.len(),
+                examples.batch
+            )))
+        }
+        None => sequence_logps_inference(reference, examples)?,
+    };
+    // Reference point inputs: no gradient flows through them.
+    let kl_policy = sequence_logps_inference(policy, &batch.kl_pairs)?;
+    let kl_reference = sequence_logps_inference(reference, &batch.kl_pairs)?;
+
+    let out = kto_loss(
+        config,
+        &KtoLossBatch {
+            policy_logps: &policy_logps,
+            reference_logps: &reference_logps,
+            is_desirable: &batch.desirable,
+            kl: Some(KlInput::LogProbs {
+                policy: &kl_policy,
+                reference: &kl_reference,
+            }),
+        },
+    )?;
+    let token_grad = broadcast_sequence_grad(
+        &out.grad_policy_logps,
+        &examples.targets,
+        IGNORE_INDEX,
+        layout(examples),
+    )?;
+    let grads = tape.backward(token_logp, &token_grad)?;
+    let mut metrics: Vec<(String, f64)> = out
+        .metrics
+        .to_named()
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v))
+        .collect();
+    if !metrics.iter().any(|(n, _)| n == "kl") {
+        metrics.push(("kl".into(), out.z0));
+    }
+    Ok(StepOutput {
+        loss: out.loss,
+        grads,
+        metrics,
+    })
+}

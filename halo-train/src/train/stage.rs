@@ -1,0 +1,194 @@
+//! The loop every stage shares: compute a step's loss and gradients, clip them to norm 1, take an
+//! AdamW step on the scheduled learning rate, log the metrics (file + progress bar), and evaluate
+//! the judge's desirable rate a few times per stage for the plot.
+
+use std::collections::VecDeque;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::evaluate::{evaluate, EvalReport};
+use super::metrics_log::{MetricRecord, MetricsLog};
+use super::tokenizer::TextTokenizer;
+use crate::autograd::Gradients;
+use crate::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::model::Gpt;
+use halo_kernels::error::Result;
+
+/// Largest global gradient norm; larger gradients are scaled down (TRL's `max_grad_norm`).
+pub const MAX_GRAD_NORM: f32 = 1.0;
+
+/// What one step computed.
+#[derive(Debug)]
+pub struct StepOutput {
+    pub loss: f64,
+    pub grads: Gradients,
+    /// Extra metrics, TRL names (`kl`, `rewards/chosen`, ...).
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Shared state of a run that every stage reports into.
+#[derive(Debug)]
+pub struct StageContext<'a> {
+    pub log: &'a mut MetricsLog,
+    /// The run's tokenizer (evaluation encodes the prompts and decodes the completions).
+    pub tokenizer: &'a TextTokenizer,
+    pub eval_prompts: &'a [String],
+    /// Evaluations per stage (0: only the final one).
+    pub evals_per_stage: usize,
+    /// Draw a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+/// Settings of one stage.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: &'static str,
+    pub steps: usize,
+    pub schedule: LrSchedule,
+    pub optimizer: AdamWConfig,
+    /// Global step of this stage's first step (the plot's x axis).
+    pub first_global_step: usize,
+}
+
+/// What a stage ends with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageResult {
+    /// The judge's evaluation of the held-out prompts after the last step (desirable rate, every
+    /// completion and verdict).
+    pub final_eval: EvalReport,
+    /// Mean loss of the last 10% of steps.
+    pub final_loss: f64,
+    /// Every step's loss.
+    pub losses: Vec<f64>,
+}
+
+/// Runs `spec.steps` steps of `step_fn` on `model`.
+pub fn run_stage(
+    spec: &StageSpec,
+    model: &mut Gpt,
+    ctx: &mut StageContext<'_>,
+    mut step_fn: impl FnMut(&Gpt, usize) -> Result<StepOutput>,
+) -> Result<StageResult> {
+    let mut optimizer = AdamW::new(model, spec.optimizer);
+    let bar = progress_bar(spec, ctx.progress);
+    let eval_every = if ctx.evals_per_stage == 0 {
+        usize::MAX
+    } else {
+        spec.steps.div_ceil(ctx.evals_per_stage).max(1)
+    };
+    let mut recent: VecDeque<Vec<(String, f64)>> = VecDeque::new();
+    let mut losses = Vec::with_capacity(spec.steps);
+    let mut last_eval: Option<EvalReport> = None;
+    if spec.steps > 0 && ctx.evals_per_stage > 0 {
+        last_eval = Some(log_eval(spec, model, ctx, 0)?);
+    }
+    for step in 0..spec.steps {
+        let mut out = step_fn(model, step)?;
+        let grad_norm = clip_grad_norm(&mut out.grads, MAX_GRAD_NORM);
+        let lr = spec.schedule.lr_at(step);
+        optimizer.step(model, &out.grads, lr)?;
+        losses.push(out.loss);
+
+        let mut values = vec![
+            ("loss".to_string(), out.loss),
+            ("grad_norm".to_string(), grad_norm as f64),
+            ("learning_rate".to_string(), lr as f64),
+        ];
+        values.extend(out.metrics);
+        ctx.log.log(MetricRecord {
+            stage: spec.name.to_string(),
+            step: step + 1,
+            global_step: spec.first_global_step + step + 1,
+            values: values.clone(),
+        })?;
+        recent.push_back(values);
+        if recent.len() > 20 {
+            recent.pop_front();
+        }
+        let last = step + 1 == spec.steps;
+        if last || (step + 1) % eval_every == 0 {
+            last_eval = Some(log_eval(spec, model, ctx, step + 1)?);
+        }
+        let last_rate = last_eval.as_ref().map_or(f64::NAN, |e| e.desirable_rate);
+        bar.set_message(progress_message(&recent, last_rate));
+        bar.inc(1);
+    }
+    bar.finish();
+    ctx.log.flush()?;
+    // The last step always evaluates, so only a stage of zero steps gets here without a report.
+    let final_eval = match last_eval {
+        Some(report) => report,
+        None => evaluate(model, ctx.tokenizer, ctx.eval_prompts)?,
+    };
+    let tail = (losses.len() / 10).max(1).min(losses.len());
+    let final_loss = if tail == 0 {
+        f64::NAN
+    } else {
+        losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64
+    };
+    Ok(StageResult {
+        final_eval,
+        final_loss,
+        losses,
+    })
+}
+
+fn log_eval(
+    spec: &StageSpec,
+    model: &Gpt,
+    ctx: &mut StageContext<'_>,
+    step: usize,
+) -> Result<EvalReport> {
+    let report = evaluate(model, ctx.tokenizer, ctx.eval_prompts)?;
+    ctx.log.log(MetricRecord {
+        stage: spec.name.to_string(),
+        step,
+        global_step: spec.first_global_step + step,
+        values: vec![
+            ("eval/desirable_rate".into(), report.desirable_rate),
+            ("eval/wrong_rate".into(), report.wrong_rate),
+            ("eval/garbled_rate".into(), report.garbled_rate),
+        ],
+    })?;
+    Ok(report)
+}
+
+fn progress_bar(spec: &StageSpec, visible: bool) -> ProgressBar {
+    let bar = ProgressBar::new(spec.steps as u64);
+    if !visible {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:25}] {pos}/{len} {elapsed} {msg}")
+        .expect("static template is valid")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(spec.name);
+    bar
+}
+
+/// Running means (last 20 steps) of the metrics the issue asks to see, plus the last evaluation.
+fn progress_message(recent: &VecDeque<Vec<(String, f64)>>, eval_rate: f64) -> String {
+    let mean = |name: &str| -> Option<f64> {
+        let values: Vec<f64> = recent
+            .iter()
+            .filter_map(|v| v.iter().find(|(n, _)| n == name).map(|&(_, x)| x))
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    let mut parts = Vec::new();
+    for (label, name) in [
+        ("loss", "loss"),
+        ("kl", "kl"),
+        ("r/chosen", "rewards/chosen"),
+        ("r/rejected", "rewards/rejected"),
+        ("margins", "rewards/margins"),
+    ] {
+        if let Some(v) = mean(name) {
+            parts.push(format!("{label} {v:.4}"));
+        }
+    }
+    if eval_rate.is_finite() {
+        parts.push(format!("desirable {eval_rate:.3}"));
+    }
+    parts.join(" | ")
+}
