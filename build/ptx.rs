@@ -302,16 +302,34 @@ fn ptx_entries(ptx: &str) -> Vec<String> {
 
 fn compiled(nvcc: &Path, version: &str, arch: &str, modules: &[Module]) -> String {
     let mut s = header();
+    writeln!(s, "/// Whether nvcc compiled the kernels into this build.").unwrap();
     writeln!(s, "pub const KERNELS_COMPILED: bool = true;").unwrap();
+    writeln!(
+        s,
+        "/// Why the kernels were not compiled (empty when they were)."
+    )
+    .unwrap();
     writeln!(s, "pub const NOT_COMPILED_REASON: &str = \"\";").unwrap();
+    writeln!(s, "/// The nvcc that compiled them (empty when none).").unwrap();
     writeln!(
         s,
         "pub const NVCC: &str = {:?};",
         nvcc.display().to_string()
     )
     .unwrap();
+    writeln!(
+        s,
+        "/// Its release line, e.g. \"Cuda compilation tools, release 13.0, V13.0.88\"."
+    )
+    .unwrap();
     writeln!(s, "pub const NVCC_VERSION: &str = {version:?};").unwrap();
+    writeln!(
+        s,
+        "/// The PTX target, e.g. \"compute_80\" (empty when not compiled)."
+    )
+    .unwrap();
     writeln!(s, "pub const CUDA_ARCH: &str = {arch:?};").unwrap();
+    writeln!(s, "/// Every compiled `kernels/*.cu`, by name.").unwrap();
     writeln!(s, "pub const MODULES: &[PtxModule] = &[").unwrap();
     for m in modules {
         writeln!(s, "    PtxModule {{").unwrap();
@@ -331,11 +349,29 @@ fn compiled(nvcc: &Path, version: &str, arch: &str, modules: &[Module]) -> Strin
 
 fn not_compiled(reason: &str) -> String {
     let mut s = header();
+    writeln!(s, "/// Whether nvcc compiled the kernels into this build.").unwrap();
     writeln!(s, "pub const KERNELS_COMPILED: bool = false;").unwrap();
+    writeln!(
+        s,
+        "/// Why the kernels were not compiled (empty when they were)."
+    )
+    .unwrap();
     writeln!(s, "pub const NOT_COMPILED_REASON: &str = {reason:?};").unwrap();
+    writeln!(s, "/// The nvcc that compiled them (empty when none).").unwrap();
     writeln!(s, "pub const NVCC: &str = \"\";").unwrap();
+    writeln!(
+        s,
+        "/// Its release line, e.g. \"Cuda compilation tools, release 13.0, V13.0.88\"."
+    )
+    .unwrap();
     writeln!(s, "pub const NVCC_VERSION: &str = \"\";").unwrap();
+    writeln!(
+        s,
+        "/// The PTX target, e.g. \"compute_80\" (empty when not compiled)."
+    )
+    .unwrap();
     writeln!(s, "pub const CUDA_ARCH: &str = \"\";").unwrap();
+    writeln!(s, "/// Every compiled `kernels/*.cu`, by name.").unwrap();
     writeln!(s, "pub const MODULES: &[PtxModule] = &[];").unwrap();
     s
 }

@@ -6,13 +6,18 @@ use thiserror::Error;
 /// Result alias used across the crate.
 pub type Result<T, E = HaloError> = std::result::Result<T, E>;
 
+/// Every error of the crate (and of `halo-train`): bad input is reported, never a panic or a NaN.
+/// The `Display` text names the argument and the values; match on the variant to react.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum HaloError {
     /// Two arguments that must agree in length do not.
     #[error("length mismatch: `{what}` has {got} elements, expected {expected}")]
     LengthMismatch {
+        /// The argument whose length is wrong.
         what: &'static str,
+        /// The length it must have (from the other arguments).
         expected: usize,
+        /// The length it has.
         got: usize,
     },
     /// A shape argument is invalid on its own (zero vocab, zero rows where rows are required, ...).
@@ -21,14 +26,23 @@ pub enum HaloError {
     /// A label is neither in `0..vocab` nor the ignore index.
     #[error("label {label} at row {row} is outside 0..{vocab} and is not the ignore index {ignore_index}")]
     LabelOutOfRange {
+        /// The first row with such a label.
         row: usize,
+        /// Its label.
         label: i64,
+        /// The vocabulary size.
         vocab: usize,
+        /// The ignore index of the call.
         ignore_index: i64,
     },
     /// A logit row holds NaN or an infinity.
     #[error("non-finite value in `{what}` at row {row}")]
-    NonFinite { what: &'static str, row: usize },
+    NonFinite {
+        /// The argument (`"logits"`, `"lse"`, `"policy_logps"`, ...).
+        what: &'static str,
+        /// The first row (or index) holding a non-finite value.
+        row: usize,
+    },
     /// An empty batch, where at least one example is required.
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),
@@ -36,28 +50,44 @@ pub enum HaloError {
     #[error(
         "KTO loss type `{loss_type}` needs KL pairs (mismatched completions) but none were given"
     )]
-    MissingKlPairs { loss_type: &'static str },
+    MissingKlPairs {
+        /// The loss type that needs them (`"kto"`).
+        loss_type: &'static str,
+    },
     /// A sequence (or pair) with no unmasked tokens where the loss needs at least one.
     #[error("sequence {index} of `{what}` has no tokens (every label is the ignore index)")]
-    EmptySequence { what: &'static str, index: usize },
+    EmptySequence {
+        /// The argument the sequence belongs to (`"chosen_counts"`, ...).
+        what: &'static str,
+        /// The first such sequence.
+        index: usize,
+    },
     /// A hyper-parameter is outside its domain.
     #[error("invalid hyper-parameter `{name}` = {value}: {reason}")]
     InvalidHyperParameter {
+        /// The hyper-parameter (`"beta"`, `"desirable_weight"`, ...).
         name: &'static str,
+        /// Its value.
         value: f64,
+        /// The domain it must lie in.
         reason: &'static str,
     },
     /// An optional argument that this loss type needs was not given (e.g. token counts for IPO).
     #[error("`{what}` is required by {needed_by} but was not given")]
     MissingArgument {
+        /// The missing argument.
         what: &'static str,
+        /// What needs it (a loss type).
         needed_by: &'static str,
     },
     /// A value that must be a log-probability (≤ 0) is positive.
     #[error("`{what}` at index {index} is {value}, but a log-probability must be <= 0")]
     InvalidLogProb {
+        /// The argument.
         what: &'static str,
+        /// The first offending index.
         index: usize,
+        /// Its value.
         value: f64,
     },
     /// Packed-sequence offsets are not a non-decreasing list starting at 0 and ending at the row count.
@@ -69,13 +99,21 @@ pub enum HaloError {
     /// A dataset line is malformed (bad JSON, missing or mistyped field); names the file and 1-based line.
     #[error("{file}:{line}: {reason}")]
     Dataset {
+        /// The dataset file.
         file: String,
+        /// The 1-based line.
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
     /// Reading or writing a file failed (datasets, metrics, checkpoints, plots).
     #[error("I/O error on `{path}`: {reason}")]
-    Io { path: String, reason: String },
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        reason: String,
+    },
     /// A CUDA driver call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
@@ -88,5 +126,10 @@ pub enum HaloError {
     /// A tokenizer cannot be loaded or used (invalid `tokenizer.json`, no end-of-sequence token,
     /// text it cannot encode); names the tokenizer file.
     #[error("tokenizer `{path}`: {reason}")]
-    Tokenizer { path: String, reason: String },
+    Tokenizer {
+        /// The tokenizer file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
 }

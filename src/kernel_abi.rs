@@ -26,8 +26,11 @@ pub const STATUS_EMPTY_SEQUENCE: usize = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HaloTokenParams {
+    /// Rows of the logits (`< 2^31 − 1`).
     pub rows: i64,
+    /// Columns of the logits.
     pub vocab: i64,
+    /// The label of rows that are not read.
     pub ignore_index: i32,
     /// Power of two in `1..=TOKEN_THREADS`; see [`token_rows_per_block`].
     pub rows_per_block: i32,
@@ -37,13 +40,17 @@ pub struct HaloTokenParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct HaloSeqParams {
+    /// Number of sequences (one block each).
     pub batch: i64,
     /// Rows per sequence (padded layout only).
     pub seq: i64,
+    /// The label of rows that are not counted.
     pub ignore_index: i32,
     /// Non-zero: clamp each token's log-ratio to `[clamp_min, clamp_max]`.
     pub use_clamp: i32,
+    /// Lower clamp of a token's log-ratio.
     pub clamp_min: f32,
+    /// Upper clamp of a token's log-ratio.
     pub clamp_max: f32,
 }
 
@@ -51,8 +58,11 @@ pub struct HaloSeqParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct HaloClampParams {
+    /// Number of tokens.
     pub n: i64,
+    /// A token's gradient is zeroed where its log-ratio is below this…
     pub clamp_min: f32,
+    /// …or above this.
     pub clamp_max: f32,
 }
 
@@ -71,58 +81,96 @@ pub const KL_ZERO: i32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct HaloKtoParams {
+    /// Examples in the batch (≥ 1).
     pub batch: i32,
+    /// KL pairs given (read when `kl_mode` is [`KL_FROM_PAIRS`]).
     pub kl_count: i32,
+    /// [`KTO_LOSS_KTO`] or [`KTO_LOSS_APO_ZERO_UNPAIRED`].
     pub loss_type: i32,
+    /// [`KL_FROM_PAIRS`], [`KL_FROM_SUM`] or [`KL_ZERO`].
     pub kl_mode: i32,
+    /// β.
     pub beta: f32,
+    /// λ_D.
     pub desirable_weight: f32,
+    /// λ_U.
     pub undesirable_weight: f32,
+    /// Σ of the KL log-ratios (read with [`KL_FROM_SUM`]).
     pub kl_sum: f32,
+    /// Their count (read with [`KL_FROM_SUM`], > 0).
     pub kl_total: f32,
+    /// Padding to a multiple of 8 bytes (0).
     pub _pad: i32,
 }
 
 /// Slots of the KTO kernel's `out` array.
 pub mod kto_out {
+    /// Mean loss.
     pub const LOSS: usize = 0;
+    /// The reference point used.
     pub const Z0: usize = 1;
+    /// Σ of the KL pairs' log-ratios (pairs mode; else `kl_sum`), before the clamp at 0.
     pub const KL_SUM: usize = 2;
+    /// Number of KL pairs reduced (pairs mode; else `kl_total`).
     pub const KL_COUNT: usize = 3;
+    /// Σ of the desirable examples' rewards.
     pub const CHOSEN_REWARD_SUM: usize = 4;
+    /// Σ of the undesirable examples' rewards.
     pub const REJECTED_REWARD_SUM: usize = 5;
+    /// Number of desirable examples.
     pub const CHOSEN_COUNT: usize = 6;
+    /// Number of undesirable examples.
     pub const REJECTED_COUNT: usize = 7;
+    /// Σ of the desirable examples' policy log-probs.
     pub const CHOSEN_LOGP_SUM: usize = 8;
+    /// Σ of the undesirable examples' policy log-probs.
     pub const REJECTED_LOGP_SUM: usize = 9;
+    /// Length of the array (two slots reserved).
     pub const LEN: usize = 12;
 }
 
+/// DPO loss type `sigmoid` (cDPO with label smoothing).
 pub const DPO_LOSS_SIGMOID: i32 = 0;
+/// DPO loss type `robust`.
 pub const DPO_LOSS_ROBUST: i32 = 1;
+/// DPO loss type `hinge` (SLiC).
 pub const DPO_LOSS_HINGE: i32 = 2;
+/// DPO loss type `ipo` (length-normalised log-probs).
 pub const DPO_LOSS_IPO: i32 = 3;
+/// DPO loss type `apo_zero`.
 pub const DPO_LOSS_APO_ZERO: i32 = 4;
 
 /// Parameters of `dpo_loss_f32`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct HaloDpoParams {
+    /// Pairs in the batch (≥ 1).
     pub pairs: i32,
+    /// One of the `DPO_LOSS_*` codes.
     pub loss_type: i32,
+    /// β.
     pub beta: f32,
+    /// ε (sigmoid, robust).
     pub label_smoothing: f32,
 }
 
 /// Slots of the DPO kernel's `out` array.
 pub mod dpo_out {
+    /// Mean loss.
     pub const LOSS: usize = 0;
+    /// Σ of the chosen rewards.
     pub const CHOSEN_REWARD_SUM: usize = 1;
+    /// Σ of the rejected rewards.
     pub const REJECTED_REWARD_SUM: usize = 2;
+    /// Pairs whose chosen reward is strictly above the rejected one.
     pub const ACCURACY_COUNT: usize = 3;
+    /// Σ of the reward margins.
     pub const MARGIN_SUM: usize = 4;
+    /// Σ of the chosen policy log-probs (per token for IPO).
     pub const CHOSEN_LOGP_SUM: usize = 5;
+    /// Σ of the rejected policy log-probs (per token for IPO).
     pub const REJECTED_LOGP_SUM: usize = 6;
+    /// Length of the array (one slot reserved).
     pub const LEN: usize = 8;
 }
 

@@ -6,11 +6,13 @@
 //! Data path (each arrow is one op, same name on CPU and GPU):
 //! logits + labels → [`cpu::token_logprobs()`] → per-token log-probs →
 //! [`cpu::sequence_sums()`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
-//! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward`] → ∂L/∂logits.
+//! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward()`] → ∂L/∂logits.
 //!
 //! The same ops run on a GPU through [`cuda::CudaBackend`] (or, with the `emulation` feature, on
 //! the emulated CUDA device: [`cuda::CudaBackend::emulated`]). The autograd, the model and the
 //! training example live in the `halo-train` crate of this workspace.
+
+#![warn(missing_docs)]
 
 pub mod cpu;
 pub mod cuda;
@@ -20,6 +22,7 @@ pub mod error;
 pub mod kernel_abi;
 mod kernel_host;
 pub mod losses;
+pub mod step;
 mod validate;
 
 pub use dtype::{DType, LogitElement};

@@ -3,10 +3,9 @@
 //! reference's per-token log-probs, binary feedback, and KL pairs; out come the KTO loss, TRL's
 //! metrics and ∂L/∂logits, on the CPU. The same calls exist on the GPU (`halo_kernels::cuda`).
 
-use halo_kernels::cpu::{
-    broadcast_sequence_grad, sequence_sums, token_logprobs, token_logprobs_backward, SequenceLayout,
-};
-use halo_kernels::losses::{kto_loss, KlInput, KtoBatch, KtoConfig, KtoOutput};
+use halo_kernels::cpu::{sequence_sums, SequenceLayout};
+use halo_kernels::losses::{KlInput, KtoConfig, KtoOutput};
+use halo_kernels::step::{kto_step, KtoStepInputs, Logits};
 use halo_kernels::{Result, IGNORE_INDEX};
 
 const BATCH: usize = 4;
@@ -57,19 +56,24 @@ fn inputs() -> Inputs {
     }
 }
 
-/// The KTO loss and ∂L/∂logits for `logits` (the other inputs fixed).
-fn kto_step(x: &Inputs, logits: &[f32]) -> Result<(KtoOutput, Vec<f32>)> {
+/// The KTO loss and ∂L/∂logits for `logits` (the other inputs fixed): one call of the core.
+fn kto_step_of(x: &Inputs, logits: &[f32]) -> Result<(KtoOutput, Vec<f32>)> {
     let layout = SequenceLayout::Padded {
         batch: BATCH,
         seq: SEQ,
     };
-    let tokens = token_logprobs(logits, &x.labels, VOCAB, IGNORE_INDEX)?;
-    let policy = sequence_sums(&tokens.logp, &x.labels, IGNORE_INDEX, layout)?;
+    // The reference's per-token log-probs, summed per sequence (no gradient).
     let reference = sequence_sums(&x.reference_logp, &x.labels, IGNORE_INDEX, layout)?;
-    let out = kto_loss(
+    let step = kto_step(
         &KtoConfig::default(),
-        &KtoBatch {
-            policy_logps: &policy.sums,
+        &Logits {
+            logits,
+            labels: &x.labels,
+            vocab: VOCAB,
+            ignore_index: IGNORE_INDEX,
+            layout,
+        },
+        &KtoStepInputs {
             reference_logps: &reference.sums,
             is_desirable: &x.desirable,
             kl: Some(KlInput::LogProbs {
@@ -78,24 +82,12 @@ fn kto_step(x: &Inputs, logits: &[f32]) -> Result<(KtoOutput, Vec<f32>)> {
             }),
         },
     )?;
-    let token_grad =
-        broadcast_sequence_grad(&out.grad_policy_logps, &x.labels, IGNORE_INDEX, layout)?;
-    let mut grad_logits = vec![0.0f32; logits.len()];
-    token_logprobs_backward(
-        logits,
-        &x.labels,
-        &tokens.lse,
-        &token_grad,
-        VOCAB,
-        IGNORE_INDEX,
-        &mut grad_logits,
-    )?;
-    Ok((out, grad_logits))
+    Ok((step.loss, step.grad_logits))
 }
 
 fn main() -> Result<()> {
     let x = inputs();
-    let (out, grad) = kto_step(&x, &x.logits)?;
+    let (out, grad) = kto_step_of(&x, &x.logits)?;
     let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
     println!(
         "kto loss {:.6}  z0 {:.4}  |dL/dlogits| {norm:.3e}",
@@ -117,7 +109,7 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let x = inputs();
-        let (_, grad) = kto_step(&x, &x.logits).unwrap();
+        let (_, grad) = kto_step_of(&x, &x.logits).unwrap();
         let h = 1e-2f32;
         for i in [
             2 * VOCAB + 7,
@@ -130,8 +122,8 @@ mod tests {
             let mut minus = x.logits.clone();
             plus[i] += h;
             minus[i] -= h;
-            let lp = kto_step(&x, &plus).unwrap().0.loss;
-            let lm = kto_step(&x, &minus).unwrap().0.loss;
+            let lp = kto_step_of(&x, &plus).unwrap().0.loss;
+            let lm = kto_step_of(&x, &minus).unwrap().0.loss;
             let fd = (lp - lm) / (2.0 * h as f64);
             assert!(
                 (fd - grad[i] as f64).abs() <= 1e-4 * (1.0 + fd.abs()) + 2e-6,

@@ -5,6 +5,8 @@
 //! pipeline behind the `train_kto` example (pretrain → SFT → KTO / DPO on an arithmetic task with
 //! an exact judge). The losses and the log-prob ops are the core's; nothing here copies their math.
 
+#![warn(missing_docs)]
+
 pub mod autograd;
 pub mod model;
 pub mod train;

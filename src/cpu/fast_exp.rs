@@ -12,6 +12,8 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 // The polynomial coefficients are Cephes' `expf` ones as published; keep their digits.
+/// `e^x` in f32 without libm (Cephes' range reduction and polynomial, ~1 ulp), clamped to
+/// `[-87, 88]` so that it never overflows or returns a denormal; vectorizes in the ops' loops.
 #[allow(clippy::excessive_precision)]
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {

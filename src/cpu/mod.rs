@@ -2,6 +2,21 @@
 //! Rows run in parallel with rayon; inner loops work on fixed 8-wide lanes so LLVM vectorizes them.
 //! The hot row loops also have an AVX2 build chosen at run time (`has_avx2`); results are
 //! bitwise identical either way.
+//!
+//! ```
+//! use halo_kernels::cpu::{sequence_sums, token_logprobs, SequenceLayout};
+//! use halo_kernels::IGNORE_INDEX;
+//!
+//! // 2 rows over a vocabulary of 3; the first row is prompt (ignored, never read).
+//! let logits = [f32::NAN, 0.0, 0.0, 1.0, 2.0, 3.0];
+//! let labels = [IGNORE_INDEX, 2];
+//! let out = token_logprobs(&logits, &labels, 3, IGNORE_INDEX)?;
+//! let lse = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
+//! assert!((out.logp[1] - (3.0 - lse)).abs() < 1e-6 && out.logp[0] == 0.0);
+//! let sums = sequence_sums(&out.logp, &labels, IGNORE_INDEX, SequenceLayout::Padded { batch: 1, seq: 2 })?;
+//! assert_eq!(sums.counts, [1]);
+//! # Ok::<(), halo_kernels::HaloError>(())
+//! ```
 
 pub mod fast_exp;
 pub mod sequence_sums;

@@ -13,9 +13,17 @@ use crate::validate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SequenceLayout<'a> {
     /// `batch` sequences of exactly `seq` rows each, back to back.
-    Padded { batch: usize, seq: usize },
+    Padded {
+        /// Number of sequences.
+        batch: usize,
+        /// Rows per sequence (prompt and padding rows carry the ignore index).
+        seq: usize,
+    },
     /// Sequence `i` is rows `cu_seqlens[i]..cu_seqlens[i + 1]` (FlashAttention's varlen convention).
-    Packed { cu_seqlens: &'a [u32] },
+    Packed {
+        /// `batch + 1` non-decreasing row offsets, starting at 0 and ending at the row count.
+        cu_seqlens: &'a [u32],
+    },
 }
 
 impl SequenceLayout<'_> {
@@ -91,7 +99,9 @@ impl SequenceLayout<'_> {
 /// Per-sequence sums and token counts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequenceSums {
+    /// Sum over each sequence's counted tokens (0 for a sequence without any).
     pub sums: Vec<f32>,
+    /// Number of counted tokens (labels other than the ignore index) per sequence.
     pub counts: Vec<u32>,
 }
 
@@ -99,7 +109,9 @@ pub struct SequenceSums {
 /// `logp_policy − logp_ref` is clamped to `[min, max]` before summing. Default `[-1, 1.5]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LogRatioClamp {
+    /// Lower bound of each token's log-ratio (finite, ≤ `max`).
     pub min: f32,
+    /// Upper bound of each token's log-ratio (finite).
     pub max: f32,
 }
 

@@ -1,4 +1,4 @@
-//! Backward of [`token_logprobs`](super::token_logprobs): with `p = softmax(z)` recomputed from
+//! Backward of [`token_logprobs`](super::token_logprobs()): with `p = softmax(z)` recomputed from
 //! the saved logsumexp, `∂L/∂z[v] = g · (1[v = y] − p[v])`. Ignored rows get a zero gradient.
 //!
 //! The in-place form overwrites the logits, which are dead after the backward in a training

@@ -112,6 +112,7 @@ impl CudaBackend {
         })
     }
 
+    /// The CUDA context the kernels are loaded in (to allocate, create streams or events).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

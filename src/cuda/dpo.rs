@@ -20,9 +20,13 @@ use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput}
 /// one entry per pair.
 #[derive(Debug)]
 pub struct CudaPairBatch<'a> {
+    /// Summed policy log-probs of the chosen completions.
     pub policy_chosen_logps: CudaView<'a, f32>,
+    /// Summed policy log-probs of the rejected completions.
     pub policy_rejected_logps: CudaView<'a, f32>,
+    /// Summed reference log-probs of the chosen completions.
     pub reference_chosen_logps: CudaView<'a, f32>,
+    /// Summed reference log-probs of the rejected completions.
     pub reference_rejected_logps: CudaView<'a, f32>,
     /// Token counts of the chosen completions; required by IPO.
     pub chosen_counts: Option<CudaView<'a, u32>>,
@@ -33,7 +37,9 @@ pub struct CudaPairBatch<'a> {
 /// The device gradients of a pair loss w.r.t. the summed policy log-probs.
 #[derive(Debug)]
 pub struct CudaPairGrads {
+    /// `∂loss/∂policy_chosen_logps[i]`.
     pub grad_chosen: CudaSlice<f32>,
+    /// `∂loss/∂policy_rejected_logps[i]`.
     pub grad_rejected: CudaSlice<f32>,
 }
 

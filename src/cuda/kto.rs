@@ -28,11 +28,26 @@ pub enum CudaKlInput<'a> {
     /// This batch's KL pairs (summed policy / reference log-probs of mismatched completions),
     /// reduced in the kernel.
     LogProbs {
+        /// Summed policy log-probs of the KL pairs.
         policy: CudaView<'a, f32>,
+        /// Summed reference log-probs of the KL pairs.
         reference: CudaView<'a, f32>,
     },
     /// An (e.g. all-reduced) partial; `z0 = max(0, sum / count)` is formed on the host in f64.
     Partial(ReferencePointPartial),
+}
+
+impl CudaKlInput<'_> {
+    /// The same input, borrowed again (views are not `Clone`).
+    pub fn reborrow(&self) -> CudaKlInput<'_> {
+        match self {
+            CudaKlInput::LogProbs { policy, reference } => CudaKlInput::LogProbs {
+                policy: policy.slice(..),
+                reference: reference.slice(..),
+            },
+            CudaKlInput::Partial(p) => CudaKlInput::Partial(*p),
+        }
+    }
 }
 
 /// One KTO batch on the device (device twin of [`KtoBatch`]).

@@ -10,6 +10,21 @@
 //! Without a GPU (or without nvcc at build time) [`CudaBackend::new`] returns
 //! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
 //!
+//! ```
+//! use halo_kernels::cuda::CudaBackend;
+//! use halo_kernels::IGNORE_INDEX;
+//!
+//! // A GPU if there is one, else the emulated device (feature `emulation`), else nothing to do.
+//! let Ok(gpu) = CudaBackend::new().or_else(|_| CudaBackend::emulated()) else { return Ok(()) };
+//! let logits = gpu.htod(&[0.0f32, 1.0, 2.0, 3.0, 0.5, 0.25])?; // 2 rows × vocab 3
+//! let labels = gpu.htod(&[2i32, IGNORE_INDEX])?;
+//! let out = gpu.token_logprobs(&logits, &labels, 3, IGNORE_INDEX)?;
+//! let logp = gpu.dtoh(&out.logp)?;
+//! let lse = (1f32 + 1f32.exp() + 2f32.exp()).ln();
+//! assert!((logp[0] - (2.0 - lse)).abs() < 1e-5 && logp[1] == 0.0);
+//! # Ok::<(), halo_kernels::HaloError>(())
+//! ```
+//!
 //! # Building the kernels
 //! `build/ptx.rs` compiles `kernels/*.cu` with nvcc when it finds one (`HALO_NVCC`, `$CUDA_HOME`,
 //! `PATH`, or the project-local install of `scripts/install_nvcc.sh`, which needs no GPU);
@@ -32,6 +47,7 @@ mod naive_baseline;
 pub mod ptx;
 mod sequence_sums;
 mod status;
+mod step;
 mod token_logprobs;
 mod token_logprobs_backward;
 
@@ -41,6 +57,7 @@ pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
 pub use sequence_sums::CudaSequenceSums;
 pub use status::{KernelStatus, StatusWord};
+pub use step::{CudaKtoStepInputs, CudaLogits, CudaPairReference, CudaStep};
 pub use token_logprobs::CudaTokenLogprobs;
 
 /// Re-exported so callers name device buffers without depending on cudarc directly.

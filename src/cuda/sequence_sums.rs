@@ -25,7 +25,9 @@ use crate::validate::{check_finite, check_humanline_args, check_logratio_args};
 /// Output of the sequence sums on the device: one entry per sequence.
 #[derive(Debug)]
 pub struct CudaSequenceSums {
+    /// Sum over each sequence's counted tokens.
     pub sums: CudaSlice<f32>,
+    /// Counted tokens per sequence.
     pub counts: CudaSlice<u32>,
 }
 
@@ -52,7 +54,7 @@ impl SeqLaunch {
 
 impl CudaBackend {
     /// Masked per-sequence sums of `token_values` and token counts, like
-    /// [`crate::cpu::sequence_sums`], with its errors (see the module docs). Waits for the kernel.
+    /// [`crate::cpu::sequence_sums()`], with its errors (see the module docs). Waits for the kernel.
     pub fn sequence_sums(
         &self,
         token_values: &impl DevicePtr<f32>,

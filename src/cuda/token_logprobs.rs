@@ -22,7 +22,7 @@ pub struct CudaTokenLogprobs {
 
 impl CudaBackend {
     /// Per-token log-probs of `labels` under `logits` (`[rows, vocab]`, row-major), like
-    /// [`crate::cpu::token_logprobs`], with the same errors: length mismatch, `vocab == 0`,
+    /// [`crate::cpu::token_logprobs()`], with the same errors: length mismatch, `vocab == 0`,
     /// a label outside `0..vocab` that is not `ignore_index` (`LabelOutOfRange`, first such row),
     /// NaN/±inf in a non-ignored row (`NonFinite { what: "logits" }`, first such row).
     pub fn token_logprobs<T: CudaLogit>(

@@ -16,7 +16,7 @@ use crate::validate::{check_backward_inputs, check_grad_logits};
 
 impl CudaBackend {
     /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), like
-    /// [`crate::cpu::token_logprobs_backward`], with the same errors (first bad label, then
+    /// [`crate::cpu::token_logprobs_backward()`], with the same errors (first bad label, then
     /// first non-finite `lse`, then first non-finite `grad_logp`). Waits for the kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn token_logprobs_backward<T: CudaLogit>(

@@ -59,6 +59,7 @@ pub struct DpoConfig {
     pub beta: f64,
     /// ε: `[0, 1]` for `Sigmoid`, `[0, 0.5)` for `Robust`, ignored otherwise.
     pub label_smoothing: f64,
+    /// Which member of the family (TRL's `loss_type`).
     pub loss_type: DpoLossType,
 }
 

@@ -46,6 +46,7 @@ pub struct KtoConfig {
     pub desirable_weight: f64,
     /// λ_U ≥ 0, finite (weight of undesirable examples).
     pub undesirable_weight: f64,
+    /// `kto` (with the reference point) or `apo_zero_unpaired`.
     pub loss_type: KtoLossType,
 }
 
@@ -74,7 +75,9 @@ impl KtoConfig {
 pub enum KlInput<'a> {
     /// This batch's KL pairs: summed policy and reference log-probs of the mismatched completions.
     LogProbs {
+        /// Summed policy log-probs of the KL pairs.
         policy: &'a [f32],
+        /// Summed reference log-probs of the KL pairs.
         reference: &'a [f32],
     },
     /// An (e.g. all-reduced across devices) partial; `z0 = max(0, sum / count)`.
@@ -105,6 +108,7 @@ pub struct KtoOutput {
     pub grad_policy_logps: Vec<f32>,
     /// The reference point used (0 for `ApoZeroUnpaired`).
     pub z0: f64,
+    /// TRL's logged metrics of the batch.
     pub metrics: LossMetrics,
 }
 

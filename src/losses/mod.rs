@@ -2,7 +2,7 @@
 //! (sigmoid/cDPO, robust, hinge, IPO, APO-zero), SimPO and ORPO.
 //!
 //! Every loss takes per-sequence policy (and, where used, reference) log-probs summed over each
-//! completion's tokens (f32, as [`crate::cpu::sequence_sums`] produces them; token counts `u32`
+//! completion's tokens (f32, as [`crate::cpu::sequence_sums()`] produces them; token counts `u32`
 //! where a loss length-normalises) and returns, in one call:
 //! - `loss`: the mean batch loss, **f64**;
 //! - the gradient of `loss` w.r.t. each SUMMED policy log-prob, **f32** (feed it to
@@ -41,7 +41,7 @@
 //! # Ok::<(), halo_kernels::HaloError>(())
 //! ```
 //!
-//! [`reference`] holds plain f64 transcriptions of every formula for tests.
+//! [`reference`](mod@reference) holds plain f64 transcriptions of every formula for tests.
 
 pub mod dpo;
 pub mod kto;

@@ -6,9 +6,13 @@ use super::metrics::LossMetrics;
 /// entry per pair; log-probs are summed over each completion's tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairBatch<'a> {
+    /// Summed policy log-probs of the chosen completions.
     pub policy_chosen_logps: &'a [f32],
+    /// Summed policy log-probs of the rejected completions.
     pub policy_rejected_logps: &'a [f32],
+    /// Summed reference log-probs of the chosen completions.
     pub reference_chosen_logps: &'a [f32],
+    /// Summed reference log-probs of the rejected completions.
     pub reference_rejected_logps: &'a [f32],
     /// Token counts of the chosen completions; required by length-normalised losses (IPO).
     pub chosen_counts: Option<&'a [u32]>,
@@ -20,9 +24,13 @@ pub struct PairBatch<'a> {
 /// log-probs and token counts (both losses length-normalise, so counts are required, ≥ 1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReferenceFreePairBatch<'a> {
+    /// Summed policy log-probs of the chosen completions.
     pub policy_chosen_logps: &'a [f32],
+    /// Summed policy log-probs of the rejected completions.
     pub policy_rejected_logps: &'a [f32],
+    /// Token counts of the chosen completions (≥ 1).
     pub chosen_counts: &'a [u32],
+    /// Token counts of the rejected completions (≥ 1).
     pub rejected_counts: &'a [u32],
 }
 
@@ -36,5 +44,6 @@ pub struct PairLossOutput {
     pub grad_chosen: Vec<f32>,
     /// `∂loss/∂policy_rejected_logps[i]`, likewise.
     pub grad_rejected: Vec<f32>,
+    /// TRL's logged metrics of the batch.
     pub metrics: LossMetrics,
 }

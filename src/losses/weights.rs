@@ -15,7 +15,9 @@ pub const KTO_WEIGHT_RATIO_TOLERANCE: f64 = 1e-9;
 /// A pair of KTO class weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KtoWeights {
+    /// λ_D.
     pub desirable_weight: f64,
+    /// λ_U.
     pub undesirable_weight: f64,
 }
 
@@ -23,11 +25,20 @@ pub struct KtoWeights {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KtoWeightCheck {
     /// Inside the recommended range (within [`KTO_WEIGHT_RATIO_TOLERANCE`]).
-    InRange { ratio: f64 },
+    InRange {
+        /// `λ_D n_D / (λ_U n_U)`.
+        ratio: f64,
+    },
     /// Below 1: desirable examples are under-weighted.
-    TooLow { ratio: f64 },
+    TooLow {
+        /// `λ_D n_D / (λ_U n_U)`.
+        ratio: f64,
+    },
     /// Above 4/3: desirable examples are over-weighted.
-    TooHigh { ratio: f64 },
+    TooHigh {
+        /// `λ_D n_D / (λ_U n_U)`.
+        ratio: f64,
+    },
 }
 
 impl KtoWeightCheck {

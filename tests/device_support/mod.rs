@@ -12,10 +12,14 @@
 use std::sync::OnceLock;
 
 use halo_kernels::cpu::{self, LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
-use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoBatch, CudaLogit, CudaPairBatch};
+use halo_kernels::cuda::{
+    CudaBackend, CudaKlInput, CudaKtoBatch, CudaKtoStepInputs, CudaLogit, CudaLogits,
+    CudaPairBatch, CudaPairReference, CudaStep,
+};
 use halo_kernels::losses::{
     self, DpoConfig, KlInput, KtoBatch, KtoConfig, KtoOutput, PairBatch, PairLossOutput,
 };
+use halo_kernels::step::{self, KtoStepInputs, Logits, LogitsStep, PairReference};
 use halo_kernels::{LogitElement, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -92,6 +96,22 @@ pub trait Device: Sync {
     fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput>;
 
     fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput>;
+
+    /// [`halo_kernels::step::kto_step`]: logits → loss, metrics, ∂L/∂logits.
+    fn kto_step<T: CudaLogit>(
+        &self,
+        config: &KtoConfig,
+        policy: &Logits<'_, T>,
+        inputs: &KtoStepInputs<'_>,
+    ) -> Result<LogitsStep<KtoOutput, T>>;
+
+    /// [`halo_kernels::step::dpo_step`]: logits → loss, metrics, ∂L/∂logits.
+    fn dpo_step<T: CudaLogit>(
+        &self,
+        config: &DpoConfig,
+        policy: &Logits<'_, T>,
+        reference: &PairReference<'_>,
+    ) -> Result<LogitsStep<PairLossOutput, T>>;
 }
 
 /// The CPU ops.
@@ -200,6 +220,24 @@ impl Device for Cpu {
 
     fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
         losses::dpo_loss(config, batch)
+    }
+
+    fn kto_step<T: CudaLogit>(
+        &self,
+        config: &KtoConfig,
+        policy: &Logits<'_, T>,
+        inputs: &KtoStepInputs<'_>,
+    ) -> Result<LogitsStep<KtoOutput, T>> {
+        step::kto_step(config, policy, inputs)
+    }
+
+    fn dpo_step<T: CudaLogit>(
+        &self,
+        config: &DpoConfig,
+        policy: &Logits<'_, T>,
+        reference: &PairReference<'_>,
+    ) -> Result<LogitsStep<PairLossOutput, T>> {
+        step::dpo_step(config, policy, reference)
     }
 }
 
@@ -433,6 +471,93 @@ impl Device for CudaBackend {
             },
         )
     }
+
+    fn kto_step<T: CudaLogit>(
+        &self,
+        config: &KtoConfig,
+        policy: &Logits<'_, T>,
+        inputs: &KtoStepInputs<'_>,
+    ) -> Result<LogitsStep<KtoOutput, T>> {
+        let mut logits = up(self, policy.logits)?;
+        let labels = up(self, policy.labels)?;
+        let reference = up(self, inputs.reference_logps)?;
+        let desirable: Vec<u8> = inputs.is_desirable.iter().map(|&d| d as u8).collect();
+        let desirable = up(self, &desirable)?;
+        let kl_buffers = match inputs.kl {
+            Some(KlInput::LogProbs { policy, reference }) => {
+                Some((up(self, policy)?, up(self, reference)?))
+            }
+            _ => None,
+        };
+        let kl = match (inputs.kl, &kl_buffers) {
+            (Some(KlInput::Partial(p)), _) => Some(CudaKlInput::Partial(p)),
+            (Some(KlInput::LogProbs { .. }), Some((p, r))) => Some(CudaKlInput::LogProbs {
+                policy: p.as_view(),
+                reference: r.as_view(),
+            }),
+            _ => None,
+        };
+        let out = CudaBackend::kto_step(
+            self,
+            config,
+            CudaLogits {
+                logits: &mut logits,
+                labels: &labels,
+                vocab: policy.vocab,
+                ignore_index: policy.ignore_index,
+                layout: policy.layout,
+            },
+            &CudaKtoStepInputs {
+                reference_logps: reference.as_view(),
+                is_desirable: desirable.as_view(),
+                kl,
+            },
+        )?;
+        download_step(self, out, &logits)
+    }
+
+    fn dpo_step<T: CudaLogit>(
+        &self,
+        config: &DpoConfig,
+        policy: &Logits<'_, T>,
+        reference: &PairReference<'_>,
+    ) -> Result<LogitsStep<PairLossOutput, T>> {
+        let mut logits = up(self, policy.logits)?;
+        let labels = up(self, policy.labels)?;
+        let chosen = up(self, reference.chosen_logps)?;
+        let rejected = up(self, reference.rejected_logps)?;
+        let out = CudaBackend::dpo_step(
+            self,
+            config,
+            CudaLogits {
+                logits: &mut logits,
+                labels: &labels,
+                vocab: policy.vocab,
+                ignore_index: policy.ignore_index,
+                layout: policy.layout,
+            },
+            &CudaPairReference {
+                chosen_logps: chosen.as_view(),
+                rejected_logps: rejected.as_view(),
+            },
+        )?;
+        download_step(self, out, &logits)
+    }
+}
+
+/// A device step's outputs on the host (the gradient is in the logits' buffer).
+fn download_step<L, T: CudaLogit>(
+    d: &CudaBackend,
+    out: CudaStep<L>,
+    grad_logits: &halo_kernels::cuda::CudaSlice<T>,
+) -> Result<LogitsStep<L, T>> {
+    Ok(LogitsStep {
+        policy_logps: d.dtoh(&out.policy_logps)?,
+        token_counts: d.dtoh(&out.token_counts)?,
+        token_logps: d.dtoh(&out.token_logps)?,
+        grad_logits: d.dtoh(grad_logits)?,
+        loss: out.loss,
+    })
 }
 
 /// `device_tests!(body_a, body_b, …)`: for each generic `fn body<D: Device>(d: &D)`, a module

@@ -152,6 +152,7 @@ impl Tape {
         self.nodes.len()
     }
 
+    /// Whether no node has been recorded yet.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
@@ -507,6 +508,7 @@ impl Gradients {
         self.grads.get(param).and_then(|g| g.as_deref())
     }
 
+    /// Mutable access to the gradient of parameter `param`, or `None` when it is absent.
     pub fn get_mut(&mut self, param: usize) -> Option<&mut [f32]> {
         self.grads.get_mut(param).and_then(|g| g.as_deref_mut())
     }

@@ -1,12 +1,26 @@
-//! Safetensors checkpoints in Hugging Face GPT-2 naming.
+//! Safetensors checkpoints in Hugging Face GPT-2 naming, and `save_pretrained` directories.
 //!
 //! Saved names carry the `transformer.` prefix (as `GPT2LMHeadModel.state_dict()`; `lm_head.weight`
 //! is omitted because it is tied to `wte`). On load, names without the prefix (Hugging Face's own
 //! `gpt2/model.safetensors`) are accepted too, and GPT-2's non-parameter buffers (`attn.bias`,
 //! `attn.masked_bias`) and `lm_head.weight` are ignored; any other tensor without a slot in the
-//! model (a deeper model's `h.5.*`, say) is refused as a config mismatch. The config is stored as JSON under the
-//! metadata key [`CONFIG_KEY`]; a file without it (a Hugging Face checkpoint) gets its config
-//! from the tensor shapes, with GPT-2's head size of 64.
+//! model (a deeper model's `h.5.*`, say) is refused as a config mismatch.
+//!
+//! Where the config comes from, in order:
+//! 1. a Hugging Face `config.json` ([`HF_CONFIG_FILE`]): the one in a directory passed to
+//!    [`Gpt::load_pretrained`] / [`Gpt::load_safetensors`], or the one beside a `.safetensors`
+//!    file passed to [`Gpt::load_safetensors`]. It is read by [`GptConfig::from_hf_config`], which
+//!    refuses what the model does not implement; its sizes must then agree with the tensors (the
+//!    error names the key, its value and the tensor's shape), and a file that also carries our
+//!    metadata must carry the same config;
+//! 2. our metadata key [`CONFIG_KEY`] (the config as JSON), which [`Gpt::save_safetensors`]
+//!    always writes;
+//! 3. neither (a bare Hugging Face weights file): inferred from the tensor shapes, with GPT-2's
+//!    head size of 64 ([`GPT2_HEAD_DIM`]).
+//!
+//! [`Gpt::save_pretrained`] writes a directory `transformers` loads with
+//! `GPT2LMHeadModel.from_pretrained`: [`HF_WEIGHTS_FILE`] plus a `config.json` from
+//! [`GptConfig::to_hf_config`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,10 +36,15 @@ use halo_kernels::error::{HaloError, Result};
 pub const CONFIG_KEY: &str = "halo_gpt_config";
 /// Head size assumed when a checkpoint carries no config (every GPT-2 size uses 64).
 pub const GPT2_HEAD_DIM: usize = 64;
+/// The Hugging Face config file of a `save_pretrained` directory.
+pub const HF_CONFIG_FILE: &str = "config.json";
+/// The weights file of a `save_pretrained` directory (unsharded safetensors).
+pub const HF_WEIGHTS_FILE: &str = "model.safetensors";
 
 /// The element type written to disk. Loading accepts f32, bf16 and f16 whatever this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DTypeOnDisk {
+    /// Exact: reloaded logits are bitwise equal.
     F32,
     /// Half the size; values round to nearest-even bf16, so reloaded logits are close, not equal.
     BF16,
@@ -36,7 +55,8 @@ fn ckpt_err(msg: String) -> HaloError {
 }
 
 impl Gpt {
-    /// Writes every parameter (and the config, as metadata) to `path`.
+    /// Writes every parameter (and the config, as metadata under [`CONFIG_KEY`]) to the single
+    /// file `path`; no `config.json` is written (see [`Gpt::save_pretrained`] for that).
     pub fn save_safetensors(&self, path: impl AsRef<Path>, dtype: DTypeOnDisk) -> Result<()> {
         let path = path.as_ref();
         let bytes: Vec<Vec<u8>> = self
@@ -75,10 +95,67 @@ impl Gpt {
             .map_err(|e| ckpt_err(format!("cannot write {}: {e}", path.display())))
     }
 
-    /// Loads a checkpoint, taking the config from its metadata (or, without one, inferring it
-    /// from the tensor shapes: see the module docs).
+    /// Writes a Hugging Face model directory `dir` (created if missing):
+    /// [`HF_WEIGHTS_FILE`] (as [`save_safetensors`](Gpt::save_safetensors), our metadata included)
+    /// and [`HF_CONFIG_FILE`] ([`GptConfig::to_hf_config`]), which `transformers` loads with
+    /// `GPT2LMHeadModel.from_pretrained(dir)` and [`Gpt::load_pretrained`] reads back.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>, dtype: DTypeOnDisk) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ckpt_err(format!("cannot create {}: {e}", dir.display())))?;
+        self.save_safetensors(dir.join(HF_WEIGHTS_FILE), dtype)?;
+        let config_path = dir.join(HF_CONFIG_FILE);
+        let mut json = serde_json::to_string_pretty(&self.config().to_hf_config())
+            .map_err(|e| ckpt_err(format!("cannot encode the config: {e}")))?;
+        json.push('\n');
+        std::fs::write(&config_path, json)
+            .map_err(|e| ckpt_err(format!("cannot write {}: {e}", config_path.display())))
+    }
+
+    /// Loads a Hugging Face model directory (`save_pretrained`'s [`HF_CONFIG_FILE`] and
+    /// [`HF_WEIGHTS_FILE`]), taking the config from `config.json` (see the module docs).
+    /// Sharded (`model.safetensors.index.json`) and PyTorch-pickle directories are refused.
+    pub fn load_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(ckpt_err(format!("{} is not a directory", dir.display())));
+        }
+        let config_path = dir.join(HF_CONFIG_FILE);
+        if !config_path.is_file() {
+            return Err(ckpt_err(format!(
+                "{} has no {HF_CONFIG_FILE} (a save_pretrained directory holds {HF_CONFIG_FILE} and \
+                 {HF_WEIGHTS_FILE})",
+                dir.display()
+            )));
+        }
+        let weights = dir.join(HF_WEIGHTS_FILE);
+        if !weights.is_file() {
+            let why = if dir.join("model.safetensors.index.json").is_file() {
+                "sharded checkpoints (model.safetensors.index.json) are not supported"
+            } else if dir.join("pytorch_model.bin").is_file() {
+                "only safetensors weights are supported, not pytorch_model.bin"
+            } else {
+                "it is missing"
+            };
+            return Err(ckpt_err(format!(
+                "cannot load {}: {why}",
+                weights.display()
+            )));
+        }
+        load_with_hf_config(&weights, &config_path)
+    }
+
+    /// Loads a checkpoint: a directory goes to [`Gpt::load_pretrained`]; a file takes its config
+    /// from a `config.json` beside it if there is one, else from its metadata, else from the
+    /// tensor shapes (see the module docs).
     pub fn load_safetensors(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        if path.is_dir() {
+            return Self::load_pretrained(path);
+        }
+        if let Some(config_path) = config_beside(path) {
+            return load_with_hf_config(path, &config_path);
+        }
         let buffer = read(path)?;
         let st = parse(&buffer, path)?;
         let config = match stored_config(&buffer, path)? {
@@ -90,8 +167,17 @@ impl Gpt {
 
     /// Loads a checkpoint for a model with `config`. Refuses a file whose stored config differs,
     /// a missing tensor, or a tensor of the wrong shape (the error names the tensor and both shapes).
+    /// A directory means its [`HF_WEIGHTS_FILE`]; no `config.json` is read (the caller vouches
+    /// for `config`).
     pub fn load_safetensors_with_config(path: impl AsRef<Path>, config: GptConfig) -> Result<Self> {
         let path = path.as_ref();
+        let joined;
+        let path = if path.is_dir() {
+            joined = path.join(HF_WEIGHTS_FILE);
+            joined.as_path()
+        } else {
+            path
+        };
         let buffer = read(path)?;
         let st = parse(&buffer, path)?;
         if let Some(stored) = stored_config(&buffer, path)? {
@@ -104,6 +190,86 @@ impl Gpt {
         }
         load_into(&st, config)
     }
+}
+
+/// The `config.json` in the directory of the file `path`, if there is one.
+fn config_beside(path: &Path) -> Option<std::path::PathBuf> {
+    let dir = path.parent()?;
+    let config_path = dir.join(HF_CONFIG_FILE);
+    config_path.is_file().then_some(config_path)
+}
+
+/// Loads `weights` with the config from the Hugging Face `config_path`.
+fn load_with_hf_config(weights: &Path, config_path: &Path) -> Result<Gpt> {
+    let source = config_path.display().to_string();
+    let text = std::fs::read_to_string(config_path)
+        .map_err(|e| ckpt_err(format!("cannot read {source}: {e}")))?;
+    let config = GptConfig::from_hf_config_json_in(&text, &source)?;
+    let buffer = read(weights)?;
+    let st = parse(&buffer, weights)?;
+    if let Some(stored) = stored_config(&buffer, weights)? {
+        if stored != config {
+            return Err(ckpt_err(format!(
+                "{} was saved with config {stored:?}, but {source} describes {config:?}",
+                weights.display()
+            )));
+        }
+    }
+    check_sizes(&st, &config, &source)?;
+    load_into(&st, config)
+}
+
+/// The sizes `config.json` states against the tensors: `vocab_size` and `n_embd` against
+/// `wte`, `n_positions` against `wpe`, `n_layer` against the blocks present.
+fn check_sizes(st: &SafeTensors<'_>, config: &GptConfig, source: &str) -> Result<()> {
+    let shape_of = |name: &str| {
+        find(st, name)
+            .map(|t| t.shape().to_vec())
+            .ok_or_else(|| ckpt_err(format!("missing tensor `{name}`")))
+    };
+    let wte = shape_of("transformer.wte.weight")?;
+    let wpe = shape_of("transformer.wpe.weight")?;
+    let checks = [
+        (
+            "vocab_size",
+            config.vocab_size,
+            "transformer.wte.weight",
+            &wte,
+            0,
+        ),
+        ("n_embd", config.n_embd, "transformer.wte.weight", &wte, 1),
+        (
+            "n_positions",
+            config.n_ctx,
+            "transformer.wpe.weight",
+            &wpe,
+            0,
+        ),
+        ("n_embd", config.n_embd, "transformer.wpe.weight", &wpe, 1),
+    ];
+    for (key, value, tensor, shape, axis) in checks {
+        if shape.len() != 2 || shape[axis] != value {
+            let found = shape
+                .get(axis)
+                .filter(|_| shape.len() == 2)
+                .map_or(String::new(), |n| format!(", i.e. {key} {n}"));
+            return Err(ckpt_err(format!(
+                "{source}: {key} = {value} but tensor `{tensor}` has shape {shape:?}{found}"
+            )));
+        }
+    }
+    let blocks = (0..)
+        .take_while(|i| find(st, &format!("transformer.h.{i}.ln_1.weight")).is_some())
+        .count();
+    if blocks != config.n_layer {
+        return Err(ckpt_err(format!(
+            "{source}: n_layer = {} but the safetensors file has {blocks} blocks \
+             (`transformer.h.0.*` .. `transformer.h.{}.*`)",
+            config.n_layer,
+            blocks.saturating_sub(1)
+        )));
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -164,8 +330,9 @@ fn infer_config(st: &SafeTensors<'_>) -> Result<GptConfig> {
         .count();
     if !n_embd.is_multiple_of(GPT2_HEAD_DIM) {
         return Err(ckpt_err(format!(
-            "the file has no `{CONFIG_KEY}` metadata and n_embd = {n_embd} is not a multiple of GPT-2's head size \
-             {GPT2_HEAD_DIM}; use Gpt::load_safetensors_with_config"
+            "the file has no `{CONFIG_KEY}` metadata and no {HF_CONFIG_FILE} beside it, and n_embd = \
+             {n_embd} is not a multiple of GPT-2's head size {GPT2_HEAD_DIM}; put the model's \
+             {HF_CONFIG_FILE} beside it or use Gpt::load_safetensors_with_config"
         )));
     }
     let config = GptConfig {

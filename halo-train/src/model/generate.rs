@@ -17,7 +17,12 @@ pub enum Sampling {
     Greedy,
     /// Sample from `softmax(logits / temperature)` restricted to the `k` most likely tokens
     /// (`k` ≥ vocab means no restriction), like Hugging Face `top_k` + `temperature`.
-    TopK { k: usize, temperature: f32 },
+    TopK {
+        /// Tokens kept (the `k` highest logits); must be at least 1.
+        k: usize,
+        /// Divides the logits before the softmax; must be finite and `> 0` (below 1 sharpens).
+        temperature: f32,
+    },
 }
 
 impl Gpt {

@@ -8,7 +8,8 @@ use crate::autograd::{Tape, Var};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
-/// GPT-2's layer-norm epsilon (`layer_norm_epsilon`).
+/// GPT-2's layer-norm epsilon (`layer_norm_epsilon`); hard-coded, so a `config.json` with
+/// another value is refused ([`GptConfig::from_hf_config`]).
 pub const LAYER_NORM_EPS: f32 = 1e-5;
 /// Standard deviation of the initial weights (`initializer_range`).
 pub const INIT_STD: f32 = 0.02;
@@ -18,7 +19,9 @@ pub const INIT_STD: f32 = 0.02;
 pub struct Parameter {
     /// Hugging Face name, e.g. `transformer.h.0.attn.c_attn.weight`.
     pub name: String,
+    /// Dimensions, row-major (Hugging Face's layout, e.g. Conv1D weights are `[in, out]`).
     pub shape: Vec<usize>,
+    /// The values, `shape.iter().product()` of them.
     pub data: Vec<f32>,
 }
 
@@ -127,6 +130,7 @@ impl Gpt {
         Ok(Self { config, params })
     }
 
+    /// The hyper-parameters the model was built with.
     pub fn config(&self) -> &GptConfig {
         &self.config
     }

@@ -5,12 +5,18 @@ use halo_kernels::error::{HaloError, Result};
 
 use super::gpt::Gpt;
 
-/// AdamW hyper-parameters (PyTorch `torch.optim.AdamW` names and defaults except `weight_decay`).
+/// AdamW hyper-parameters, with the names and defaults of PyTorch's `torch.optim.AdamW`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
+    /// Default learning rate, `1e-3`; [`AdamW::step`] takes the rate of each step as an argument,
+    /// so this is only a record for callers without a schedule.
     pub lr: f32,
+    /// `(β₁, β₂)`, decay rates of the first and second moment estimates; default `(0.9, 0.999)`.
     pub betas: (f32, f32),
+    /// ε added to `√v̂` in the denominator for numerical stability; default `1e-8`.
     pub eps: f32,
+    /// Decoupled weight decay λ (the update multiplies decaying parameters by `1 − lr·λ`);
+    /// default `0.01`, as PyTorch.
     pub weight_decay: f32,
 }
 
@@ -54,6 +60,7 @@ impl AdamW {
         }
     }
 
+    /// The hyper-parameters this optimizer was built with.
     pub fn config(&self) -> &AdamWConfig {
         &self.config
     }
@@ -146,14 +153,20 @@ pub enum Decay {
 /// [`Decay`] until `total_steps`, then `min_lr`. Steps count from 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LrSchedule {
+    /// Learning rate reached at the end of warmup (and kept by [`Decay::Constant`]).
     pub peak_lr: f32,
+    /// Learning rate at `total_steps` and after; unused by [`Decay::Constant`].
     pub min_lr: f32,
+    /// Steps of linear warmup; 0 starts at `peak_lr`.
     pub warmup_steps: usize,
+    /// Step at which the decay reaches `min_lr`, counted from step 0 (warmup included).
     pub total_steps: usize,
+    /// Shape of the fall from `peak_lr` to `min_lr` after warmup.
     pub decay: Decay,
 }
 
 impl LrSchedule {
+    /// Warmup, then half a cosine from `peak_lr` to `min_lr` at `total_steps`.
     pub fn cosine(peak_lr: f32, min_lr: f32, warmup_steps: usize, total_steps: usize) -> Self {
         Self {
             peak_lr,
@@ -164,6 +177,7 @@ impl LrSchedule {
         }
     }
 
+    /// Warmup, then a straight line from `peak_lr` to `min_lr` at `total_steps`.
     pub fn linear(peak_lr: f32, min_lr: f32, warmup_steps: usize, total_steps: usize) -> Self {
         Self {
             peak_lr,
@@ -174,6 +188,7 @@ impl LrSchedule {
         }
     }
 
+    /// `lr` at every step (no warmup, no decay).
     pub fn constant(lr: f32) -> Self {
         Self {
             peak_lr: lr,

@@ -27,7 +27,12 @@ pub enum Verdict {
     /// The canonical decimal sum.
     Correct,
     /// A canonical decimal number, but not the sum.
-    Wrong { expected: u64, got: u64 },
+    Wrong {
+        /// The correct sum `a + b`.
+        expected: u64,
+        /// The number the completion gave.
+        got: u64,
+    },
     /// Not a canonical decimal number (empty, other characters, leading zeros, too long).
     Garbled,
 }
@@ -113,8 +118,13 @@ impl Default for ArithmeticTask {
 pub struct TaskData {
     /// `(prompt, completion)` lines of mixed quality; the LM trains on the whole text.
     pub pretrain: Vec<(String, String)>,
+    /// [`PreferenceRow::Unpaired`] rows of mixed-quality answers, labelled by the [`judge`]; SFT
+    /// trains on the desirable ones.
     pub sft: Vec<PreferenceRow>,
+    /// [`PreferenceRow::Paired`] rows: `chosen` is the correct sum, `rejected` the typical
+    /// mistake (the dropped carry, else a near miss).
     pub preferences: Vec<PreferenceRow>,
+    /// Held-out prompts `"<a>+<b>="`; their operand pairs appear in no other set.
     pub eval_prompts: Vec<String>,
 }
 

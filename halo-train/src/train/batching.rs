@@ -19,9 +19,14 @@ use halo_kernels::IGNORE_INDEX;
 /// `batch` sequences of `seq` tokens each, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBatch {
+    /// Token ids, `[batch, seq]`; rows shorter than `seq` are right-padded with EOS.
     pub input_ids: Vec<u32>,
+    /// Next-token targets, `[batch, seq]`: `targets[t] = input_ids[t + 1]` where the prediction
+    /// counts, [`IGNORE_INDEX`] elsewhere (see the module docs).
     pub targets: Vec<i32>,
+    /// Number of sequences (rows).
     pub batch: usize,
+    /// Tokens per row: the longest sequence of the batch, at most the `max_len` it was built with.
     pub seq: usize,
 }
 
@@ -122,8 +127,12 @@ pub fn kl_partners(batch: usize) -> Result<Vec<usize>> {
 /// A KTO batch: the examples, their mismatched KL pairs, and the labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KtoBatch {
+    /// Each example's own `(prompt, completion)`, completion tokens counted.
     pub examples: TokenBatch,
+    /// Row `i`: example `i`'s prompt with the completion of example [`kl_partners`]`[i]`, for
+    /// KTO's KL reference point; same number of rows as `examples`.
     pub kl_pairs: TokenBatch,
+    /// Label of each row of `examples` (`true`: desirable).
     pub desirable: Vec<bool>,
     /// The reference model's summed log-probs of `examples`, when they were computed once before
     /// training (`--precompute-ref-logps`, TRL's `precompute_ref_log_probs`); `None`: the step

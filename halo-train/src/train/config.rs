@@ -31,10 +31,15 @@ impl From<UnpairedLoss> for KtoLossType {
 /// The paired loss of the optional DPO stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PairedLoss {
+    /// DPO's logistic loss (TRL `loss_type="sigmoid"`).
     Sigmoid,
+    /// Robust DPO for noisy labels (TRL `loss_type="robust"`).
     Robust,
+    /// SLiC's hinge loss (TRL `loss_type="hinge"`).
     Hinge,
+    /// IPO's squared loss on length-normalised log-probs (TRL `loss_type="ipo"`).
     Ipo,
+    /// APO-zero, paired variant (TRL `loss_type="apo_zero"`).
     ApoZero,
 }
 
@@ -174,10 +179,13 @@ pub struct TrainArgs {
     pub pretrain_batch_size: usize,
 
     // ---- model and task ----
+    /// Transformer blocks of the model.
     #[arg(long, default_value_t = 2)]
     pub n_layer: usize,
+    /// Attention heads per block; must divide --n-embd.
     #[arg(long, default_value_t = 4)]
     pub n_head: usize,
+    /// Model width (embedding size).
     #[arg(long, default_value_t = 128)]
     pub n_embd: usize,
     /// Operands are drawn from `0..operand_limit`.

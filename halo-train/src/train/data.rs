@@ -22,23 +22,31 @@ use halo_kernels::error::{HaloError, Result};
 /// One KTO example: a prompt, a completion, and whether the completion is desirable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnpairedExample {
+    /// The prompt text (JSONL `"prompt"`).
     pub prompt: String,
+    /// The completion that follows the prompt (JSONL `"completion"`).
     pub completion: String,
+    /// Whether the completion is desirable (JSONL `"label"`).
     pub desirable: bool,
 }
 
 /// One DPO example: a prompt with a preferred and a dispreferred completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairedExample {
+    /// The prompt text (JSONL `"prompt"`).
     pub prompt: String,
+    /// The preferred completion (JSONL `"chosen"`).
     pub chosen: String,
+    /// The dispreferred completion (JSONL `"rejected"`).
     pub rejected: String,
 }
 
 /// One line of a preference file, in whichever form it was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PreferenceRow {
+    /// A `{prompt, completion, label}` row.
     Unpaired(UnpairedExample),
+    /// A `{prompt, chosen, rejected}` row.
     Paired(PairedExample),
 }
 

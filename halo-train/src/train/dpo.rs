@@ -1,15 +1,17 @@
 //! DPO step (TRL `DPOTrainer.concatenated_forward` + `dpo_loss`): chosen and rejected completions
-//! in one forward pass (rows `0..n` chosen, `n..2n` rejected), summed completion log-probs, the
-//! DPO-family loss from [`dpo_loss`], its gradients broadcast back to the tokens.
+//! in one forward pass (rows `0..n` chosen, `n..2n` rejected); the core's [`dpo_step_tokens`]
+//! sums the completion log-probs, computes the DPO-family loss and broadcasts its gradients back
+//! to the tokens, which the tape backpropagates.
 
 use super::batching::TokenBatch;
 use super::kto::sequence_logps_inference;
 use super::stage::StepOutput;
 use crate::autograd::Tape;
 use crate::model::Gpt;
-use halo_kernels::cpu::{broadcast_sequence_grad, sequence_sums, SequenceLayout};
+use halo_kernels::cpu::SequenceLayout;
 use halo_kernels::error::Result;
-use halo_kernels::losses::{dpo_loss, DpoConfig, PairBatch};
+use halo_kernels::losses::DpoConfig;
+use halo_kernels::step::{dpo_step_tokens, PairReference, TokenLogps};
 use halo_kernels::IGNORE_INDEX;
 
 /// Loss, gradients and TRL metrics of one DPO step on a batch from
@@ -33,27 +35,22 @@ pub fn dpo_step(
         batch.batch,
         batch.seq,
     )?;
-    let sums = sequence_sums(tape.value(token_logp), &batch.targets, IGNORE_INDEX, layout)?;
     let reference_logps = sequence_logps_inference(reference, batch)?;
-    let out = dpo_loss(
+    let step = dpo_step_tokens(
         config,
-        &PairBatch {
-            policy_chosen_logps: &sums.sums[..n],
-            policy_rejected_logps: &sums.sums[n..],
-            reference_chosen_logps: &reference_logps[..n],
-            reference_rejected_logps: &reference_logps[n..],
-            chosen_counts: Some(&sums.counts[..n]),
-            rejected_counts: Some(&sums.counts[n..]),
+        &TokenLogps {
+            logps: tape.value(token_logp),
+            labels: &batch.targets,
+            ignore_index: IGNORE_INDEX,
+            layout,
+        },
+        &PairReference {
+            chosen_logps: &reference_logps[..n],
+            rejected_logps: &reference_logps[n..],
         },
     )?;
-    let grad_seq: Vec<f32> = out
-        .grad_chosen
-        .iter()
-        .chain(&out.grad_rejected)
-        .copied()
-        .collect();
-    let token_grad = broadcast_sequence_grad(&grad_seq, &batch.targets, IGNORE_INDEX, layout)?;
-    let grads = tape.backward(token_logp, &token_grad)?;
+    let grads = tape.backward(token_logp, &step.token_grad)?;
+    let out = step.loss;
     Ok(StepOutput {
         loss: out.loss,
         grads,

@@ -41,7 +41,12 @@ pub enum Decoding<'r, R: Rng> {
     /// The arg-max token (lowest id on ties), as `Sampling::Greedy`.
     Greedy,
     /// A draw from `softmax(logits / temperature)` over the whole vocabulary.
-    Sample { temperature: f32, rng: &'r mut R },
+    Sample {
+        /// Divides the logits before the softmax; must be finite and `> 0` (not checked here).
+        temperature: f32,
+        /// The random source of every draw.
+        rng: &'r mut R,
+    },
 }
 
 /// Greedy decoding of many token contexts at once: for each, up to `max_new_tokens` new tokens,

@@ -1,7 +1,6 @@
 //! KTO step (TRL `KTOTrainer`, HALOs `KTOTrainer`): per-token log-probs from the model's own
-//! op, summed per completion with [`sequence_sums`], the loss and its gradient w.r.t. each
-//! summed log-prob from [`kto_loss`], broadcast back to tokens with [`broadcast_sequence_grad`]
-//! and pushed through the tape.
+//! op; the core's [`kto_step_tokens`] sums them per completion, computes the loss and its
+//! gradient and broadcasts it back to the tokens, which the tape backpropagates.
 //!
 //! The reference model is a frozen copy of the starting model. The KL pairs (each prompt with
 //! the completion of the previous example in the batch) are scored by the policy and the
@@ -13,9 +12,10 @@ use super::stage::StepOutput;
 use super::tokenizer::TextTokenizer;
 use crate::autograd::Tape;
 use crate::model::Gpt;
-use halo_kernels::cpu::{broadcast_sequence_grad, sequence_sums, SequenceLayout};
+use halo_kernels::cpu::{sequence_sums, SequenceLayout};
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::losses::{kto_loss, KlInput, KtoBatch as KtoLossBatch, KtoConfig};
+use halo_kernels::losses::{KlInput, KtoConfig};
+use halo_kernels::step::{kto_step_tokens, KtoStepInputs, TokenLogps};
 use halo_kernels::IGNORE_INDEX;
 
 fn layout(batch: &TokenBatch) -> SequenceLayout<'static> {
@@ -69,13 +69,6 @@ pub fn kto_step(
         examples.batch,
         examples.seq,
     )?;
-    let policy_logps = sequence_sums(
-        tape.value(token_logp),
-        &examples.targets,
-        IGNORE_INDEX,
-        layout(examples),
-    )?
-    .sums;
     let reference_logps = match &batch.reference_logps {
         Some(precomputed) if precomputed.len() == examples.batch => precomputed.clone(),
         Some(precomputed) => {
@@ -91,10 +84,15 @@ pub fn kto_step(
     let kl_policy = sequence_logps_inference(policy, &batch.kl_pairs)?;
     let kl_reference = sequence_logps_inference(reference, &batch.kl_pairs)?;
 
-    let out = kto_loss(
+    let step = kto_step_tokens(
         config,
-        &KtoLossBatch {
-            policy_logps: &policy_logps,
+        &TokenLogps {
+            logps: tape.value(token_logp),
+            labels: &examples.targets,
+            ignore_index: IGNORE_INDEX,
+            layout: layout(examples),
+        },
+        &KtoStepInputs {
             reference_logps: &reference_logps,
             is_desirable: &batch.desirable,
             kl: Some(KlInput::LogProbs {
@@ -103,13 +101,8 @@ pub fn kto_step(
             }),
         },
     )?;
-    let token_grad = broadcast_sequence_grad(
-        &out.grad_policy_logps,
-        &examples.targets,
-        IGNORE_INDEX,
-        layout(examples),
-    )?;
-    let grads = tape.backward(token_logp, &token_grad)?;
+    let grads = tape.backward(token_logp, &step.token_grad)?;
+    let out = step.loss;
     let mut metrics: Vec<(String, f64)> = out
         .metrics
         .to_named()

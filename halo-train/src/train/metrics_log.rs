@@ -15,11 +15,13 @@ use halo_kernels::error::Result;
 /// One logged point.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricRecord {
+    /// The stage that logged it (`pretrain`, `sft`, `kto`, `dpo`).
     pub stage: String,
     /// Step inside the stage.
     pub step: usize,
     /// Step counted across all stages (the plot's x axis).
     pub global_step: usize,
+    /// `(name, value)` pairs in logging order, names as in TRL's logs (`loss`, `kl`, ...).
     pub values: Vec<(String, f64)>,
 }
 

@@ -26,6 +26,7 @@ pub struct SamplingPlan {
     pub samples_per_prompt: usize,
     /// Softmax temperature.
     pub temperature: f32,
+    /// Seed of the sampling RNG; the same seed, model and prompts give the same samples.
     pub seed: u64,
 }
 

@@ -34,9 +34,11 @@ pub const N_CTX: usize = 24;
 /// Desirable rates (held-out prompts, greedy, judged) at the end of each stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
+    /// Desirable rate of the base (pretrained, or `--init-from`) model.
     pub base: f64,
     /// `None` with `--skip-sft`.
     pub sft: Option<f64>,
+    /// Desirable rate after the KTO stage.
     pub kto: f64,
     /// `Some` with `--run-dpo`.
     pub dpo: Option<f64>,
@@ -48,7 +50,9 @@ pub struct RunSummary {
     pub kto_weights: (f64, f64),
     /// Per stage (`base`, `sft`, `kto`, `dpo`): what kind of mistakes its greedy answers make.
     pub error_breakdowns: Vec<(&'static str, ErrorBreakdown)>,
+    /// The run directory (checkpoints, data, `metrics.jsonl`, plot, `summary.txt`).
     pub output_dir: PathBuf,
+    /// Wall-clock duration of the whole run, in seconds.
     pub seconds: f64,
 }
 

@@ -1,7 +1,6 @@
 //! The training-curves PNG: four panels (loss per stage; KTO/DPO rewards; KTO's KL reference
 //! point; the judge's desirable rate on held-out prompts over training), drawn with plotters'
-//! bitmap backend. Labels use the built-in [`bitmap_font`](super::bitmap_font) so no system font
-//! is needed.
+//! bitmap backend. Labels use the built-in [`bitmap_font`] so no system font is needed.
 
 use std::path::Path;
 
@@ -15,15 +14,20 @@ use halo_kernels::error::{HaloError, Result};
 /// One line of a panel.
 #[derive(Debug, Clone)]
 pub struct Series {
+    /// Legend text.
     pub label: String,
+    /// Line colour.
     pub color: RGBColor,
+    /// `(x, y)` points in drawing order (x = global step).
     pub points: Vec<(f64, f64)>,
 }
 
 /// One chart: a title and its lines (x = global step).
 #[derive(Debug, Clone)]
 pub struct Panel {
+    /// Caption drawn above the chart.
     pub title: String,
+    /// The lines, drawn in order.
     pub series: Vec<Series>,
 }
 

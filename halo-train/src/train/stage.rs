@@ -20,7 +20,9 @@ pub const MAX_GRAD_NORM: f32 = 1.0;
 /// What one step computed.
 #[derive(Debug)]
 pub struct StepOutput {
+    /// The step's loss (mean over the batch), before the update.
     pub loss: f64,
+    /// Gradients of `loss` with respect to the model parameters, before clipping.
     pub grads: Gradients,
     /// Extra metrics, TRL names (`kl`, `rewards/chosen`, ...).
     pub metrics: Vec<(String, f64)>,
@@ -29,9 +31,11 @@ pub struct StepOutput {
 /// Shared state of a run that every stage reports into.
 #[derive(Debug)]
 pub struct StageContext<'a> {
+    /// Where every step's metrics and every evaluation are recorded.
     pub log: &'a mut MetricsLog,
     /// The run's tokenizer (evaluation encodes the prompts and decodes the completions).
     pub tokenizer: &'a TextTokenizer,
+    /// Held-out prompts the judge scores at every evaluation.
     pub eval_prompts: &'a [String],
     /// Evaluations per stage (0: only the final one).
     pub evals_per_stage: usize,
@@ -42,9 +46,14 @@ pub struct StageContext<'a> {
 /// Settings of one stage.
 #[derive(Debug, Clone)]
 pub struct StageSpec {
+    /// Stage name: the `stage` of its [`MetricRecord`]s and the progress bar's prefix.
     pub name: &'static str,
+    /// Optimizer steps to take.
     pub steps: usize,
+    /// Learning rate per step, indexed from the stage's first step (0).
     pub schedule: LrSchedule,
+    /// AdamW hyper-parameters; a fresh optimizer (zero moments) is built for each stage. Its
+    /// `lr` is unused: [`schedule`](Self::schedule) sets every step's rate.
     pub optimizer: AdamWConfig,
     /// Global step of this stage's first step (the plot's x axis).
     pub first_global_step: usize,

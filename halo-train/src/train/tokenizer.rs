@@ -69,8 +69,11 @@ pub enum TextTokenizer {
     Byte,
     /// A Hugging Face tokenizer and the id of its end-of-sequence token.
     HuggingFace {
+        /// The loaded tokenizer, padding and truncation switched off.
         inner: Box<tokenizers::Tokenizer>,
+        /// Id of the end-of-sequence token (also used as start token and padding).
         eos: u32,
+        /// Ids the model embeds: one past the largest id, at least the vocabulary size.
         vocab_size: usize,
         /// Where it was loaded from (for error messages).
         path: PathBuf,

@@ -15,8 +15,11 @@ use halo_kernels::cpu::fast_exp::fast_exp;
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// Number of sequences.
     pub batch: usize,
+    /// Tokens per sequence (every sequence has the same length).
     pub seq: usize,
+    /// Number of heads; must divide [`dim`](Self::dim).
     pub n_head: usize,
     /// Model width `C` (all heads together).
     pub dim: usize,

@@ -16,6 +16,8 @@ fn fast_tanh(u: f32) -> f32 {
     1.0 - 2.0 / (fast_exp(2.0 * u) + 1.0)
 }
 
+/// `y = gelu(x)` element-wise (tanh approximation, see the module docs); `x` and `y` have the
+/// same length. Overwrites `y` (unlike the backward, which accumulates).
 pub fn gelu_forward(x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))

@@ -4,11 +4,17 @@
 /// A read-only matrix view: `rows × cols` at `data[offset + r*row_stride + c*col_stride]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
+    /// The backing buffer; the view may cover only part of it.
     pub data: &'a [f32],
+    /// Index in `data` of element `(0, 0)`.
     pub offset: usize,
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
+    /// Distance in elements between `(r, c)` and `(r + 1, c)`; [`gemm`] requires it `>= 0`.
     pub row_stride: isize,
+    /// Distance in elements between `(r, c)` and `(r, c + 1)`; [`gemm`] requires it `>= 0`.
     pub col_stride: isize,
 }
 
@@ -51,11 +57,17 @@ impl<'a> MatRef<'a> {
 /// A mutable matrix view, laid out like [`MatRef`].
 #[derive(Debug)]
 pub struct MatMut<'a> {
+    /// The backing buffer; the view may cover only part of it.
     pub data: &'a mut [f32],
+    /// Index in `data` of element `(0, 0)`.
     pub offset: usize,
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
+    /// Distance in elements between `(r, c)` and `(r + 1, c)`; [`gemm`] requires it `>= 0`.
     pub row_stride: isize,
+    /// Distance in elements between `(r, c)` and `(r, c + 1)`; [`gemm`] requires it `>= 0`.
     pub col_stride: isize,
 }
 
