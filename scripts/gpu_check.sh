@@ -31,15 +31,19 @@ newest_binary() {
         ! -name '*.d' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n 1 | cut -d' ' -f2-
 }
 
+# One test body per op, run on the CPU and on CUDA (here the real GPU: HALO_REQUIRE_GPU=1).
+DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline"
+
 prepare() {
     set -e
     bash "$ROOT/scripts/install_nvcc.sh"
     local target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
     # --no-run: build only. The bench profile is release + line tables, like the tests.
-    cargo test --release --no-run --test cuda_kernels --test cuda_no_gpu
+    cargo test --release --no-run --test cuda_kernels --test cuda_no_gpu \
+        --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline
     cargo bench --no-run --bench cuda_ops
     mkdir -p "$BIN_DIR"
-    for name in cuda_kernels cuda_no_gpu cuda_ops; do
+    for name in cuda_kernels cuda_no_gpu cuda_ops $DEVICE_TESTS; do
         local bin
         bin="$(newest_binary "$target_dir" "$name")"
         if [ -z "$bin" ]; then
@@ -97,12 +101,16 @@ run() {
     } | tee -a "$summary"
 
     if wants tests; then
+        export HALO_REQUIRE_GPU=1
         step "gpu tests" tests.log "$BIN_DIR/cuda_kernels" --test-threads 4
         # Without a usable GPU the suite reports every test as ignored (exit 0): no pass here.
         if ! grep -q "test result: ok.* 0 ignored" "$out/tests.log"; then
             note "FAIL gpu tests: some tests were ignored or did not finish (no usable GPU?)"
             failed=1
         fi
+        for name in $DEVICE_TESTS; do
+            step "device tests $name (cpu + real GPU)" "$name.log" "$BIN_DIR/$name" --test-threads 4
+        done
         step "no-gpu tests (on a GPU machine)" no_gpu_tests.log "$BIN_DIR/cuda_no_gpu" --test-threads 1
     fi
 

@@ -28,14 +28,13 @@ mod conformance_common;
 use std::collections::BTreeMap;
 
 use conformance_common::*;
-use halo_kernels::cpu::{
-    broadcast_sequence_grad, sequence_sums, token_logprobs, token_logprobs_backward, SequenceLayout,
-};
+use halo_kernels::cpu::{sequence_sums, token_logprobs, SequenceLayout};
 use halo_kernels::losses::{
     dpo_loss, kto_loss, orpo_loss, simpo_loss, DpoConfig, DpoLossType, KlInput, KtoBatch,
     KtoConfig, KtoLossType, LossMetrics, OrpoConfig, PairBatch, PairLossOutput,
     ReferenceFreePairBatch, ReferencePointPartial, SimpoConfig,
 };
+use halo_kernels::step::{dpo_step, kto_step, KtoStepInputs, Logits, PairReference};
 use halo_kernels::IGNORE_INDEX;
 use serde::Deserialize;
 
@@ -562,9 +561,10 @@ fn orpo_matches_trl_odds_ratio_loss() {
     }
 }
 
-/// The whole CPU pipeline (token_logprobs → sequence_sums → loss → broadcast_sequence_grad →
-/// token_logprobs_backward) against TRL's `_compute_loss` on real logits with autograd into the
-/// logits. The sums are f32 here (TRL's are f64), so the loss agrees to ~1e-7 relative.
+/// The whole CPU step from logits (`step::kto_step` / `step::dpo_step`: token_logprobs →
+/// sequence_sums → loss → broadcast_sequence_grad → token_logprobs_backward) against TRL's
+/// `_compute_loss` on real logits with autograd into the logits. The sums are f32 here (TRL's are
+/// f64), so the loss agrees to ~1e-7 relative.
 #[test]
 fn end_to_end_logit_gradients_match_trl() {
     let f = fixture();
@@ -573,68 +573,74 @@ fn end_to_end_logit_gradients_match_trl() {
         let name = &case.name;
         let (n, vocab) = (case.n, case.vocab);
         let logits = to_f32(&case.logits);
-        let layout = SequenceLayout::Padded {
-            batch: 2 * n,
-            seq: case.positions,
-        };
-        let tl = token_logprobs(&logits, &case.labels, vocab, IGNORE_INDEX).unwrap();
-        let sums = sequence_sums(&tl.logp, &case.labels, IGNORE_INDEX, layout).unwrap();
         let reference = to_f32(&case.reference_logps);
-        let (loss, metrics, grad_seq) = if case.loss_type == "kto" {
-            let out = kto_loss(
+        let (loss, metrics, grad) = if case.loss_type == "kto" {
+            // Sequences 0..n are the examples, n..2n their KL pairs: the pairs' log-probs come
+            // from a forward without gradient (detached, as in TRL), the step runs on 0..n.
+            let half = n * case.positions;
+            let (examples, kl_pairs) = logits.split_at(half * vocab);
+            let (labels, kl_labels) = case.labels.split_at(half);
+            let kl_layout = SequenceLayout::Padded {
+                batch: n,
+                seq: case.positions,
+            };
+            let kl_tokens = token_logprobs(kl_pairs, kl_labels, vocab, IGNORE_INDEX).unwrap();
+            let kl_policy = sequence_sums(&kl_tokens.logp, kl_labels, IGNORE_INDEX, kl_layout)
+                .unwrap()
+                .sums;
+            let out = kto_step(
                 &KtoConfig {
                     beta: case.beta,
                     ..KtoConfig::default()
                 },
-                &KtoBatch {
-                    policy_logps: &sums.sums[..n],
+                &Logits {
+                    logits: examples,
+                    labels,
+                    vocab,
+                    ignore_index: IGNORE_INDEX,
+                    layout: SequenceLayout::Padded {
+                        batch: n,
+                        seq: case.positions,
+                    },
+                },
+                &KtoStepInputs {
                     reference_logps: &reference[..n],
                     is_desirable: case.is_desirable.as_ref().unwrap(),
                     kl: Some(KlInput::LogProbs {
-                        policy: &sums.sums[n..],
+                        policy: &kl_policy,
                         reference: &reference[n..],
                     }),
                 },
             )
             .unwrap();
-            // The KL completions are detached (no gradient), as in TRL.
-            let mut g = out.grad_policy_logps.clone();
-            g.extend(std::iter::repeat_n(0.0, n));
-            (out.loss, out.metrics, g)
+            let mut grad = out.grad_logits;
+            grad.extend(std::iter::repeat_n(0.0, kl_pairs.len()));
+            (out.loss.loss, out.loss.metrics, grad)
         } else {
-            let out = dpo_loss(
+            let out = dpo_step(
                 &DpoConfig {
                     beta: case.beta,
                     label_smoothing: 0.0,
                     loss_type: dpo_type(&case.loss_type),
                 },
-                &PairBatch {
-                    policy_chosen_logps: &sums.sums[..n],
-                    policy_rejected_logps: &sums.sums[n..],
-                    reference_chosen_logps: &reference[..n],
-                    reference_rejected_logps: &reference[n..],
-                    chosen_counts: Some(&sums.counts[..n]),
-                    rejected_counts: Some(&sums.counts[n..]),
+                &Logits {
+                    logits: &logits,
+                    labels: &case.labels,
+                    vocab,
+                    ignore_index: IGNORE_INDEX,
+                    layout: SequenceLayout::Padded {
+                        batch: 2 * n,
+                        seq: case.positions,
+                    },
+                },
+                &PairReference {
+                    chosen_logps: &reference[..n],
+                    rejected_logps: &reference[n..],
                 },
             )
             .unwrap();
-            let mut g = out.grad_chosen.clone();
-            g.extend_from_slice(&out.grad_rejected);
-            (out.loss, out.metrics, g)
+            (out.loss.loss, out.loss.metrics, out.grad_logits)
         };
-        let token_grad =
-            broadcast_sequence_grad(&grad_seq, &case.labels, IGNORE_INDEX, layout).unwrap();
-        let mut grad = vec![0.0f32; logits.len()];
-        token_logprobs_backward(
-            &logits,
-            &case.labels,
-            &tl.lse,
-            &token_grad,
-            vocab,
-            IGNORE_INDEX,
-            &mut grad,
-        )
-        .unwrap();
         let e = assert_scalar_close(&format!("{name} loss"), loss, case.loss, 1e-6, 0.0);
         let scale = case.grad_logits.iter().fold(0.0f64, |m, g| m.max(g.abs()));
         assert!(scale > 0.0, "{name}: zero gradient in the fixture");

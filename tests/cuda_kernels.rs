@@ -71,7 +71,9 @@ enum Device {
 
 /// The real GPU when there is one (and `HALO_CUDA_EMULATED` is not set), else the emulated device:
 /// on a machine without a GPU every test runs on the emulated device, through the same wrappers.
+/// `HALO_REQUIRE_GPU=1` forbids the fallback (every test is then ignored without a GPU).
 fn backend_for_tests() -> (Result<Arc<CudaBackend>, String>, Device) {
+    let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
     match CudaBackend::new() {
         Ok(b) => {
             let device = if b.is_emulated() {
@@ -81,6 +83,11 @@ fn backend_for_tests() -> (Result<Arc<CudaBackend>, String>, Device) {
             };
             (Ok(Arc::new(b)), device)
         }
+        // On a GPU machine (scripts/gpu_check.sh) a missing GPU must not fall back silently.
+        Err(real) if require_gpu => (
+            Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}")),
+            Device::Real,
+        ),
         Err(real) => match CudaBackend::emulated() {
             Ok(b) => (Ok(Arc::new(b)), Device::Emulated),
             Err(emulated) => (

@@ -41,13 +41,15 @@
 //! # Ok::<(), halo_kernels::HaloError>(())
 //! ```
 //!
-//! [`reference`](mod@reference) holds plain f64 transcriptions of every formula for tests.
+//! With the `test-utils` feature, `reference` holds plain f64 transcriptions of every formula, for
+//! tests (this crate's, and a downstream crate's own).
 
 pub mod dpo;
 pub mod kto;
 pub mod metrics;
 pub mod orpo;
 pub mod pairs;
+#[cfg(feature = "test-utils")]
 pub mod reference;
 mod reference_free;
 pub mod reference_point;

@@ -242,12 +242,17 @@ impl Device for Cpu {
 }
 
 /// The CUDA backend shared by every test of the process: the real GPU when present (and
-/// `HALO_CUDA_EMULATED` is unset), else the emulated device. Panics, failing the test, when
-/// neither can be created (the emulated device is built with the crate, so that is a bug).
+/// `HALO_CUDA_EMULATED` is unset), else the emulated device (not with `HALO_REQUIRE_GPU=1`, as
+/// `scripts/gpu_check.sh` sets). Panics, failing the test, when neither can be created (the
+/// emulated device is built with the crate's tests, so that is a bug).
 pub fn cuda() -> &'static CudaBackend {
     static BACKEND: OnceLock<std::result::Result<CudaBackend, String>> = OnceLock::new();
     let backend = BACKEND.get_or_init(|| {
+        let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
         CudaBackend::new().or_else(|real| {
+            if require_gpu {
+                return Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}"));
+            }
             CudaBackend::emulated()
                 .map_err(|emulated| format!("no GPU ({real}) and no emulated device ({emulated})"))
         })
