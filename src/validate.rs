@@ -7,6 +7,20 @@ use crate::cpu::LogRatioClamp;
 use crate::error::{HaloError, Result};
 
 /// `got == expected`, else `LengthMismatch` naming `what`.
+/// An empty vector with room for `len` elements, or an error naming `what` when that much memory
+/// cannot be had: sizes that come from arguments (a padded layout of 2^40 empty sequences) must
+/// not abort the process.
+pub(crate) fn try_with_capacity<T>(len: usize, what: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        HaloError::InvalidShape(format!(
+            "cannot allocate {len} elements of {} bytes for `{what}`",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    Ok(v)
+}
+
 pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())

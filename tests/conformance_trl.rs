@@ -305,7 +305,7 @@ fn kto_multi_device_reference_point_relationship() {
         sum: other_mean * local.count as f64,
         count: local.count,
     };
-    let out = run(local.merge(same_count));
+    let out = run(local.merge(same_count).unwrap());
     assert_scalar_close("two devices z0", out.z0, case.metrics["kl"], 1e-12, 1e-12);
     assert_scalar_close("two devices loss", out.loss, case.loss, LOSS_RTOL, 0.0);
     assert_close(
@@ -320,7 +320,7 @@ fn kto_multi_device_reference_point_relationship() {
         sum: other_mean * 2.0 * local.count as f64,
         count: 2 * local.count,
     };
-    let out = run(local.merge(double_count));
+    let out = run(local.merge(double_count).unwrap());
     let global = (local.sum + 2.0 * local.count as f64 * other_mean) / (3 * local.count) as f64;
     assert_scalar_close("global mean z0", out.z0, global.max(0.0), 1e-12, 1e-12);
     assert!(

@@ -360,7 +360,7 @@ fn errors_are_the_same_on_every_device<D: Device>(d: &D) {
     let values = vec![-1.0f32; 10];
     let labels = vec![1; 10];
     let offsets = |msg: &str| HaloError::InvalidOffsets(msg.into());
-    let bad_layouts: [(SequenceLayout<'_>, HaloError); 6] = [
+    let bad_layouts: [(SequenceLayout<'_>, HaloError); 7] = [
         (
             SequenceLayout::Padded { batch: 3, seq: 4 },
             HaloError::LengthMismatch {
@@ -371,12 +371,24 @@ fn errors_are_the_same_on_every_device<D: Device>(d: &D) {
         ),
         (
             SequenceLayout::Padded {
+                batch: 1 << 30,
+                seq: usize::MAX / 4,
+            },
+            HaloError::InvalidShape(format!(
+                "padded batch {} * seq {} overflows usize",
+                1usize << 30,
+                usize::MAX / 4
+            )),
+        ),
+        (
+            SequenceLayout::Padded {
                 batch: usize::MAX / 2 + 1,
                 seq: 2,
             },
             HaloError::InvalidShape(format!(
-                "padded batch {} * seq 2 overflows usize",
-                usize::MAX / 2 + 1
+                "{} sequences exceed the limit of {}",
+                usize::MAX / 2 + 1,
+                halo_kernels::cpu::MAX_SEQUENCES
             )),
         ),
         (
@@ -568,7 +580,33 @@ fn errors_are_the_same_on_every_device<D: Device>(d: &D) {
     );
 }
 
+/// A padded layout of zero-length sequences passes the `batch * seq == rows` check for any batch:
+/// an absurd one (2^34 sequences, or `usize::MAX`) must be a clear error, not an allocation abort or
+/// a capacity-overflow panic, on every device.
+fn absurd_padded_batches_are_errors_not_aborts<D: Device>(d: &D) {
+    for batch in [1usize << 34, usize::MAX] {
+        let layout = SequenceLayout::Padded { batch, seq: 0 };
+        let sums = d.sequence_sums(&[], &[], IGNORE, layout);
+        assert!(
+            matches!(sums, Err(halo_kernels::HaloError::InvalidShape(_))),
+            "{}: sequence_sums of {batch} empty sequences: {sums:?}",
+            d.name()
+        );
+        let ratios = d.sequence_logratio_sums(&[], &[], &[], IGNORE, layout, None);
+        assert!(
+            matches!(ratios, Err(halo_kernels::HaloError::InvalidShape(_))),
+            "{ratios:?}"
+        );
+        let grad = d.broadcast_sequence_grad(&[], &[], IGNORE, layout);
+        assert!(
+            matches!(grad, Err(halo_kernels::HaloError::InvalidShape(_))),
+            "{grad:?}"
+        );
+    }
+}
+
 device_tests!(
+    absurd_padded_batches_are_errors_not_aborts,
     padded_layouts,
     packed_layouts_with_empty_sequences,
     all_ignored_sequences_sum_to_zero,

@@ -196,13 +196,15 @@ fn partial_input_equals_raw_kl_input() {
     let cuts = [0, m / 3, 2 * m / 3, m];
     let mut merged = ReferencePointPartial::empty();
     for w in cuts.windows(2) {
-        merged.add(
-            ReferencePointPartial::from_kl_logps(
-                &c.kl_policy[w[0]..w[1]],
-                &c.kl_reference[w[0]..w[1]],
+        merged
+            .add(
+                ReferencePointPartial::from_kl_logps(
+                    &c.kl_policy[w[0]..w[1]],
+                    &c.kl_reference[w[0]..w[1]],
+                )
+                .unwrap(),
             )
-            .unwrap(),
-        );
+            .unwrap();
     }
     let via_partial = kto_loss(
         &cfg,
@@ -236,7 +238,7 @@ fn reference_point_merge_equals_partial_of_concatenation() {
         let cut = if m == 0 { 0 } else { r.gen_range(0..=m) };
         let a = ReferencePointPartial::from_kl_logps(&pol[..cut], &refe[..cut]).unwrap();
         let b = ReferencePointPartial::from_kl_logps(&pol[cut..], &refe[cut..]).unwrap();
-        for merged in [a.merge(b), b.merge(a)] {
+        for merged in [a.merge(b).unwrap(), b.merge(a).unwrap()] {
             assert_eq!(merged.count, whole.count);
             assert_close("sum", merged.sum, whole.sum, 1e-12, 1e-9);
         }
@@ -612,4 +614,22 @@ fn zero_token_sequences_are_allowed_for_summed_losses() {
         false,
     );
     assert_close("loss", out.loss, want, 1e-12, 1e-15);
+}
+
+/// Merging partials whose counts overflow `u64` is an error, not a wrap to an "empty" batch.
+#[test]
+fn merging_partials_refuses_a_count_overflow() {
+    let big = ReferencePointPartial {
+        sum: 1.0,
+        count: u64::MAX,
+    };
+    let one = ReferencePointPartial { sum: 0.5, count: 1 };
+    match big.merge(one) {
+        Err(HaloError::InvalidShape(m)) => assert!(m.contains("overflows u64"), "{m}"),
+        other => panic!("expected an overflow error, got {other:?}"),
+    }
+    let mut acc = one;
+    assert!(acc.add(big).is_err());
+    assert_eq!(acc, one, "unchanged on error");
+    assert_eq!(one.merge(one).unwrap().count, 2);
 }

@@ -266,6 +266,11 @@ fn write_halo_checkpoint_for_python() {
     model
         .save_safetensors(dir.join("halo.safetensors"), DTypeOnDisk::F32)
         .unwrap();
+    // The same model as a `save_pretrained` directory: transformers' `from_pretrained` must take
+    // our config.json as it is.
+    model
+        .save_pretrained(dir.join("pretrained"), DTypeOnDisk::F32)
+        .unwrap();
     let (batch, seq) = (2, 11);
     let input_ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7 + 3) as u32 % 50).collect();
     let logits = model.logits_inference(&input_ids, batch, seq).unwrap();

@@ -846,6 +846,14 @@ def check_reverse_checkpoint():
         print("   relative to max |logit|:", float(err / ours.abs().max()))
         assert err < 1e-4 * max(1.0, float(ours.abs().max())), err
         assert (ours - logits64).abs().max() < 1e-5 * max(1.0, float(ours.abs().max()))
+        # Our save_pretrained directory (config.json + model.safetensors), loaded by transformers
+        # with nothing but from_pretrained.
+        pretrained = GPT2LMHeadModel.from_pretrained(str(Path(tmp) / "pretrained")).eval()
+        with torch.no_grad():
+            logits_pre = pretrained(input_ids=ids).logits.reshape(-1).double()
+        err_pre = (logits_pre - ours).abs().max()
+        print(f"reverse check (our save_pretrained dir via from_pretrained): max |logit diff| = {float(err_pre):.3e}")
+        assert err_pre < 1e-4 * max(1.0, float(ours.abs().max())), err_pre
 
 
 def main():

@@ -25,7 +25,7 @@ pub mod token_logprobs_backward;
 
 pub use sequence_sums::{
     broadcast_sequence_grad, humanline_grad_mask, sequence_logratio_sums, sequence_sums,
-    LogRatioClamp, SequenceLayout, SequenceSums,
+    LogRatioClamp, SequenceLayout, SequenceSums, MAX_SEQUENCES,
 };
 pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};

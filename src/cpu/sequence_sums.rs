@@ -7,9 +7,13 @@
 use crate::error::{HaloError, Result};
 use crate::validate::{
     check_counted_finite, check_finite, check_humanline_args, check_len, check_logratio_args,
+    try_with_capacity,
 };
 
-/// How the token rows are grouped into sequences.
+/// The most sequences one call takes (`2^31 − 1`, as a CUDA grid).
+pub const MAX_SEQUENCES: usize = i32::MAX as usize;
+
+/// How the token rows are grouped into sequences (at most [`MAX_SEQUENCES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SequenceLayout<'a> {
     /// `batch` sequences of exactly `seq` rows each, back to back.
@@ -38,20 +42,30 @@ impl SequenceLayout<'_> {
     /// Validates the layout against `rows` token rows; returns each sequence's row range.
     pub fn ranges(&self, rows: usize) -> Result<Vec<std::ops::Range<usize>>> {
         self.check_rows(rows)?;
-        Ok(match *self {
+        // `batch * seq` was checked to equal `rows`, but with `seq == 0` `batch` is unbounded.
+        let mut ranges = try_with_capacity(self.batch(), "sequences")?;
+        match *self {
             SequenceLayout::Padded { batch, seq } => {
-                (0..batch).map(|b| b * seq..(b + 1) * seq).collect()
+                ranges.extend((0..batch).map(|b| b * seq..(b + 1) * seq))
             }
-            SequenceLayout::Packed { cu_seqlens } => cu_seqlens
-                .windows(2)
-                .map(|w| w[0] as usize..w[1] as usize)
-                .collect(),
-        })
+            SequenceLayout::Packed { cu_seqlens } => {
+                ranges.extend(cu_seqlens.windows(2).map(|w| w[0] as usize..w[1] as usize))
+            }
+        }
+        Ok(ranges)
     }
 
     /// Validates the layout against `rows` token rows with the errors of [`Self::ranges`], without
     /// building the ranges (the GPU backend only needs the check); returns the number of sequences.
     pub(crate) fn check_rows(&self, rows: usize) -> Result<usize> {
+        // One bound for every backend (the kernels' grid and status words are 32-bit); it also
+        // keeps a padded layout of zero-length sequences from asking for an absurd allocation.
+        if self.batch() > MAX_SEQUENCES {
+            return Err(HaloError::InvalidShape(format!(
+                "{} sequences exceed the limit of {MAX_SEQUENCES}",
+                self.batch()
+            )));
+        }
         match *self {
             SequenceLayout::Padded { batch, seq } => {
                 // Checked: a wrapped product could match `rows` and then allocate `batch` ranges.
@@ -138,9 +152,7 @@ pub fn sequence_sums(
     check_len("labels", token_values.len(), labels.len())?;
     let ranges = layout.ranges(token_values.len())?;
     check_counted_finite("token_values", token_values, labels, ignore_index)?;
-    Ok(masked_sums(&ranges, labels, ignore_index, |t| {
-        token_values[t] as f64
-    }))
+    masked_sums(&ranges, labels, ignore_index, |t| token_values[t] as f64)
 }
 
 /// Per-sequence sums of the per-token log-ratio `policy − reference`, optionally clamped per token
@@ -158,13 +170,13 @@ pub fn sequence_logratio_sums(
     let ranges = layout.ranges(policy_logp.len())?;
     check_counted_finite("policy_logp", policy_logp, labels, ignore_index)?;
     check_counted_finite("reference_logp", reference_logp, labels, ignore_index)?;
-    Ok(masked_sums(&ranges, labels, ignore_index, |t| {
+    masked_sums(&ranges, labels, ignore_index, |t| {
         let ratio = log_ratio(policy_logp[t], reference_logp[t]);
         match clamp {
             Some(c) => ratio.clamp(c.min as f64, c.max as f64),
             None => ratio,
         }
-    }))
+    })
 }
 
 /// Backward of the sums: each counted token of sequence `i` receives `grad_seq[i]`, ignored
@@ -219,10 +231,10 @@ fn masked_sums(
     labels: &[i32],
     ignore_index: i32,
     value: impl Fn(usize) -> f64,
-) -> SequenceSums {
+) -> Result<SequenceSums> {
     let mut out = SequenceSums {
-        sums: Vec::with_capacity(ranges.len()),
-        counts: Vec::with_capacity(ranges.len()),
+        sums: try_with_capacity(ranges.len(), "sums")?,
+        counts: try_with_capacity(ranges.len(), "counts")?,
     };
     for range in ranges {
         let (mut sum, mut count) = (0.0f64, 0u32);
@@ -235,7 +247,7 @@ fn masked_sums(
         out.sums.push(sum as f32);
         out.counts.push(count);
     }
-    out
+    Ok(out)
 }
 
 /// The per-token log-ratio, exact in f64 for f32 inputs.

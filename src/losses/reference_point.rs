@@ -68,16 +68,25 @@ impl ReferencePointPartial {
     }
 
     /// The partial of the union of both sets of KL pairs (what an all-reduce-sum computes).
-    pub fn merge(self, other: Self) -> Self {
-        Self {
+    ///
+    /// Errors: `InvalidShape` when the counts overflow `u64` (it would wrap to an "empty" batch).
+    pub fn merge(self, other: Self) -> Result<Self> {
+        let count = self.count.checked_add(other.count).ok_or_else(|| {
+            HaloError::InvalidShape(format!(
+                "merging KL partials of {} and {} pairs overflows u64",
+                self.count, other.count
+            ))
+        })?;
+        Ok(Self {
             sum: self.sum + other.sum,
-            count: self.count + other.count,
-        }
+            count,
+        })
     }
 
-    /// In-place [`merge`](Self::merge).
-    pub fn add(&mut self, other: Self) {
-        *self = self.merge(other);
+    /// In-place [`merge`](Self::merge) (unchanged on error).
+    pub fn add(&mut self, other: Self) -> Result<()> {
+        *self = self.merge(other)?;
+        Ok(())
     }
 
     /// The unclamped mean log-ratio, `None` when `count == 0`.

@@ -277,12 +277,35 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn parse<'a>(buffer: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(buffer).map_err(|e| {
+    let st = SafeTensors::deserialize(buffer).map_err(|e| {
         ckpt_err(format!(
             "{} is not a valid safetensors file: {e}",
             path.display()
         ))
-    })
+    })?;
+    refuse_duplicates(&st, path)?;
+    Ok(st)
+}
+
+/// Refuses a file holding one tensor under both accepted names (`wpe.weight` and
+/// `transformer.wpe.weight`): which of the two would be loaded is ambiguous.
+fn refuse_duplicates(st: &SafeTensors<'_>, path: &Path) -> Result<()> {
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        if name.starts_with("transformer.") {
+            continue;
+        }
+        let long = format!("transformer.{name}");
+        if st.tensor(&long).is_ok() {
+            return Err(ckpt_err(format!(
+                "{}: holds both `{name}` and `{long}` (the same tensor under its two accepted \
+                 names); keep one",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn stored_config(buffer: &[u8], path: &Path) -> Result<Option<GptConfig>> {
@@ -353,35 +376,48 @@ fn is_ignorable(name: &str) -> bool {
 }
 
 fn load_into(st: &SafeTensors<'_>, config: GptConfig) -> Result<Gpt> {
-    let skeleton = Gpt::zeros(config)?;
+    // Names and shapes first (validates the config): nothing the size of the model is allocated
+    // until every tensor of the file has been checked against them.
+    let shapes = Gpt::parameter_shapes(config)?;
+    let has_slot = |name: &str| {
+        shapes
+            .iter()
+            .any(|(p, _)| p == name || p.strip_prefix("transformer.") == Some(name))
+    };
     // A tensor the model has no slot for means the file is for another config (e.g. more layers).
     for name in st.names() {
-        if !is_ignorable(name) && skeleton.parameter_index(name).is_none() {
+        if !is_ignorable(name) && !has_slot(name) {
             return Err(ckpt_err(format!(
                 "unexpected tensor `{name}`: the checkpoint does not match the config {config:?}"
             )));
         }
     }
-    let mut params: Vec<Parameter> = Vec::with_capacity(skeleton.parameters().len());
-    for p in skeleton.parameters() {
-        let t =
-            find(st, &p.name).ok_or_else(|| ckpt_err(format!("missing tensor `{}`", p.name)))?;
-        if t.shape() != p.shape.as_slice() {
+    let mut views = Vec::with_capacity(shapes.len());
+    for (name, shape) in &shapes {
+        let t = find(st, name).ok_or_else(|| ckpt_err(format!("missing tensor `{name}`")))?;
+        if t.shape() != shape.as_slice() {
             return Err(ckpt_err(format!(
-                "tensor `{}` has shape {:?} in the file but the model expects {:?}",
-                p.name,
+                "tensor `{name}` has shape {:?} in the file but the model expects {shape:?}",
                 t.shape(),
-                p.shape
             )));
         }
+        views.push(t);
+    }
+    let mut params: Vec<Parameter> = Vec::with_capacity(shapes.len());
+    for ((name, shape), t) in shapes.into_iter().zip(views) {
         let data = decode(t.dtype(), t.data()).ok_or_else(|| {
             ckpt_err(format!(
-                "tensor `{}` has dtype {:?}; only F32, BF16 and F16 are supported",
-                p.name,
+                "tensor `{name}` has dtype {:?}; only F32, BF16 and F16 are supported",
                 t.dtype()
             ))
         })?;
-        params.push(Parameter { data, ..p.clone() });
+        if let Some(index) = data.iter().position(|v| !v.is_finite()) {
+            return Err(ckpt_err(format!(
+                "tensor `{name}` holds a non-finite value ({}) at flat index {index}",
+                data[index]
+            )));
+        }
+        params.push(Parameter { name, shape, data });
     }
     Ok(Gpt::from_parts(config, params))
 }

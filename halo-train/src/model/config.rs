@@ -26,8 +26,35 @@ pub struct GptConfig {
     pub dropout: f32,
 }
 
+/// Upper bound on each size of a [`GptConfig`] (`n_layer`, `n_head`, `n_embd`, `vocab_size`,
+/// `n_ctx`): `2^24`. Far above any GPT-2 (the largest has 48 layers, 1 600 wide, 50 257 ids), and
+/// low enough that a product of two sizes cannot overflow `usize` on 64-bit targets.
+pub const MAX_CONFIG_DIM: usize = 1 << 24;
+
+/// Upper bound on [`GptConfig::num_parameters`]: `2^34` scalars (64 GiB of f32). A config above
+/// it (e.g. from a corrupt or hostile checkpoint header) is refused before anything is allocated.
+pub const MAX_PARAMETERS: usize = 1 << 34;
+
 impl GptConfig {
-    /// Checks every field; `n_embd` must be divisible by `n_head`.
+    /// The number of scalars the model's parameters hold (the tied embedding counted once), or
+    /// `None` if that overflows `usize`. Computed with checked arithmetic, so any field values
+    /// are safe to pass.
+    pub fn num_parameters(&self) -> Option<usize> {
+        let c = self.n_embd;
+        let c2 = c.checked_mul(c)?;
+        // Per block: 2 layer norms (4c), c_attn (3c² + 3c), attn c_proj (c² + c),
+        // c_fc (4c² + 4c), mlp c_proj (4c² + c): 12c² + 13c.
+        let block = c2.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
+        let blocks = block.checked_mul(self.n_layer)?;
+        let wte = self.vocab_size.checked_mul(c)?;
+        let wpe = self.n_ctx.checked_mul(c)?;
+        wte.checked_add(wpe)?
+            .checked_add(blocks)?
+            .checked_add(c.checked_mul(2)?)
+    }
+
+    /// Checks every field: each size in `1..=`[`MAX_CONFIG_DIM`], `n_embd` divisible by
+    /// `n_head`, at most [`MAX_PARAMETERS`] parameters in all, `dropout` in `[0, 1)`.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("n_layer", self.n_layer),
@@ -44,6 +71,13 @@ impl GptConfig {
                     reason: "must be at least 1",
                 });
             }
+            if value > MAX_CONFIG_DIM {
+                return Err(HaloError::InvalidHyperParameter {
+                    name,
+                    value: value as f64,
+                    reason: "must be at most MAX_CONFIG_DIM = 2^24",
+                });
+            }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(HaloError::InvalidHyperParameter {
@@ -58,6 +92,16 @@ impl GptConfig {
                 value: self.dropout as f64,
                 reason: "must be in [0, 1)",
             });
+        }
+        match self.num_parameters() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            n => {
+                return Err(HaloError::InvalidHyperParameter {
+                    name: "num_parameters",
+                    value: n.map_or(f64::INFINITY, |n| n as f64),
+                    reason: "the config's parameter count must be at most MAX_PARAMETERS = 2^34",
+                })
+            }
         }
         Ok(())
     }
@@ -245,11 +289,11 @@ impl GptConfig {
             )));
         }
         if let Some(n_inner) = keys.usize_opt("n_inner")? {
-            if n_inner != 4 * n_embd {
+            if n_embd.checked_mul(4) != Some(n_inner) {
                 return Err(keys.err(format!(
                     "n_inner = {n_inner} is not supported (only null or 4 · n_embd = {}: the MLP \
                      width is fixed)",
-                    4 * n_embd
+                    n_embd as u128 * 4
                 )));
             }
         }

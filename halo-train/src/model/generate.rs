@@ -30,8 +30,9 @@ impl Gpt {
     /// early right after producing `stop_token` (which is included in the output). When the
     /// sequence grows past `n_ctx`, only the last `n_ctx` tokens are fed to the model.
     ///
-    /// Errors: an empty prompt, a prompt token outside the vocabulary, `k == 0`, or a
-    /// non-positive / non-finite temperature.
+    /// Errors: an empty prompt, a prompt token outside the vocabulary, `k == 0`, a
+    /// non-positive / non-finite temperature, or non-finite logits to sample from
+    /// ([`HaloError::NonFinite`] with `what: "logits"` and the first bad vocabulary index as `row`).
     pub fn generate<R: Rng + ?Sized>(
         &self,
         prompt: &[u32],
@@ -67,6 +68,14 @@ impl Gpt {
             let context = &tokens[tokens.len().saturating_sub(n_ctx)..];
             let logits = self.logits_inference(context, 1, context.len())?;
             let last = &logits[(context.len() - 1) * vocab..];
+            // NaN/inf logits (non-finite weights, an overflowing activation) would sample
+            // garbage silently: arg-max and the softmax both assume finite values.
+            if let Some(index) = last.iter().position(|v| !v.is_finite()) {
+                return Err(HaloError::NonFinite {
+                    what: "logits",
+                    row: index,
+                });
+            }
             let next = match sampling {
                 Sampling::Greedy => argmax(last),
                 Sampling::TopK { k, temperature } => sample_top_k(last, k, temperature, rng),

@@ -102,11 +102,24 @@ impl Gpt {
 
     /// The parameter list with every value 0 (the skeleton a checkpoint is loaded into).
     pub(crate) fn zeros(config: GptConfig) -> Result<Self> {
+        let params = Self::parameter_shapes(config)?
+            .into_iter()
+            .map(|(name, shape)| Parameter::zeros(name, shape))
+            .collect();
+        Ok(Self { config, params })
+    }
+
+    /// The name and shape of every parameter of a model with `config`, in index order, without
+    /// allocating any values. Validates `config` first (so the shapes' products cannot overflow).
+    pub(crate) fn parameter_shapes(config: GptConfig) -> Result<Vec<(String, Vec<usize>)>> {
         config.validate()?;
         let c = config.n_embd;
         let mut params = vec![
-            Parameter::zeros("transformer.wte.weight".into(), vec![config.vocab_size, c]),
-            Parameter::zeros("transformer.wpe.weight".into(), vec![config.n_ctx, c]),
+            (
+                "transformer.wte.weight".to_string(),
+                vec![config.vocab_size, c],
+            ),
+            ("transformer.wpe.weight".to_string(), vec![config.n_ctx, c]),
         ];
         for layer in 0..config.n_layer {
             for slot in BLOCK_PARAMS {
@@ -119,15 +132,12 @@ impl Gpt {
                     "mlp.c_proj.weight" => vec![4 * c, c],
                     _ => vec![c],
                 };
-                params.push(Parameter::zeros(
-                    format!("transformer.h.{layer}.{slot}"),
-                    shape,
-                ));
+                params.push((format!("transformer.h.{layer}.{slot}"), shape));
             }
         }
-        params.push(Parameter::zeros("transformer.ln_f.weight".into(), vec![c]));
-        params.push(Parameter::zeros("transformer.ln_f.bias".into(), vec![c]));
-        Ok(Self { config, params })
+        params.push(("transformer.ln_f.weight".into(), vec![c]));
+        params.push(("transformer.ln_f.bias".into(), vec![c]));
+        Ok(params)
     }
 
     /// The hyper-parameters the model was built with.
@@ -171,6 +181,7 @@ impl Gpt {
     }
 
     fn check_tokens(&self, input_ids: &[u32], batch: usize, seq: usize) -> Result<()> {
+        let n = tokens_len(batch, seq)?;
         if batch == 0 || seq == 0 {
             return Err(HaloError::InvalidShape(format!(
                 "batch ({batch}) and seq ({seq}) must both be at least 1"
@@ -182,10 +193,10 @@ impl Gpt {
                 self.config.n_ctx
             )));
         }
-        if input_ids.len() != batch * seq {
+        if input_ids.len() != n {
             return Err(HaloError::LengthMismatch {
                 what: "input_ids",
-                expected: batch * seq,
+                expected: n,
                 got: input_ids.len(),
             });
         }
@@ -258,10 +269,11 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        if targets.len() != batch * seq {
+        let n = tokens_len(batch, seq)?;
+        if targets.len() != n {
             return Err(HaloError::LengthMismatch {
                 what: "targets",
-                expected: batch * seq,
+                expected: n,
                 got: targets.len(),
             });
         }
@@ -321,6 +333,13 @@ impl Gpt {
     pub(crate) fn from_parts(config: GptConfig, params: Vec<Parameter>) -> Self {
         Self { config, params }
     }
+}
+
+/// `batch · seq`, or an error if the product overflows `usize` (sizes come from callers).
+fn tokens_len(batch: usize, seq: usize) -> Result<usize> {
+    batch.checked_mul(seq).ok_or_else(|| {
+        HaloError::InvalidShape(format!("batch ({batch}) · seq ({seq}) overflows usize"))
+    })
 }
 
 /// One `N(0, 1)` draw (Box–Muller; `rand` 0.8 has no normal distribution without `rand_distr`).

@@ -160,7 +160,16 @@ impl ArithmeticTask {
 
     /// Builds every data set; the same seed gives the same data.
     pub fn generate(&self, seed: u64) -> Result<TaskData> {
-        let n_pairs = (self.operand_limit * self.operand_limit) as usize;
+        let n_pairs = self
+            .operand_limit
+            .checked_mul(self.operand_limit)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                HaloError::InvalidShape(format!(
+                    "operand_limit {}: its square (the number of prompts) overflows",
+                    self.operand_limit
+                ))
+            })?;
         for (name, p) in [
             ("carry_error_rate", self.carry_error_rate),
             ("noise_rate", self.noise_rate),
@@ -173,7 +182,7 @@ impl ArithmeticTask {
                 });
             }
         }
-        if self.operand_limit < 2 || self.n_eval * 2 > n_pairs {
+        if self.operand_limit < 2 || self.n_eval.saturating_mul(2) > n_pairs {
             return Err(HaloError::InvalidShape(format!(
                 "operand_limit {} gives {n_pairs} prompts: too few to hold out {} for evaluation",
                 self.operand_limit, self.n_eval

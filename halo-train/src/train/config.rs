@@ -8,7 +8,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
-use halo_kernels::losses::{DpoLossType, KtoLossType};
+use halo_kernels::error::{HaloError, Result};
+use halo_kernels::losses::{DpoConfig, DpoLossType, KtoConfig, KtoLossType};
+
+use crate::model::GptConfig;
+use crate::train::arithmetic_task::ArithmeticTask;
+use crate::train::pipeline::N_CTX;
 
 /// The unpaired loss of the alignment stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -233,7 +238,263 @@ impl Default for TrainArgs {
     }
 }
 
+/// Upper bounds of the numeric flags, checked by [`TrainArgs::validate`] before any work starts
+/// (so an absurd value is a clear error, not an allocation abort hours later).
+pub mod limits {
+    /// `--batch-size`, `--pretrain-batch-size`: `2^16` sequences.
+    pub const MAX_BATCH_SIZE: usize = 1 << 16;
+    /// `--pretrain-steps`, `--sft-steps`, `--kto-steps`: `2^24` optimizer steps.
+    pub const MAX_STEPS: usize = 1 << 24;
+    /// `--n-layer`: 128 blocks.
+    pub const MAX_N_LAYER: usize = 128;
+    /// `--n-head`: 128 heads.
+    pub const MAX_N_HEAD: usize = 128;
+    /// `--n-embd`: 8 192 wide.
+    pub const MAX_N_EMBD: usize = 8192;
+    /// The model the flags describe (with the byte-level vocabulary): at most `2^28` parameters
+    /// (1 GiB of f32, about 4 GiB with gradients and AdamW state).
+    pub const MAX_MODEL_PARAMETERS: usize = 1 << 28;
+    /// `--operand-limit`: 4 096 (the task holds all `operand_limit²` prompts, 16.8 M of them).
+    pub const MAX_OPERAND_LIMIT: u64 = 4096;
+    /// `--pretrain-lines`, `--sft-lines`: `2^24` lines.
+    pub const MAX_LINES: usize = 1 << 24;
+    /// `--n-eval`: `2^20` prompts (and at most half of the `operand_limit²` prompts).
+    pub const MAX_N_EVAL: usize = 1 << 20;
+    /// `--evals-per-stage`: 1 000.
+    pub const MAX_EVALS_PER_STAGE: usize = 1000;
+    /// `--samples-per-prompt`: 1 024.
+    pub const MAX_SAMPLES_PER_PROMPT: usize = 1024;
+    /// `--weight-ratio`: `1e6` (the paper's rule targets `[1, 4/3]`).
+    pub const MAX_WEIGHT_RATIO: f64 = 1e6;
+}
+
 impl TrainArgs {
+    /// Checks every flag before any work starts (the pipeline's first step; call it after
+    /// parsing to refuse a bad command line early). Bounds are in [`limits`]; the KTO (and, with
+    /// `--run-dpo`, DPO) hyper-parameters are checked by the core's `KtoConfig::validate` /
+    /// `DpoConfig::validate`; the model the flags describe by [`GptConfig::validate`].
+    ///
+    /// Errors: [`HaloError::InvalidHyperParameter`] naming the flag (with `_` for `-`), or
+    /// [`HaloError::InvalidShape`] for flags that conflict.
+    pub fn validate(&self) -> Result<()> {
+        use limits::*;
+        let bad = |name: &'static str, value: f64, reason: &'static str| {
+            Err(HaloError::InvalidHyperParameter {
+                name,
+                value,
+                reason,
+            })
+        };
+        if self.batch_size < 2 {
+            return bad(
+                "batch_size",
+                self.batch_size as f64,
+                "KTO needs at least 2 examples per batch for mismatched KL pairs",
+            );
+        }
+        if self.pretrain_batch_size == 0 {
+            return bad("pretrain_batch_size", 0.0, "must be at least 1");
+        }
+        if self.pretrain_lines == 0 {
+            return bad("pretrain_lines", 0.0, "must be at least 1");
+        }
+        if self.sft_lines == 0 && !self.skip_sft {
+            return bad("sft_lines", 0.0, "must be at least 1 (or use --skip-sft)");
+        }
+        if self.samples_per_prompt == 0 && self.preference_data == PreferenceSource::Sampled {
+            return bad(
+                "samples_per_prompt",
+                0.0,
+                "sampled preference data needs at least 1 sample per prompt",
+            );
+        }
+        if self.n_eval == 0 {
+            return bad(
+                "n_eval",
+                0.0,
+                "must be at least 1 (every stage's score is a rate over the held-out prompts)",
+            );
+        }
+        let upper: [(&'static str, usize, usize, &'static str); 11] = [
+            (
+                "batch_size",
+                self.batch_size,
+                MAX_BATCH_SIZE,
+                "must be at most 2^16",
+            ),
+            (
+                "pretrain_batch_size",
+                self.pretrain_batch_size,
+                MAX_BATCH_SIZE,
+                "must be at most 2^16",
+            ),
+            (
+                "pretrain_steps",
+                self.pretrain_steps,
+                MAX_STEPS,
+                "must be at most 2^24",
+            ),
+            (
+                "sft_steps",
+                self.sft_steps,
+                MAX_STEPS,
+                "must be at most 2^24",
+            ),
+            (
+                "kto_steps",
+                self.kto_steps,
+                MAX_STEPS,
+                "must be at most 2^24",
+            ),
+            (
+                "pretrain_lines",
+                self.pretrain_lines,
+                MAX_LINES,
+                "must be at most 2^24",
+            ),
+            (
+                "sft_lines",
+                self.sft_lines,
+                MAX_LINES,
+                "must be at most 2^24",
+            ),
+            ("n_eval", self.n_eval, MAX_N_EVAL, "must be at most 2^20"),
+            (
+                "evals_per_stage",
+                self.evals_per_stage,
+                MAX_EVALS_PER_STAGE,
+                "must be at most 1000",
+            ),
+            (
+                "samples_per_prompt",
+                self.samples_per_prompt,
+                MAX_SAMPLES_PER_PROMPT,
+                "must be at most 1024",
+            ),
+            ("n_layer", self.n_layer, MAX_N_LAYER, "must be at most 128"),
+        ];
+        for (name, value, max, reason) in upper {
+            if value > max {
+                return bad(name, value as f64, reason);
+            }
+        }
+        if self.n_head > MAX_N_HEAD {
+            return bad("n_head", self.n_head as f64, "must be at most 128");
+        }
+        if self.n_embd > MAX_N_EMBD {
+            return bad("n_embd", self.n_embd as f64, "must be at most 8192");
+        }
+        let model = GptConfig {
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            vocab_size: 257,
+            n_ctx: N_CTX,
+            dropout: 0.0,
+        };
+        model.validate()?;
+        if model
+            .num_parameters()
+            .is_none_or(|n| n > MAX_MODEL_PARAMETERS)
+        {
+            return bad(
+                "n_embd",
+                self.n_embd as f64,
+                "with this --n-layer the model has more than 2^28 parameters",
+            );
+        }
+
+        // ---- task ----
+        if !(2..=MAX_OPERAND_LIMIT).contains(&self.operand_limit) {
+            return bad(
+                "operand_limit",
+                self.operand_limit as f64,
+                "must be in [2, 4096]",
+            );
+        }
+        for (name, p) in [
+            ("carry_error_rate", self.carry_error_rate),
+            ("noise_rate", self.noise_rate),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(name, p, "must be a probability in [0, 1]");
+            }
+        }
+        // Bounded above, so the square cannot overflow.
+        let n_prompts = self.operand_limit * self.operand_limit;
+        if (self.n_eval as u64).saturating_mul(2) > n_prompts {
+            return Err(HaloError::InvalidShape(format!(
+                "--n-eval {} is more than half of the {n_prompts} prompts --operand-limit {} gives",
+                self.n_eval, self.operand_limit
+            )));
+        }
+        let samples_written =
+            self.preferences.is_none() && self.preference_data == PreferenceSource::Sampled;
+        if self.kto_data == KtoData::AllSamples && !samples_written {
+            return Err(HaloError::InvalidShape(
+                "--kto-data all-samples needs --preference-data sampled and no --preferences file"
+                    .into(),
+            ));
+        }
+        if self.preference_data == PreferenceSource::Sampled
+            && ArithmeticTask::default()
+                .n_preferences
+                .checked_mul(self.samples_per_prompt)
+                .is_none()
+        {
+            return bad(
+                "samples_per_prompt",
+                self.samples_per_prompt as f64,
+                "the number of samples overflows",
+            );
+        }
+        if !(self.sample_temperature.is_finite() && self.sample_temperature > 0.0) {
+            return bad(
+                "sample_temperature",
+                self.sample_temperature as f64,
+                "must be finite and > 0",
+            );
+        }
+
+        // ---- alignment ----
+        if !(self.desirable_fraction > 0.0 && self.desirable_fraction <= 1.0) {
+            return bad(
+                "desirable_fraction",
+                self.desirable_fraction,
+                "must be in (0, 1]",
+            );
+        }
+        if !(self.weight_ratio.is_finite()
+            && self.weight_ratio > 0.0
+            && self.weight_ratio <= MAX_WEIGHT_RATIO)
+        {
+            return bad("weight_ratio", self.weight_ratio, "must be in (0, 1e6]");
+        }
+        // λ_D defaults to a finite positive value from --weight-ratio (checked above); check the
+        // given ones and β with the loss's own rules.
+        KtoConfig {
+            beta: self.beta,
+            desirable_weight: self.desirable_weight.unwrap_or(1.0),
+            undesirable_weight: self.undesirable_weight.unwrap_or(1.0),
+            loss_type: self.loss_type.into(),
+        }
+        .validate()?;
+        if self.run_dpo {
+            DpoConfig {
+                beta: self.beta,
+                loss_type: self.dpo_loss_type.into(),
+                ..DpoConfig::default()
+            }
+            .validate()?;
+        }
+        for (name, lr) in [("lr", self.lr), ("pretrain_lr", self.pretrain_lr)] {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return bad(name, lr as f64, "must be finite and >= 0");
+            }
+        }
+        Ok(())
+    }
+
     /// `runs/<name>` unless `--output-dir` was given.
     pub fn resolved_output_dir(&self) -> PathBuf {
         if let Some(dir) = &self.output_dir {

@@ -82,7 +82,7 @@ fn checkpoint(model: &Gpt, dir: &Path, stage: &str) -> Result<()> {
 /// (when `progress` is set).
 pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let started = Instant::now();
-    validate(args)?;
+    args.validate()?;
     let tok = TextTokenizer::from_flags(args.tokenizer.as_deref(), args.eos_token.as_deref())?;
     let out_dir = args.resolved_output_dir();
     std::fs::create_dir_all(out_dir.join("data")).map_err(|e| io_error(&out_dir, e))?;
@@ -382,58 +382,4 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     }
     std::fs::write(&summary_path, text).map_err(|e| io_error(&summary_path, e))?;
     Ok(summary)
-}
-
-fn validate(args: &TrainArgs) -> Result<()> {
-    let bad = |name: &'static str, value: f64, reason: &'static str| {
-        Err(HaloError::InvalidHyperParameter {
-            name,
-            value,
-            reason,
-        })
-    };
-    if args.batch_size < 2 {
-        return bad(
-            "batch_size",
-            args.batch_size as f64,
-            "KTO needs at least 2 examples per batch for mismatched KL pairs",
-        );
-    }
-    if args.pretrain_batch_size == 0 {
-        return bad("pretrain_batch_size", 0.0, "must be at least 1");
-    }
-    if args.pretrain_lines == 0 {
-        return bad("pretrain_lines", 0.0, "must be at least 1");
-    }
-    if args.sft_lines == 0 && !args.skip_sft {
-        return bad("sft_lines", 0.0, "must be at least 1 (or use --skip-sft)");
-    }
-    if args.samples_per_prompt == 0 && args.preference_data == PreferenceSource::Sampled {
-        return bad(
-            "samples_per_prompt",
-            0.0,
-            "sampled preference data needs at least 1 sample per prompt",
-        );
-    }
-    let samples_written =
-        args.preferences.is_none() && args.preference_data == PreferenceSource::Sampled;
-    if args.kto_data == KtoData::AllSamples && !samples_written {
-        return Err(HaloError::InvalidShape(
-            "--kto-data all-samples needs --preference-data sampled and no --preferences file"
-                .into(),
-        ));
-    }
-    if !(args.desirable_fraction > 0.0 && args.desirable_fraction <= 1.0) {
-        return bad(
-            "desirable_fraction",
-            args.desirable_fraction,
-            "must be in (0, 1]",
-        );
-    }
-    for (name, lr) in [("lr", args.lr), ("pretrain_lr", args.pretrain_lr)] {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return bad(name, lr as f64, "must be finite and >= 0");
-        }
-    }
-    Ok(())
 }

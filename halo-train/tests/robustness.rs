@@ -1,0 +1,353 @@
+//! Untrusted sizes, bad weights and bad flags become clear `HaloError`s, never a panic, an abort
+//! (allocation) or a silent NaN. Every input here is small: nothing allocates more than kilobytes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use halo_kernels::HaloError;
+use halo_train::model::config::{MAX_CONFIG_DIM, MAX_PARAMETERS};
+use halo_train::model::{DTypeOnDisk, Gpt, GptConfig, Sampling};
+use halo_train::train::TrainArgs;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+fn config() -> GptConfig {
+    GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 8,
+        vocab_size: 11,
+        n_ctx: 6,
+        dropout: 0.0,
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("halo_robust_{}_{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `tensors` (name → (shape, f32 data)) with optional metadata.
+fn write_raw(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| bytemuck::cast_slice(d).to_vec())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &metadata, path).unwrap();
+}
+
+fn as_raw(model: &Gpt) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    model
+        .parameters()
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone(), p.data.clone()))
+        .collect()
+}
+
+fn expect_err<T: std::fmt::Debug>(result: halo_kernels::error::Result<T>) -> String {
+    match result {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ---- 1. sizes from untrusted input ----
+
+#[test]
+fn config_validate_bounds_each_size() {
+    config().validate().unwrap();
+    for field in 0..5 {
+        let mut c = config();
+        let huge = 1usize << 40;
+        match field {
+            0 => c.n_layer = huge,
+            1 => c.n_head = huge,
+            2 => c.n_embd = huge,
+            3 => c.vocab_size = huge,
+            _ => c.n_ctx = huge,
+        }
+        let msg = expect_err(c.validate());
+        assert!(msg.contains("MAX_CONFIG_DIM"), "{msg}");
+    }
+    let mut at_limit = config();
+    at_limit.n_ctx = MAX_CONFIG_DIM;
+    at_limit.validate().unwrap();
+    at_limit.n_ctx = MAX_CONFIG_DIM + 1;
+    assert!(at_limit.validate().is_err());
+}
+
+#[test]
+fn config_validate_bounds_the_parameter_count() {
+    // Every size within MAX_CONFIG_DIM, but 12·n_embd²·n_layer is far above MAX_PARAMETERS.
+    let c = GptConfig {
+        n_layer: 1 << 20,
+        n_head: 1,
+        n_embd: 1 << 20,
+        vocab_size: 1,
+        n_ctx: 1,
+        dropout: 0.0,
+    };
+    let msg = expect_err(c.validate());
+    assert!(msg.contains("MAX_PARAMETERS"), "{msg}");
+    // Overflowing usize is reported as such, not wrapped.
+    let c = GptConfig {
+        n_embd: usize::MAX / 2,
+        ..config()
+    };
+    assert_eq!(c.num_parameters(), None);
+    // The count is exact for a real model.
+    let model = Gpt::new(config(), 0).unwrap();
+    assert_eq!(config().num_parameters(), Some(model.num_parameters()));
+    assert!(model.num_parameters() <= MAX_PARAMETERS);
+}
+
+#[test]
+fn checkpoint_with_huge_n_ctx_in_metadata_is_refused_before_allocating() {
+    let dir = temp_dir("huge_ctx");
+    let path = dir.join("tiny.safetensors");
+    let huge = GptConfig {
+        n_ctx: 1 << 40,
+        ..config()
+    };
+    let metadata = HashMap::from([(
+        "halo_gpt_config".to_string(),
+        serde_json::to_string(&huge).unwrap(),
+    )]);
+    write_raw(
+        &path,
+        &[("wte.weight".into(), vec![1, 2], vec![0.0, 0.0])],
+        Some(metadata),
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() < 400);
+    let msg = expect_err(Gpt::load_safetensors(&path));
+    assert!(msg.contains("n_ctx"), "{msg}");
+    // The caller-given config path validates too.
+    let msg = expect_err(Gpt::load_safetensors_with_config(&path, huge));
+    assert!(msg.contains("n_ctx"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn checkpoint_config_json_with_huge_sizes_is_refused() {
+    let dir = temp_dir("huge_hf");
+    write_raw(
+        &dir.join("model.safetensors"),
+        &[("wte.weight".into(), vec![1, 2], vec![0.0, 0.0])],
+        None,
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type":"gpt2","n_positions":1099511627776,"n_embd":64,"n_head":1,"n_layer":1,"vocab_size":5}"#,
+    )
+    .unwrap();
+    let msg = expect_err(Gpt::load_pretrained(&dir));
+    assert!(msg.contains("n_ctx"), "{msg}");
+    // n_inner with a huge n_embd: no overflow of 4 · n_embd.
+    let text = format!(r#"{{"n_embd":{},"n_head":1,"n_inner":4}}"#, usize::MAX / 2);
+    assert!(GptConfig::from_hf_config_json(&text).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn overflowing_batch_times_seq_is_an_error() {
+    let model = Gpt::new(config(), 0).unwrap();
+    let msg = expect_err(model.logits_inference(&[], 1 << 63, 2));
+    assert!(msg.contains("overflows"), "{msg}");
+    let msg = expect_err(model.token_logprobs_inference(&[], &[], 1 << 63, 2));
+    assert!(msg.contains("overflows"), "{msg}");
+    // Ordinary sizes still work.
+    assert_eq!(model.logits_inference(&[1, 2], 1, 2).unwrap().len(), 2 * 11);
+}
+
+// ---- 2. the loader and generate ----
+
+#[test]
+fn loader_refuses_non_finite_weights_naming_tensor_and_index() {
+    let dir = temp_dir("nan");
+    for (bad, label) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let mut model = Gpt::new(config(), 1).unwrap();
+        for (name, data) in model.parameters_mut() {
+            if name == "transformer.h.0.mlp.c_fc.bias" {
+                data[5] = bad;
+            }
+        }
+        let path = dir.join(format!("{label}.safetensors"));
+        model.save_safetensors(&path, DTypeOnDisk::F32).unwrap();
+        let msg = expect_err(Gpt::load_safetensors(&path));
+        assert!(
+            msg.contains("transformer.h.0.mlp.c_fc.bias") && msg.contains("index 5"),
+            "{msg}"
+        );
+        assert!(msg.contains("non-finite"), "{msg}");
+    }
+    // A finite model still loads.
+    let model = Gpt::new(config(), 1).unwrap();
+    let path = dir.join("ok.safetensors");
+    model.save_safetensors(&path, DTypeOnDisk::F32).unwrap();
+    assert_eq!(Gpt::load_safetensors(&path).unwrap(), model);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn loader_refuses_a_tensor_under_both_names() {
+    let dir = temp_dir("dup");
+    let model = Gpt::new(config(), 2).unwrap();
+    let mut tensors = as_raw(&model);
+    let wpe = tensors
+        .iter()
+        .find(|t| t.0 == "transformer.wpe.weight")
+        .unwrap()
+        .clone();
+    tensors.push(("wpe.weight".into(), wpe.1, wpe.2));
+    let path = dir.join("dup.safetensors");
+    write_raw(&path, &tensors, None);
+    let msg = expect_err(Gpt::load_safetensors(&path));
+    assert!(
+        msg.contains("`wpe.weight`") && msg.contains("`transformer.wpe.weight`"),
+        "{msg}"
+    );
+    let msg = expect_err(Gpt::load_safetensors_with_config(&path, config()));
+    assert!(msg.contains("wpe.weight"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn generate_refuses_non_finite_logits() {
+    let mut model = Gpt::new(config(), 3).unwrap();
+    for (name, data) in model.parameters_mut() {
+        if name == "transformer.ln_f.bias" {
+            data[0] = f32::NAN;
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for sampling in [
+        Sampling::Greedy,
+        Sampling::TopK {
+            k: 3,
+            temperature: 1.0,
+        },
+    ] {
+        let err = model
+            .generate(&[1, 2], 3, sampling, &mut rng, None)
+            .unwrap_err();
+        assert!(
+            matches!(err, HaloError::NonFinite { what: "logits", .. }),
+            "{err}"
+        );
+    }
+    // Finite weights generate as before.
+    let model = Gpt::new(config(), 3).unwrap();
+    let out = model
+        .generate(&[1, 2], 3, Sampling::Greedy, &mut rng, None)
+        .unwrap();
+    assert_eq!(out.len(), 3);
+}
+
+// ---- 3. flags, through the parse + validate the binary does ----
+
+fn validate(flags: &[&str]) -> halo_kernels::error::Result<()> {
+    let args = TrainArgs::try_parse_from(std::iter::once("train_kto").chain(flags.iter().copied()))
+        .unwrap_or_else(|e| panic!("{flags:?} should parse: {e}"));
+    args.validate()
+}
+
+#[test]
+fn default_flags_validate() {
+    validate(&[]).unwrap();
+    validate(&["--run-dpo", "--beta", "0.1", "--desirable-weight", "2"]).unwrap();
+}
+
+#[test]
+fn kto_and_dpo_hyper_parameters_are_checked_up_front() {
+    for (flags, name) in [
+        (&["--beta", "0"][..], "beta"),
+        (&["--beta=-1"], "beta"),
+        (&["--beta", "NaN"], "beta"),
+        (&["--beta", "inf"], "beta"),
+        (&["--desirable-weight=-1"], "desirable_weight"),
+        (&["--desirable-weight", "NaN"], "desirable_weight"),
+        (&["--undesirable-weight=-0.5"], "undesirable_weight"),
+        (&["--undesirable-weight", "inf"], "undesirable_weight"),
+        (&["--weight-ratio", "0"], "weight_ratio"),
+        (&["--weight-ratio=-2"], "weight_ratio"),
+        (&["--weight-ratio", "NaN"], "weight_ratio"),
+        (&["--weight-ratio", "1e300"], "weight_ratio"),
+    ] {
+        let msg = expect_err(validate(flags));
+        assert!(msg.contains(&format!("`{name}`")), "{flags:?}: {msg}");
+    }
+}
+
+#[test]
+fn sample_temperature_and_n_eval_are_checked() {
+    for t in ["0", "NaN", "-1", "inf"] {
+        let flag = format!("--sample-temperature={t}");
+        let msg = expect_err(validate(&[&flag]));
+        assert!(msg.contains("sample_temperature"), "{t}: {msg}");
+    }
+    let msg = expect_err(validate(&["--n-eval", "0"]));
+    assert!(msg.contains("n_eval"), "{msg}");
+    // More held-out prompts than the task has.
+    assert!(validate(&["--operand-limit", "10", "--n-eval", "51"]).is_err());
+}
+
+#[test]
+fn numeric_flags_have_upper_bounds() {
+    for (flags, name) in [
+        (&["--operand-limit", "100000"][..], "operand_limit"),
+        (&["--operand-limit", "4294967296"], "operand_limit"),
+        (&["--operand-limit", "1"], "operand_limit"),
+        (&["--n-embd", "1048576", "--n-head", "1"], "n_embd"),
+        (
+            &["--n-embd", "8192", "--n-head", "1", "--n-layer", "128"],
+            "num_parameters",
+        ),
+        (
+            &["--n-embd", "4096", "--n-head", "1", "--n-layer", "16"],
+            "2^28 parameters",
+        ),
+        (&["--n-layer", "1000000"], "n_layer"),
+        (&["--n-head", "1000000"], "n_head"),
+        (&["--pretrain-lines", "100000000000"], "pretrain_lines"),
+        (&["--sft-lines", "100000000000"], "sft_lines"),
+        (
+            &["--samples-per-prompt", "1000000000000"],
+            "samples_per_prompt",
+        ),
+        (&["--batch-size", "100000000000"], "batch_size"),
+        (
+            &["--pretrain-batch-size", "100000000000"],
+            "pretrain_batch_size",
+        ),
+        (&["--pretrain-steps", "100000000000"], "pretrain_steps"),
+        (&["--kto-steps", "100000000000"], "kto_steps"),
+        (&["--n-eval", "100000000000"], "n_eval"),
+        (&["--evals-per-stage", "100000000000"], "evals_per_stage"),
+        (&["--carry-error-rate", "1.5"], "carry_error_rate"),
+        (&["--noise-rate", "NaN"], "noise_rate"),
+    ] {
+        let msg = expect_err(validate(flags));
+        assert!(msg.contains(name), "{flags:?}: {msg}");
+    }
+    // n_head must still divide n_embd.
+    assert!(validate(&["--n-embd", "130", "--n-head", "4"]).is_err());
+}
