@@ -1,12 +1,14 @@
 //! Safetensors save/load: round trips in f32 and bf16, Hugging Face naming, and refusals.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+mod checkpoint_support;
+
+use checkpoint_support::{as_raw, write_raw};
 use halo_kernels::HaloError;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 fn config() -> GptConfig {
     GptConfig {
@@ -27,37 +29,6 @@ fn temp_path(name: &str) -> PathBuf {
 }
 
 const IDS: [u32; 6] = [1, 5, 12, 0, 7, 3];
-
-/// Writes `tensors` (name → (shape, f32 data)) with optional metadata.
-fn write_raw(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: Option<HashMap<String, String>>,
-) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, d)| bytemuck::cast_slice(d).to_vec())
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &metadata, path).unwrap();
-}
-
-fn as_raw(model: &Gpt) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    model
-        .parameters()
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone(), p.data.clone()))
-        .collect()
-}
 
 #[test]
 fn f32_round_trip_is_exact() {

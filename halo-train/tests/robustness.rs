@@ -2,8 +2,11 @@
 //! (allocation) or a silent NaN. Every input here is small: nothing allocates more than kilobytes.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+mod checkpoint_support;
+
+use checkpoint_support::{as_raw, write_raw};
 use clap::Parser;
 use halo_kernels::HaloError;
 use halo_train::model::config::{MAX_CONFIG_DIM, MAX_PARAMETERS};
@@ -11,8 +14,6 @@ use halo_train::model::{DTypeOnDisk, Gpt, GptConfig, Sampling};
 use halo_train::train::TrainArgs;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 
 fn config() -> GptConfig {
     GptConfig {
@@ -30,37 +31,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Writes `tensors` (name → (shape, f32 data)) with optional metadata.
-fn write_raw(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: Option<HashMap<String, String>>,
-) {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, d)| bytemuck::cast_slice(d).to_vec())
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &metadata, path).unwrap();
-}
-
-fn as_raw(model: &Gpt) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    model
-        .parameters()
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone(), p.data.clone()))
-        .collect()
 }
 
 fn expect_err<T: std::fmt::Debug>(result: halo_kernels::error::Result<T>) -> String {

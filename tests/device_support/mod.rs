@@ -427,31 +427,15 @@ impl Device for CudaBackend {
 
     fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
         let policy = up(self, batch.policy_logps)?;
-        let reference = up(self, batch.reference_logps)?;
-        let desirable: Vec<u8> = batch.is_desirable.iter().map(|&d| d as u8).collect();
-        let desirable = up(self, &desirable)?;
-        let kl_buffers = match batch.kl {
-            Some(KlInput::LogProbs { policy, reference }) => {
-                Some((up(self, policy)?, up(self, reference)?))
-            }
-            _ => None,
-        };
-        let kl = match (batch.kl, &kl_buffers) {
-            (Some(KlInput::Partial(p)), _) => Some(CudaKlInput::Partial(p)),
-            (Some(KlInput::LogProbs { .. }), Some((p, r))) => Some(CudaKlInput::LogProbs {
-                policy: p.as_view(),
-                reference: r.as_view(),
-            }),
-            _ => None,
-        };
+        let rest = KtoUploads::new(self, batch.reference_logps, batch.is_desirable, batch.kl)?;
         CudaBackend::kto_loss(
             self,
             config,
             &CudaKtoBatch {
                 policy_logps: policy.as_view(),
-                reference_logps: reference.as_view(),
-                is_desirable: desirable.as_view(),
-                kl,
+                reference_logps: rest.reference.as_view(),
+                is_desirable: rest.desirable.as_view(),
+                kl: rest.kl(),
             },
         )
     }
@@ -485,23 +469,7 @@ impl Device for CudaBackend {
     ) -> Result<LogitsStep<KtoOutput, T>> {
         let mut logits = up(self, policy.logits)?;
         let labels = up(self, policy.labels)?;
-        let reference = up(self, inputs.reference_logps)?;
-        let desirable: Vec<u8> = inputs.is_desirable.iter().map(|&d| d as u8).collect();
-        let desirable = up(self, &desirable)?;
-        let kl_buffers = match inputs.kl {
-            Some(KlInput::LogProbs { policy, reference }) => {
-                Some((up(self, policy)?, up(self, reference)?))
-            }
-            _ => None,
-        };
-        let kl = match (inputs.kl, &kl_buffers) {
-            (Some(KlInput::Partial(p)), _) => Some(CudaKlInput::Partial(p)),
-            (Some(KlInput::LogProbs { .. }), Some((p, r))) => Some(CudaKlInput::LogProbs {
-                policy: p.as_view(),
-                reference: r.as_view(),
-            }),
-            _ => None,
-        };
+        let rest = KtoUploads::new(self, inputs.reference_logps, inputs.is_desirable, inputs.kl)?;
         let out = CudaBackend::kto_step(
             self,
             config,
@@ -513,9 +481,9 @@ impl Device for CudaBackend {
                 layout: policy.layout,
             },
             &CudaKtoStepInputs {
-                reference_logps: reference.as_view(),
-                is_desirable: desirable.as_view(),
-                kl,
+                reference_logps: rest.reference.as_view(),
+                is_desirable: rest.desirable.as_view(),
+                kl: rest.kl(),
             },
         )?;
         download_step(self, out, &logits)
@@ -547,6 +515,53 @@ impl Device for CudaBackend {
             },
         )?;
         download_step(self, out, &logits)
+    }
+}
+
+/// A KTO batch's inputs besides the policy, uploaded: reference log-probs, feedback (as bytes),
+/// and the KL pairs (when given as log-probs).
+struct KtoUploads {
+    reference: halo_kernels::cuda::CudaSlice<f32>,
+    desirable: halo_kernels::cuda::CudaSlice<u8>,
+    kl_partial: Option<halo_kernels::losses::ReferencePointPartial>,
+    kl_logps: Option<(
+        halo_kernels::cuda::CudaSlice<f32>,
+        halo_kernels::cuda::CudaSlice<f32>,
+    )>,
+}
+
+impl KtoUploads {
+    fn new(
+        d: &CudaBackend,
+        reference: &[f32],
+        is_desirable: &[bool],
+        kl: Option<KlInput<'_>>,
+    ) -> Result<Self> {
+        let desirable: Vec<u8> = is_desirable.iter().map(|&x| x as u8).collect();
+        let (kl_partial, kl_logps) = match kl {
+            Some(KlInput::Partial(p)) => (Some(p), None),
+            Some(KlInput::LogProbs { policy, reference }) => {
+                (None, Some((up(d, policy)?, up(d, reference)?)))
+            }
+            None => (None, None),
+        };
+        Ok(KtoUploads {
+            reference: up(d, reference)?,
+            desirable: up(d, &desirable)?,
+            kl_partial,
+            kl_logps,
+        })
+    }
+
+    fn kl(&self) -> Option<CudaKlInput<'_>> {
+        match (&self.kl_partial, &self.kl_logps) {
+            (Some(p), _) => Some(CudaKlInput::Partial(*p)),
+            (None, Some((p, r))) => Some(CudaKlInput::LogProbs {
+                policy: p.as_view(),
+                reference: r.as_view(),
+            }),
+            (None, None) => None,
+        }
     }
 }
 
