@@ -43,7 +43,8 @@
 //! ```
 
 use crate::cpu::{
-    broadcast_sequence_grad, sequence_sums, token_logprobs, token_logprobs_backward, SequenceLayout,
+    broadcast_sequence_grad, sequence_sums, token_logprobs, token_logprobs_backward,
+    SequenceLayout, SequenceSums,
 };
 use crate::dtype::LogitElement;
 use crate::error::{HaloError, Result};
@@ -147,32 +148,18 @@ pub fn kto_step_tokens(
     policy: &TokenLogps<'_>,
     inputs: &KtoStepInputs<'_>,
 ) -> Result<TokenStep<KtoOutput>> {
-    let sums = sequence_sums(
-        policy.logps,
-        policy.labels,
-        policy.ignore_index,
-        policy.layout,
-    )?;
-    let loss = kto_loss(
-        config,
-        &KtoBatch {
-            policy_logps: &sums.sums,
-            reference_logps: inputs.reference_logps,
-            is_desirable: inputs.is_desirable,
-            kl: inputs.kl,
-        },
-    )?;
-    let token_grad = broadcast_sequence_grad(
-        &loss.grad_policy_logps,
-        policy.labels,
-        policy.ignore_index,
-        policy.layout,
-    )?;
-    Ok(TokenStep {
-        loss,
-        policy_logps: sums.sums,
-        token_counts: sums.counts,
-        token_grad,
+    token_step(policy, |sums| {
+        let loss = kto_loss(
+            config,
+            &KtoBatch {
+                policy_logps: &sums.sums,
+                reference_logps: inputs.reference_logps,
+                is_desirable: inputs.is_desirable,
+                kl: inputs.kl,
+            },
+        )?;
+        let grad_seq = loss.grad_policy_logps.clone();
+        Ok((loss, grad_seq))
     })
 }
 
@@ -183,30 +170,42 @@ pub fn dpo_step_tokens(
     policy: &TokenLogps<'_>,
     reference: &PairReference<'_>,
 ) -> Result<TokenStep<PairLossOutput>> {
+    token_step(policy, |sums| {
+        let n = pair_count(sums.sums.len())?;
+        let loss = dpo_loss(
+            config,
+            &PairBatch {
+                policy_chosen_logps: &sums.sums[..n],
+                policy_rejected_logps: &sums.sums[n..],
+                reference_chosen_logps: reference.chosen_logps,
+                reference_rejected_logps: reference.rejected_logps,
+                chosen_counts: Some(&sums.counts[..n]),
+                rejected_counts: Some(&sums.counts[n..]),
+            },
+        )?;
+        // One gradient per sequence, chosen then rejected, as the layout orders them.
+        let grad_seq = loss
+            .grad_chosen
+            .iter()
+            .chain(&loss.grad_rejected)
+            .copied()
+            .collect();
+        Ok((loss, grad_seq))
+    })
+}
+
+/// Sums per sequence, `loss` (→ the loss and one gradient per sequence), broadcast to tokens.
+fn token_step<L>(
+    policy: &TokenLogps<'_>,
+    loss: impl FnOnce(&SequenceSums) -> Result<(L, Vec<f32>)>,
+) -> Result<TokenStep<L>> {
     let sums = sequence_sums(
         policy.logps,
         policy.labels,
         policy.ignore_index,
         policy.layout,
     )?;
-    let n = pair_count(sums.sums.len())?;
-    let loss = dpo_loss(
-        config,
-        &PairBatch {
-            policy_chosen_logps: &sums.sums[..n],
-            policy_rejected_logps: &sums.sums[n..],
-            reference_chosen_logps: reference.chosen_logps,
-            reference_rejected_logps: reference.rejected_logps,
-            chosen_counts: Some(&sums.counts[..n]),
-            rejected_counts: Some(&sums.counts[n..]),
-        },
-    )?;
-    let grad_seq: Vec<f32> = loss
-        .grad_chosen
-        .iter()
-        .chain(&loss.grad_rejected)
-        .copied()
-        .collect();
+    let (loss, grad_seq) = loss(&sums)?;
     let token_grad =
         broadcast_sequence_grad(&grad_seq, policy.labels, policy.ignore_index, policy.layout)?;
     Ok(TokenStep {

@@ -1,9 +1,12 @@
 //! GPU tests: every kernel against its CPU op (the definitions, themselves checked against f64
 //! references in the CPU tests), at awkward and at large sizes, for every dtype.
 //!
-//! A `harness = false` test (libtest-mimic): without a usable CUDA GPU every test is reported as
-//! IGNORED by name, with "no CUDA GPU: <what was not run>", never as passed. Run on a GPU machine:
-//! `cargo test --release --test cuda_kernels` (see scripts/gpu_check.sh).
+//! A `harness = false` test (libtest-mimic): on the real GPU when there is one, else on the
+//! emulated CUDA device; with neither (or without a GPU under `HALO_REQUIRE_GPU=1`) every test is
+//! reported as IGNORED by name, with "no CUDA device: <what was not run>", never as passed. On a
+//! GPU machine: `cargo test --release --test cuda_kernels` (see scripts/gpu_check.sh).
+
+mod device_support;
 
 use std::sync::Arc;
 
@@ -26,14 +29,14 @@ type TestResult = Result<(), Failed>;
 struct GpuTest {
     name: &'static str,
     what: &'static str,
-    /// Sizes too big to emulate: run on a real GPU only, reported ignored by name on the emulated one.
-    real_gpu_only: bool,
     run: fn(&CudaBackend) -> TestResult,
 }
 
 fn main() {
     let args = Arguments::from_args();
-    let (backend, device) = backend_for_tests();
+    // The real GPU, else the emulated device (see `device_support::cuda_backend`): on a machine
+    // without a GPU every test runs on the emulated device, through the same wrappers.
+    let backend = device_support::cuda_backend().map(Arc::new);
     match &backend {
         Ok(b) => eprintln!(
             "cuda_kernels: running on {}",
@@ -50,54 +53,11 @@ fn main() {
                     "no CUDA device: {}",
                     t.what
                 ))),
-                Ok(_) if t.real_gpu_only && device == Device::Emulated => {
-                    Ok(Completion::ignored_with(format!(
-                        "needs a real GPU (too big to emulate): {}",
-                        t.what
-                    )))
-                }
                 Ok(b) => (t.run)(&b).map(|_| Completion::Completed),
             })
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Device {
-    Real,
-    Emulated,
-}
-
-/// The real GPU when there is one (and `HALO_CUDA_EMULATED` is not set), else the emulated device:
-/// on a machine without a GPU every test runs on the emulated device, through the same wrappers.
-/// `HALO_REQUIRE_GPU=1` forbids the fallback (every test is then ignored without a GPU).
-fn backend_for_tests() -> (Result<Arc<CudaBackend>, String>, Device) {
-    let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match CudaBackend::new() {
-        Ok(b) => {
-            let device = if b.is_emulated() {
-                Device::Emulated
-            } else {
-                Device::Real
-            };
-            (Ok(Arc::new(b)), device)
-        }
-        // On a GPU machine (scripts/gpu_check.sh) a missing GPU must not fall back silently.
-        Err(real) if require_gpu => (
-            Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}")),
-            Device::Real,
-        ),
-        Err(real) => match CudaBackend::emulated() {
-            Ok(b) => (Ok(Arc::new(b)), Device::Emulated),
-            Err(emulated) => (
-                Err(format!(
-                    "no GPU ({real}) and no emulated device ({emulated})"
-                )),
-                Device::Emulated,
-            ),
-        },
-    }
 }
 
 fn gpu_tests() -> Vec<GpuTest> {
@@ -106,15 +66,6 @@ fn gpu_tests() -> Vec<GpuTest> {
             GpuTest {
                 name: $name,
                 what: $what,
-                real_gpu_only: false,
-                run: $f,
-            }
-        };
-        (real_gpu_only $name:literal, $what:literal, $f:expr) => {
-            GpuTest {
-                name: $name,
-                what: $what,
-                real_gpu_only: true,
                 run: $f,
             }
         };

@@ -77,6 +77,12 @@ const char* first_corrupt(const char* p, size_t n) {
     return nullptr;
 }
 
+// First overwritten canary byte in `a`'s front red zone or tail padding, or nullptr.
+const char* first_corrupt_red_zone(const Allocation& a) {
+    const char* bad = first_corrupt(a.red_zone, size_t(a.data - a.red_zone));
+    return bad ? bad : first_corrupt(a.data + a.size, a.body - a.size);
+}
+
 }  // namespace
 
 size_t mem_capacity() {
@@ -147,8 +153,7 @@ Result mem_free(uint64_t ptr, const char* call) {
     }
     // A host-side overrun cannot happen (every copy is range checked) and kernels are checked after
     // each launch, so the red zones are intact here; checking once more costs little.
-    const char* bad = first_corrupt(a.red_zone, size_t(a.data - a.red_zone));
-    if (bad == nullptr) bad = first_corrupt(a.data + a.size, a.body - a.size);
+    const char* bad = first_corrupt_red_zone(a);
     std::string where = bad ? describe(a, uintptr_t(bad)) : "";
     munmap(a.map, a.map_len);
     if (bad) return fail(ERROR_ILLEGAL_ADDRESS, std::string(call) + ": red zone overwritten, " + where);
@@ -199,12 +204,10 @@ std::string check_red_zones() {
     std::string found;
     for (auto& entry : m.live) {
         Allocation& a = entry.second;
-        const size_t front = size_t(a.data - a.red_zone);
-        const char* bad = first_corrupt(a.red_zone, front);
-        if (bad == nullptr) bad = first_corrupt(a.data + a.size, a.body - a.size);
+        const char* bad = first_corrupt_red_zone(a);
         if (bad == nullptr) continue;
         if (found.empty()) found = "address " + hex(uintptr_t(bad)) + ", " + describe(a, uintptr_t(bad));
-        memset(a.red_zone, CANARY_BYTE, front);
+        memset(a.red_zone, CANARY_BYTE, size_t(a.data - a.red_zone));
         memset(a.data + a.size, CANARY_BYTE, a.body - a.size);
     }
     return found;

@@ -224,52 +224,37 @@ std::string join_sizes(const std::vector<size_t>& v) {
     return s + ")";
 }
 
-const char* error_name(CUresult code) {
-    switch (code) {
-        case SUCCESS: return "CUDA_SUCCESS";
-        case ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
-        case ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
-        case ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
-        case ERROR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
-        case ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
-        case ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
-        case ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
-        case ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
-        case ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
-        case ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
-        case ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
-        case ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
-        case ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
-        case ERROR_MISALIGNED_ADDRESS: return "CUDA_ERROR_MISALIGNED_ADDRESS";
-        case ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
-        case ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
-        case ERROR_UNKNOWN: return "CUDA_ERROR_UNKNOWN";
-        default: return nullptr;
-    }
-}
+// Every CUresult this library returns: cuda.h's name and cuGetErrorString's text.
+struct ErrorText {
+    Result code;
+    const char* name;
+    const char* text;
+};
+constexpr ErrorText ERROR_TEXTS[] = {
+    {SUCCESS, "CUDA_SUCCESS", "no error"},
+    {ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
+    {ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {ERROR_INVALID_PTX, "CUDA_ERROR_INVALID_PTX", "a PTX JIT compilation failed"},
+    {ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {ERROR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
+    {ERROR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {ERROR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
+    {ERROR_MISALIGNED_ADDRESS, "CUDA_ERROR_MISALIGNED_ADDRESS", "misaligned address"},
+    {ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
+    {ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"},
+};
 
-const char* error_string(CUresult code) {
-    switch (code) {
-        case SUCCESS: return "no error";
-        case ERROR_INVALID_VALUE: return "invalid argument";
-        case ERROR_OUT_OF_MEMORY: return "out of memory";
-        case ERROR_NOT_INITIALIZED: return "initialization error";
-        case ERROR_NO_DEVICE: return "no CUDA-capable device is detected";
-        case ERROR_INVALID_DEVICE: return "invalid device ordinal";
-        case ERROR_INVALID_IMAGE: return "device kernel image is invalid";
-        case ERROR_INVALID_CONTEXT: return "invalid device context";
-        case ERROR_INVALID_PTX: return "a PTX JIT compilation failed";
-        case ERROR_INVALID_HANDLE: return "invalid resource handle";
-        case ERROR_NOT_FOUND: return "named symbol not found";
-        case ERROR_NOT_READY: return "device not ready";
-        case ERROR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
-        case ERROR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
-        case ERROR_MISALIGNED_ADDRESS: return "misaligned address";
-        case ERROR_LAUNCH_FAILED: return "unspecified launch failure";
-        case ERROR_NOT_SUPPORTED: return "operation not supported";
-        case ERROR_UNKNOWN: return "unknown error";
-        default: return nullptr;
-    }
+const ErrorText* error_text(CUresult code) {
+    for (const ErrorText& e : ERROR_TEXTS)
+        if (e.code == code) return &e;
+    return nullptr;
 }
 
 // Device properties: an H100/H200-like Hopper part (what the kernels are tuned for).
@@ -280,7 +265,7 @@ constexpr unsigned MAX_THREADS_PER_BLOCK = 1024, MAX_SHARED_PER_BLOCK = 48 * 102
 
 namespace halo_driver {
 Result fail(Result code, const std::string& detail) {
-    t_last_error = std::string(error_name(code)) + ": " + detail;
+    t_last_error = std::string(error_text(code)->name) + ": " + detail;
     return code;
 }
 }  // namespace halo_driver
@@ -333,7 +318,8 @@ CUresult cuDriverGetVersion(int* version) {
 }
 
 CUresult cuGetErrorName(CUresult code, const char** out) {
-    const char* s = error_name(code);
+    const ErrorText* e = error_text(code);
+    const char* s = e ? e->name : nullptr;
     if (out == nullptr || s == nullptr) {
         if (out) *out = nullptr;
         return ERROR_INVALID_VALUE;
@@ -343,7 +329,8 @@ CUresult cuGetErrorName(CUresult code, const char** out) {
 }
 
 CUresult cuGetErrorString(CUresult code, const char** out) {
-    const char* s = error_string(code);
+    const ErrorText* e = error_text(code);
+    const char* s = e ? e->text : nullptr;
     if (out == nullptr || s == nullptr) {
         if (out) *out = nullptr;
         return ERROR_INVALID_VALUE;

@@ -73,8 +73,8 @@ impl CudaBackend {
         policy: CudaLogits<'_, impl DevicePtr<T> + DevicePtrMut<T>, impl DevicePtr<i32>>,
         inputs: &CudaKtoStepInputs<'_>,
     ) -> Result<CudaStep<KtoOutput>> {
-        self.step_from_logits(policy, |sums| {
-            let (loss, grad) = self.kto_loss_device(
+        self.step_from_logits(policy, |sums, _counts| {
+            self.kto_loss_device(
                 config,
                 &CudaKtoBatch {
                     policy_logps: sums.as_view(),
@@ -82,8 +82,7 @@ impl CudaBackend {
                     is_desirable: inputs.is_desirable.slice(..),
                     kl: inputs.kl.as_ref().map(CudaKlInput::reborrow),
                 },
-            )?;
-            Ok((loss, grad))
+            )
         })
     }
 
@@ -95,7 +94,7 @@ impl CudaBackend {
         policy: CudaLogits<'_, impl DevicePtr<T> + DevicePtrMut<T>, impl DevicePtr<i32>>,
         reference: &CudaPairReference<'_>,
     ) -> Result<CudaStep<PairLossOutput>> {
-        self.step_from_logits_with_counts(policy, |sums, counts| {
+        self.step_from_logits(policy, |sums, counts| {
             let n = pair_count(sums.len())?;
             let (loss, grads) = self.dpo_loss_device(
                 config,
@@ -123,16 +122,8 @@ impl CudaBackend {
         })
     }
 
-    fn step_from_logits<T: CudaLogit, L>(
-        &self,
-        policy: CudaLogits<'_, impl DevicePtr<T> + DevicePtrMut<T>, impl DevicePtr<i32>>,
-        loss: impl FnOnce(&CudaSlice<f32>) -> Result<(L, CudaSlice<f32>)>,
-    ) -> Result<CudaStep<L>> {
-        self.step_from_logits_with_counts(policy, |sums, _counts| loss(sums))
-    }
-
     /// Forward, sums, `loss` (→ the loss and one gradient per sequence), broadcast, backward.
-    fn step_from_logits_with_counts<T: CudaLogit, L>(
+    fn step_from_logits<T: CudaLogit, L>(
         &self,
         policy: CudaLogits<'_, impl DevicePtr<T> + DevicePtrMut<T>, impl DevicePtr<i32>>,
         loss: impl FnOnce(&CudaSlice<f32>, &CudaSlice<u32>) -> Result<(L, CudaSlice<f32>)>,

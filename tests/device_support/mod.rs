@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use halo_kernels::cpu::{self, LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
 use halo_kernels::cuda::{
     CudaBackend, CudaKlInput, CudaKtoBatch, CudaKtoStepInputs, CudaLogit, CudaLogits,
-    CudaPairBatch, CudaPairReference, CudaStep,
+    CudaPairBatch, CudaPairReference, CudaSequenceSums, CudaStep,
 };
 use halo_kernels::losses::{
     self, DpoConfig, KlInput, KtoBatch, KtoConfig, KtoOutput, PairBatch, PairLossOutput,
@@ -241,34 +241,28 @@ impl Device for Cpu {
     }
 }
 
-/// The CUDA backend shared by every test of the process: the real GPU when present (and
-/// `HALO_CUDA_EMULATED` is unset), else the emulated device (not with `HALO_REQUIRE_GPU=1`, as
-/// `scripts/gpu_check.sh` sets). Panics, failing the test, when neither can be created (the
-/// emulated device is built with the crate's tests, so that is a bug).
+/// The CUDA backend the tests run on: the real GPU when present (and `HALO_CUDA_EMULATED` is
+/// unset), else the emulated device — but not with `HALO_REQUIRE_GPU=1`, as
+/// `scripts/gpu_check.sh` sets, where a missing GPU must not fall back silently.
+pub fn cuda_backend() -> std::result::Result<CudaBackend, String> {
+    let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    CudaBackend::new().or_else(|real| {
+        if require_gpu {
+            return Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}"));
+        }
+        CudaBackend::emulated()
+            .map_err(|emulated| format!("no GPU ({real}) and no emulated device ({emulated})"))
+    })
+}
+
+/// [`cuda_backend`], shared by every test of the process. Panics, failing the test, when there is
+/// none (the emulated device is built with the crate's tests, so that is a bug).
 pub fn cuda() -> &'static CudaBackend {
     static BACKEND: OnceLock<std::result::Result<CudaBackend, String>> = OnceLock::new();
-    let backend = BACKEND.get_or_init(|| {
-        let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
-        CudaBackend::new().or_else(|real| {
-            if require_gpu {
-                return Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}"));
-            }
-            CudaBackend::emulated()
-                .map_err(|emulated| format!("no GPU ({real}) and no emulated device ({emulated})"))
-        })
-    });
-    match backend {
+    match BACKEND.get_or_init(cuda_backend) {
         Ok(b) => b,
         Err(e) => panic!("no CUDA backend: {e}"),
     }
-}
-
-/// Uploads `host` (a 0-length upload is a valid empty buffer).
-fn up<T: halo_kernels::cuda::DeviceRepr>(
-    d: &CudaBackend,
-    host: &[T],
-) -> Result<halo_kernels::cuda::CudaSlice<T>> {
-    d.htod(host)
 }
 
 impl Device for CudaBackend {
@@ -285,8 +279,8 @@ impl Device for CudaBackend {
     ) -> Result<TokenLogprobs> {
         let out = CudaBackend::token_logprobs(
             self,
-            &up(self, logits)?,
-            &up(self, labels)?,
+            &self.htod(logits)?,
+            &self.htod(labels)?,
             vocab,
             ignore_index,
         )?;
@@ -307,13 +301,13 @@ impl Device for CudaBackend {
         grad_logits: &mut [T],
     ) -> Result<()> {
         // The output buffer starts as the caller's contents, as the CPU op's `&mut` does.
-        let mut out = up(self, grad_logits)?;
+        let mut out = self.htod(grad_logits)?;
         CudaBackend::token_logprobs_backward(
             self,
-            &up(self, logits)?,
-            &up(self, labels)?,
-            &up(self, lse)?,
-            &up(self, grad_logp)?,
+            &self.htod(logits)?,
+            &self.htod(labels)?,
+            &self.htod(lse)?,
+            &self.htod(grad_logp)?,
             vocab,
             ignore_index,
             &mut out,
@@ -331,13 +325,13 @@ impl Device for CudaBackend {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<()> {
-        let mut buf = up(self, logits)?;
+        let mut buf = self.htod(logits)?;
         CudaBackend::token_logprobs_backward_inplace(
             self,
             &mut buf,
-            &up(self, labels)?,
-            &up(self, lse)?,
-            &up(self, grad_logp)?,
+            &self.htod(labels)?,
+            &self.htod(lse)?,
+            &self.htod(grad_logp)?,
             vocab,
             ignore_index,
         )?;
@@ -354,15 +348,12 @@ impl Device for CudaBackend {
     ) -> Result<SequenceSums> {
         let out = CudaBackend::sequence_sums(
             self,
-            &up(self, token_values)?,
-            &up(self, labels)?,
+            &self.htod(token_values)?,
+            &self.htod(labels)?,
             ignore_index,
             layout,
         )?;
-        Ok(SequenceSums {
-            sums: self.dtoh(&out.sums)?,
-            counts: self.dtoh(&out.counts)?,
-        })
+        download_sums(self, &out)
     }
 
     fn sequence_logratio_sums(
@@ -376,17 +367,14 @@ impl Device for CudaBackend {
     ) -> Result<SequenceSums> {
         let out = CudaBackend::sequence_logratio_sums(
             self,
-            &up(self, policy_logp)?,
-            &up(self, reference_logp)?,
-            &up(self, labels)?,
+            &self.htod(policy_logp)?,
+            &self.htod(reference_logp)?,
+            &self.htod(labels)?,
             ignore_index,
             layout,
             clamp,
         )?;
-        Ok(SequenceSums {
-            sums: self.dtoh(&out.sums)?,
-            counts: self.dtoh(&out.counts)?,
-        })
+        download_sums(self, &out)
     }
 
     fn broadcast_sequence_grad(
@@ -398,8 +386,8 @@ impl Device for CudaBackend {
     ) -> Result<Vec<f32>> {
         let out = CudaBackend::broadcast_sequence_grad(
             self,
-            &up(self, grad_seq)?,
-            &up(self, labels)?,
+            &self.htod(grad_seq)?,
+            &self.htod(labels)?,
             ignore_index,
             layout,
         )?;
@@ -413,11 +401,11 @@ impl Device for CudaBackend {
         clamp: LogRatioClamp,
         token_grad: &mut [f32],
     ) -> Result<()> {
-        let mut grad = up(self, token_grad)?;
+        let mut grad = self.htod(token_grad)?;
         CudaBackend::humanline_grad_mask(
             self,
-            &up(self, policy_logp)?,
-            &up(self, reference_logp)?,
+            &self.htod(policy_logp)?,
+            &self.htod(reference_logp)?,
             clamp,
             &mut grad,
         )?;
@@ -426,7 +414,7 @@ impl Device for CudaBackend {
     }
 
     fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
-        let policy = up(self, batch.policy_logps)?;
+        let policy = self.htod(batch.policy_logps)?;
         let rest = KtoUploads::new(self, batch.reference_logps, batch.is_desirable, batch.kl)?;
         CudaBackend::kto_loss(
             self,
@@ -441,12 +429,12 @@ impl Device for CudaBackend {
     }
 
     fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
-        let pc = up(self, batch.policy_chosen_logps)?;
-        let pr = up(self, batch.policy_rejected_logps)?;
-        let rc = up(self, batch.reference_chosen_logps)?;
-        let rr = up(self, batch.reference_rejected_logps)?;
-        let cc = batch.chosen_counts.map(|c| up(self, c)).transpose()?;
-        let rcn = batch.rejected_counts.map(|c| up(self, c)).transpose()?;
+        let pc = self.htod(batch.policy_chosen_logps)?;
+        let pr = self.htod(batch.policy_rejected_logps)?;
+        let rc = self.htod(batch.reference_chosen_logps)?;
+        let rr = self.htod(batch.reference_rejected_logps)?;
+        let cc = batch.chosen_counts.map(|c| self.htod(c)).transpose()?;
+        let rcn = batch.rejected_counts.map(|c| self.htod(c)).transpose()?;
         CudaBackend::dpo_loss(
             self,
             config,
@@ -467,8 +455,8 @@ impl Device for CudaBackend {
         policy: &Logits<'_, T>,
         inputs: &KtoStepInputs<'_>,
     ) -> Result<LogitsStep<KtoOutput, T>> {
-        let mut logits = up(self, policy.logits)?;
-        let labels = up(self, policy.labels)?;
+        let mut logits = self.htod(policy.logits)?;
+        let labels = self.htod(policy.labels)?;
         let rest = KtoUploads::new(self, inputs.reference_logps, inputs.is_desirable, inputs.kl)?;
         let out = CudaBackend::kto_step(
             self,
@@ -495,10 +483,10 @@ impl Device for CudaBackend {
         policy: &Logits<'_, T>,
         reference: &PairReference<'_>,
     ) -> Result<LogitsStep<PairLossOutput, T>> {
-        let mut logits = up(self, policy.logits)?;
-        let labels = up(self, policy.labels)?;
-        let chosen = up(self, reference.chosen_logps)?;
-        let rejected = up(self, reference.rejected_logps)?;
+        let mut logits = self.htod(policy.logits)?;
+        let labels = self.htod(policy.labels)?;
+        let chosen = self.htod(reference.chosen_logps)?;
+        let rejected = self.htod(reference.rejected_logps)?;
         let out = CudaBackend::dpo_step(
             self,
             config,
@@ -516,6 +504,14 @@ impl Device for CudaBackend {
         )?;
         download_step(self, out, &logits)
     }
+}
+
+/// Device sums and counts on the host.
+fn download_sums(d: &CudaBackend, out: &CudaSequenceSums) -> Result<SequenceSums> {
+    Ok(SequenceSums {
+        sums: d.dtoh(&out.sums)?,
+        counts: d.dtoh(&out.counts)?,
+    })
 }
 
 /// A KTO batch's inputs besides the policy, uploaded: reference log-probs, feedback (as bytes),
@@ -541,13 +537,13 @@ impl KtoUploads {
         let (kl_partial, kl_logps) = match kl {
             Some(KlInput::Partial(p)) => (Some(p), None),
             Some(KlInput::LogProbs { policy, reference }) => {
-                (None, Some((up(d, policy)?, up(d, reference)?)))
+                (None, Some((d.htod(policy)?, d.htod(reference)?)))
             }
             None => (None, None),
         };
         Ok(KtoUploads {
-            reference: up(d, reference)?,
-            desirable: up(d, &desirable)?,
+            reference: d.htod(reference)?,
+            desirable: d.htod(&desirable)?,
             kl_partial,
             kl_logps,
         })
