@@ -33,7 +33,12 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
         kl_count = p.kl_total;
     }
     float z0 = 0.0f;
-    if (p.kl_mode != HALO_KL_ZERO && p.loss_type == HALO_KTO_LOSS_KTO) z0 = fmaxf(kl_sum / kl_count, 0.0f);
+    if (p.kl_mode != HALO_KL_ZERO && p.loss_type == HALO_KTO_LOSS_KTO) {
+        // Not fmaxf alone: it maps a NaN mean (a NaN KL pair) to 0, hiding it. NaN flows on into
+        // the loss and the gradient, where the wrapper's finiteness check turns it into the CPU's error.
+        const float mean = kl_sum / kl_count;
+        z0 = isnan(mean) ? mean : fmaxf(mean, 0.0f);
+    }
 
     // 2. per example: loss, gradient, metrics
     const float inv_batch = 1.0f / (float)p.batch;

@@ -1,6 +1,8 @@
 // driver_api.cpp — the CUDA driver API entry points of the emulated device, as cudarc 0.19 calls them:
-// init, one device (compute capability 9.0, 132 SMs, no memory pools, so cudarc takes the plain
-// cuMemAlloc path), the primary context, streams, events, memory, modules from PTX, launches.
+// init, one device (compute capability 9.0, 132 SMs, memory pools supported as on an H100/H200, so
+// cudarc allocates and frees stream-ordered, without the synchronize its plain cuMemFree path needs),
+// the primary context, streams, events, memory, modules from PTX, launches. Per-thread call counts
+// (host waits, copies, launches) let tests count a step's host round trips.
 //
 // Everything runs synchronously on the calling thread: a copy or a launch has finished when its call
 // returns, so streams and events only need to exist (an event records the host clock). A launch that
@@ -57,6 +59,19 @@ namespace {
 
 thread_local std::string t_last_error;
 thread_local CUcontext t_current_ctx = nullptr;
+
+// What this thread asked of the device, for tests that count host round trips (the emulated device
+// runs every call on the calling thread, so a step's calls are exactly its thread's).
+// A host wait is a call after which the host holds the device's results: a stream, context or event
+// synchronize, or a synchronous device-to-host copy. On a GPU each is a round trip of the host.
+struct CallCounts {
+    uint64_t host_waits = 0;
+    uint64_t device_to_host_copies = 0;
+    uint64_t host_to_device_copies = 0;
+    uint64_t kernel_launches = 0;
+    uint64_t allocations = 0;
+};
+thread_local CallCounts t_counts;
 
 CUctx_st g_primary_ctx{0};
 bool g_initialized = false;
@@ -299,6 +314,19 @@ size_t halo_emu_take_last_error(char* buf, size_t len) {
     return full;
 }
 
+// This thread's call counts since it started (or since the last reset), as five u64s in the order
+// of `CallCounts`; `reset` non-zero zeroes them after reading.
+void halo_emu_call_counts(uint64_t* out, int reset) {
+    if (out != nullptr) {
+        out[0] = t_counts.host_waits;
+        out[1] = t_counts.device_to_host_copies;
+        out[2] = t_counts.host_to_device_copies;
+        out[3] = t_counts.kernel_launches;
+        out[4] = t_counts.allocations;
+    }
+    if (reset) t_counts = CallCounts{};
+}
+
 // 1: this is the emulated driver (a cheap way for the host to tell which libcuda it got).
 int halo_emu_is_emulated_driver() { return 1; }
 
@@ -395,7 +423,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice device) {
         case 76: *value = COMPUTE_MINOR; return SUCCESS;                  // COMPUTE_CAPABILITY_MINOR
         case 83: case 89: *value = 0; return SUCCESS;                     // MANAGED_MEMORY, CONCURRENT_MANAGED_ACCESS
         case 97: *value = int(MAX_SHARED_PER_BLOCK); return SUCCESS;      // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-        case 115: *value = 0; return SUCCESS;                             // MEMORY_POOLS_SUPPORTED: plain cuMemAlloc
+        case 115: *value = 1; return SUCCESS;                             // MEMORY_POOLS_SUPPORTED, as an H100/H200
         default:
             return fail(ERROR_NOT_SUPPORTED,
                         "cuDeviceGetAttribute: attribute " + std::to_string(attribute) + " is not emulated");
@@ -433,6 +461,7 @@ CUresult cuCtxGetCurrent(CUcontext* ctx) {
 
 CUresult cuCtxSynchronize() {
     REQUIRE_INIT("cuCtxSynchronize");
+    t_counts.host_waits++;
     return SUCCESS;  // every call has finished when it returns
 }
 
@@ -472,6 +501,7 @@ CUresult cuStreamDestroy_v2(CUstream stream) {
 CUresult cuStreamSynchronize(CUstream stream) {
     REQUIRE_INIT("cuStreamSynchronize");
     REQUIRE_STREAM("cuStreamSynchronize", stream);
+    t_counts.host_waits++;
     return SUCCESS;
 }
 
@@ -519,14 +549,21 @@ CUresult cuEventRecord(CUevent event, CUstream stream) {
     return SUCCESS;
 }
 
-CUresult cuEventSynchronize(CUevent event) {
+// An event that exists has completed (every call finishes before it returns).
+static Result event_known(CUevent event, const char* call) {
     Handles& h = handles();
     std::lock_guard<std::mutex> lock(h.mutex);
-    if (h.events.count(event) == 0) return fail(ERROR_INVALID_HANDLE, "cuEventSynchronize: unknown event");
+    if (h.events.count(event) == 0) return fail(ERROR_INVALID_HANDLE, std::string(call) + ": unknown event");
     return SUCCESS;
 }
 
-CUresult cuEventQuery(CUevent event) { return cuEventSynchronize(event); }
+CUresult cuEventSynchronize(CUevent event) {
+    Result r = event_known(event, "cuEventSynchronize");
+    if (r == SUCCESS) t_counts.host_waits++;
+    return r;
+}
+
+CUresult cuEventQuery(CUevent event) { return event_known(event, "cuEventQuery"); }
 
 // Host milliseconds between the two records: the emulation's time, nothing about a GPU's.
 CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
@@ -547,12 +584,14 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) { return c
 
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
     REQUIRE_INIT("cuMemAlloc");
+    t_counts.allocations++;
     return mem_alloc(ptr, bytes, "cuMemAlloc");
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream stream) {
     REQUIRE_INIT("cuMemAllocAsync");
     REQUIRE_STREAM("cuMemAllocAsync", stream);
+    t_counts.allocations++;
     return mem_alloc(ptr, bytes, "cuMemAllocAsync");
 }
 
@@ -576,6 +615,7 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total_bytes) {
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     REQUIRE_INIT("cuMemcpyHtoD");
+    t_counts.host_to_device_copies++;
     if (bytes == 0) return SUCCESS;
     if (src == nullptr) return fail(ERROR_INVALID_VALUE, "cuMemcpyHtoD: null host pointer");
     Result r = check_range(dst, bytes, "cuMemcpyHtoD", "destination");
@@ -589,8 +629,9 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CU
     return cuMemcpyHtoD_v2(dst, src, bytes);
 }
 
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+static Result copy_device_to_host(void* dst, CUdeviceptr src, size_t bytes) {
     REQUIRE_INIT("cuMemcpyDtoH");
+    t_counts.device_to_host_copies++;
     if (bytes == 0) return SUCCESS;
     if (dst == nullptr) return fail(ERROR_INVALID_VALUE, "cuMemcpyDtoH: null host pointer");
     Result r = check_range(src, bytes, "cuMemcpyDtoH", "source");
@@ -599,9 +640,16 @@ CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
     return SUCCESS;
 }
 
+// Synchronous: the host waits for the copy (a round trip on a GPU).
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    t_counts.host_waits++;
+    return copy_device_to_host(dst, src, bytes);
+}
+
+// Queued: the host waits only at the next synchronize.
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream stream) {
     REQUIRE_STREAM("cuMemcpyDtoHAsync", stream);
-    return cuMemcpyDtoH_v2(dst, src, bytes);
+    return copy_device_to_host(dst, src, bytes);
 }
 
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
@@ -733,6 +781,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned grid_x, unsigned grid_y, unsigned
         if (params[i] == nullptr)
             return fail(ERROR_INVALID_VALUE, kernel + ": kernelParams[" + std::to_string(i) + "] is null");
     const LaunchShape shape{grid_x, block_x, shared_bytes};
+    t_counts.kernel_launches++;
     return run_trapped(f, shape, params);
 }
 

@@ -187,6 +187,42 @@ pub fn take_last_error() -> Option<String> {
     Some(text.to_string_lossy().into_owned())
 }
 
+/// What the calling thread asked of the emulated device (see [`call_counts`]). The emulated device
+/// runs every call on the calling thread, so the counts of a step run on one thread are that step's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    /// Calls after which the host holds the device's results: stream, context and event
+    /// synchronizes and synchronous device-to-host copies. On a GPU each is a host round trip.
+    pub host_waits: u64,
+    /// Device-to-host copies, queued or synchronous.
+    pub device_to_host_copies: u64,
+    /// Host-to-device copies.
+    pub host_to_device_copies: u64,
+    /// Kernel launches.
+    pub kernel_launches: u64,
+    /// Device allocations.
+    pub allocations: u64,
+}
+
+/// This thread's [`CallCounts`] since its first emulated call or the last `reset`; with `reset`
+/// they are zeroed after reading. Errors when the emulated device is not loaded.
+pub fn call_counts(reset: bool) -> Result<CallCounts> {
+    let lib = library()?;
+    // SAFETY: the signature of `halo_emu_call_counts` in kernels/emulation/driver_api.cpp.
+    let counts = unsafe { lib.get::<unsafe extern "C" fn(*mut u64, i32)>(b"halo_emu_call_counts") }
+        .map_err(|e| HaloError::CudaUnavailable(format!("emulated driver: {e}")))?;
+    let mut raw = [0u64; 5];
+    // SAFETY: `raw` holds the five u64s the function writes.
+    unsafe { counts(raw.as_mut_ptr(), i32::from(reset)) };
+    Ok(CallCounts {
+        host_waits: raw[0],
+        device_to_host_copies: raw[1],
+        host_to_device_copies: raw[2],
+        kernel_launches: raw[3],
+        allocations: raw[4],
+    })
+}
+
 /// Every kernel the emulated device has, by name (what a module may define).
 pub(crate) fn kernel_names() -> Result<Vec<String>> {
     let lib = library()?;
