@@ -3,6 +3,9 @@
 # prints, per kernel and architecture, registers / spill stores / spill loads / stack frame /
 # static shared memory. Exits non-zero on any register spill or non-zero stack frame (a spill or a
 # local-memory array in a bandwidth-bound kernel is a silent slowdown), or on a compile error.
+# Then, for sm_90, the instructions per element of each kernel's hot loop read from its SASS
+# (scripts/sass_loop_counts.py, cuobjdump from scripts/install_nvcc.sh), failing past the bounds of
+# kernels/sass_bounds.txt.
 #
 # No GPU needed. nvcc is found like build/ptx.rs finds it (HALO_NVCC, $CUDA_HOME/bin, PATH, then
 # the project-local .tools/nvcc); when there is none, scripts/install_nvcc.sh installs it.
@@ -89,8 +92,18 @@ for src in "${SOURCES[@]}"; do
     done
 done
 
+CUOBJDUMP="$ROOT/.tools/sass/nvidia/cu13/bin/cuobjdump"
+if [ ! -x "$ROOT/.tools/sass/nvidia/cu13/bin/nvdisasm" ]; then bash "$ROOT/scripts/install_nvcc.sh" >&2; fi
+SM90_CUBINS=("$WORK"/*.sm_90.cubin)
+if [ ${#SM90_CUBINS[@]} -gt 0 ]; then
+    echo
+    echo "hot loops (sm_90 SASS): instructions per element, bounds from kernels/sass_bounds.txt"
+    python3 "$ROOT/scripts/sass_loop_counts.py" "$CUOBJDUMP" --bounds "$ROOT/kernels/sass_bounds.txt" \
+        "${SM90_CUBINS[@]}" || failures=$((failures + 1))
+fi
+
 if [ "$failures" -ne 0 ]; then
-    echo "check_kernels.sh: FAILED ($failures kernel file/arch combination(s) with a spill, a stack frame or a compile error)" >&2
+    echo "check_kernels.sh: FAILED ($failures kernel file/arch combination(s) with a spill, a stack frame or a compile error, or a hot loop past its bound)" >&2
     exit 1
 fi
-echo "check_kernels.sh: OK (no spills, no stack frames)"
+echo "check_kernels.sh: OK (no spills, no stack frames, hot loops within their bounds)"

@@ -26,6 +26,16 @@ if ! "$NVCC" --version >/dev/null 2>&1; then
     touch "$ROOT/build/ptx.rs"
 fi
 
+# cuobjdump + nvdisasm (SASS disassembly, for the instruction counts of scripts/check_kernels.sh) in a folder of
+# its own: a second `pip install --target` into .tools/nvcc would replace its nvidia/ tree. PyPI has
+# no 13.0 build of it; 13.2 reads the sm_90 cubins that ptxas 13.0 writes.
+SASS_DIR="$ROOT/.tools/sass"
+if ! "$SASS_DIR/nvidia/cu13/bin/nvdisasm" --version >/dev/null 2>&1; then
+    echo "installing cuobjdump 13.2 from PyPI into $SASS_DIR" >&2
+    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+        --upgrade --target "$SASS_DIR" "nvidia-cuda-cuobjdump==13.2.*" "nvidia-cuda-nvdisasm==13.2.*"
+fi
+
 # The wheels unpack into one toolkit-shaped tree (nvidia/cu13/{bin,nvvm/bin,include,lib}), and
 # bin/nvcc.profile already points nvcc at nvvm/bin/cicc, bin/ptxas and include/{,cccl}: no
 # symlinks are needed. Check that the pieces nvcc calls are really there.
@@ -52,5 +62,6 @@ if ! "$NVCC" -ptx -O3 -arch=compute_80 "$SMOKE_DIR/smoke.cu" -o "$SMOKE_DIR/smok
     exit 1
 fi
 
+echo "cuobjdump: $SASS_DIR/nvidia/cu13/bin/cuobjdump"
 echo "nvcc: $NVCC"
 "$NVCC" --version | tail -n 2
