@@ -336,6 +336,18 @@ fn resume_with_changed_flags_is_refused_and_names_the_flag() {
         std::fs::read_to_string(dir.join("run.json")).unwrap(),
         manifest_before
     );
+    // Both at once is refused before anything is touched.
+    let both = TrainArgs {
+        resume: true,
+        overwrite: true,
+        ..quick_args(&dir)
+    };
+    let err = run(&both, false).unwrap_err();
+    assert!(
+        matches!(&err, HaloError::InvalidShape(m) if m.contains("pass one")),
+        "{err:?}"
+    );
+    assert!(dir.join("kto.safetensors").is_file());
     // The interval of periodic checkpoints may change on resume: it does not change the result.
     let same = TrainArgs {
         resume: true,

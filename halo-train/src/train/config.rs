@@ -300,6 +300,12 @@ impl TrainArgs {
                 reason,
             })
         };
+        if self.resume && self.overwrite {
+            return Err(HaloError::InvalidShape(
+                "--resume continues the run in the directory and --overwrite deletes it: pass one"
+                    .into(),
+            ));
+        }
         if self.batch_size < 2 {
             return bad(
                 "batch_size",

@@ -259,7 +259,9 @@ impl RunDir {
     /// `keep` records the resume point follows.
     pub fn metrics_log(&self, keep: usize) -> Result<MetricsLog> {
         let path = self.dir.join(METRICS_FILE);
-        if self.resumed && path.is_file() {
+        // A resumed run whose checkpoint follows records must find them (a missing file is then
+        // an error, not a silently shorter log).
+        if self.resumed && (path.is_file() || keep > 0) {
             MetricsLog::resume(&path, keep)
         } else {
             MetricsLog::create_new(&path)
