@@ -93,7 +93,7 @@ impl RunManifest {
             Some(manifest) if manifest.stage(name).is_none() => {
                 Err(HaloError::Checkpoint(format!(
                     "{}: stage `{name}` did not complete in this run (its {MANIFEST_FILE} lists {}); \
-                     continue the run with --resume",
+                     {}",
                     dir.display(),
                     if manifest.completed.is_empty() {
                         "none".to_string()
@@ -104,6 +104,11 @@ impl RunManifest {
                             .map(|s| s.name.as_str())
                             .collect::<Vec<_>>()
                             .join(", ")
+                    },
+                    if manifest.finished {
+                        "the run finished without it"
+                    } else {
+                        "the run did not finish: continue it with --resume"
                     }
                 )))
             }
