@@ -7,13 +7,15 @@
 //! Reads `<run>/data/eval_prompts.txt` and `<run>/<stage>.safetensors` (byte-level tokenizer) and
 //! prints, per stage, the desirable rate and an [`ErrorBreakdown`]: accuracy on prompts whose units
 //! column carries vs the others, and the most common wrong answers as offsets from the true sum.
+//! A stage the run's manifest (`run.json`) does not record as completed is refused: its file may
+//! be from a run that died before finishing.
 
 use std::path::Path;
 
 use halo_train::model::Gpt;
 use halo_train::train::evaluate::evaluate;
 use halo_train::train::tokenizer::TextTokenizer;
-use halo_train::train::ErrorBreakdown;
+use halo_train::train::{ErrorBreakdown, RunManifest};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +41,7 @@ fn judge(run: &Path, stages: &[String]) -> halo_kernels::Result<()> {
         .collect();
     let tok = TextTokenizer::Byte;
     for stage in stages {
+        RunManifest::require_completed(run, stage)?;
         let model = Gpt::load_safetensors(run.join(format!("{stage}.safetensors")))?;
         let report = evaluate(&model, &tok, &prompts)?;
         let breakdown = ErrorBreakdown::from_report(&report)?;

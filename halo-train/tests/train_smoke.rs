@@ -254,9 +254,11 @@ fn tiny_end_to_end_run_writes_checkpoints_metrics_plot_and_summary() {
     let reloaded = Gpt::load_safetensors(dir.join("kto.safetensors")).unwrap();
     assert_eq!(reloaded.config().n_embd, 32);
 
+    // Into the same directory: refused unless asked to overwrite (tests/resume.rs).
     let skip = TrainArgs {
         skip_sft: true,
         run_dpo: false,
+        overwrite: true,
         ..args
     };
     let line = run(&skip, false).unwrap().summary_line();

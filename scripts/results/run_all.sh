@@ -6,11 +6,12 @@ cd "$(dirname "$0")/../.."
 cargo build --release --example train_kto
 B=${CARGO_TARGET_DIR:-target}/release/examples/train_kto
 SEEDS=("${@:-0 1 2 3 4}")
-# train NAME FLAGS...: one run into runs/NAME, skipped when runs/NAME/summary.txt exists (resume).
+# train NAME FLAGS...: one run into runs/NAME, skipped when runs/NAME/summary.txt exists; an
+# interrupted one is continued (--resume).
 train() {
   local name=$1; shift
   [[ -f runs/$name/summary.txt ]] && { echo "$name: kept"; return; }
-  "$B" "$@" --run-name "$name" 2>&1 | tail -n 1
+  "$B" "$@" --run-name "$name" --resume 2>&1 | tail -n 1
 }
 for S in ${SEEDS[@]}; do
   # (1) the default run: base → SFT (≈140 demonstrations) → KTO, and DPO from the same SFT model

@@ -22,14 +22,16 @@
 //! `GPT2LMHeadModel.from_pretrained`: [`HF_WEIGHTS_FILE`] plus a `config.json` from
 //! [`GptConfig::to_hf_config`].
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
+use super::atomic_file::write_bytes_atomically;
 use super::config::GptConfig;
 use super::gpt::{Gpt, Parameter};
+use super::safetensors_bytes::{safetensors_bytes, TensorBytes};
 use halo_kernels::error::{HaloError, Result};
 
 /// Metadata key holding the [`GptConfig`] as JSON.
@@ -57,8 +59,20 @@ fn ckpt_err(msg: String) -> HaloError {
 impl Gpt {
     /// Writes every parameter (and the config, as metadata under [`CONFIG_KEY`]) to the single
     /// file `path`; no `config.json` is written (see [`Gpt::save_pretrained`] for that).
+    ///
+    /// The file is replaced atomically ([`write_bytes_atomically`]: a temporary file in the same
+    /// directory, fsynced and renamed), so a kill never leaves a truncated file under `path` and
+    /// two concurrent saves leave one of the two complete files. Identical weights always give
+    /// identical bytes ([`safetensors_bytes`]: sorted header keys).
     pub fn save_safetensors(&self, path: impl AsRef<Path>, dtype: DTypeOnDisk) -> Result<()> {
         let path = path.as_ref();
+        let bytes = self.safetensors_file_bytes(dtype)?;
+        write_bytes_atomically(path, &bytes)
+            .map_err(|e| ckpt_err(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// The bytes [`save_safetensors`](Gpt::save_safetensors) writes.
+    fn safetensors_file_bytes(&self, dtype: DTypeOnDisk) -> Result<Vec<u8>> {
         let bytes: Vec<Vec<u8>> = self
             .parameters()
             .iter()
@@ -75,30 +89,34 @@ impl Gpt {
             DTypeOnDisk::F32 => Dtype::F32,
             DTypeOnDisk::BF16 => Dtype::BF16,
         };
-        let views = self
+        let tensors: Vec<TensorBytes<'_>> = self
             .parameters()
             .iter()
             .zip(&bytes)
-            .map(|(p, b)| {
-                safetensors::tensor::TensorView::new(st_dtype, p.shape.clone(), b)
-                    .map(|v| (p.name.clone(), v))
-                    .map_err(|e| ckpt_err(format!("tensor `{}`: {e}", p.name)))
+            .map(|(p, b)| TensorBytes {
+                name: &p.name,
+                shape: &p.shape,
+                dtype: st_dtype,
+                data: b,
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let config_json = serde_json::to_string(self.config())
             .map_err(|e| ckpt_err(format!("cannot encode the config: {e}")))?;
-        let metadata = HashMap::from([
+        let metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
             (CONFIG_KEY.to_string(), config_json),
         ]);
-        safetensors::tensor::serialize_to_file(views, &Some(metadata), path)
-            .map_err(|e| ckpt_err(format!("cannot write {}: {e}", path.display())))
+        safetensors_bytes(&tensors, &metadata)
     }
 
     /// Writes a Hugging Face model directory `dir` (created if missing):
     /// [`HF_WEIGHTS_FILE`] (as [`save_safetensors`](Gpt::save_safetensors), our metadata included)
     /// and [`HF_CONFIG_FILE`] ([`GptConfig::to_hf_config`]), which `transformers` loads with
     /// `GPT2LMHeadModel.from_pretrained(dir)` and [`Gpt::load_pretrained`] reads back.
+    ///
+    /// Each file is replaced atomically. Two concurrent saves of models with different configs
+    /// could pair one's `config.json` with the other's weights; the loader refuses that pair
+    /// (the weights carry their config, which must match `config.json`).
     pub fn save_pretrained(&self, dir: impl AsRef<Path>, dtype: DTypeOnDisk) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
@@ -108,7 +126,7 @@ impl Gpt {
         let mut json = serde_json::to_string_pretty(&self.config().to_hf_config())
             .map_err(|e| ckpt_err(format!("cannot encode the config: {e}")))?;
         json.push('\n');
-        std::fs::write(&config_path, json)
+        write_bytes_atomically(&config_path, json.as_bytes())
             .map_err(|e| ckpt_err(format!("cannot write {}: {e}", config_path.display())))
     }
 

@@ -10,13 +10,16 @@
 //!
 //! Files: `gpt` ([`Gpt`]: parameters, forward, per-token log-probs with and without a tape),
 //! `config` ([`GptConfig`]), `generate` (greedy / top-k [`Sampling`]), `checkpoint`
-//! (safetensors save/load, [`DTypeOnDisk`]), `optim` (AdamW, gradient clipping, LR schedules).
+//! (safetensors save/load, [`DTypeOnDisk`]), `optim` (AdamW, gradient clipping, LR schedules), `atomic_file` (temp file, fsync,
+//! rename), `safetensors_bytes` (a deterministic safetensors writer).
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
 pub mod gpt;
 pub mod optim;
+pub mod safetensors_bytes;
 
 pub use checkpoint::DTypeOnDisk;
 pub use config::GptConfig;

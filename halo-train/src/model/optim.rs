@@ -70,6 +70,58 @@ impl AdamW {
         self.step
     }
 
+    /// The first- and second-moment estimates, one vector per parameter of the model (in
+    /// [`Gpt::parameters`] order): with [`steps`](Self::steps), the whole state a resumed run
+    /// needs ([`AdamW::restore`]).
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.m, &self.v)
+    }
+
+    /// An optimizer for `model` continuing from a saved state: `steps` updates taken and the
+    /// moments `m`, `v` ([`AdamW::moments`]). Errors if the moments do not fit the model or hold
+    /// a non-finite value (or a negative second moment).
+    pub fn restore(
+        model: &Gpt,
+        config: AdamWConfig,
+        steps: u32,
+        m: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    ) -> Result<Self> {
+        let mut optimizer = Self::new(model, config);
+        for (what, saved, fresh) in [
+            ("AdamW first moments", &m, &optimizer.m),
+            ("AdamW second moments", &v, &optimizer.v),
+        ] {
+            if saved.len() != fresh.len() {
+                return Err(HaloError::LengthMismatch {
+                    what,
+                    expected: fresh.len(),
+                    got: saved.len(),
+                });
+            }
+            for (s, f) in saved.iter().zip(fresh) {
+                if s.len() != f.len() {
+                    return Err(HaloError::LengthMismatch {
+                        what,
+                        expected: f.len(),
+                        got: s.len(),
+                    });
+                }
+            }
+        }
+        if m.iter().flatten().any(|x| !x.is_finite())
+            || v.iter().flatten().any(|x| !(x.is_finite() && *x >= 0.0))
+        {
+            return Err(HaloError::Checkpoint(
+                "AdamW state holds a non-finite moment or a negative second moment".into(),
+            ));
+        }
+        optimizer.m = m;
+        optimizer.v = v;
+        optimizer.step = steps;
+        Ok(optimizer)
+    }
+
     /// One update with learning rate `lr` (from a schedule; `config.lr` is only the default
     /// for callers without one). Errors if `grads` does not fit the model.
     pub fn step(&mut self, model: &mut Gpt, grads: &Gradients, lr: f32) -> Result<()> {

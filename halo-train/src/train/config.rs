@@ -98,6 +98,21 @@ pub struct TrainArgs {
     /// Run name (directory under `runs/`); default derived from the flags and seed.
     #[arg(long)]
     pub run_name: Option<String>,
+    /// Continue the interrupted run in the run directory (which must have been started with the
+    /// same flags): from its last completed stage, and inside the running stage from its last
+    /// periodic checkpoint. On an empty or missing directory the run simply starts.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Delete the run directory's earlier run (it must look like one: `run.json`, `args.txt` or
+    /// `metrics.jsonl`) and start afresh. Without this or --resume a non-empty run directory is
+    /// refused.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Save the running stage's state (weights, AdamW moments and step, data position) every
+    /// this many optimizer steps, for --resume; 0: only at the end of each stage. A save of the
+    /// default model takes a few milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub checkpoint_every: usize,
 
     // ---- alignment stage ----
     /// Unpaired loss of the alignment stage.
@@ -285,6 +300,12 @@ impl TrainArgs {
                 reason,
             })
         };
+        if self.resume && self.overwrite {
+            return Err(HaloError::InvalidShape(
+                "--resume continues the run in the directory and --overwrite deletes it: pass one"
+                    .into(),
+            ));
+        }
         if self.batch_size < 2 {
             return bad(
                 "batch_size",

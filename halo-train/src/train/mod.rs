@@ -10,6 +10,8 @@
 //! - [`batching`]: padded token batches, KTO KL pairs, DPO pair batches, epoch sampler.
 //! - [`nll`], [`kto`], [`dpo`]: one training step of each stage.
 //! - [`stage`]: the loop shared by the stages (clip, AdamW, log, progress bar, periodic eval).
+//! - [`stage_checkpoint`]: a stage's periodic checkpoint (weights, AdamW state, data position).
+//! - [`run_dir`]: the run directory's rules (empty, `--overwrite`, `--resume`) and its manifest.
 //! - [`error_analysis`]: carrying vs other prompts, the most common wrong answers.
 //! - [`evaluate`]: batched greedy / sampled decoding + judge → desirable rate.
 //! - [`on_policy`]: judge-labelled preference pairs sampled from the starting model.
@@ -30,7 +32,9 @@ pub mod nll;
 pub mod on_policy;
 pub mod pipeline;
 pub mod plot;
+pub mod run_dir;
 pub mod stage;
+pub mod stage_checkpoint;
 pub mod tokenizer;
 
 pub use arithmetic_task::{judge, ArithmeticTask, TaskData, Verdict};
@@ -44,4 +48,5 @@ pub use data::{
 pub use error_analysis::ErrorBreakdown;
 pub use metrics_log::{MetricRecord, MetricsLog};
 pub use pipeline::{run, RunSummary};
+pub use run_dir::{RunDir, RunManifest};
 pub use tokenizer::{ByteTokenizer, TextTokenizer};

@@ -21,8 +21,11 @@ use super::metrics_log::MetricsLog;
 use super::nll::nll_step;
 use super::on_policy::{sample_preferences, SamplingPlan};
 use super::plot::plot_training;
-use super::stage::{run_stage, StageContext, StageSpec};
+use super::run_dir::RunDir;
+use super::stage::{run_stage, PeriodicCheckpoints, StageContext, StageSpec};
+use super::stage_checkpoint::StageCheckpoint;
 use super::tokenizer::TextTokenizer;
+use crate::model::atomic_file::{write_atomically, write_bytes_atomically};
 use crate::model::optim::{AdamWConfig, LrSchedule};
 use crate::model::{DTypeOnDisk, Gpt, GptConfig};
 use halo_kernels::error::{HaloError, Result};
@@ -78,16 +81,48 @@ fn checkpoint(model: &Gpt, dir: &Path, stage: &str) -> Result<()> {
     model.save_safetensors(dir.join(format!("{stage}.safetensors")), DTypeOnDisk::F32)
 }
 
+/// Writes the stage file `<stage>.safetensors` and then records the stage in the manifest.
+fn complete_stage(
+    run_dir: &mut RunDir,
+    log: &mut MetricsLog,
+    model: &Gpt,
+    stage: &str,
+) -> Result<()> {
+    if run_dir.completed(stage).is_some() {
+        return Ok(()); // read back by a resumed run: already on disk
+    }
+    checkpoint(model, run_dir.path(), stage)?;
+    run_dir.complete_stage(stage, log, None)
+}
+
+/// The model a completed stage saved (exact: f32 on disk).
+fn load_completed(dir: &Path, stage: &str) -> Result<Gpt> {
+    Gpt::load_safetensors(dir.join(format!("{stage}.safetensors")))
+}
+
+/// [`write_jsonl`], atomically.
+fn write_rows(path: &Path, rows: &[PreferenceRow]) -> Result<()> {
+    write_atomically(path, |temp| write_jsonl(temp, rows))
+}
+
 /// Runs every stage as `args` says and returns the summary; prints nothing but the progress bars
 /// (when `progress` is set).
+///
+/// The run directory is opened by [`RunDir::open`] (empty, `--overwrite` or `--resume`). Every
+/// file is written atomically; each completed stage is recorded in the manifest, and the running
+/// stage saves its state every `--checkpoint-every` steps. With `--resume`, completed stages are
+/// read back (and re-evaluated, which is deterministic), the running stage continues from its
+/// periodic checkpoint, and the run ends with the summary an uninterrupted run gives.
 pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let started = Instant::now();
     args.validate()?;
     let tok = TextTokenizer::from_flags(args.tokenizer.as_deref(), args.eos_token.as_deref())?;
     let out_dir = args.resolved_output_dir();
+    let mut run_dir = RunDir::open(&out_dir, args)?;
     std::fs::create_dir_all(out_dir.join("data")).map_err(|e| io_error(&out_dir, e))?;
-    let args_path = out_dir.join("args.txt");
-    std::fs::write(&args_path, format!("{args:#?}\n")).map_err(|e| io_error(&args_path, e))?;
+    if !run_dir.resumed() {
+        write_bytes_atomically(&out_dir.join("args.txt"), format!("{args:#?}\n").as_bytes())?;
+    }
 
     // ---- data ----
     let task = ArithmeticTask {
@@ -101,10 +136,9 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     };
     let data = task.generate(args.seed)?;
     let sft_path = out_dir.join("data/sft.jsonl");
-    write_jsonl(&sft_path, &data.sft)?;
+    write_rows(&sft_path, &data.sft)?;
     let eval_path = out_dir.join("data/eval_prompts.txt");
-    std::fs::write(&eval_path, data.eval_prompts.join("\n") + "\n")
-        .map_err(|e| io_error(&eval_path, e))?;
+    write_bytes_atomically(&eval_path, (data.eval_prompts.join("\n") + "\n").as_bytes())?;
     let sft_examples: Vec<(String, String)> = load_jsonl(&sft_path)?
         .into_iter()
         .filter_map(|row| match row {
@@ -124,13 +158,34 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         },
         args.seed,
     )?;
-    let mut log = MetricsLog::to_file(&out_dir.join("metrics.jsonl"))?;
+    // ---- where a resumed run continues: the running stage's periodic checkpoint, if any ----
+    let resume_path = run_dir.resume_file();
+    let mut pending = None;
+    if run_dir.resumed() {
+        if let Some(saved) = StageCheckpoint::load(&resume_path)? {
+            if run_dir.completed(saved.saved_as()).is_none() {
+                pending = Some(saved);
+            } else {
+                // Its stage completed after it was taken: stale.
+                std::fs::remove_file(&resume_path).map_err(|e| io_error(&resume_path, e))?;
+            }
+        }
+    }
+    let keep = pending
+        .as_ref()
+        .map_or(run_dir.completed_metrics_records(), |c| c.metrics_records());
+    let mut log = run_dir.metrics_log(keep)?;
     let mut ctx = StageContext {
         log: &mut log,
         tokenizer: &tok,
         eval_prompts: &data.eval_prompts,
         evals_per_stage: args.evals_per_stage,
         progress,
+        checkpoints: Some(PeriodicCheckpoints {
+            path: resume_path.clone(),
+            every: args.checkpoint_every,
+        }),
+        resume_from: pending.map(|c| (resume_path.clone(), c)),
     };
     let adamw = |lr: f32, weight_decay: f32| AdamWConfig {
         lr,
@@ -152,8 +207,13 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         ),
         optimizer: adamw(args.pretrain_lr, 0.01),
         first_global_step: 0,
+        batch_size: args.pretrain_batch_size,
+        saved_as: "base",
     };
-    let base_eval = if let Some(dir) = &args.init_from {
+    let base_eval = if run_dir.completed("base").is_some() {
+        model = load_completed(&out_dir, "base")?;
+        evaluate(&model, &tok, &data.eval_prompts)?
+    } else if let Some(dir) = &args.init_from {
         model = Gpt::load_safetensors(dir.join("base.safetensors"))?;
         if model.config().vocab_size != tok.vocab_size() {
             return Err(HaloError::Checkpoint(format!(
@@ -166,11 +226,10 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         }
         evaluate(&model, &tok, &data.eval_prompts)?
     } else {
-        run_stage(&spec, &mut model, &mut ctx, |m, _| {
-            let rows: Vec<(&str, &str)> = sampler
-                .next_batch(args.pretrain_batch_size)
-                .into_iter()
-                .map(|i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
+        run_stage(&spec, &mut model, &mut ctx, &mut sampler, |m, indices| {
+            let rows: Vec<(&str, &str)> = indices
+                .iter()
+                .map(|&i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
                 .collect();
             nll_step(m, &token_batch(&tok, &rows, TargetSpan::Everything, N_CTX)?)
         })?
@@ -178,7 +237,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     };
     let base_rate = base_eval.desirable_rate;
     let mut breakdowns = vec![("base", ErrorBreakdown::from_report(&base_eval)?)];
-    checkpoint(&model, &out_dir, "base")?;
+    complete_stage(&mut run_dir, ctx.log, &model, "base")?;
     let mut global = args.pretrain_steps;
 
     // ---- SFT: NLL on the desirable completions only ----
@@ -201,58 +260,69 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             schedule: LrSchedule::cosine(lr, lr * 0.1, args.sft_steps / 20, args.sft_steps),
             optimizer: adamw(lr, 0.01),
             first_global_step: global,
+            batch_size: args.pretrain_batch_size,
+            saved_as: "sft",
         };
-        let result = run_stage(&spec, &mut model, &mut ctx, |m, _| {
-            let rows: Vec<(&str, &str)> = sampler
-                .next_batch(args.pretrain_batch_size)
-                .into_iter()
-                .map(|i| (sft_examples[i].0.as_str(), sft_examples[i].1.as_str()))
-                .collect();
-            nll_step(
-                m,
-                &token_batch(&tok, &rows, TargetSpan::CompletionOnly, N_CTX)?,
-            )
-        })?;
-        checkpoint(&model, &out_dir, "sft")?;
+        let sft_eval = if run_dir.completed("sft").is_some() {
+            model = load_completed(&out_dir, "sft")?;
+            evaluate(&model, &tok, &data.eval_prompts)?
+        } else {
+            let result = run_stage(&spec, &mut model, &mut ctx, &mut sampler, |m, indices| {
+                let rows: Vec<(&str, &str)> = indices
+                    .iter()
+                    .map(|&i| (sft_examples[i].0.as_str(), sft_examples[i].1.as_str()))
+                    .collect();
+                nll_step(
+                    m,
+                    &token_batch(&tok, &rows, TargetSpan::CompletionOnly, N_CTX)?,
+                )
+            })?;
+            complete_stage(&mut run_dir, ctx.log, &model, "sft")?;
+            result.final_eval
+        };
         global += args.sft_steps;
-        breakdowns.push(("sft", ErrorBreakdown::from_report(&result.final_eval)?));
-        Some(result.final_eval.desirable_rate)
+        breakdowns.push(("sft", ErrorBreakdown::from_report(&sft_eval)?));
+        Some(sft_eval.desirable_rate)
     };
 
     // ---- preference data: judge-labelled samples of the starting model (or synthetic / a file) ----
     let generated_prefs = out_dir.join("data/preferences.jsonl");
-    let mut sample_rate = None;
-    let prefs_path = if let Some(path) = &args.preferences {
-        path.clone()
+    let prefs_path = args.preferences.clone().unwrap_or(generated_prefs.clone());
+    let sample_rate = if let Some(done) = run_dir.completed("preferences") {
+        done.value_bits.map(f64::from_bits)
     } else {
-        let rows = match args.preference_data {
-            PreferenceSource::Synthetic => data.preferences.clone(),
-            PreferenceSource::Sampled => {
-                let prompts: Vec<String> = data
-                    .preferences
-                    .iter()
-                    .map(|row| match row {
-                        PreferenceRow::Paired(p) => p.prompt.clone(),
-                        PreferenceRow::Unpaired(e) => e.prompt.clone(),
-                    })
-                    .collect();
-                let sampled = sample_preferences(
-                    &model,
-                    &tok,
-                    &prompts,
-                    SamplingPlan {
-                        samples_per_prompt: args.samples_per_prompt,
-                        temperature: args.sample_temperature,
-                        seed: args.seed ^ 5,
-                    },
-                )?;
-                sample_rate = Some(sampled.sample_desirable_rate);
-                write_jsonl(&out_dir.join("data/samples.jsonl"), &sampled.all_samples)?;
-                sampled.pairs
-            }
-        };
-        write_jsonl(&generated_prefs, &rows)?;
-        generated_prefs
+        let mut sample_rate = None;
+        if args.preferences.is_none() {
+            let rows = match args.preference_data {
+                PreferenceSource::Synthetic => data.preferences.clone(),
+                PreferenceSource::Sampled => {
+                    let prompts: Vec<String> = data
+                        .preferences
+                        .iter()
+                        .map(|row| match row {
+                            PreferenceRow::Paired(p) => p.prompt.clone(),
+                            PreferenceRow::Unpaired(e) => e.prompt.clone(),
+                        })
+                        .collect();
+                    let sampled = sample_preferences(
+                        &model,
+                        &tok,
+                        &prompts,
+                        SamplingPlan {
+                            samples_per_prompt: args.samples_per_prompt,
+                            temperature: args.sample_temperature,
+                            seed: args.seed ^ 5,
+                        },
+                    )?;
+                    sample_rate = Some(sampled.sample_desirable_rate);
+                    write_rows(&out_dir.join("data/samples.jsonl"), &sampled.all_samples)?;
+                    sampled.pairs
+                }
+            };
+            write_rows(&generated_prefs, &rows)?;
+        }
+        run_dir.complete_stage("preferences", ctx.log, sample_rate)?;
+        sample_rate
     };
     let preference_rows = load_jsonl(&prefs_path)?;
     if preference_rows.len() < 2 {
@@ -293,7 +363,6 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let start = model.clone();
     let reference = start.clone();
     let align_schedule = LrSchedule::linear(args.lr, 0.0, args.kto_steps / 10, args.kto_steps);
-    let mut policy = start.clone();
     let mut sampler = EpochSampler::new(kto_examples.len(), args.seed ^ 3)?;
     let spec = StageSpec {
         name: "kto",
@@ -301,27 +370,34 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
         schedule: align_schedule,
         optimizer: adamw(args.lr, 0.0),
         first_global_step: global,
+        batch_size: args.batch_size,
+        saved_as: "kto",
     };
-    let precomputed_reference = if args.precompute_ref_logps {
-        let rows: Vec<(&str, &str)> = kto_examples
-            .iter()
-            .map(|e| (e.prompt.as_str(), e.completion.as_str()))
-            .collect();
-        Some(precompute_reference_logps(&reference, &tok, &rows, N_CTX)?)
+    let kto_eval = if run_dir.completed("kto").is_some() {
+        evaluate(&load_completed(&out_dir, "kto")?, &tok, &data.eval_prompts)?
     } else {
-        None
+        let precomputed_reference = if args.precompute_ref_logps {
+            let rows: Vec<(&str, &str)> = kto_examples
+                .iter()
+                .map(|e| (e.prompt.as_str(), e.completion.as_str()))
+                .collect();
+            Some(precompute_reference_logps(&reference, &tok, &rows, N_CTX)?)
+        } else {
+            None
+        };
+        let mut policy = start.clone();
+        let kto = run_stage(&spec, &mut policy, &mut ctx, &mut sampler, |m, indices| {
+            let examples: Vec<_> = indices.iter().map(|&i| &kto_examples[i]).collect();
+            let mut batch = kto_batch(&tok, &examples, N_CTX)?;
+            if let Some(all) = &precomputed_reference {
+                batch.reference_logps = Some(indices.iter().map(|&i| all[i]).collect());
+            }
+            kto_step(m, &reference, &batch, &kto_config)
+        })?;
+        complete_stage(&mut run_dir, ctx.log, &policy, "kto")?;
+        kto.final_eval
     };
-    let kto = run_stage(&spec, &mut policy, &mut ctx, |m, _| {
-        let indices = sampler.next_batch(args.batch_size);
-        let examples: Vec<_> = indices.iter().map(|&i| &kto_examples[i]).collect();
-        let mut batch = kto_batch(&tok, &examples, N_CTX)?;
-        if let Some(all) = &precomputed_reference {
-            batch.reference_logps = Some(indices.iter().map(|&i| all[i]).collect());
-        }
-        kto_step(m, &reference, &batch, &kto_config)
-    })?;
-    checkpoint(&policy, &out_dir, "kto")?;
-    breakdowns.push(("kto", ErrorBreakdown::from_report(&kto.final_eval)?));
+    breakdowns.push(("kto", ErrorBreakdown::from_report(&kto_eval)?));
 
     // ---- DPO from the same start, on the paired form of the same data ----
     let dpo_rate = if args.run_dpo {
@@ -331,7 +407,6 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             loss_type: args.dpo_loss_type.into(),
             ..DpoConfig::default()
         };
-        let mut policy = start.clone();
         let mut sampler = EpochSampler::new(pairs.len(), args.seed ^ 4)?;
         let spec = StageSpec {
             name: "dpo",
@@ -339,28 +414,34 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             schedule: align_schedule,
             optimizer: adamw(args.lr, 0.0),
             first_global_step: global,
+            batch_size: (args.batch_size / 2).max(1),
+            saved_as: "dpo",
         };
-        let pairs_per_batch = (args.batch_size / 2).max(1);
-        let result = run_stage(&spec, &mut policy, &mut ctx, |m, _| {
-            let batch: Vec<_> = sampler
-                .next_batch(pairs_per_batch)
-                .into_iter()
-                .map(|i| &pairs[i])
-                .collect();
-            dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
-        })?;
-        checkpoint(&policy, &out_dir, "dpo")?;
-        breakdowns.push(("dpo", ErrorBreakdown::from_report(&result.final_eval)?));
-        Some(result.final_eval.desirable_rate)
+        let dpo_eval = if run_dir.completed("dpo").is_some() {
+            evaluate(&load_completed(&out_dir, "dpo")?, &tok, &data.eval_prompts)?
+        } else {
+            let mut policy = start.clone();
+            let result = run_stage(&spec, &mut policy, &mut ctx, &mut sampler, |m, indices| {
+                let batch: Vec<_> = indices.iter().map(|&i| &pairs[i]).collect();
+                dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
+            })?;
+            complete_stage(&mut run_dir, ctx.log, &policy, "dpo")?;
+            result.final_eval
+        };
+        breakdowns.push(("dpo", ErrorBreakdown::from_report(&dpo_eval)?));
+        Some(dpo_eval.desirable_rate)
     } else {
         None
     };
 
-    plot_training(&out_dir.join("training_curves.png"), &log)?;
+    log.sync()?;
+    write_atomically(&out_dir.join("training_curves.png"), |temp| {
+        plot_training(temp, &log)
+    })?;
     let summary = RunSummary {
         base: base_rate,
         sft: sft_rate,
-        kto: kto.final_eval.desirable_rate,
+        kto: kto_eval.desirable_rate,
         dpo: dpo_rate,
         sample_desirable_rate: sample_rate,
         n_preference_rows: preference_rows.len(),
@@ -380,6 +461,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     for (stage, breakdown) in &summary.error_breakdowns {
         text.push_str(&format!("{stage}: {breakdown}\n"));
     }
-    std::fs::write(&summary_path, text).map_err(|e| io_error(&summary_path, e))?;
+    write_bytes_atomically(&summary_path, text.as_bytes())?;
+    run_dir.finish()?;
     Ok(summary)
 }

@@ -1,13 +1,18 @@
 //! The loop every stage shares: compute a step's loss and gradients, clip them to norm 1, take an
 //! AdamW step on the scheduled learning rate, log the metrics (file + progress bar), and evaluate
-//! the judge's desirable rate a few times per stage for the plot.
+//! the judge's desirable rate a few times per stage for the plot; every
+//! [`PeriodicCheckpoints::every`] steps save the stage's state ([`StageCheckpoint`]) so that a
+//! killed run continues from there.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::batching::EpochSampler;
 use super::evaluate::{evaluate, EvalReport};
 use super::metrics_log::{MetricRecord, MetricsLog};
+use super::stage_checkpoint::StageCheckpoint;
 use super::tokenizer::TextTokenizer;
 use crate::autograd::Gradients;
 use crate::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
@@ -41,6 +46,20 @@ pub struct StageContext<'a> {
     pub evals_per_stage: usize,
     /// Draw a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Where and how often to save the running stage's state (`None`: never).
+    pub checkpoints: Option<PeriodicCheckpoints>,
+    /// A saved state to continue from: taken by the stage it belongs to.
+    pub resume_from: Option<(PathBuf, StageCheckpoint)>,
+}
+
+/// Periodic checkpoints inside a stage.
+#[derive(Debug, Clone)]
+pub struct PeriodicCheckpoints {
+    /// The file (replaced atomically at every save).
+    pub path: PathBuf,
+    /// Save after every this many steps (not after the last step: the stage's own checkpoint
+    /// follows); 0 never saves.
+    pub every: usize,
 }
 
 /// Settings of one stage.
@@ -57,6 +76,10 @@ pub struct StageSpec {
     pub optimizer: AdamWConfig,
     /// Global step of this stage's first step (the plot's x axis).
     pub first_global_step: usize,
+    /// Sequences (or pairs) drawn from the sampler per step.
+    pub batch_size: usize,
+    /// The stage's name in the run manifest and its checkpoint file (`pretrain` saves `base`).
+    pub saved_as: &'static str,
 }
 
 /// What a stage ends with.
@@ -71,28 +94,48 @@ pub struct StageResult {
     pub losses: Vec<f64>,
 }
 
-/// Runs `spec.steps` steps of `step_fn` on `model`.
+/// Runs `spec.steps` steps of `step_fn` on `model`; each step gets the next
+/// [`StageSpec::batch_size`] indices of `sampler`. With a [`StageContext::resume_from`] state of
+/// this stage, continues after its last step: weights, AdamW state and losses restored, the
+/// sampler replayed to the same position.
 pub fn run_stage(
     spec: &StageSpec,
     model: &mut Gpt,
     ctx: &mut StageContext<'_>,
-    mut step_fn: impl FnMut(&Gpt, usize) -> Result<StepOutput>,
+    sampler: &mut EpochSampler,
+    mut step_fn: impl FnMut(&Gpt, &[usize]) -> Result<StepOutput>,
 ) -> Result<StageResult> {
-    let mut optimizer = AdamW::new(model, spec.optimizer);
+    let resume = ctx
+        .resume_from
+        .take_if(|(_, checkpoint)| checkpoint.stage() == spec.name);
+    let (mut optimizer, first_step, mut losses) = match resume {
+        Some((path, checkpoint)) => checkpoint.restore(&path, spec, model)?,
+        None => (
+            AdamW::new(model, spec.optimizer),
+            0,
+            Vec::with_capacity(spec.steps),
+        ),
+    };
+    // The sampler's position and RNG are a function of the batches drawn: replay them.
+    for _ in 0..first_step {
+        sampler.next_batch(spec.batch_size);
+    }
     let bar = progress_bar(spec, ctx.progress);
+    bar.set_position(first_step as u64);
     let eval_every = if ctx.evals_per_stage == 0 {
         usize::MAX
     } else {
         spec.steps.div_ceil(ctx.evals_per_stage).max(1)
     };
+    let checkpoint_every = ctx.checkpoints.as_ref().map_or(0, |c| c.every);
     let mut recent: VecDeque<Vec<(String, f64)>> = VecDeque::new();
-    let mut losses = Vec::with_capacity(spec.steps);
     let mut last_eval: Option<EvalReport> = None;
-    if spec.steps > 0 && ctx.evals_per_stage > 0 {
+    if first_step == 0 && spec.steps > 0 && ctx.evals_per_stage > 0 {
         last_eval = Some(log_eval(spec, model, ctx, 0)?);
     }
-    for step in 0..spec.steps {
-        let mut out = step_fn(model, step)?;
+    for step in first_step..spec.steps {
+        let indices = sampler.next_batch(spec.batch_size);
+        let mut out = step_fn(model, &indices)?;
         let grad_norm = clip_grad_norm(&mut out.grads, MAX_GRAD_NORM);
         let lr = spec.schedule.lr_at(step);
         optimizer.step(model, &out.grads, lr)?;
@@ -121,6 +164,21 @@ pub fn run_stage(
         let last_rate = last_eval.as_ref().map_or(f64::NAN, |e| e.desirable_rate);
         bar.set_message(progress_message(&recent, last_rate));
         bar.inc(1);
+        if checkpoint_every > 0 && (step + 1) % checkpoint_every == 0 && !last {
+            if let Some(periodic) = &ctx.checkpoints {
+                // The records the checkpoint follows must be on disk before it is.
+                ctx.log.sync()?;
+                StageCheckpoint::save(
+                    &periodic.path,
+                    spec,
+                    step + 1,
+                    model,
+                    &optimizer,
+                    &losses,
+                    ctx.log.records().len(),
+                )?;
+            }
+        }
     }
     bar.finish();
     ctx.log.flush()?;
