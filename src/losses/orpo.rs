@@ -22,7 +22,7 @@
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
 use super::reference_free::{average_logps, chosen_nll, reference_free_metrics};
 use super::sigmoid::{log1m_exp, log_sigmoid};
-use super::validate::{check_outputs, check_positive};
+use super::validate::{check_metrics, check_outputs, check_positive};
 use crate::error::{HaloError, Result};
 
 /// Hyper-parameters (TRL `ORPOConfig`: β = 0.1, the weight of the odds-ratio term).
@@ -107,6 +107,9 @@ pub fn orpo_loss(
         loss,
         &[&grad_chosen, &grad_rejected],
     )?;
+    // An average chosen log-prob of exactly 0 (probability 1) has infinite log-odds: the loss and
+    // gradients stay finite, but `log_odds_chosen` would be +inf.
+    check_metrics(&metrics)?;
     Ok(PairLossOutput {
         loss,
         grad_chosen,
