@@ -501,7 +501,8 @@ fn tokenizer_json(g: &mut Gen) -> String {
         }
     });
     for _ in 0..g.draw(0..3usize) {
-        match g.draw(0..8u8) {
+        match g.draw(0..9u8) {
+            8 => tok["decoder"] = hostile_number(g),
             0 => tok["model"]["type"] = json!(g.pick(&["WordLevel", "Unigram", "WordPiece", "X"])),
             1 => tok["model"]["vocab"] = hostile_number(g),
             2 => tok["model"]["merges"] = json!([["a", "b"], ["x", "y"], "a b", 3]),
