@@ -454,7 +454,10 @@ fn limit_address_space(megabytes: u64) {
     };
     // SAFETY: setrlimit reads the struct we pass; lowering our own limit cannot harm the parent.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) };
-    assert_eq!(rc, 0, "setrlimit(RLIMIT_AS) failed");
+    if rc != 0 {
+        // Not every Unix supports RLIMIT_AS (macOS refuses it): fuzz without the cap.
+        eprintln!("fuzz child: setrlimit(RLIMIT_AS) failed; running without a memory cap");
+    }
 }
 
 /// In the test process: children until the budget is spent, restarting after each abort.
