@@ -155,7 +155,8 @@ fn mutate_header(g: &mut Gen, header: &mut Map<String, Value>, data: &mut [u8]) 
                 .get("__metadata__")
                 .and_then(|m| m.get("halo_gpt_config"))
                 .and_then(|c| c.as_str())
-                .and_then(|c| serde_json::from_str(c).ok())
+                .and_then(|c| serde_json::from_str::<Value>(c).ok())
+                .filter(Value::is_object)
                 .unwrap_or_else(|| json!({}));
             let field = g.pick(&[
                 "n_layer",
