@@ -770,3 +770,76 @@ fn fuzz_dpo_step() {
         _ => dpo_step_of::<f16>(g),
     });
 }
+
+// ---- the harness itself ----------------------------------------------------------------------
+
+/// A target that aborts, panics, returns a non-finite output or accepts, by its input; run only by
+/// [`harness_counts_aborts_panics_and_non_finite_with_their_seeds`].
+#[test]
+#[ignore = "a probe of the fuzz harness: fails by design"]
+fn fuzz_harness_probe() {
+    fuzz("fuzz_harness_probe", |g| match g.draw(0..8u8) {
+        0 => std::process::abort(),
+        1 => panic!("probe panic"),
+        2 => Outcome::NonFinite("probe".into()),
+        3 => Outcome::Refused("probe".into()),
+        _ => Outcome::Accepted,
+    });
+}
+
+/// The harness must see an abort (the child dies), a panic and a non-finite output, fail the
+/// target, and print seeds that reproduce them.
+#[test]
+fn harness_counts_aborts_panics_and_non_finite_with_their_seeds() {
+    let exe = std::env::current_exe().unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(&exe);
+        command.args([
+            "fuzz_harness_probe",
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+        ]);
+        command
+            .env_remove("HALO_FUZZ_REPRO")
+            .env_remove("HALO_FUZZ_CHILD");
+        command.envs(envs.iter().copied()).output().unwrap()
+    };
+    let out = run(&[("HALO_FUZZ_SECONDS", "1")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "the probe target must fail:\n{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("fuzz-count fuzz_harness_probe"))
+        .unwrap_or_else(|| panic!("no counts row:\n{stdout}"));
+    let count = |key: &str| -> u64 {
+        let field = row
+            .split_whitespace()
+            .find(|f| f.starts_with(&format!("{key}=")))
+            .unwrap();
+        field[key.len() + 1..].parse().unwrap()
+    };
+    assert!(count("aborts") >= 1, "{row}");
+    assert!(count("panics") >= 1, "{row}");
+    assert!(count("non_finite") >= 1, "{row}");
+    assert!(
+        count("tried") >= count("aborts") + count("panics") + count("non_finite") + count("errors")
+    );
+    // The printed seed of an abort reproduces it: the process dies of SIGABRT.
+    let seed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("fuzz-failure fuzz_harness_probe abort seed="))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no abort seed printed:\n{stdout}"));
+    let repro = run(&[("HALO_FUZZ_REPRO", seed)]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        repro.status.signal(),
+        Some(6),
+        "seed {seed} did not abort: {:?}",
+        repro.status
+    );
+}

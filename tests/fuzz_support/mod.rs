@@ -489,7 +489,14 @@ fn run_parent(name: &str, base: u64) {
         )
         .expect("progress file");
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+            .args([
+                name,
+                "--exact",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, name)
             .env("HALO_FUZZ_START", start.to_string())
             .env("HALO_FUZZ_MILLIS", left.as_millis().to_string())
