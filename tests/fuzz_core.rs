@@ -220,7 +220,13 @@ fn layout(g: &mut Gen, offsets: &mut Vec<u32>) -> (bool, usize, usize) {
     // (packed, batch, seq) — for packed, `offsets` receives cu_seqlens.
     if g.chance(0.5) {
         if g.chance(0.1) {
-            let batch = g.hostile_usize();
+            let mut batch = g.hostile_usize();
+            // An allowed batch beyond 2^16 empty sequences is a real output of that size, built in
+            // seconds: one such input would eat a target's budget. Past the limit (2^31 − 1) it
+            // must be refused at once, whatever the size.
+            if (1 << 16..=halo_kernels::cpu::MAX_SEQUENCES).contains(&batch) {
+                batch = g.pick(&[1 << 16, halo_kernels::cpu::MAX_SEQUENCES + 1]);
+            }
             let seq = if g.chance(0.7) { 0 } else { g.hostile_usize() };
             return (false, batch, seq);
         }
