@@ -321,3 +321,118 @@ fn numeric_flags_have_upper_bounds() {
     // n_head must still divide n_embd.
     assert!(validate(&["--n-embd", "130", "--n-head", "4"]).is_err());
 }
+
+/// The issue's CLI aborts (exit 134) came from `run` starting work before the flags were checked:
+/// through `run` itself, each flag is an error before anything is written, and the run directory
+/// is not even created.
+#[test]
+fn run_refuses_the_issues_abort_flags_before_any_work() {
+    let dir = temp_dir("run_flags");
+    for flags in [
+        &["--operand-limit", "100000"][..],
+        &["--operand-limit", "4294967296"],
+        &["--n-embd", "1048576", "--n-head", "1"],
+        &["--pretrain-lines", "100000000000"],
+        &["--samples-per-prompt", "1000000000000"],
+        &["--beta", "NaN"],
+        &["--sample-temperature=-1"],
+        &["--n-eval", "0"],
+    ] {
+        let out = dir.join("run");
+        let out_flag = out.display().to_string();
+        let args = TrainArgs::try_parse_from(
+            ["train_kto", "--output-dir", &out_flag]
+                .into_iter()
+                .chain(flags.iter().copied()),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = halo_train::train::run(&args, false).unwrap_err();
+        assert!(
+            matches!(err, HaloError::InvalidHyperParameter { .. }),
+            "{flags:?}: {err}"
+        );
+        assert!(!out.exists(), "{flags:?} created {}", out.display());
+        assert!(started.elapsed().as_secs() < 5, "{flags:?} started work");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--pretrain-lines 1e11` as typed in the issue: not a `usize`, so a clean parse error.
+#[test]
+fn exponent_notation_for_a_count_flag_is_a_parse_error() {
+    for flags in [
+        &["--pretrain-lines", "1e11"][..],
+        &["--samples-per-prompt", "1e12"],
+        &["--operand-limit", "-1"],
+    ] {
+        let parsed =
+            TrainArgs::try_parse_from(std::iter::once("train_kto").chain(flags.iter().copied()));
+        assert!(parsed.is_err(), "{flags:?} parsed");
+    }
+}
+
+// ---- 4. what the fuzz targets found (halo-train/tests/fuzz_train.rs) ----
+
+/// `tokenizers` panics (`expect("Helper")` in its decoder deserializer) on a truncated
+/// tokenizer.json and on a non-object `decoder`: `TextTokenizer::from_file` must give a
+/// `Tokenizer` error naming the file instead (found by `fuzz_tokenizer`).
+#[test]
+fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+    use halo_train::train::tokenizer::TextTokenizer;
+    let dir = temp_dir("tokenizer");
+    let path = dir.join("tokenizer.json");
+    let valid = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{"id":2,"content":"<|endoftext|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":{"type":"Fuse"},"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{"a":0,"b":1,"<|endoftext|>":2},"merges":[]}}"#;
+    std::fs::write(&path, valid).unwrap();
+    let tok = TextTokenizer::from_file(&path, None).unwrap();
+    assert_eq!(tok.encode("ab").unwrap(), vec![0, 1]);
+    let truncated = &valid[..valid.find(r#""decoder":{"ty"#).unwrap() + 14];
+    let non_object_decoder = valid.replace(r#"{"type":"Fuse"}"#, "5");
+    for text in [truncated, non_object_decoder.as_str()] {
+        std::fs::write(&path, text).unwrap();
+        match TextTokenizer::from_file(&path, None) {
+            Err(HaloError::Tokenizer { path: p, reason }) => {
+                assert!(p.ends_with("tokenizer.json"), "{p}");
+                assert!(reason.contains("not a valid"), "{reason}");
+            }
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Hostile safetensors headers: a header length of u64::MAX or past the end, and a shape whose
+/// element count overflows, are checkpoint errors (no allocation of the stated size, no panic).
+#[test]
+fn hostile_safetensors_headers_are_errors() {
+    let dir = temp_dir("headers");
+    let path = dir.join("h.safetensors");
+    let header = |json: &str| {
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend(json.as_bytes());
+        file.extend([0u8; 8]);
+        file
+    };
+    let mut huge_len = header("{}");
+    huge_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut past_end = header("{}");
+    past_end[..8].copy_from_slice(&1000u64.to_le_bytes());
+    let overflow = header(
+        r#"{"wte.weight":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
+    );
+    let wrong_size =
+        header(r#"{"wte.weight":{"dtype":"F32","shape":[1099511627776],"data_offsets":[0,8]}}"#);
+    for (bytes, case) in [
+        (huge_len, "header length u64::MAX"),
+        (past_end, "header length past the end"),
+        (overflow, "shape product overflows"),
+        (wrong_size, "shape of 2^40 elements over 8 bytes"),
+    ] {
+        std::fs::write(&path, bytes).unwrap();
+        let err = Gpt::load_safetensors(&path).unwrap_err();
+        assert!(matches!(err, HaloError::Checkpoint(_)), "{case}: {err}");
+        let err = Gpt::load_safetensors_with_config(&path, config()).unwrap_err();
+        assert!(matches!(err, HaloError::Checkpoint(_)), "{case}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

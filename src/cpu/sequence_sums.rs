@@ -141,8 +141,9 @@ impl Default for LogRatioClamp {
 /// Masked per-sequence sums of `token_values` (e.g. per-token log-probs) and token counts.
 ///
 /// Sums accumulate in f64 and round once, so the result does not depend on sequence length or
-/// order. Errors: length mismatch, invalid layout, or a NaN/±inf value in a counted token
-/// (`NonFinite` naming the token row; ignored tokens are not read).
+/// order. Errors: length mismatch, invalid layout, a NaN/±inf value in a counted token
+/// (`NonFinite` naming the token row; ignored tokens are not read), or a sum beyond the f32 range
+/// (`NonFinite` naming the sequence).
 pub fn sequence_sums(
     token_values: &[f32],
     labels: &[i32],
@@ -236,7 +237,7 @@ fn masked_sums(
         sums: try_with_capacity(ranges.len(), "sums")?,
         counts: try_with_capacity(ranges.len(), "counts")?,
     };
-    for range in ranges {
+    for (index, range) in ranges.iter().enumerate() {
         let (mut sum, mut count) = (0.0f64, 0u32);
         for t in range.clone() {
             if labels[t] != ignore_index {
@@ -244,7 +245,15 @@ fn masked_sums(
                 count += 1;
             }
         }
-        out.sums.push(sum as f32);
+        // Finite f32 values can still sum beyond f32::MAX (two of -2e38): refuse, do not store inf.
+        let rounded = sum as f32;
+        if !rounded.is_finite() {
+            return Err(HaloError::NonFinite {
+                what: "sequence sum (overflows f32)",
+                row: index,
+            });
+        }
+        out.sums.push(rounded);
         out.counts.push(count);
     }
     Ok(out)

@@ -18,8 +18,8 @@ use super::metrics::pair_metrics;
 use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
 use super::validate::{
-    check_count_lengths, check_counts_positive, check_finite, check_label_smoothing, check_outputs,
-    check_pair_lengths, check_positive, ipo_counts,
+    check_count_lengths, check_counts_positive, check_finite, check_label_smoothing, check_metrics,
+    check_outputs, check_pair_lengths, check_positive, ipo_counts,
 };
 use crate::error::Result;
 
@@ -188,16 +188,18 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         loss,
         &[&grad_chosen, &grad_rejected],
     )?;
+    let metrics = pair_metrics(
+        &chosen_rewards,
+        &rejected_rewards,
+        &chosen_logps,
+        &rejected_logps,
+    );
+    check_metrics(&metrics)?;
     Ok(PairLossOutput {
         loss,
         grad_chosen,
         grad_rejected,
-        metrics: pair_metrics(
-            &chosen_rewards,
-            &rejected_rewards,
-            &chosen_logps,
-            &rejected_logps,
-        ),
+        metrics,
     })
 }
 

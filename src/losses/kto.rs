@@ -13,7 +13,8 @@ use super::metrics::{mean_of, LossMetrics};
 use super::reference_point::ReferencePointPartial;
 use super::sigmoid::{sigmoid, sigmoid_derivative};
 use super::validate::{
-    check_finite, check_kto_lengths, check_nonnegative, check_outputs, check_positive,
+    check_finite, check_kto_lengths, check_metrics, check_nonnegative, check_outputs,
+    check_positive,
 };
 use crate::error::{HaloError, Result};
 
@@ -168,6 +169,7 @@ pub fn kto_loss(config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
     let loss = loss_sum * inv_n;
     check_outputs("kto loss or gradient", loss, &[&grad])?;
     let metrics = kto_metrics(batch, beta, z0);
+    check_metrics(&metrics)?;
     Ok(KtoOutput {
         loss,
         grad_policy_logps: grad,

@@ -31,7 +31,8 @@ pub struct LossMetrics {
     pub nll_loss: Option<f64>,
     /// `log_odds_ratio`: ORPO's mean `log σ(log_odds)`.
     pub log_odds_ratio: Option<f64>,
-    /// `log_odds_chosen`: ORPO's mean `log_odds`.
+    /// `log_odds_chosen`: ORPO's mean `log_odds`; `None` when a chosen completion has probability 1
+    /// (its log-odds are +inf).
     pub log_odds_chosen: Option<f64>,
     /// Number of chosen (desirable) examples the chosen means are over.
     pub chosen_count: u64,

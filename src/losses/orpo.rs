@@ -12,7 +12,8 @@
 //!
 //! Edge cases (documented, TRL would give inf/NaN there):
 //! - average chosen log-prob exactly 0 (p = 1): `log_odds = +inf`, the odds term is 0 and its
-//!   gradient the finite limit above; `log_odds_chosen` metric is then `+inf`.
+//!   gradient the finite limit above; the `log_odds_chosen` metric (a mean that would be `+inf`)
+//!   is then `None`.
 //! - average rejected log-prob exactly 0: the loss is `+inf` → `NonFinite("orpo log_odds ...")`.
 //! - a positive average log-prob is not a log-probability → `InvalidLogProb`.
 //! - a sequence with no tokens → `EmptySequence`.
@@ -22,7 +23,7 @@
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
 use super::reference_free::{average_logps, chosen_nll, reference_free_metrics};
 use super::sigmoid::{log1m_exp, log_sigmoid};
-use super::validate::{check_outputs, check_positive};
+use super::validate::{check_metrics, check_outputs, check_positive};
 use crate::error::{HaloError, Result};
 
 /// Hyper-parameters (TRL `ORPOConfig`: β = 0.1, the weight of the odds-ratio term).
@@ -100,13 +101,16 @@ pub fn orpo_loss(
 
     let mut metrics = reference_free_metrics(beta, &avg_c, &avg_r, nll);
     metrics.log_odds_ratio = Some(ratio_sum * inv_n);
-    metrics.log_odds_chosen = Some(log_odds_sum * inv_n);
+    // A chosen completion of probability 1 (average log-prob exactly 0, a legitimate input whose
+    // loss and gradient are finite limits) has log-odds +inf: the mean is then undefined.
+    metrics.log_odds_chosen = Some(log_odds_sum * inv_n).filter(|v| v.is_finite());
     let loss = nll - beta * ratio_sum * inv_n;
     check_outputs(
         "orpo loss or gradient (an average log-prob too close to 0?)",
         loss,
         &[&grad_chosen, &grad_rejected],
     )?;
+    check_metrics(&metrics)?;
     Ok(PairLossOutput {
         loss,
         grad_chosen,

@@ -15,7 +15,9 @@
 use super::pairs::{PairLossOutput, ReferenceFreePairBatch};
 use super::reference_free::{average_logps, chosen_nll, reference_free_metrics};
 use super::sigmoid::{log_sigmoid, sigmoid};
-use super::validate::{check_label_smoothing, check_nonnegative, check_outputs, check_positive};
+use super::validate::{
+    check_label_smoothing, check_metrics, check_nonnegative, check_outputs, check_positive,
+};
 use crate::error::{HaloError, Result};
 
 /// Hyper-parameters (defaults: β = 0.1, γ = 0.5, ε = 0, `nll_weight` = 0; see the module docs).
@@ -95,6 +97,7 @@ pub fn simpo_loss(
         loss,
         &[&grad_chosen, &grad_rejected],
     )?;
+    check_metrics(&metrics)?;
     Ok(PairLossOutput {
         loss,
         grad_chosen,

@@ -1,6 +1,7 @@
 //! Input checks shared by the losses: lengths, finiteness, hyper-parameter domains. The CUDA
 //! losses call the same checks (on their buffers' lengths) so their errors match.
 
+use super::metrics::LossMetrics;
 use crate::error::{HaloError, Result};
 
 /// `got.len() == expected`, else `LengthMismatch` naming `what`.
@@ -88,6 +89,16 @@ pub(crate) fn check_outputs(what: &'static str, loss: f64, grads: &[&[f32]]) -> 
         check_finite(what, g)?;
     }
     Ok(())
+}
+
+/// The logged metrics must be finite too: a β near `f64::MAX` passes [`check_positive`] but makes
+/// the rewards `β·r` overflow to ±inf (or NaN as `inf − inf` in a margin) while the loss, a
+/// saturated sigmoid, stays finite. `NonFinite` names the metric (e.g. `rewards/chosen`).
+pub(crate) fn check_metrics(metrics: &LossMetrics) -> Result<()> {
+    match metrics.to_named().into_iter().find(|(_, v)| !v.is_finite()) {
+        Some((what, _)) => Err(HaloError::NonFinite { what, row: 0 }),
+        None => Ok(()),
+    }
 }
 
 /// The per-example lists of a KTO batch: at least one example (`EmptyBatch("policy_logps")`), then

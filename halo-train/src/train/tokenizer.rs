@@ -133,7 +133,27 @@ impl TextTokenizer {
             path: path.display().to_string(),
             reason,
         };
-        let mut inner = tokenizers::Tokenizer::from_str(&json).map_err(|e| {
+        // `tokenizers` panics (`expect("Helper")`) on some malformed `decoder` values, a
+        // truncated file among them: check the JSON syntax first, then catch what is left.
+        serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
+            error(format!(
+                "not a valid Hugging Face tokenizer.json (invalid JSON): {e}"
+            ))
+        })?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(&json)).map_err(
+            |panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                error(format!(
+                    "not a valid Hugging Face tokenizer.json (the tokenizers crate panicked: \
+                     {what})"
+                ))
+            },
+        )?;
+        let mut inner = parsed.map_err(|e| {
             error(format!(
                 "not a valid Hugging Face tokenizer.json (JSON or model): {e}"
             ))
