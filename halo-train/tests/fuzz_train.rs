@@ -263,12 +263,15 @@ fn check_model(model: &Gpt) -> Outcome {
     match model.logits_inference(&ids, 1, seq) {
         Ok(logits) => match logits.iter().position(|v| !v.is_finite()) {
             None => Outcome::Accepted,
-            Some(i) => Outcome::Known(format!(
-                "finite loaded weights give logit[{i}] = {} (Gpt::logits_inference does not \
-                 refuse a non-finite result; generate does)",
+            Some(i) => Outcome::NonFinite(format!(
+                "finite loaded weights give logit[{i}] = {}",
                 logits[i]
             )),
         },
+        // Finite but huge weights can overflow f32 in the forward: refused, as it must be.
+        Err(e @ halo_kernels::HaloError::NonFinite { what: "logits", .. }) => {
+            Outcome::Refused(format!("forward of the loaded model: {e}"))
+        }
         Err(e) => Outcome::NonFinite(format!("accepted model's forward failed: {e}")),
     }
 }

@@ -201,6 +201,29 @@ fn loader_refuses_a_tensor_under_both_names() {
 }
 
 #[test]
+fn logits_inference_refuses_logits_that_overflow_from_finite_weights() {
+    // Found by fuzz_load_safetensors: finite weights of 3e38 load (they are finite) but the
+    // forward overflows f32; the logits must be refused, not returned as inf/NaN.
+    let mut model = Gpt::new(config(), 5).unwrap();
+    for (name, data) in model.parameters_mut() {
+        if name == "lm_head.weight" || name == "transformer.wte.weight" {
+            data.iter_mut().for_each(|w| *w = 3e38);
+        }
+    }
+    let err = model.logits_inference(&[1, 2], 1, 2).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HaloError::NonFinite {
+                what: "logits",
+                row: 0
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn generate_refuses_non_finite_logits() {
     let mut model = Gpt::new(config(), 3).unwrap();
     for (name, data) in model.parameters_mut() {

@@ -315,6 +315,9 @@ impl Gpt {
     }
 
     /// Logits `[batch·seq, vocab]` without gradients or dropout.
+    ///
+    /// Errors as [`logits`](Gpt::logits), and [`HaloError::NonFinite`] (`what: "logits"`, `row`:
+    /// the first bad row) when finite but huge weights overflow f32 somewhere in the forward.
     pub fn logits_inference(
         &self,
         input_ids: &[u32],
@@ -323,7 +326,14 @@ impl Gpt {
     ) -> Result<Vec<f32>> {
         let mut tape = Tape::inference();
         let v = self.logits(&mut tape, input_ids, batch, seq)?;
-        Ok(std::mem::take(&mut tape.nodes[v.0].value))
+        let logits = std::mem::take(&mut tape.nodes[v.0].value);
+        if let Some(index) = logits.iter().position(|z| !z.is_finite()) {
+            return Err(HaloError::NonFinite {
+                what: "logits",
+                row: index / self.config.vocab_size.max(1),
+            });
+        }
+        Ok(logits)
     }
 
     pub(crate) fn params_mut(&mut self) -> &mut [Parameter] {
