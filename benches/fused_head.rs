@@ -1,0 +1,212 @@
+//! The fused LM head on the CPU against the materialized path, with the bare GEMMs of the same
+//! shapes as the floor: rows ∈ {1024, 4096}, H = 1024, V ∈ {32000, 128256}, f32 and bf16.
+//!
+//! Per shape it prints one line per variant, side by side: the time of one call and its peak
+//! extra memory (bytes allocated beyond the inputs, from a counting allocator), then runs the
+//! criterion benches of the same calls.
+//! - forward: fused `fused_linear_token_logprobs` | materialized (logits = hidden · Wᵀ into an f32
+//!   `[rows, V]` buffer, then `cpu::token_logprobs`) | floor: that GEMM alone (1 GEMM);
+//! - forward + backward: fused forward + `fused_linear_token_logprobs_backward` | materialized
+//!   (GEMM, log-probs, in-place `cpu::token_logprobs_backward_inplace`, `∂z · W`, `∂zᵀ · h`) |
+//!   floor: the 3 GEMMs alone. The fused backward also recomputes the logits (a 4th GEMM).
+//!
+//! The GEMMs are `matrixmultiply::sgemm` on blocks in parallel with rayon (the fused op's own
+//! GEMM); bf16 inputs are widened to f32 for the materialized path and the floor (not timed).
+//!
+//! Run: `cargo bench --bench fused_head` (slow on a small machine: ~1e11–1e12 flops per call).
+//! `HALO_FUSED_BENCH=1024x32000:f32` restricts the shapes (`ROWSxVOCAB:DTYPE`, comma-separated);
+//! `HALO_FUSED_BENCH_SUMMARY=1` prints the side-by-side lines only (one call each, no criterion).
+//! `cargo test` runs this file once at tiny shapes (`test = true`): no figure from that run means
+//! anything.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use half::bf16;
+use halo_kernels::cpu::{token_logprobs, token_logprobs_backward_inplace};
+use halo_kernels::fused_head::{
+    fused_linear_token_logprobs, fused_linear_token_logprobs_backward, LmHead,
+};
+use halo_kernels::{LogitElement, IGNORE_INDEX};
+use rayon::prelude::*;
+
+/// Counts live heap bytes and their peak, to measure each call's extra memory.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` once; returns its result, seconds, and peak bytes above what was live before.
+fn measure<R>(f: impl FnOnce() -> R) -> (R, f64, usize) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let t = Instant::now();
+    let r = f();
+    let s = t.elapsed().as_secs_f64();
+    (r, s, PEAK.load(Ordering::Relaxed) - base)
+}
+
+const H: usize = 1024;
+const ROWS: [usize; 2] = [1024, 4096];
+const VOCABS: [usize; 2] = [32000, 128256];
+const SMOKE: [(usize, usize, usize); 1] = [(37, 1031, 19)];
+
+fn main() {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let filter = std::env::var("HALO_FUSED_BENCH").ok();
+    let summary_only = std::env::var("HALO_FUSED_BENCH_SUMMARY").is_ok_and(|v| v == "1");
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args();
+    let shapes: Vec<(usize, usize, usize)> = if bench_mode {
+        ROWS.iter().flat_map(|&r| VOCABS.iter().map(move |&v| (r, v, H))).collect()
+    } else {
+        SMOKE.to_vec()
+    };
+    for (rows, vocab, h) in shapes {
+        for dtype in ["f32", "bf16"] {
+            let key = format!("{rows}x{vocab}:{dtype}");
+            if filter.as_ref().is_some_and(|f| !f.split(',').any(|k| k == key)) {
+                continue;
+            }
+            let run = if summary_only { None } else { Some(&mut c) };
+            match dtype {
+                "f32" => bench_shape::<f32>(run, rows, vocab, h),
+                _ => bench_shape::<bf16>(run, rows, vocab, h),
+            }
+        }
+    }
+    if !summary_only {
+        c.final_summary();
+    }
+    if !bench_mode {
+        println!("smoke run: every bench ran once at tiny shapes (no figures)");
+    }
+}
+
+fn random<T: LogitElement>(seed: u64, n: usize, scale: f32) -> Vec<T> {
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| {
+            let x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let x = (x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            T::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        })
+        .collect()
+}
+
+/// `c[m × n] = a[m × k] · b` with b given by strides, rayon over blocks of 64 rows of `c`.
+#[allow(clippy::too_many_arguments)]
+fn par_gemm(m: usize, k: usize, n: usize, a: &[f32], rsa: usize, csa: usize, b: &[f32], rsb: usize, csb: usize, c: &mut [f32]) {
+    const BLOCK: usize = 64;
+    c.par_chunks_mut(BLOCK * n).enumerate().for_each(|(i, cb)| {
+        let rows = cb.len() / n;
+        // SAFETY: block i reads rows i·BLOCK.. of a (within m × k by the strides) and all of b,
+        // and writes its own rows of c.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows, k, n, 1.0,
+                a.as_ptr().add(i * BLOCK * rsa), rsa as isize, csa as isize,
+                b.as_ptr(), rsb as isize, csb as isize,
+                0.0, cb.as_mut_ptr(), n as isize, 1,
+            )
+        }
+    });
+    let _ = m;
+}
+
+fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: usize, h: usize) {
+    let hidden: Vec<T> = random(1, rows * h, 1.0);
+    let weight: Vec<T> = random(2, vocab * h, (3.0 / h as f32).sqrt());
+    let labels: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
+    let grad_logp: Vec<f32> = (0..rows).map(|r| -1.0 / (1 + r % 7) as f32).collect();
+    let head = LmHead { weight: &weight, bias: None, vocab, hidden_size: h };
+    let h32: Vec<f32> = hidden.iter().map(|x| x.to_f32()).collect();
+    let w32: Vec<f32> = weight.iter().map(|x| x.to_f32()).collect();
+    let name = format!("{rows}x{vocab}x{h} {:?}", T::DTYPE);
+
+    let fused_fwd = || fused_linear_token_logprobs(&hidden, &head, &labels, IGNORE_INDEX, None).unwrap();
+    let fused_fwd_bwd = || {
+        let f = fused_fwd();
+        fused_linear_token_logprobs_backward(&hidden, &head, &labels, IGNORE_INDEX, &f.row_max, &f.ln_sum, &grad_logp, None)
+            .unwrap()
+    };
+    let logits = || {
+        let mut z = vec![0.0f32; rows * vocab];
+        par_gemm(rows, h, vocab, &h32, h, 1, &w32, 1, h, &mut z);
+        z
+    };
+    let materialized_fwd = || token_logprobs(&logits(), &labels, vocab, IGNORE_INDEX).unwrap();
+    let materialized_fwd_bwd = || {
+        let mut z = logits();
+        let t = token_logprobs(&z, &labels, vocab, IGNORE_INDEX).unwrap();
+        token_logprobs_backward_inplace(&mut z, &labels, &t.lse, &grad_logp, vocab, IGNORE_INDEX).unwrap();
+        grads(&z, &h32, &w32, rows, vocab, h)
+    };
+    let floor_bwd = || {
+        let z = logits();
+        grads(&z, &h32, &w32, rows, vocab, h)
+    };
+
+    println!("{name}:");
+    let gemm_flops = 2.0 * (rows * vocab * h) as f64;
+    let (_, t_floor, m_floor) = measure(logits);
+    let (_, t_fused, m_fused) = measure(fused_fwd);
+    let (_, t_mat, m_mat) = measure(materialized_fwd);
+    let line = |what: &str, t: f64, m: usize, floor: f64, gemms: f64| {
+        println!(
+            "  {what:<28} {:>9.1} ms  {:>6.2}x floor  {:>7.1} GFLOP/s  peak extra {:>9.1} MiB",
+            t * 1e3, t / floor, gemms * gemm_flops / t / 1e9, m as f64 / (1 << 20) as f64
+        )
+    };
+    line("forward: bare GEMM (floor)", t_floor, m_floor, t_floor, 1.0);
+    line("forward: fused", t_fused, m_fused, t_floor, 1.0);
+    line("forward: materialized", t_mat, m_mat, t_floor, 1.0);
+    let (_, t_floor3, m_floor3) = measure(floor_bwd);
+    let (_, t_fused2, m_fused2) = measure(fused_fwd_bwd);
+    let (_, t_mat2, m_mat2) = measure(materialized_fwd_bwd);
+    line("fwd+bwd: 3 bare GEMMs (floor)", t_floor3, m_floor3, t_floor3, 3.0);
+    line("fwd+bwd: fused (4 GEMMs)", t_fused2, m_fused2, t_floor3, 3.0);
+    line("fwd+bwd: materialized", t_mat2, m_mat2, t_floor3, 3.0);
+
+    if let Some(c) = c {
+        let mut g = c.benchmark_group(format!("fused_head/{name}"));
+        g.bench_function("forward/fused", |b| b.iter(fused_fwd));
+        g.bench_function("forward/materialized", |b| b.iter(materialized_fwd));
+        g.bench_function("forward/gemm_floor", |b| b.iter(logits));
+        g.bench_function("fwd_bwd/fused", |b| b.iter(fused_fwd_bwd));
+        g.bench_function("fwd_bwd/materialized", |b| b.iter(materialized_fwd_bwd));
+        g.bench_function("fwd_bwd/gemm_floor", |b| b.iter(floor_bwd));
+        g.finish();
+    }
+}
+
+/// `∂hidden = ∂z · W` (`[rows, H]`) and `∂W = ∂zᵀ · hidden` (`[V, H]`), the backward's two GEMMs.
+fn grads(dz: &[f32], h32: &[f32], w32: &[f32], rows: usize, vocab: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dh = vec![0.0f32; rows * h];
+    par_gemm(rows, vocab, h, dz, vocab, 1, w32, h, 1, &mut dh);
+    let mut dw = vec![0.0f32; vocab * h];
+    par_gemm(vocab, rows, h, dz, 1, vocab, h32, h, 1, &mut dw);
+    (dh, dw)
+}
