@@ -10,8 +10,8 @@
 //!   (GEMM, log-probs, in-place `cpu::token_logprobs_backward_inplace`, `∂z · W`, `∂zᵀ · h`) |
 //!   floor: the 3 GEMMs alone. The fused backward also recomputes the logits (a 4th GEMM).
 //!
-//! The GEMMs are `matrixmultiply::sgemm` on blocks in parallel with rayon (the fused op's own
-//! GEMM); bf16 inputs are widened to f32 for the materialized path and the floor (not timed).
+//! The floor's GEMMs are `matrixmultiply::sgemm` on blocks of the fused op's default tile size, in
+//! parallel with rayon (the fused op's own GEMM, without the softmax work); bf16 inputs are widened to f32 for the materialized path and the floor (not timed).
 //!
 //! Run: `cargo bench --bench fused_head` (slow on a small machine: ~1e11–1e12 flops per call).
 //! `HALO_FUSED_BENCH=1024x32000:f32` restricts the shapes (`ROWSxVOCAB:DTYPE`, comma-separated);
@@ -68,6 +68,8 @@ fn measure<R>(f: impl FnOnce() -> R) -> (R, f64, usize) {
 const H: usize = 1024;
 const ROWS: [usize; 2] = [1024, 4096];
 const VOCABS: [usize; 2] = [32000, 128256];
+/// The fused op's default tile (`FusedChunks::auto`), used by the floor's blocks too.
+const TILE: (usize, usize) = (256, 2048);
 const SMOKE: [(usize, usize, usize); 1] = [(37, 1031, 19)];
 
 fn main() {
@@ -80,14 +82,19 @@ fn main() {
         .measurement_time(Duration::from_secs(1))
         .configure_from_args();
     let shapes: Vec<(usize, usize, usize)> = if bench_mode {
-        ROWS.iter().flat_map(|&r| VOCABS.iter().map(move |&v| (r, v, H))).collect()
+        ROWS.iter()
+            .flat_map(|&r| VOCABS.iter().map(move |&v| (r, v, H)))
+            .collect()
     } else {
         SMOKE.to_vec()
     };
     for (rows, vocab, h) in shapes {
         for dtype in ["f32", "bf16"] {
             let key = format!("{rows}x{vocab}:{dtype}");
-            if filter.as_ref().is_some_and(|f| !f.split(',').any(|k| k == key)) {
+            if filter
+                .as_ref()
+                .is_some_and(|f| !f.split(',').any(|k| k == key))
+            {
                 continue;
             }
             let run = if summary_only { None } else { Some(&mut c) };
@@ -116,24 +123,57 @@ fn random<T: LogitElement>(seed: u64, n: usize, scale: f32) -> Vec<T> {
         .collect()
 }
 
-/// `c[m × n] = a[m × k] · b` with b given by strides, rayon over blocks of 64 rows of `c`.
+/// A raw output pointer shared by the blocks of `par_gemm`, which write disjoint regions.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `c[m × n] (row-major) = a[m × k] · b[k × n]`, a and b given by (row, column) strides: one
+/// single-threaded `sgemm` per `bm × bn` block of `c`, rayon across blocks — the fused op's own
+/// GEMM at its own tile size, without the softmax work.
 #[allow(clippy::too_many_arguments)]
-fn par_gemm(m: usize, k: usize, n: usize, a: &[f32], rsa: usize, csa: usize, b: &[f32], rsb: usize, csb: usize, c: &mut [f32]) {
-    const BLOCK: usize = 64;
-    c.par_chunks_mut(BLOCK * n).enumerate().for_each(|(i, cb)| {
-        let rows = cb.len() / n;
-        // SAFETY: block i reads rows i·BLOCK.. of a (within m × k by the strides) and all of b,
-        // and writes its own rows of c.
+fn par_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    (bm, bn): (usize, usize),
+) {
+    assert!(c.len() == m * n && a.len() >= m * k && b.len() >= k * n);
+    let out = OutPtr(c.as_mut_ptr());
+    let blocks: Vec<(usize, usize)> = (0..m.div_ceil(bm))
+        .flat_map(|i| (0..n.div_ceil(bn)).map(move |j| (i, j)))
+        .collect();
+    blocks.into_par_iter().for_each(|(i, j)| {
+        let out = out;
+        let (r0, c0) = (i * bm, j * bn);
+        let (rows, cols) = (bm.min(m - r0), bn.min(n - c0));
+        // SAFETY: the block reads rows r0.. of a and columns c0.. of b inside their extents (the
+        // strides describe m × k and k × n matrices) and writes only its own block of c.
         unsafe {
             matrixmultiply::sgemm(
-                rows, k, n, 1.0,
-                a.as_ptr().add(i * BLOCK * rsa), rsa as isize, csa as isize,
-                b.as_ptr(), rsb as isize, csb as isize,
-                0.0, cb.as_mut_ptr(), n as isize, 1,
+                rows,
+                k,
+                cols,
+                1.0,
+                a.as_ptr().add(r0 * rsa),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr().add(c0 * csb),
+                rsb as isize,
+                csb as isize,
+                0.0,
+                out.0.add(r0 * n + c0),
+                n as isize,
+                1,
             )
         }
     });
-    let _ = m;
 }
 
 fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: usize, h: usize) {
@@ -141,27 +181,43 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
     let weight: Vec<T> = random(2, vocab * h, (3.0 / h as f32).sqrt());
     let labels: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
     let grad_logp: Vec<f32> = (0..rows).map(|r| -1.0 / (1 + r % 7) as f32).collect();
-    let head = LmHead { weight: &weight, bias: None, vocab, hidden_size: h };
+    let head = LmHead {
+        weight: &weight,
+        bias: None,
+        vocab,
+        hidden_size: h,
+    };
     let h32: Vec<f32> = hidden.iter().map(|x| x.to_f32()).collect();
     let w32: Vec<f32> = weight.iter().map(|x| x.to_f32()).collect();
     let name = format!("{rows}x{vocab}x{h} {:?}", T::DTYPE);
 
-    let fused_fwd = || fused_linear_token_logprobs(&hidden, &head, &labels, IGNORE_INDEX, None).unwrap();
+    let fused_fwd =
+        || fused_linear_token_logprobs(&hidden, &head, &labels, IGNORE_INDEX, None).unwrap();
     let fused_fwd_bwd = || {
         let f = fused_fwd();
-        fused_linear_token_logprobs_backward(&hidden, &head, &labels, IGNORE_INDEX, &f.row_max, &f.ln_sum, &grad_logp, None)
-            .unwrap()
+        fused_linear_token_logprobs_backward(
+            &hidden,
+            &head,
+            &labels,
+            IGNORE_INDEX,
+            &f.row_max,
+            &f.ln_sum,
+            &grad_logp,
+            None,
+        )
+        .unwrap()
     };
     let logits = || {
         let mut z = vec![0.0f32; rows * vocab];
-        par_gemm(rows, h, vocab, &h32, h, 1, &w32, 1, h, &mut z);
+        par_gemm(rows, h, vocab, &h32, (h, 1), &w32, (1, h), &mut z, TILE);
         z
     };
     let materialized_fwd = || token_logprobs(&logits(), &labels, vocab, IGNORE_INDEX).unwrap();
     let materialized_fwd_bwd = || {
         let mut z = logits();
         let t = token_logprobs(&z, &labels, vocab, IGNORE_INDEX).unwrap();
-        token_logprobs_backward_inplace(&mut z, &labels, &t.lse, &grad_logp, vocab, IGNORE_INDEX).unwrap();
+        token_logprobs_backward_inplace(&mut z, &labels, &t.lse, &grad_logp, vocab, IGNORE_INDEX)
+            .unwrap();
         grads(&z, &h32, &w32, rows, vocab, h)
     };
     let floor_bwd = || {
@@ -177,7 +233,10 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
     let line = |what: &str, t: f64, m: usize, floor: f64, gemms: f64| {
         println!(
             "  {what:<28} {:>9.1} ms  {:>6.2}x floor  {:>7.1} GFLOP/s  peak extra {:>9.1} MiB",
-            t * 1e3, t / floor, gemms * gemm_flops / t / 1e9, m as f64 / (1 << 20) as f64
+            t * 1e3,
+            t / floor,
+            gemms * gemm_flops / t / 1e9,
+            m as f64 / (1 << 20) as f64
         )
     };
     line("forward: bare GEMM (floor)", t_floor, m_floor, t_floor, 1.0);
@@ -186,8 +245,22 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
     let (_, t_floor3, m_floor3) = measure(floor_bwd);
     let (_, t_fused2, m_fused2) = measure(fused_fwd_bwd);
     let (_, t_mat2, m_mat2) = measure(materialized_fwd_bwd);
-    line("fwd+bwd: 3 bare GEMMs (floor)", t_floor3, m_floor3, t_floor3, 3.0);
-    line("fwd+bwd: fused (4 GEMMs)", t_fused2, m_fused2, t_floor3, 3.0);
+    let out_mib = ((rows + vocab) * h * 4) as f64 / (1 << 20) as f64;
+    println!("  (fwd+bwd peaks include the outputs ∂hidden + ∂weight, {out_mib:.1} MiB)");
+    line(
+        "fwd+bwd: 3 bare GEMMs (floor)",
+        t_floor3,
+        m_floor3,
+        t_floor3,
+        3.0,
+    );
+    line(
+        "fwd+bwd: fused (4 GEMMs)",
+        t_fused2,
+        m_fused2,
+        t_floor3,
+        3.0,
+    );
     line("fwd+bwd: materialized", t_mat2, m_mat2, t_floor3, 3.0);
 
     if let Some(c) = c {
@@ -203,10 +276,37 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
 }
 
 /// `∂hidden = ∂z · W` (`[rows, H]`) and `∂W = ∂zᵀ · hidden` (`[V, H]`), the backward's two GEMMs.
-fn grads(dz: &[f32], h32: &[f32], w32: &[f32], rows: usize, vocab: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+fn grads(
+    dz: &[f32],
+    h32: &[f32],
+    w32: &[f32],
+    rows: usize,
+    vocab: usize,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let mut dh = vec![0.0f32; rows * h];
-    par_gemm(rows, vocab, h, dz, vocab, 1, w32, h, 1, &mut dh);
+    par_gemm(
+        rows,
+        vocab,
+        h,
+        dz,
+        (vocab, 1),
+        w32,
+        (h, 1),
+        &mut dh,
+        (256, 512),
+    );
     let mut dw = vec![0.0f32; vocab * h];
-    par_gemm(vocab, rows, h, dz, 1, vocab, h32, h, 1, &mut dw);
+    par_gemm(
+        vocab,
+        rows,
+        h,
+        dz,
+        (1, vocab),
+        h32,
+        (h, 1),
+        &mut dw,
+        (2048, h),
+    );
     (dh, dw)
 }

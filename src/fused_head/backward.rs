@@ -51,7 +51,11 @@ pub fn fused_linear_token_logprobs_backward<T: LogitElement>(
     chunks: Option<FusedChunks>,
 ) -> Result<FusedHeadGrads> {
     let rows = check_head_args(hidden.len(), head, labels, ignore_index)?;
-    for (what, values) in [("row_max", row_max), ("ln_sum", ln_sum), ("grad_logp", grad_logp)] {
+    for (what, values) in [
+        ("row_max", row_max),
+        ("ln_sum", ln_sum),
+        ("grad_logp", grad_logp),
+    ] {
         check_len(what, rows, values.len())?;
         check_counted_finite(what, values, labels, ignore_index)?;
     }
@@ -104,9 +108,16 @@ pub fn fused_linear_token_logprobs_backward<T: LogitElement>(
         }
     }
     if let Some(i) = grad_weight.iter().position(|x| !x.is_finite()) {
-        return Err(HaloError::NonFinite { what: "grad_weight", row: i / h });
+        return Err(HaloError::NonFinite {
+            what: "grad_weight",
+            row: i / h,
+        });
     }
-    Ok(FusedHeadGrads { hidden: grad_hidden, weight: grad_weight, bias: grad_bias })
+    Ok(FusedHeadGrads {
+        hidden: grad_hidden,
+        weight: grad_weight,
+        bias: grad_bias,
+    })
 }
 
 /// The forward's saved values and `∂L/∂logp` of the counted rows.
@@ -131,7 +142,7 @@ fn group_backward<T: LogitElement>(
     let n = counted.rows.len();
     let mut grad_hidden = vec![0.0f32; n * h];
     let mut tile = vec![0.0f32; chunks.row_tile.min(n) * chunks.vocab_tile];
-    let mut weight_tile = WeightTile::new(chunks.vocab_tile, h);
+    let mut weight_tile = WeightTile::new();
     for vt in chunks.vocab_tiles(group.clone()) {
         let width = vt.len();
         let w = weight_tile.load(head, vt.clone());
@@ -140,7 +151,15 @@ fn group_backward<T: LogitElement>(
         for rt in chunks.row_tiles(n) {
             let hid = &counted.hidden[rt.start * h..rt.end * h];
             let dz = &mut tile[..rt.len() * width];
-            gemm(rt.len(), h, width, View::rows(hid, h), View::transposed(w, h), 0.0, dz);
+            gemm(
+                rt.len(),
+                h,
+                width,
+                View::rows(hid, h),
+                View::transposed(w, h),
+                0.0,
+                dz,
+            );
             add_bias(dz, head, vt.clone());
             for (i, zr) in dz.chunks_exact_mut(width).enumerate() {
                 let r = rt.start + i;
@@ -152,9 +171,25 @@ fn group_backward<T: LogitElement>(
             }
             // ∂hidden[rt] += ∂z · W_tile   ([rt, width] · [width, H])
             let dh = &mut grad_hidden[rt.start * h..rt.end * h];
-            gemm(rt.len(), width, h, View::rows(dz, width), View::rows(w, h), 1.0, dh);
+            gemm(
+                rt.len(),
+                width,
+                h,
+                View::rows(dz, width),
+                View::rows(w, h),
+                1.0,
+                dh,
+            );
             // ∂W_tile += ∂zᵀ · hidden[rt]   ([width, rt] · [rt, H])
-            gemm(width, rt.len(), h, View::transposed(dz, width), View::rows(hid, h), 1.0, dw);
+            gemm(
+                width,
+                rt.len(),
+                h,
+                View::transposed(dz, width),
+                View::rows(hid, h),
+                1.0,
+                dw,
+            );
             if let Some(db) = grad_bias.as_deref_mut() {
                 let db = &mut db[local.clone()];
                 for zr in dz.chunks_exact(width) {

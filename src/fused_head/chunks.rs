@@ -108,8 +108,18 @@ mod tests {
 
     #[test]
     fn groups_cover_the_vocabulary_in_whole_tiles() {
-        for (vocab, tile, groups) in [(1, 1, 1), (10, 3, 2), (10, 3, 8), (32000, 2048, 8), (7, 7, 3)] {
-            let c = FusedChunks { row_tile: 1, vocab_tile: tile, vocab_groups: groups };
+        for (vocab, tile, groups) in [
+            (1, 1, 1),
+            (10, 3, 2),
+            (10, 3, 8),
+            (32000, 2048, 8),
+            (7, 7, 3),
+        ] {
+            let c = FusedChunks {
+                row_tile: 1,
+                vocab_tile: tile,
+                vocab_groups: groups,
+            };
             let ranges = c.vocab_group_ranges(vocab);
             assert_eq!(ranges.first().unwrap().start, 0);
             assert_eq!(ranges.last().unwrap().end, vocab);
@@ -118,7 +128,11 @@ mod tests {
                 assert_eq!(w[0].start % tile, 0);
             }
             assert!(ranges.iter().all(|r| r.end > r.start));
-            let covered: usize = ranges.iter().flat_map(|r| c.vocab_tiles(r.clone())).map(|t| t.len()).sum();
+            let covered: usize = ranges
+                .iter()
+                .flat_map(|r| c.vocab_tiles(r.clone()))
+                .map(|t| t.len())
+                .sum();
             assert_eq!(covered, vocab);
         }
     }

@@ -82,7 +82,15 @@ pub(crate) fn row_partials<T: LogitElement>(
         .collect();
     let per_task: Vec<Vec<RowPartial>> = tasks
         .par_iter()
-        .map(|&(t, g)| group_partials(counted, head, chunks, row_tiles[t].clone(), groups[g].clone()))
+        .map(|&(t, g)| {
+            group_partials(
+                counted,
+                head,
+                chunks,
+                row_tiles[t].clone(),
+                groups[g].clone(),
+            )
+        })
         .collect();
     let mut merged = vec![RowPartial::EMPTY; n];
     for (&(t, _), partial) in tasks.iter().zip(&per_task) {
@@ -104,26 +112,47 @@ fn group_partials<T: LogitElement>(
     let h = head.hidden_size;
     let mut partial = vec![RowPartial::EMPTY; rows.len()];
     let mut logits = vec![0.0f32; rows.len() * chunks.vocab_tile];
-    let mut weight_tile = WeightTile::new(chunks.vocab_tile, h);
+    let mut weight_tile = WeightTile::new();
     let hidden = &counted.hidden[rows.start * h..rows.end * h];
     for vt in chunks.vocab_tiles(group) {
         let width = vt.len();
         let w = weight_tile.load(head, vt.clone());
         let z = &mut logits[..rows.len() * width];
-        gemm(rows.len(), h, width, View::rows(hidden, h), View::transposed(w, h), 0.0, z);
+        gemm(
+            rows.len(),
+            h,
+            width,
+            View::rows(hidden, h),
+            View::transposed(w, h),
+            0.0,
+            z,
+        );
         add_bias(z, head, vt.clone());
         for (i, (zr, p)) in z.chunks_exact(width).zip(partial.iter_mut()).enumerate() {
             let (max, sum, finite) = row_stats(zr);
             let y = counted.labels[rows.start + i];
-            let label_logit = if vt.contains(&y) { zr[y - vt.start] } else { 0.0 };
-            *p = p.merge(RowPartial { max, sum, label_logit, finite });
+            let label_logit = if vt.contains(&y) {
+                zr[y - vt.start]
+            } else {
+                0.0
+            };
+            *p = p.merge(RowPartial {
+                max,
+                sum,
+                label_logit,
+                finite,
+            });
         }
     }
     partial
 }
 
 /// Adds the bias slice of `vt` to every row of a `[_, vt.len()]` logits tile.
-pub(crate) fn add_bias<T: LogitElement>(z: &mut [f32], head: &LmHead<'_, T>, vt: std::ops::Range<usize>) {
+pub(crate) fn add_bias<T: LogitElement>(
+    z: &mut [f32],
+    head: &LmHead<'_, T>,
+    vt: std::ops::Range<usize>,
+) {
     if let Some(bias) = head.bias {
         let b = &bias[vt.clone()];
         for zr in z.chunks_exact_mut(vt.len()) {
@@ -136,16 +165,22 @@ pub(crate) fn add_bias<T: LogitElement>(z: &mut [f32], head: &LmHead<'_, T>, vt:
 
 /// The weight rows of one vocab tile as f32: borrowed when the weight is f32, else widened into a
 /// `vocab_tile × H` buffer reused across tiles.
+#[derive(Default)]
 pub(crate) struct WeightTile {
     buf: Vec<f32>,
 }
 
 impl WeightTile {
-    pub fn new(vocab_tile: usize, hidden: usize) -> WeightTile {
-        WeightTile { buf: Vec::with_capacity(vocab_tile * hidden) }
+    /// Allocates nothing yet: an f32 weight is borrowed, never copied.
+    pub fn new() -> WeightTile {
+        WeightTile { buf: Vec::new() }
     }
 
-    pub fn load<'s, T: LogitElement>(&'s mut self, head: &LmHead<'s, T>, vt: std::ops::Range<usize>) -> &'s [f32] {
+    pub fn load<'s, T: LogitElement>(
+        &'s mut self,
+        head: &LmHead<'s, T>,
+        vt: std::ops::Range<usize>,
+    ) -> &'s [f32] {
         let h = head.hidden_size;
         let rows = &head.weight[vt.start * h..vt.end * h];
         if T::DTYPE == DType::F32 {

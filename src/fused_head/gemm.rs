@@ -15,11 +15,19 @@ pub(crate) struct View<'a> {
 impl<'a> View<'a> {
     /// Row-major `[rows, cols]`.
     pub fn rows(data: &'a [f32], cols: usize) -> View<'a> {
-        View { data, row_stride: cols, col_stride: 1 }
+        View {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
     /// The transpose of a row-major `[rows, cols]` matrix (so `[cols, rows]`).
     pub fn transposed(data: &'a [f32], cols: usize) -> View<'a> {
-        View { data, row_stride: 1, col_stride: cols }
+        View {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
     }
     /// The largest index an `m × n` view reads, plus one (0 when empty).
     fn extent(&self, m: usize, n: usize) -> usize {
@@ -32,7 +40,15 @@ impl<'a> View<'a> {
 }
 
 /// `c[m × n] (row-major, row stride n) = beta · c + a[m × k] · b[k × n]`.
-pub(crate) fn gemm(m: usize, k: usize, n: usize, a: View<'_>, b: View<'_>, beta: f32, c: &mut [f32]) {
+pub(crate) fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: View<'_>,
+    b: View<'_>,
+    beta: f32,
+    c: &mut [f32],
+) {
     // The bounds sgemm relies on; they hold by construction at every call site.
     assert!(a.extent(m, k) <= a.data.len() && b.extent(k, n) <= b.data.len());
     assert!(c.len() >= m * n);

@@ -108,7 +108,10 @@ pub fn kto_head_step<T: LogitElement>(
     config.validate()?;
     // The KL pairs first (forward only): their sums must outlive the borrowing `KlInput`.
     let kl_sums = match inputs.kl {
-        Some(KlSource::Hidden { policy: kl_policy, reference }) => Some((
+        Some(KlSource::Hidden {
+            policy: kl_policy,
+            reference,
+        }) => Some((
             sequence_logps(&kl_policy, head, chunks)?,
             reference_logps(&kl_policy, &reference, chunks)?,
         )),
@@ -124,9 +127,18 @@ pub fn kto_head_step<T: LogitElement>(
         let step = kto_step_tokens(
             config,
             tokens,
-            &KtoStepInputs { reference_logps: reference, is_desirable: inputs.is_desirable, kl },
+            &KtoStepInputs {
+                reference_logps: reference,
+                is_desirable: inputs.is_desirable,
+                kl,
+            },
         )?;
-        Ok((step.loss, step.policy_logps, step.token_counts, step.token_grad))
+        Ok((
+            step.loss,
+            step.policy_logps,
+            step.token_counts,
+            step.token_grad,
+        ))
     })
 }
 
@@ -153,9 +165,17 @@ pub fn dpo_head_step<T: LogitElement>(
         });
     }
     head_step(policy, head, chunks, reference, |tokens, reference| {
-        let pair = PairReference { chosen_logps: &reference[..n], rejected_logps: &reference[n..] };
+        let pair = PairReference {
+            chosen_logps: &reference[..n],
+            rejected_logps: &reference[n..],
+        };
         let step = dpo_step_tokens(config, tokens, &pair)?;
-        Ok((step.loss, step.policy_logps, step.token_counts, step.token_grad))
+        Ok((
+            step.loss,
+            step.policy_logps,
+            step.token_counts,
+            step.token_grad,
+        ))
     })
 }
 
@@ -170,8 +190,13 @@ fn head_step<T: LogitElement, L>(
     reference: Vec<f32>,
     token_step: impl FnOnce(&TokenLogps<'_>, &[f32]) -> Result<TokenStepParts<L>>,
 ) -> Result<HeadStep<L>> {
-    let forward =
-        fused_linear_token_logprobs(policy.hidden, head, policy.labels, policy.ignore_index, chunks)?;
+    let forward = fused_linear_token_logprobs(
+        policy.hidden,
+        head,
+        policy.labels,
+        policy.ignore_index,
+        chunks,
+    )?;
     let tokens = TokenLogps {
         logps: &forward.logp,
         labels: policy.labels,
@@ -206,7 +231,8 @@ fn sequence_logps<T: LogitElement>(
     head: &LmHead<'_, T>,
     chunks: Option<FusedChunks>,
 ) -> Result<Vec<f32>> {
-    let out = fused_linear_token_logprobs(batch.hidden, head, batch.labels, batch.ignore_index, chunks)?;
+    let out =
+        fused_linear_token_logprobs(batch.hidden, head, batch.labels, batch.ignore_index, chunks)?;
     Ok(sequence_sums(&out.logp, batch.labels, batch.ignore_index, batch.layout)?.sums)
 }
 

@@ -30,7 +30,10 @@ impl RowPartial {
     #[inline]
     pub fn merge(self, other: RowPartial) -> RowPartial {
         if !(self.finite && other.finite) {
-            return RowPartial { finite: false, ..self };
+            return RowPartial {
+                finite: false,
+                ..self
+            };
         }
         let max = self.max.max(other.max);
         let sum = if self.sum == 0.0 {
@@ -58,7 +61,11 @@ pub(crate) fn row_stats(z: &[f32]) -> (f32, f32, bool) {
     let mut groups = z.chunks_exact(LANES);
     for g in &mut groups {
         for k in 0..LANES {
-            lane_max[k] = if g[k] > lane_max[k] { g[k] } else { lane_max[k] };
+            lane_max[k] = if g[k] > lane_max[k] {
+                g[k]
+            } else {
+                lane_max[k]
+            };
             probe[k] += g[k] * 0.0;
         }
     }
@@ -90,7 +97,13 @@ pub(crate) fn row_stats(z: &[f32]) -> (f32, f32, bool) {
 /// `label` is the label's index inside the tile, if it lies there. Returns whether every logit
 /// was finite.
 #[inline]
-pub(crate) fn row_grad_inplace(z: &mut [f32], max: f32, ln_sum: f32, g: f32, label: Option<usize>) -> bool {
+pub(crate) fn row_grad_inplace(
+    z: &mut [f32],
+    max: f32,
+    ln_sum: f32,
+    g: f32,
+    label: Option<usize>,
+) -> bool {
     let mut probe = [0.0f32; LANES];
     let mut groups = z.chunks_exact_mut(LANES);
     for grp in &mut groups {

@@ -17,15 +17,25 @@ pub(crate) fn check_head_args<T>(
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }
     if head.hidden_size == 0 {
-        return Err(HaloError::InvalidShape("hidden_size must be at least 1".into()));
+        return Err(HaloError::InvalidShape(
+            "hidden_size must be at least 1".into(),
+        ));
     }
     let product = |a: usize, b: usize, what: &str| {
         a.checked_mul(b)
             .ok_or_else(|| HaloError::InvalidShape(format!("{what} {a} * {b} overflows usize")))
     };
     let rows = labels.len();
-    check_len("hidden", product(rows, head.hidden_size, "rows * hidden_size")?, hidden_len)?;
-    check_len("weight", product(head.vocab, head.hidden_size, "vocab * hidden_size")?, head.weight.len())?;
+    check_len(
+        "hidden",
+        product(rows, head.hidden_size, "rows * hidden_size")?,
+        hidden_len,
+    )?;
+    check_len(
+        "weight",
+        product(head.vocab, head.hidden_size, "vocab * hidden_size")?,
+        head.weight.len(),
+    )?;
     if let Some(bias) = head.bias {
         check_len("bias", head.vocab, bias.len())?;
     }
@@ -44,13 +54,25 @@ pub(crate) fn non_finite_error<T: LogitElement>(
     let h = head.hidden_size;
     let finite = |x: &T| x.to_f32().is_finite();
     if !hidden[row * h..(row + 1) * h].iter().all(finite) {
-        return HaloError::NonFinite { what: "hidden", row };
+        return HaloError::NonFinite {
+            what: "hidden",
+            row,
+        };
     }
     if let Some(i) = head.weight.iter().position(|x| !finite(x)) {
-        return HaloError::NonFinite { what: "weight", row: i / h };
+        return HaloError::NonFinite {
+            what: "weight",
+            row: i / h,
+        };
     }
     if let Some(i) = head.bias.and_then(|b| b.iter().position(|x| !finite(x))) {
-        return HaloError::NonFinite { what: "bias", row: i };
+        return HaloError::NonFinite {
+            what: "bias",
+            row: i,
+        };
     }
-    HaloError::NonFinite { what: "logits (hidden · weightᵀ + bias)", row }
+    HaloError::NonFinite {
+        what: "logits (hidden · weightᵀ + bias)",
+        row,
+    }
 }

@@ -21,7 +21,14 @@ pub struct Problem<T> {
 
 impl<T: LogitElement> Problem<T> {
     /// Logits of size ~N(0, scale²) per entry; every `ignore_every`-th row ignored (0: none).
-    pub fn random(seed: u64, rows: usize, vocab: usize, h: usize, bias: bool, ignore_every: usize) -> Self {
+    pub fn random(
+        seed: u64,
+        rows: usize,
+        vocab: usize,
+        h: usize,
+        bias: bool,
+        ignore_every: usize,
+    ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut gen = |n: usize, s: f32| -> Vec<T> {
             (0..n).map(|_| T::from_f32(rng.gen_range(-s..s))).collect()
@@ -39,11 +46,24 @@ impl<T: LogitElement> Problem<T> {
                 }
             })
             .collect();
-        Problem { rows, vocab, h, hidden, weight, bias, labels }
+        Problem {
+            rows,
+            vocab,
+            h,
+            hidden,
+            weight,
+            bias,
+            labels,
+        }
     }
 
     pub fn head(&self) -> LmHead<'_, T> {
-        LmHead { weight: &self.weight, bias: self.bias.as_deref(), vocab: self.vocab, hidden_size: self.h }
+        LmHead {
+            weight: &self.weight,
+            bias: self.bias.as_deref(),
+            vocab: self.vocab,
+            hidden_size: self.h,
+        }
     }
 
     /// The values as f64 (exactly the stored ones).
@@ -64,7 +84,14 @@ impl<T: LogitElement> Problem<T> {
     }
 }
 
-pub fn logits_f64(hidden: &[f64], weight: &[f64], bias: Option<&[f64]>, rows: usize, vocab: usize, h: usize) -> Vec<f64> {
+pub fn logits_f64(
+    hidden: &[f64],
+    weight: &[f64],
+    bias: Option<&[f64]>,
+    rows: usize,
+    vocab: usize,
+    h: usize,
+) -> Vec<f64> {
     let mut z = vec![0.0; rows * vocab];
     for r in 0..rows {
         for v in 0..vocab {
@@ -94,11 +121,23 @@ pub fn logprobs_f64(z: &[f64], labels: &[i32], vocab: usize) -> (Vec<f64>, Vec<f
 
 /// The materialized path: f32 logits (rounded from f64), `cpu::token_logprobs`, then
 /// `cpu::token_logprobs_backward` and the two products in f64 → (logp, ∂hidden, ∂weight, ∂bias).
-pub fn materialized<T: LogitElement>(p: &Problem<T>, grad_logp: &[f32]) -> (Vec<f32>, Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn materialized<T: LogitElement>(
+    p: &Problem<T>,
+    grad_logp: &[f32],
+) -> (Vec<f32>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let z: Vec<f32> = p.logits_f64().iter().map(|&x| x as f32).collect();
     let fwd = token_logprobs(&z, &p.labels, p.vocab, IGNORE_INDEX).unwrap();
     let mut dz = vec![0.0f32; z.len()];
-    token_logprobs_backward(&z, &p.labels, &fwd.lse, grad_logp, p.vocab, IGNORE_INDEX, &mut dz).unwrap();
+    token_logprobs_backward(
+        &z,
+        &p.labels,
+        &fwd.lse,
+        grad_logp,
+        p.vocab,
+        IGNORE_INDEX,
+        &mut dz,
+    )
+    .unwrap();
     let (hid, w) = (Problem::<T>::f64s(&p.hidden), Problem::<T>::f64s(&p.weight));
     let (rows, vocab, h) = (p.rows, p.vocab, p.h);
     let mut dh = vec![0.0; rows * h];
@@ -119,11 +158,23 @@ pub fn materialized<T: LogitElement>(p: &Problem<T>, grad_logp: &[f32]) -> (Vec<
 
 /// Largest |a − b| over two equal-length lists.
 pub fn max_abs_diff(a: impl IntoIterator<Item = f64>, b: impl IntoIterator<Item = f64>) -> f64 {
-    a.into_iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Random per-row upstream gradient (0 on ignored rows, as a step would give).
 pub fn grad_logp(seed: u64, labels: &[i32]) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    labels.iter().map(|&y| if y == IGNORE_INDEX { 0.0 } else { rng.gen_range(-1.0..1.0) }).collect()
+    labels
+        .iter()
+        .map(|&y| {
+            if y == IGNORE_INDEX {
+                0.0
+            } else {
+                rng.gen_range(-1.0..1.0)
+            }
+        })
+        .collect()
 }
