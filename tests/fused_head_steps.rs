@@ -169,8 +169,8 @@ fn kto_head_matches_the_step_from_logits() {
             assert!(d < 1e-5, "{ctx}: token_logps {d}");
             assert_eq!(got.token_counts, want.token_counts);
             let d = max_abs_diff(
-                got.loss.metrics.rewards_chosen.into_iter(),
-                want.loss.metrics.rewards_chosen.into_iter(),
+                [got.loss.metrics.rewards_chosen.expect("metric")],
+                [want.loss.metrics.rewards_chosen.expect("metric")],
             );
             assert!(d < 1e-5, "{ctx}: rewards/chosen {d}");
             check_grads(&policy, &got, &want.grad_logits, &ctx);
@@ -228,8 +228,8 @@ fn dpo_head_matches_the_step_from_logits() {
                 let got = dpo_head_step(&config, &batch, &policy.head(), &source, CHUNKS).unwrap();
                 assert!((got.loss.loss - want.loss.loss).abs() < 1e-5, "{ctx}: loss");
                 let d = max_abs_diff(
-                    got.loss.metrics.rewards_margins.into_iter(),
-                    want.loss.metrics.rewards_margins.into_iter(),
+                    [got.loss.metrics.rewards_margins.expect("metric")],
+                    [want.loss.metrics.rewards_margins.expect("metric")],
                 );
                 assert!(d < 1e-5, "{ctx}: margins {d}");
                 check_grads(&policy, &got, &want.grad_logits, &ctx);

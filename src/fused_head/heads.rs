@@ -155,6 +155,8 @@ pub fn dpo_head_step<T: LogitElement>(
     reference: &ReferenceSource<'_, T>,
     chunks: Option<FusedChunks>,
 ) -> Result<HeadStep<PairLossOutput>> {
+    // Bad hyper-parameters or batch shapes fail before any GEMM runs.
+    config.validate()?;
     let n = pair_count(policy.layout.batch())?;
     let reference = reference_logps(policy, reference, chunks)?;
     if reference.len() != 2 * n {
