@@ -96,7 +96,7 @@ pub struct HeadStep<L> {
 /// KTO (or APO-zero unpaired) from the policy's hidden states and LM head, down to `∂hidden` and
 /// `∂weight`. `chunks`: the fused head's tiling ([`FusedChunks::auto`] when `None`).
 ///
-/// Errors: those of [`fused_linear_token_logprobs`], [`sequence_sums`] and
+/// Errors: those of [`fused_linear_token_logprobs`], [`sequence_sums()`] and
 /// [`crate::losses::kto_loss`] (a reference or KL source of the wrong length included).
 pub fn kto_head_step<T: LogitElement>(
     config: &KtoConfig,
@@ -146,7 +146,7 @@ pub fn kto_head_step<T: LogitElement>(
 /// rejected, as [`crate::step::dpo_step`]), down to `∂hidden` and `∂weight`. The reference holds
 /// one sum per sequence in the same order.
 ///
-/// Errors: those of [`fused_linear_token_logprobs`], [`sequence_sums`] and
+/// Errors: those of [`fused_linear_token_logprobs`], [`sequence_sums()`] and
 /// [`crate::losses::dpo_loss`]; `InvalidShape` for an odd number of sequences.
 pub fn dpo_head_step<T: LogitElement>(
     config: &DpoConfig,
