@@ -7,9 +7,10 @@ use crate::error::{HaloError, Result};
 /// Tile sizes of the fused LM head. [`FusedChunks::auto`] is what the ops use when given `None`.
 ///
 /// Peak extra memory of the forward: one `row_tile × vocab_tile` f32 logits tile per running task
-/// (at most one per thread), plus O(rows). The backward adds one `[counted rows, H]` f32
-/// `∂hidden` partial per vocab group beyond the first (the groups run in parallel, each owning its
-/// slice of `∂weight`, so no float is ever added by two threads).
+/// (at most one per thread; for a bf16 / f16 weight also the tile's `vocab_tile × H` weight rows
+/// widened to f32), plus O(rows): the counted rows of `hidden` widened to f32. The backward adds
+/// one `[counted rows, H]` f32 `∂hidden` partial per vocab group beyond the first (the groups run
+/// in parallel, each owning its slice of `∂weight`, so no float is ever added by two threads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedChunks {
     /// Rows per tile (≥ 1).
