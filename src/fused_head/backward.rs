@@ -38,7 +38,8 @@ pub struct FusedHeadGrads {
 /// nor their saved values).
 ///
 /// Errors: those of the forward, `LengthMismatch` for `row_max` / `ln_sum` / `grad_logp`, and
-/// `NonFinite` for a non-finite saved value or `grad_logp` in a counted row.
+/// `NonFinite` for a non-finite saved value or `grad_logp` in a counted row, or a gradient that
+/// overflows f32 (`grad_hidden`, `grad_weight`).
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_token_logprobs_backward<T: LogitElement>(
     hidden: &[T],
@@ -107,11 +108,11 @@ pub fn fused_linear_token_logprobs_backward<T: LogitElement>(
             grad_hidden[r * h..(r + 1) * h].copy_from_slice(src);
         }
     }
-    if let Some(i) = grad_weight.iter().position(|x| !x.is_finite()) {
-        return Err(HaloError::NonFinite {
-            what: "grad_weight",
-            row: i / h,
-        });
+    // Finite inputs can still overflow a sum of f32 products: report it rather than return inf.
+    for (what, grad) in [("grad_hidden", &grad_hidden), ("grad_weight", &grad_weight)] {
+        if let Some(i) = grad.iter().position(|x| !x.is_finite()) {
+            return Err(HaloError::NonFinite { what, row: i / h });
+        }
     }
     Ok(FusedHeadGrads {
         hidden: grad_hidden,
