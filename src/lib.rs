@@ -8,6 +8,9 @@
 //! [`cpu::sequence_sums()`] → per-sequence log-probs → [`losses`] → loss, ∂L/∂logp_seq →
 //! [`cpu::broadcast_sequence_grad`] → [`cpu::token_logprobs_backward()`] → ∂L/∂logits.
 //!
+//! From hidden states instead of logits, without ever building the `[rows, vocab]` logits:
+//! [`fused_head`] (the fused LM head's forward and backward, and one-call KTO / DPO steps).
+//!
 //! The same ops run on a GPU through [`cuda::CudaBackend`] (or, with the `emulation` feature, on
 //! the emulated CUDA device: [`cuda::CudaBackend::emulated`]). The autograd, the model and the
 //! training example live in the `halo-train` crate of this workspace.
@@ -19,6 +22,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod emulation;
 pub mod error;
+pub mod fused_head;
 pub mod kernel_abi;
 mod kernel_host;
 pub mod losses;
