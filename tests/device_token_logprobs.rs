@@ -8,7 +8,7 @@ mod device_support;
 
 use device_support::*;
 use half::{bf16, f16};
-use halo_kernels::cpu::TokenLogprobs;
+use halo_kernels::cpu::{SavedLse, TokenLogprobs};
 use halo_kernels::cuda::{CudaBackend, CudaLogit};
 use halo_kernels::{DType, HaloError, LogitElement, Result};
 use rand::Rng;
@@ -36,7 +36,7 @@ trait Offsets: Device {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -49,7 +49,7 @@ trait Offsets: Device {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()>;
@@ -71,7 +71,7 @@ impl Offsets for Cpu {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -80,7 +80,7 @@ impl Offsets for Cpu {
         self.token_logprobs_backward(
             &buf[offset..],
             labels,
-            lse,
+            saved,
             grad_logp,
             vocab,
             IGNORE,
@@ -93,14 +93,14 @@ impl Offsets for Cpu {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()> {
         self.token_logprobs_backward_inplace(
             &mut buf[offset..],
             labels,
-            lse,
+            saved,
             grad_logp,
             vocab,
             IGNORE,
@@ -128,6 +128,7 @@ impl Offsets for CudaBackend {
         Ok(TokenLogprobs {
             logp: self.dtoh(&out.logp)?,
             lse: self.dtoh(&out.lse)?,
+            lse_residual: self.dtoh(&out.lse_residual)?,
         })
     }
 
@@ -136,7 +137,7 @@ impl Offsets for CudaBackend {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -148,7 +149,7 @@ impl Offsets for CudaBackend {
             self,
             &d_buf.slice(offset..),
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             IGNORE,
@@ -163,7 +164,7 @@ impl Offsets for CudaBackend {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()> {
@@ -172,7 +173,7 @@ impl Offsets for CudaBackend {
             self,
             &mut d_buf.slice_mut(offset..),
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             IGNORE,
@@ -567,7 +568,7 @@ fn check_backward<T: CudaLogit, D: Offsets>(
         let poison = T::from_f32(f32::NAN);
         let mut out = vec![poison; rows * vocab + out_offset];
         d.backward_at(
-            &buf, offset, &labels, &lse, &grad, vocab, &mut out, out_offset,
+            &buf, offset, &labels, SavedLse::bare(&lse), &grad, vocab, &mut out, out_offset,
         )
         .unwrap();
         assert!(
@@ -581,7 +582,7 @@ fn check_backward<T: CudaLogit, D: Offsets>(
     }
 
     let mut inplace = buf.clone();
-    d.backward_inplace_at(&mut inplace, offset, &labels, &lse, &grad, vocab)
+    d.backward_inplace_at(&mut inplace, offset, &labels, SavedLse::bare(&lse), &grad, vocab)
         .unwrap();
     assert_eq!(
         bytemuck::cast_slice::<T, u8>(&inplace[..offset]),
@@ -646,11 +647,11 @@ fn backward_errors<D: Offsets>(d: &D) {
     let run = |labels: &[i32], lse: &[f32], grad: &[f32]| {
         let mut out = vec![f16::ZERO; rows * vocab];
         let got = d
-            .token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out)
+            .token_logprobs_backward(&logits, labels, SavedLse::bare(lse), grad, vocab, IGNORE, &mut out)
             .unwrap_err();
         let mut z = logits.clone();
         let got_inplace = d
-            .token_logprobs_backward_inplace(&mut z, labels, lse, grad, vocab, IGNORE)
+            .token_logprobs_backward_inplace(&mut z, labels, SavedLse::bare(lse), grad, vocab, IGNORE)
             .unwrap_err();
         assert_eq!(got_inplace, got, "{name}: in-place vs separate output");
         got
@@ -716,7 +717,7 @@ fn backward_errors<D: Offsets>(d: &D) {
     d.token_logprobs_backward(
         &logits,
         &labels,
-        &only_ignored_lse,
+        SavedLse::bare(&only_ignored_lse),
         &only_ignored_grad,
         vocab,
         IGNORE,
@@ -732,7 +733,7 @@ fn backward_errors<D: Offsets>(d: &D) {
     d.token_logprobs_backward_inplace(
         &mut z,
         &labels,
-        &only_ignored_lse,
+        SavedLse::bare(&only_ignored_lse),
         &only_ignored_grad,
         vocab,
         IGNORE,
@@ -768,22 +769,22 @@ fn backward_errors<D: Offsets>(d: &D) {
     );
     let mut short_out = vec![f16::ZERO; rows * vocab - 1];
     assert_eq!(
-        d.token_logprobs_backward(&logits, &labels, &lse, &grad, vocab, IGNORE, &mut short_out)
+        d.token_logprobs_backward(&logits, &labels, SavedLse::bare(&lse), &grad, vocab, IGNORE, &mut short_out)
             .unwrap_err(),
         mismatch("grad_logits", rows * vocab, rows * vocab - 1),
         "{name}: short grad_logits"
     );
     assert!(
         matches!(
-            d.token_logprobs_backward::<f16>(&[], &[], &[], &[], 0, IGNORE, &mut []),
+            d.token_logprobs_backward::<f16>(&[], &[], SavedLse::bare(&[]), &[], 0, IGNORE, &mut []),
             Err(HaloError::InvalidShape(_))
         ),
         "{name}: vocab 0"
     );
     // Zero rows: no error.
-    d.token_logprobs_backward::<f16>(&[], &[], &[], &[], 5, IGNORE, &mut [])
+    d.token_logprobs_backward::<f16>(&[], &[], SavedLse::bare(&[]), &[], 5, IGNORE, &mut [])
         .unwrap();
-    d.token_logprobs_backward_inplace::<f16>(&mut [], &[], &[], &[], 5, IGNORE)
+    d.token_logprobs_backward_inplace::<f16>(&mut [], &[], SavedLse::bare(&[]), &[], 5, IGNORE)
         .unwrap();
 }
 
