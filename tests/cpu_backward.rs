@@ -279,8 +279,16 @@ fn shape_and_length_errors() {
     let labels = [0, 1];
     let (lse, g) = ([1.0f32; 2], [1.0f32; 2]);
     let mut out = [0.0f32; 6];
-    let err = token_logprobs_backward(&logits, &labels, SavedLse::bare(&lse[..1]), &g, 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse[..1]),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -289,8 +297,16 @@ fn shape_and_length_errors() {
             got: 1
         }
     );
-    let err = token_logprobs_backward(&logits, &labels, SavedLse::bare(&lse), &[1.0; 3], 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse),
+        &[1.0; 3],
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -299,8 +315,16 @@ fn shape_and_length_errors() {
             got: 3
         }
     );
-    let err = token_logprobs_backward(&logits, &labels, SavedLse::bare(&lse), &g, 3, IGNORE_INDEX, &mut out[..5])
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out[..5],
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -309,8 +333,16 @@ fn shape_and_length_errors() {
             got: 5
         }
     );
-    let err = token_logprobs_backward(&logits[..5], &labels, SavedLse::bare(&lse), &g, 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits[..5],
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -320,11 +352,25 @@ fn shape_and_length_errors() {
         }
     );
     let mut inplace = logits;
-    let err = token_logprobs_backward_inplace(&mut inplace, &labels, SavedLse::bare(&lse), &g, 0, IGNORE_INDEX)
-        .unwrap_err();
+    let err = token_logprobs_backward_inplace(
+        &mut inplace,
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        0,
+        IGNORE_INDEX,
+    )
+    .unwrap_err();
     assert!(matches!(err, HaloError::InvalidShape(_)), "{err:?}");
-    let err = token_logprobs_backward_inplace(&mut inplace, &[0, 3], SavedLse::bare(&lse), &g, 3, IGNORE_INDEX)
-        .unwrap_err();
+    let err = token_logprobs_backward_inplace(
+        &mut inplace,
+        &[0, 3],
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LabelOutOfRange {

@@ -24,11 +24,11 @@ pub mod sequence_sums;
 pub mod token_logprobs;
 pub mod token_logprobs_backward;
 
+pub use saved_lse::{SavedLse, LSE_SUM_TOLERANCE};
 pub use sequence_sums::{
     broadcast_sequence_grad, humanline_grad_mask, sequence_logratio_sums, sequence_sums,
     LogRatioClamp, SequenceLayout, SequenceSums, MAX_SEQUENCES,
 };
-pub use saved_lse::{SavedLse, LSE_SUM_TOLERANCE};
 pub use token_logprobs::{token_logprobs, token_logprobs_into, TokenLogprobs};
 pub use token_logprobs_backward::{token_logprobs_backward, token_logprobs_backward_inplace};
 

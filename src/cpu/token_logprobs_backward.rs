@@ -200,7 +200,10 @@ fn backward_row<T: LogitElement>(bufs: RowBufs<'_, T>, r: RowInputs) -> Option<R
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn backward_row_avx2<T: LogitElement>(bufs: RowBufs<'_, T>, r: RowInputs) -> Option<RowFault> {
+unsafe fn backward_row_avx2<T: LogitElement>(
+    bufs: RowBufs<'_, T>,
+    r: RowInputs,
+) -> Option<RowFault> {
     backward_row_portable(bufs, r)
 }
 
@@ -284,7 +287,11 @@ impl RowAcc {
                 let w = neg_gc * e;
                 if track_max {
                     let a = w.abs();
-                    self.max_abs[k] = if a > self.max_abs[k] { a } else { self.max_abs[k] };
+                    self.max_abs[k] = if a > self.max_abs[k] {
+                        a
+                    } else {
+                        self.max_abs[k]
+                    };
                 }
                 group[k] = w;
             }
@@ -365,7 +372,12 @@ mod tests {
             let (mut c, mut d) = (z.clone(), z.clone());
             let fc = backward_row(RowBufs::InPlace(&mut c), r);
             let fd = backward_row_portable(RowBufs::InPlace(&mut d), r);
-            assert_eq!((bits(&c), fc), (bits(&d), fd), "{:?} n {n} in place", T::DTYPE);
+            assert_eq!(
+                (bits(&c), fc),
+                (bits(&d), fd),
+                "{:?} n {n} in place",
+                T::DTYPE
+            );
             assert_eq!(
                 (bits(&a), fa),
                 (bits(&c), fc),
@@ -403,19 +415,34 @@ mod tests {
         let lse = z.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln() as f32;
         let run = |z: &[f32], lse: f32, g: f32| {
             let mut out = vec![0.0f32; z.len()];
-            backward_row(RowBufs::Separate { z, dz: &mut out }, row_of(lse, 0.0, g, 1, z[1]))
+            backward_row(
+                RowBufs::Separate { z, dz: &mut out },
+                row_of(lse, 0.0, g, 1, z[1]),
+            )
         };
         let run16 = |g: f32| {
             let z16: Vec<f16> = z.iter().map(|&x| f16::from_f32(x)).collect();
             let mut out = vec![f16::ZERO; z.len()];
             let r = row_of(lse, 0.0, g, 1, z16[1].to_f32());
-            backward_row(RowBufs::Separate { z: &z16, dz: &mut out }, r)
+            backward_row(
+                RowBufs::Separate {
+                    z: &z16,
+                    dz: &mut out,
+                },
+                r,
+            )
         };
         assert_eq!(run(&z, lse, 1.0), None);
-        assert_eq!(run(&[0.5, f32::NEG_INFINITY, 2.0, 0.25], lse, 1.0), Some(RowFault::NonFiniteLogits));
+        assert_eq!(
+            run(&[0.5, f32::NEG_INFINITY, 2.0, 0.25], lse, 1.0),
+            Some(RowFault::NonFiniteLogits)
+        );
         assert_eq!(run(&z, lse - 0.01, 1.0), Some(RowFault::InconsistentLse));
         assert_eq!(run(&z, lse + 0.01, 1.0), Some(RowFault::InconsistentLse));
-        assert_eq!(run(&[0.5, f32::NAN, 2.0, 0.25], lse - 1.0, 1.0), Some(RowFault::NonFiniteLogits));
+        assert_eq!(
+            run(&[0.5, f32::NAN, 2.0, 0.25], lse - 1.0, 1.0),
+            Some(RowFault::NonFiniteLogits)
+        );
         assert_eq!(run(&z, lse, f32::MAX), Some(RowFault::Overflow));
         assert_eq!(run16(1.0e5), Some(RowFault::Overflow));
         assert_eq!(run16(6.0e4), None);
