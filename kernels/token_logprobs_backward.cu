@@ -18,17 +18,28 @@ struct RowProbe {
     float max_abs;  // max |w| over the values written (f16/bf16 only: the overflow probe)
 };
 
-// exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse. The
-// residual is folded into neg_gc = −g·exp(−residual), and the label's +g into the same FMA.
+// exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse.
+__device__ __forceinline__ float prob_unscaled(float z, float row_lse) { return exp2f((z - row_lse) * HALO_LOG2E); }
+
+// −g·p for one element (the residual is folded into neg_gc = −g·exp(−residual)); the label's
+// column is rewritten afterwards by the thread that wrote it (`owner_lane`), so the hot loop has
+// no per-column compare.
 template <typename T>
-__device__ __forceinline__ float grad_element(float z, bool is_label, float g, float neg_gc, float row_lse,
-                                              RowProbe& s) {
-    const float e = exp2f((z - row_lse) * HALO_LOG2E);
+__device__ __forceinline__ float grad_element(float z, float neg_gc, float row_lse, RowProbe& s) {
+    const float e = prob_unscaled(z, row_lse);
     s.sum += e;
     s.probe += z - z;
-    const float w = fmaf(neg_gc, e, is_label ? g : 0.0f);
+    const float w = neg_gc * e;
     if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w));
     return w;
+}
+
+// The lane (of the row's threads) that writes column `col` in the head / vector / tail loops.
+template <typename T>
+__device__ __forceinline__ int owner_lane(int64_t col, int64_t head, int64_t n_vecs, int threads_per_row) {
+    const int64_t body_end = head + n_vecs * Elem<T>::VEC;
+    const int64_t slot = col < head ? col : col < body_end ? (col - head) / Elem<T>::VEC : col - body_end;
+    return (int)(slot & (threads_per_row - 1));  // threads_per_row is a power of two
 }
 
 template <typename T, bool InPlace>
@@ -38,14 +49,13 @@ __device__ __forceinline__ uint4 load_vec(const uint4* p) {
     return __ldg(p);
 }
 
-// One 16-byte vector of logits starting at column col0 -> its gradient vector.
+// One 16-byte vector of logits -> its gradient vector.
 template <typename T>
-__device__ __forceinline__ uint4 grad_vec(const uint4& v, int64_t col0, int64_t label, float g, float neg_gc,
-                                          float row_lse, RowProbe& s) {
+__device__ __forceinline__ uint4 grad_vec(const uint4& v, float neg_gc, float row_lse, RowProbe& s) {
     float x[Elem<T>::VEC];
     unpack_vec<T>(v, x);
 #pragma unroll
-    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element<T>(x[k], col0 + k == label, g, neg_gc, row_lse, s);
+    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element<T>(x[k], neg_gc, row_lse, s);
     return pack_vec<T>(x);
 }
 
@@ -101,10 +111,13 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         // Vectors only when input and output reach a 16-byte boundary together; else all scalar.
         const int64_t head = same_misalignment ? head_to_alignment(in, vocab) : vocab;
         const int64_t n_vecs = (vocab - head) / VEC;
+        // The label's column: its writer reads z_y first (in place, the loops overwrite it).
+        const bool owns_label = !zero_row && lane == owner_lane<T>(y, head, n_vecs, threads_per_row);
+        const float z_y = owns_label ? Elem<T>::to_f32(in[y]) : 0.0f;
 
         for (int64_t j = lane; j < head; j += threads_per_row) {
             const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, j == y, g, neg_gc, row_lse, s));
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
         }
         const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
         uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
@@ -117,17 +130,20 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
             for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
                 const uint4 a = load_vec<T, InPlace>(in_vecs + i);
                 const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
-                store16(out_vecs + i, grad_vec<T>(a, head + i * VEC, y, g, neg_gc, row_lse, s));
-                store16(out_vecs + i + threads_per_row,
-                        grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, neg_gc, row_lse, s));
+                store16(out_vecs + i, grad_vec<T>(a, neg_gc, row_lse, s));
+                store16(out_vecs + i + threads_per_row, grad_vec<T>(b, neg_gc, row_lse, s));
             }
-            if (i < n_vecs)
-                store16(out_vecs + i,
-                        grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, neg_gc, row_lse, s));
+            if (i < n_vecs) store16(out_vecs + i, grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), neg_gc, row_lse, s));
         }
         for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
             const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, j == y, g, neg_gc, row_lse, s));
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
+        }
+        if (owns_label) {
+            // g·(1 − p_y) = g − g·c·e_y, over the −g·p_y this thread wrote (Σ already holds e_y).
+            const float w_y = fmaf(neg_gc, prob_unscaled(z_y, row_lse), g);
+            out[y] = Elem<T>::from_f32(w_y);
+            if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w_y));
         }
     }
 
