@@ -275,6 +275,8 @@ impl RowAcc {
     }
 
     /// Overwrites `buf` (logits as f32) with `neg_gc · exp(z − lse)`, accumulating the checks.
+    // One index over the group and the four lane arrays: the shape LLVM vectorizes.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     fn grad_chunk(&mut self, buf: &mut [f32], lse: f32, neg_gc: f32, track_max: bool) {
         let mut groups = buf.chunks_exact_mut(LANES);
