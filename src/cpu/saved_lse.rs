@@ -41,8 +41,9 @@ impl<L> SavedLse<L> {
     }
 }
 
-/// Absolute part of the tolerance on `Σ_v exp(z_v − lse) = 1` (see [`lse_fits_row`]); also
-/// `HALO_LSE_SUM_TOL` in `kernels/halo_abi.h`.
+/// Absolute part of the backward's tolerance on `Σ_v exp(z_v − lse − residual) = 1`: an lse is
+/// accepted when the sum is within `LSE_SUM_TOLERANCE + |lse|·2^-23` of 1 (the second term covers
+/// twice the rounding of a bare f32 lse). Also `HALO_LSE_SUM_TOL` in `kernels/halo_abi.h`.
 pub const LSE_SUM_TOLERANCE: f32 = 1e-3;
 
 /// Whether `prob_sum = Σ_v exp(z_v − (lse + residual))` is 1 within the stated tolerance
