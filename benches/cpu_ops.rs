@@ -26,7 +26,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use half::bf16;
-use halo_kernels::cpu::{token_logprobs_backward_inplace, token_logprobs_into};
+use halo_kernels::cpu::{token_logprobs_backward_inplace, token_logprobs_into, SavedLse};
 use halo_kernels::{LogitElement, IGNORE_INDEX};
 use rayon::prelude::*;
 
@@ -128,6 +128,7 @@ struct Buffers<T> {
     grad_logp: Vec<f32>,
     logp: Vec<f32>,
     lse: Vec<f32>,
+    lse_residual: Vec<f32>,
     /// The baseline's materialised `[rows, vocab]` log-softmax.
     logsm: Vec<f32>,
 }
@@ -140,6 +141,7 @@ impl<T: LogitElement> Buffers<T> {
             grad_logp: vec![1.0; rows],
             logp: vec![0.0; rows],
             lse: vec![0.0; rows],
+            lse_residual: vec![0.0; rows],
             logsm: vec![0.0; rows * vocab],
         }
     }
@@ -165,6 +167,7 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
                     IGNORE_INDEX,
                     &mut d.logp,
                     &mut d.lse,
+                    &mut d.lse_residual,
                 )
                 .unwrap()
             })
@@ -189,12 +192,13 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
                     IGNORE_INDEX,
                     &mut d.logp,
                     &mut d.lse,
+                    &mut d.lse_residual,
                 )
                 .unwrap();
                 token_logprobs_backward_inplace(
                     &mut d.logits,
                     &d.labels,
-                    &d.lse,
+                    SavedLse::new(&d.lse, &d.lse_residual),
                     &d.grad_logp,
                     vocab,
                     IGNORE_INDEX,

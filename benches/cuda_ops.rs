@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
+use halo_kernels::cpu::SavedLse;
 use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoBatch, CudaSlice};
 use halo_kernels::losses::KtoConfig;
 use halo_kernels::{LogitElement, IGNORE_INDEX};
@@ -140,6 +141,7 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
     let d_labels = gpu.htod(&labels).expect("upload labels");
     let mut d_logp = gpu.alloc_zeros::<f32>(rows).expect("alloc");
     let mut d_lse = gpu.alloc_zeros::<f32>(rows).expect("alloc");
+    let mut d_lse_residual = gpu.alloc_zeros::<f32>(rows).expect("alloc");
     let mut status = gpu.new_status().expect("status");
     let mut out = Vec::new();
 
@@ -184,6 +186,7 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
                     IGNORE_INDEX,
                     &mut d_logp,
                     &mut d_lse,
+                    &mut d_lse_residual,
                     &mut status,
                 )
                 .expect("forward")
@@ -235,7 +238,7 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
                     gpu.enqueue_token_logprobs_backward_inplace(
                         &mut d_grad_logits,
                         &d_labels,
-                        &d_lse,
+                        SavedLse::new(&d_lse, &d_lse_residual),
                         &grad_logp,
                         vocab,
                         IGNORE_INDEX,

@@ -24,7 +24,7 @@
  * HALO_STATUS_OK (= INT32_MAX) before the launch. A kernel lowers an entry to the smallest offending
  * row with atomicMin, so after the launch each entry is either HALO_STATUS_OK or the FIRST bad row
  * (deterministic whatever the block order). Rows must fit in int32 (rows < 2^31 - 1). */
-#define HALO_STATUS_LEN 4
+#define HALO_STATUS_LEN 8
 #define HALO_STATUS_OK 2147483647
 /* A label neither ignore_index nor in 0..vocab (forward and backward). */
 #define HALO_STATUS_BAD_LABEL 0
@@ -35,6 +35,17 @@
 #define HALO_STATUS_EMPTY_SEQUENCE 2
 /* Unused, reserved (kept HALO_STATUS_OK). */
 #define HALO_STATUS_RESERVED 3
+/* Backward, found while a counted row is written (each row reports only the first of the three, in
+ * this order; the host reports the smallest row over the three slots, ties in this order): */
+/* a NaN / +-inf logit; */
+#define HALO_STATUS_BWD_NONFINITE_LOGITS 4
+/* an lse that is not the row's logsumexp: |sum_v exp(z_v - lse - residual) - 1| > HALO_LSE_SUM_TOL + |lse| * 2^-23; */
+#define HALO_STATUS_BWD_INCONSISTENT_LSE 5
+/* a gradient the storage dtype cannot hold (f16/bf16: a value that rounds to +-inf; f32: |g| * max(1, sum p) overflows). */
+#define HALO_STATUS_BWD_OVERFLOW 6
+
+/* Absolute part of the backward's tolerance on sum_v p_v = 1 (Rust: cpu::LSE_SUM_TOLERANCE). */
+#define HALO_LSE_SUM_TOL 1e-3f
 
 /* ---- token-level ops ------------------------------------------------------------------------ */
 

@@ -32,6 +32,9 @@ struct Elem;
 template <>
 struct Elem<float> {
     static constexpr int VEC = 4;
+    // Narrower than f32: a stored value can overflow where its f32 value did not.
+    static constexpr bool NARROW = false;
+    __device__ __forceinline__ static float overflow_threshold() { return INFINITY; }
     __device__ __forceinline__ static float to_f32(float x) { return x; }
     __device__ __forceinline__ static float from_f32(float x) { return x; }
     // Lanes of one 32-bit word of a vector.
@@ -43,6 +46,10 @@ struct Elem<float> {
 template <>
 struct Elem<__nv_bfloat16> {
     static constexpr int VEC = 8;
+    static constexpr bool NARROW = true;
+    // The smallest f32 magnitude that rounds to inf: the tie above the largest finite bf16 0x7F7F
+    // (odd mantissa, so the tie rounds up). As `overflow_threshold` in src/cpu/token_logprobs_backward.rs.
+    __device__ __forceinline__ static float overflow_threshold() { return __uint_as_float(0x7F7F8000u); }
     __device__ __forceinline__ static float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
     __device__ __forceinline__ static __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
     static constexpr int PER_WORD = 2;
@@ -61,6 +68,9 @@ struct Elem<__nv_bfloat16> {
 template <>
 struct Elem<__half> {
     static constexpr int VEC = 8;
+    static constexpr bool NARROW = true;
+    // 65504 (0x7BFF) has an odd mantissa: the tie 65520 rounds up to inf.
+    __device__ __forceinline__ static float overflow_threshold() { return 65520.0f; }
     __device__ __forceinline__ static float to_f32(__half x) { return __half2float(x); }
     __device__ __forceinline__ static __half from_f32(float x) { return __float2half_rn(x); }
     static constexpr int PER_WORD = 2;

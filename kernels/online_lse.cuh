@@ -66,3 +66,12 @@ __device__ __forceinline__ OnlineLse online_lse_group_reduce(OnlineLse s, int wi
 }
 
 __device__ __forceinline__ bool online_lse_finite(const OnlineLse& s) { return s.probe == 0.0f; }
+
+// max + ln_sum as the f32 lse and the exact error of that rounding (Knuth's TwoSum; as
+// `split_lse` in src/cpu/saved_lse.rs). The backward uses lse + residual: an f32 lse near 1000 alone
+// is off by up to 3e-5, which would be a 3e-5 relative error in every recomputed probability.
+__device__ __forceinline__ void split_lse(float row_max, float ln_sum, float& lse, float& residual) {
+    lse = row_max + ln_sum;
+    const float b = lse - row_max;
+    residual = (row_max - (lse - b)) + (ln_sum - b);
+}

@@ -1,5 +1,5 @@
 // token_logprobs.cu — forward of the per-token log-prob gather:
-//   lse[r] = logsumexp(z[r, :]),  logp[r] = min((z[r, y_r] − max_r) − ln Σ_v exp(z[r, v] − max_r), 0)   (0, 0 where y_r is ignored).
+//   lse[r] + lse_residual[r] = logsumexp(z[r, :]) (lse rounded to f32, residual its rounding error),  logp[r] = min((z[r, y_r] − max_r) − ln Σ_v exp(z[r, v] − max_r), 0)   (0, 0 where y_r is ignored).
 // CPU twin and definition: src/cpu/token_logprobs.rs.
 //
 // One pass over each row: every thread keeps an online (max, Σexp) state over 16-byte vector loads
@@ -52,7 +52,8 @@ __device__ __forceinline__ OnlineLse scan_row(const T* __restrict__ row, int64_t
 template <typename T>
 __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ logits, const int32_t* __restrict__ labels,
                                                        float* __restrict__ logp, float* __restrict__ lse,
-                                                       int32_t* __restrict__ status, HaloTokenParams p) {
+                                                       float* __restrict__ lse_residual, int32_t* __restrict__ status,
+                                                       HaloTokenParams p) {
     // Per-warp partial states of rows wider than a warp (HALO_TOKEN_THREADS / 32 warps).
     __shared__ float warp_max[HALO_TOKEN_THREADS / 32];
     __shared__ float warp_sum_exp[HALO_TOKEN_THREADS / 32];
@@ -99,11 +100,15 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
     if (!active) {
         logp[row] = 0.0f;
         lse[row] = 0.0f;
+        lse_residual[row] = 0.0f;
         return;
     }
     if (!online_lse_finite(s)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
     const float ln_sum = logf(s.sum);
-    lse[row] = s.max + ln_sum;
+    float row_lse, residual;
+    split_lse(s.max, ln_sum, row_lse, residual);
+    lse[row] = row_lse;
+    lse_residual[row] = residual;
     // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order, as the CPU op), not `z[y] − lse`: with
     // logits near 1e4, lse rounds to ulp(max) ≈ 1e-3, which would swamp a small log-prob, while
     // `z[y] − max` is exact whenever it is small. The clamp guards rounding when one entry dominates.
@@ -113,8 +118,9 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
 #define HALO_TOKEN_FORWARD(SUFFIX, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS) token_logprobs_forward_##SUFFIX(            \
         const T* __restrict__ logits, const int32_t* __restrict__ labels, float* __restrict__ logp,              \
-        float* __restrict__ lse, int32_t* __restrict__ status, HaloTokenParams p) {                              \
-        token_logprobs_forward<T>(logits, labels, logp, lse, status, p);                                         \
+        float* __restrict__ lse, float* __restrict__ lse_residual, int32_t* __restrict__ status,                 \
+        HaloTokenParams p) {                                                                                      \
+        token_logprobs_forward<T>(logits, labels, logp, lse, lse_residual, status, p);                           \
     }
 
 HALO_TOKEN_FORWARD(f32, float)

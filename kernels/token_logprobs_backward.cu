@@ -1,14 +1,45 @@
-// token_logprobs_backward.cu — backward of the log-prob gather, from the saved logsumexp:
-//   ∂L/∂z[r, v] = g_r · (1[v = y_r] − exp(z[r, v] − lse_r)),   whole row 0 where y_r is ignored.
+// token_logprobs_backward.cu — backward of the log-prob gather, from the saved logsumexp (the f32 lse
+// and its rounding residual, which may be absent = 0):
+//   ∂L/∂z[r, v] = g_r · (1[v = y_r] − exp(z[r, v] − lse_r − residual_r)),   whole row 0 where y_r is ignored.
 // CPU twin and definition: src/cpu/token_logprobs_backward.rs. Read once, write once, in the logits'
 // dtype; the in-place form overwrites the logits (dead after the backward), saving a [rows, vocab]
 // buffer. Launch geometry as the forward: kernels/README.md.
+//
+// Checks, in the same pass as the write: every thread keeps Σ exp(z − lse), a NaN/inf probe Σ (z − z),
+// and for f16/bf16 the largest |stored value|; the row's threads reduce them and its first thread
+// reports the row's first fault (status slots HALO_STATUS_BWD_*, in the CPU op's order).
 #include "halo_common.cuh"
+#include "reductions.cuh"
+
+// What a thread has seen of its row.
+struct RowProbe {
+    float sum;      // Σ exp(z − lse)
+    float probe;    // Σ (z − z): 0 while every z is finite, NaN once a NaN or ±inf was seen
+    float max_abs;  // max |w| over the values written (f16/bf16 only: the overflow probe)
+};
 
 // exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse.
-__device__ __forceinline__ float grad_element(float z, int64_t col, int64_t label, float g, float row_lse) {
-    const float prob = exp2f((z - row_lse) * HALO_LOG2E);
-    return col == label ? g * (1.0f - prob) : -g * prob;
+__device__ __forceinline__ float prob_unscaled(float z, float row_lse) { return exp2f((z - row_lse) * HALO_LOG2E); }
+
+// −g·p for one element (the residual is folded into neg_gc = −g·exp(−residual)); the label's
+// column is rewritten afterwards by the thread that wrote it (`owner_lane`), so the hot loop has
+// no per-column compare.
+template <typename T>
+__device__ __forceinline__ float grad_element(float z, float neg_gc, float row_lse, RowProbe& s) {
+    const float e = prob_unscaled(z, row_lse);
+    s.sum += e;
+    s.probe += z - z;
+    const float w = neg_gc * e;
+    if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w));
+    return w;
+}
+
+// The lane (of the row's threads) that writes column `col` in the head / vector / tail loops.
+template <typename T>
+__device__ __forceinline__ int owner_lane(int64_t col, int64_t head, int64_t n_vecs, int threads_per_row) {
+    const int64_t body_end = head + n_vecs * Elem<T>::VEC;
+    const int64_t slot = col < head ? col : col < body_end ? (col - head) / Elem<T>::VEC : col - body_end;
+    return (int)(slot & (threads_per_row - 1));  // threads_per_row is a power of two
 }
 
 template <typename T, bool InPlace>
@@ -18,88 +49,160 @@ __device__ __forceinline__ uint4 load_vec(const uint4* p) {
     return __ldg(p);
 }
 
-// One 16-byte vector of logits starting at column col0 -> its gradient vector.
+// One 16-byte vector of logits -> its gradient vector.
 template <typename T>
-__device__ __forceinline__ uint4 grad_vec(const uint4& v, int64_t col0, int64_t label, float g, float row_lse) {
+__device__ __forceinline__ uint4 grad_vec(const uint4& v, float neg_gc, float row_lse, RowProbe& s) {
     float x[Elem<T>::VEC];
     unpack_vec<T>(v, x);
 #pragma unroll
-    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element(x[k], col0 + k, label, g, row_lse);
+    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element<T>(x[k], neg_gc, row_lse, s);
     return pack_vec<T>(x);
+}
+
+__device__ __forceinline__ float group_max(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(HALO_FULL_MASK, v, offset));
+    return v;
+}
+
+// As `lse_fits_row` in src/cpu/saved_lse.rs: Σp = 1 within HALO_LSE_SUM_TOL + |lse|·2^-23 (false for NaN).
+__device__ __forceinline__ bool lse_fits_row(float row_lse, float prob_sum) {
+    return fabsf(prob_sum - 1.0f) <= HALO_LSE_SUM_TOL + fabsf(row_lse) * 1.1920928955078125e-7f;
 }
 
 template <typename T, bool InPlace>
 __device__ __forceinline__ void token_logprobs_backward(const T* logits, const int32_t* __restrict__ labels,
                                                         const float* __restrict__ lse,
+                                                        const float* __restrict__ lse_residual,
                                                         const float* __restrict__ grad_logp, T* grad_logits,
                                                         int32_t* __restrict__ status, HaloTokenParams p) {
+    // Per-warp partial checks of rows wider than a warp (HALO_TOKEN_THREADS / 32 warps).
+    __shared__ float warp_sum[HALO_TOKEN_THREADS / 32];
+    __shared__ float warp_probe[HALO_TOKEN_THREADS / 32];
+    __shared__ float warp_max_abs[HALO_TOKEN_THREADS / 32];
+
     constexpr int VEC = Elem<T>::VEC;
     const int threads_per_row = HALO_TOKEN_THREADS / p.rows_per_block;
     const int local_row = threadIdx.x / threads_per_row;
     const int lane = threadIdx.x % threads_per_row;
     const int64_t row = (int64_t)blockIdx.x * p.rows_per_block + local_row;
-    if (row >= p.rows) return;  // no barrier or shuffle below: early exit is safe
+    // No early exit: every thread takes part in the row reductions below (uniform control flow).
+    const bool in_range = row < p.rows;
 
-    const int32_t label = labels[row];
+    const int32_t label = in_range ? labels[row] : p.ignore_index;
     const bool ignored = label == p.ignore_index;
     const bool bad_label = !ignored && (label < 0 || (int64_t)label >= p.vocab);
-    const float row_lse = lse[row];
-    const float g = grad_logp[row];
-    if (lane == 0) {
-        if (bad_label) atomicMin(&status[HALO_STATUS_BAD_LABEL], (int32_t)row);
-        // As the CPU op: ignored rows are not read, so only counted rows must hold finite values.
-        if (!ignored && !isfinite(row_lse)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
-        if (!ignored && !isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
-    }
+    const float row_lse = in_range ? lse[row] : 0.0f;
+    const float residual = in_range && lse_residual != nullptr ? lse_residual[row] : 0.0f;
+    const float g = in_range ? grad_logp[row] : 0.0f;
     const bool zero_row = ignored || bad_label;
+    const bool active = in_range && !zero_row;
     const int64_t y = label;
+    // exp(z − lse − residual) = exp(z − lse)·exp(−residual); exactly 1 for a bare lse.
+    const float c = expf(-residual);
+    const float neg_gc = -(g * c);
 
-    const T* in = logits + row * p.vocab;
-    T* out = grad_logits + row * p.vocab;
-    const int64_t vocab = p.vocab;
-    const bool same_misalignment =
-        ((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
-    // Vectors only when input and output reach a 16-byte boundary together; else all scalar.
-    const int64_t head = same_misalignment ? head_to_alignment(in, vocab) : vocab;
-    const int64_t n_vecs = (vocab - head) / VEC;
+    RowProbe s = {0.0f, 0.0f, 0.0f};
+    if (in_range) {
+        const T* in = logits + row * p.vocab;
+        T* out = grad_logits + row * p.vocab;
+        const int64_t vocab = p.vocab;
+        const bool same_misalignment =
+            ((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
+        // Vectors only when input and output reach a 16-byte boundary together; else all scalar.
+        const int64_t head = same_misalignment ? head_to_alignment(in, vocab) : vocab;
+        const int64_t n_vecs = (vocab - head) / VEC;
+        // The label's column: its writer reads z_y first (in place, the loops overwrite it).
+        const bool owns_label = !zero_row && lane == owner_lane<T>(y, head, n_vecs, threads_per_row);
+        const float z_y = owns_label ? Elem<T>::to_f32(in[y]) : 0.0f;
 
-    for (int64_t j = lane; j < head; j += threads_per_row) {
-        const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
-    }
-    const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
-    uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
-    if (zero_row) {
-        const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
-        for (int64_t i = lane; i < n_vecs; i += threads_per_row) store16(out_vecs + i, zero);
-    } else {
-        // Two 16-byte loads in flight per thread before either is consumed.
-        int64_t i = lane;
-        for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
-            const uint4 a = load_vec<T, InPlace>(in_vecs + i);
-            const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
-            store16(out_vecs + i, grad_vec<T>(a, head + i * VEC, y, g, row_lse));
-            store16(out_vecs + i + threads_per_row, grad_vec<T>(b, head + (i + threads_per_row) * VEC, y, g, row_lse));
+        for (int64_t j = lane; j < head; j += threads_per_row) {
+            const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
         }
-        if (i < n_vecs) store16(out_vecs + i, grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), head + i * VEC, y, g, row_lse));
+        const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
+        uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
+        if (zero_row) {
+            const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
+            for (int64_t i = lane; i < n_vecs; i += threads_per_row) store16(out_vecs + i, zero);
+        } else {
+            // Two 16-byte loads in flight per thread before either is consumed.
+            int64_t i = lane;
+            for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
+                const uint4 a = load_vec<T, InPlace>(in_vecs + i);
+                const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
+                store16(out_vecs + i, grad_vec<T>(a, neg_gc, row_lse, s));
+                store16(out_vecs + i + threads_per_row, grad_vec<T>(b, neg_gc, row_lse, s));
+            }
+            if (i < n_vecs) store16(out_vecs + i, grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), neg_gc, row_lse, s));
+        }
+        for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
+            const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
+        }
+        if (owns_label) {
+            // g·(1 − p_y) = g − g·c·e_y, over the −g·p_y this thread wrote (Σ already holds e_y).
+            const float w_y = fmaf(neg_gc, prob_unscaled(z_y, row_lse), g);
+            out[y] = Elem<T>::from_f32(w_y);
+            if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w_y));
+        }
     }
-    for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
-        const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-        out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element(z, j, y, g, row_lse));
+
+    // The row's checks: sub-warp butterfly, then (rows wider than a warp) the row's warps in order.
+    const int width = threads_per_row < 32 ? threads_per_row : 32;
+    s.sum = group_sum(s.sum, width);
+    s.probe = group_sum(s.probe, width);
+    if (Elem<T>::NARROW) s.max_abs = group_max(s.max_abs, width);
+    if (threads_per_row > 32) {
+        const int warp = threadIdx.x >> 5;
+        if ((threadIdx.x & 31) == 0) {
+            warp_sum[warp] = s.sum;
+            warp_probe[warp] = s.probe;
+            warp_max_abs[warp] = s.max_abs;
+        }
+        __syncthreads();
+        const int warps_per_row = threads_per_row >> 5;
+        const int first = local_row * warps_per_row;
+        s.sum = warp_sum[first];
+        s.probe = warp_probe[first];
+        s.max_abs = warp_max_abs[first];
+        for (int w = 1; w < warps_per_row; w++) {
+            s.sum += warp_sum[first + w];
+            s.probe += warp_probe[first + w];
+            s.max_abs = fmaxf(s.max_abs, warp_max_abs[first + w]);
+        }
+    }
+
+    if (!in_range || lane != 0) return;
+    if (bad_label) atomicMin(&status[HALO_STATUS_BAD_LABEL], (int32_t)row);
+    if (!active) return;
+    // As the CPU op: ignored rows are not read, so only counted rows must hold finite values.
+    if (!isfinite(row_lse) || !isfinite(residual)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
+    if (!isfinite(g)) atomicMin(&status[HALO_STATUS_NONFINITE_GRAD], (int32_t)row);
+    const float prob_sum = c * s.sum;
+    // Overflow: f16/bf16 probe the values written; f32's are all bounded by |g|·max(1, Σp).
+    const bool overflow = Elem<T>::NARROW ? s.max_abs >= Elem<T>::overflow_threshold()
+                                          : isinf(fabsf(g) * fmaxf(prob_sum, 1.0f));
+    if (s.probe != 0.0f) {
+        atomicMin(&status[HALO_STATUS_BWD_NONFINITE_LOGITS], (int32_t)row);
+    } else if (!lse_fits_row(row_lse, prob_sum)) {
+        atomicMin(&status[HALO_STATUS_BWD_INCONSISTENT_LSE], (int32_t)row);
+    } else if (overflow) {
+        atomicMin(&status[HALO_STATUS_BWD_OVERFLOW], (int32_t)row);
     }
 }
 
 #define HALO_TOKEN_BACKWARD(SUFFIX, T)                                                                           \
     extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS) token_logprobs_backward_##SUFFIX(           \
         const T* __restrict__ logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,         \
-        const float* __restrict__ grad_logp, T* __restrict__ grad_logits, int32_t* __restrict__ status,          \
-        HaloTokenParams p) {                                                                                      \
-        token_logprobs_backward<T, false>(logits, labels, lse, grad_logp, grad_logits, status, p);               \
+        const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, T* __restrict__ grad_logits, \
+        int32_t* __restrict__ status, HaloTokenParams p) {                                                        \
+        token_logprobs_backward<T, false>(logits, labels, lse, lse_residual, grad_logp, grad_logits, status, p); \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS) token_logprobs_backward_inplace_##SUFFIX(   \
         T* logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,                            \
-        const float* __restrict__ grad_logp, int32_t* __restrict__ status, HaloTokenParams p) {                  \
-        token_logprobs_backward<T, true>(logits, labels, lse, grad_logp, logits, status, p);                     \
+        const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, int32_t* __restrict__ status, \
+        HaloTokenParams p) {                                                                                      \
+        token_logprobs_backward<T, true>(logits, labels, lse, lse_residual, grad_logp, logits, status, p);       \
     }
 
 HALO_TOKEN_BACKWARD(f32, float)

@@ -43,6 +43,27 @@ pub enum HaloError {
         /// The first row (or index) holding a non-finite value.
         row: usize,
     },
+    /// The backward's saved lse cannot be the logsumexp of its row's logits: the probabilities
+    /// `exp(z − lse)` do not sum to 1 within `cpu::LSE_SUM_TOLERANCE + |lse|·2^-23` (an lse below
+    /// the row max, or far above it, or saved for other logits).
+    #[error(
+        "`lse` = {lse} at row {row} is not the logsumexp of the row's logits: exp(logits - lse) does not sum to 1"
+    )]
+    InconsistentLse {
+        /// The first such row.
+        row: usize,
+        /// Its lse (without the residual).
+        lse: f32,
+    },
+    /// A gradient does not fit the dtype it is stored in (f16 beyond ±65504, bf16 or f32 beyond
+    /// ~±3.4e38): it would be stored as ±inf.
+    #[error("`grad_logits` at row {row} overflows {dtype:?} (a value would be stored as +-inf)")]
+    GradientOverflow {
+        /// The first such row.
+        row: usize,
+        /// The storage dtype.
+        dtype: crate::dtype::DType,
+    },
     /// An empty batch, where at least one example is required.
     #[error("empty batch: `{0}` has no elements")]
     EmptyBatch(&'static str),

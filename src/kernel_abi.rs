@@ -10,7 +10,7 @@ pub const SEQ_THREADS: u32 = 256;
 pub const LOSS_THREADS: u32 = 256;
 
 /// Entries of the `status` buffer; fill with [`STATUS_OK`] before a launch.
-pub const STATUS_LEN: usize = 4;
+pub const STATUS_LEN: usize = 8;
 /// "No error" value of a status entry (`INT32_MAX`); otherwise an entry holds the first bad row.
 pub const STATUS_OK: i32 = i32::MAX;
 /// Status slot: a label neither the ignore index nor in `0..vocab`.
@@ -21,6 +21,12 @@ pub const STATUS_NONFINITE: usize = 1;
 pub const STATUS_NONFINITE_GRAD: usize = 2;
 /// Status slot: first pair with a zero token count (DPO, IPO loss).
 pub const STATUS_EMPTY_SEQUENCE: usize = 2;
+/// Status slot (backward): a NaN / ±inf logit in a counted row.
+pub const STATUS_BWD_NONFINITE_LOGITS: usize = 4;
+/// Status slot (backward): an lse that is not its row's logsumexp (`Σ p ≠ 1`).
+pub const STATUS_BWD_INCONSISTENT_LSE: usize = 5;
+/// Status slot (backward): a gradient the storage dtype cannot hold.
+pub const STATUS_BWD_OVERFLOW: usize = 6;
 
 /// Shape of a `[rows, vocab]` logits matrix and the row-to-block mapping.
 #[repr(C)]

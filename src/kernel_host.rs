@@ -3,12 +3,15 @@
 //! turning what a kernel wrote (status word, loss output slots) into the CPU op's error or output.
 //! Both backends call these, so they cannot drift from each other.
 
+use crate::cpu::token_logprobs_backward::RowFault;
 use crate::cpu::{LogRatioClamp, SequenceLayout};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernel_abi::{
     dpo_out, kto_out, token_rows_per_block, HaloClampParams, HaloSeqParams, HaloTokenParams,
     DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID,
-    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL, STATUS_LEN, STATUS_NONFINITE,
+    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL, STATUS_BWD_INCONSISTENT_LSE,
+    STATUS_BWD_NONFINITE_LOGITS, STATUS_BWD_OVERFLOW, STATUS_LEN, STATUS_NONFINITE,
     STATUS_NONFINITE_GRAD, STATUS_OK,
 };
 use crate::losses::{DpoLossType, KtoLossType, LossMetrics};
@@ -48,6 +51,33 @@ pub(crate) fn token_status_error(
         });
     }
     Ok(())
+}
+
+/// The CPU backward's error for the backward kernel's status: [`token_status_error`] (labels, then
+/// a non-finite lse, then grad_logp), then the faults found while writing — the smallest row over
+/// their three slots, ties in [`RowFault`] order (a kernel row reports only its first fault, as a
+/// CPU row does), so both backends name the same row and fault. `lse_at(row)` fetches the lse.
+pub(crate) fn backward_status_error(
+    status: &[i32; STATUS_LEN],
+    label_at: impl FnOnce(usize) -> Result<i32>,
+    lse_at: impl FnOnce(usize) -> Result<f32>,
+    vocab: usize,
+    ignore_index: i32,
+    dtype: DType,
+) -> Result<()> {
+    token_status_error(status, label_at, vocab, ignore_index, "lse")?;
+    let first = [
+        (STATUS_BWD_NONFINITE_LOGITS, RowFault::NonFiniteLogits),
+        (STATUS_BWD_INCONSISTENT_LSE, RowFault::InconsistentLse),
+        (STATUS_BWD_OVERFLOW, RowFault::Overflow),
+    ]
+    .into_iter()
+    .filter_map(|(slot, fault)| status_row(status, slot).map(|row| (row, fault)))
+    .min();
+    match first {
+        Some((row, fault)) => Err(fault.error(row, lse_at(row)?, dtype)),
+        None => Ok(()),
+    }
 }
 
 /// Parameters of the token kernels for a validated `[rows, vocab]` shape.

@@ -251,7 +251,7 @@ fn from_logits<T: LogitElement, L>(
     token_logprobs_backward(
         policy.logits,
         policy.labels,
-        &tokens.lse,
+        tokens.saved_lse(),
         &step.token_grad,
         policy.vocab,
         policy.ignore_index,

@@ -111,20 +111,49 @@ pub(crate) fn label_out_of_range(
     }
 }
 
-/// The forward's outputs `logp` and `lse` hold one entry per row.
-pub(crate) fn check_forward_outputs(rows: usize, logp_len: usize, lse_len: usize) -> Result<()> {
+/// The forward's outputs `logp`, `lse` and `lse_residual` hold one entry per row.
+pub(crate) fn check_forward_outputs(
+    rows: usize,
+    logp_len: usize,
+    lse_len: usize,
+    residual_len: usize,
+) -> Result<()> {
     check_len("logp", rows, logp_len)?;
-    check_len("lse", rows, lse_len)
+    check_len("lse", rows, lse_len)?;
+    check_len("lse_residual", rows, residual_len)
 }
 
-/// The backward's per-row inputs `lse` and `grad_logp` hold one entry per row.
+/// The backward's per-row inputs `lse` (and its residual, if given) and `grad_logp` hold one entry
+/// per row.
 pub(crate) fn check_backward_inputs(
     rows: usize,
     lse_len: usize,
+    residual_len: Option<usize>,
     grad_logp_len: usize,
 ) -> Result<()> {
     check_len("lse", rows, lse_len)?;
+    if let Some(len) = residual_len {
+        check_len("lse_residual", rows, len)?;
+    }
     check_len("grad_logp", rows, grad_logp_len)
+}
+
+/// The saved lse of counted rows must be finite, its residual too (if given): `NonFinite` names
+/// `"lse"` and the first row where either is not.
+pub(crate) fn check_counted_lse(
+    lse: &[f32],
+    residual: Option<&[f32]>,
+    labels: &[i32],
+    ignore_index: i32,
+) -> Result<()> {
+    let bad = |row: usize| {
+        labels[row] != ignore_index
+            && !(lse[row].is_finite() && residual.is_none_or(|r| r[row].is_finite()))
+    };
+    match (0..labels.len()).find(|&row| bad(row)) {
+        Some(row) => Err(HaloError::NonFinite { what: "lse", row }),
+        None => Ok(()),
+    }
 }
 
 /// The backward's output `grad_logits` has the logits' shape, `rows * vocab`.

@@ -120,7 +120,7 @@ fn check_case<T: LogitElement>(case: &Case) {
     token_logprobs_backward(
         &logits,
         &case.labels,
-        &out.lse,
+        out.saved_lse(),
         &weights,
         case.vocab,
         IGNORE_INDEX,
@@ -149,7 +149,7 @@ fn check_case<T: LogitElement>(case: &Case) {
     token_logprobs_backward_inplace(
         &mut inplace,
         &case.labels,
-        &out.lse,
+        out.saved_lse(),
         &weights,
         case.vocab,
         IGNORE_INDEX,

@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use halo_kernels::cpu::{token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace};
+use halo_kernels::cpu::{
+    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, SavedLse,
+};
 use halo_kernels::{DType, HaloError, LogitElement, IGNORE_INDEX};
 use rand::Rng;
 
@@ -44,7 +46,7 @@ fn check_backward<T: LogitElement>(
     token_logprobs_backward(
         &logits,
         labels,
-        &fwd.lse,
+        fwd.saved_lse(),
         grad_logp,
         vocab,
         IGNORE_INDEX,
@@ -55,7 +57,7 @@ fn check_backward<T: LogitElement>(
     token_logprobs_backward_inplace(
         &mut inplace,
         labels,
-        &fwd.lse,
+        fwd.saved_lse(),
         grad_logp,
         vocab,
         IGNORE_INDEX,
@@ -174,7 +176,7 @@ fn ignored_rows_get_zero_gradient_and_are_not_read() {
     token_logprobs_backward(
         &values,
         &labels,
-        &lse,
+        SavedLse::new(&lse, &fwd.lse_residual),
         &grad_logp,
         vocab,
         IGNORE_INDEX,
@@ -222,7 +224,7 @@ fn f32_gradient_matches_finite_differences() {
         token_logprobs_backward(
             &values,
             &labels,
-            &fwd.lse,
+            fwd.saved_lse(),
             &weights,
             vocab,
             IGNORE_INDEX,
@@ -277,8 +279,16 @@ fn shape_and_length_errors() {
     let labels = [0, 1];
     let (lse, g) = ([1.0f32; 2], [1.0f32; 2]);
     let mut out = [0.0f32; 6];
-    let err = token_logprobs_backward(&logits, &labels, &lse[..1], &g, 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse[..1]),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -287,8 +297,16 @@ fn shape_and_length_errors() {
             got: 1
         }
     );
-    let err = token_logprobs_backward(&logits, &labels, &lse, &[1.0; 3], 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse),
+        &[1.0; 3],
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -297,8 +315,16 @@ fn shape_and_length_errors() {
             got: 3
         }
     );
-    let err = token_logprobs_backward(&logits, &labels, &lse, &g, 3, IGNORE_INDEX, &mut out[..5])
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits,
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out[..5],
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -307,8 +333,16 @@ fn shape_and_length_errors() {
             got: 5
         }
     );
-    let err = token_logprobs_backward(&logits[..5], &labels, &lse, &g, 3, IGNORE_INDEX, &mut out)
-        .unwrap_err();
+    let err = token_logprobs_backward(
+        &logits[..5],
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+        &mut out,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LengthMismatch {
@@ -318,11 +352,25 @@ fn shape_and_length_errors() {
         }
     );
     let mut inplace = logits;
-    let err = token_logprobs_backward_inplace(&mut inplace, &labels, &lse, &g, 0, IGNORE_INDEX)
-        .unwrap_err();
+    let err = token_logprobs_backward_inplace(
+        &mut inplace,
+        &labels,
+        SavedLse::bare(&lse),
+        &g,
+        0,
+        IGNORE_INDEX,
+    )
+    .unwrap_err();
     assert!(matches!(err, HaloError::InvalidShape(_)), "{err:?}");
-    let err = token_logprobs_backward_inplace(&mut inplace, &[0, 3], &lse, &g, 3, IGNORE_INDEX)
-        .unwrap_err();
+    let err = token_logprobs_backward_inplace(
+        &mut inplace,
+        &[0, 3],
+        SavedLse::bare(&lse),
+        &g,
+        3,
+        IGNORE_INDEX,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         HaloError::LabelOutOfRange {
@@ -345,7 +393,7 @@ fn non_finite_lse_or_upstream_gradient_in_a_counted_row_is_an_error() {
     let err = token_logprobs_backward(
         &logits,
         &[0, 1],
-        &[1.0, f32::NAN],
+        SavedLse::bare(&[1.0, f32::NAN]),
         &[1.0; 2],
         3,
         IGNORE_INDEX,
@@ -363,7 +411,7 @@ fn non_finite_lse_or_upstream_gradient_in_a_counted_row_is_an_error() {
     let err = token_logprobs_backward_inplace(
         &mut inplace,
         &[0, 1],
-        &[1.0; 2],
+        SavedLse::bare(&[1.0; 2]),
         &[f32::NEG_INFINITY, 1.0],
         3,
         IGNORE_INDEX,

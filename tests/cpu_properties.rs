@@ -106,7 +106,7 @@ proptest! {
         let out = token_logprobs(&b.logits, &b.labels, b.vocab, IGNORE_INDEX).unwrap();
         let grad_logp = vec![g; b.rows];
         let mut grad = vec![f32::NAN; b.logits.len()];
-        token_logprobs_backward(&b.logits, &b.labels, &out.lse, &grad_logp, b.vocab, IGNORE_INDEX, &mut grad)
+        token_logprobs_backward(&b.logits, &b.labels, out.saved_lse(), &grad_logp, b.vocab, IGNORE_INDEX, &mut grad)
             .unwrap();
         for r in 0..b.rows {
             let row = &grad[r * b.vocab..(r + 1) * b.vocab];

@@ -182,9 +182,20 @@ fn into_variant_matches_and_is_deterministic() {
     let first = token_logprobs(&values, &labels, vocab, IGNORE_INDEX).unwrap();
     let mut logp = vec![f32::NAN; rows];
     let mut lse = vec![f32::NAN; rows];
-    token_logprobs_into(&values, &labels, vocab, IGNORE_INDEX, &mut logp, &mut lse).unwrap();
+    let mut residual = vec![f32::NAN; rows];
+    token_logprobs_into(
+        &values,
+        &labels,
+        vocab,
+        IGNORE_INDEX,
+        &mut logp,
+        &mut lse,
+        &mut residual,
+    )
+    .unwrap();
     assert_eq!(first.logp, logp);
     assert_eq!(first.lse, lse);
+    assert_eq!(first.lse_residual, residual);
     let again = token_logprobs(&values, &labels, vocab, IGNORE_INDEX).unwrap();
     assert_eq!(
         first, again,
@@ -225,7 +236,7 @@ fn custom_ignore_index() {
 #[test]
 fn empty_batch_is_fine() {
     let got = token_logprobs::<f32>(&[], &[], 5, IGNORE_INDEX).unwrap();
-    assert!(got.logp.is_empty() && got.lse.is_empty());
+    assert!(got.logp.is_empty() && got.lse.is_empty() && got.lse_residual.is_empty());
 }
 
 // ---- errors ----
@@ -249,6 +260,7 @@ fn length_mismatch_is_an_error() {
         IGNORE_INDEX,
         &mut logp,
         &mut lse,
+        &mut [0.0; 3],
     )
     .unwrap_err();
     assert_eq!(
@@ -267,6 +279,7 @@ fn length_mismatch_is_an_error() {
         IGNORE_INDEX,
         &mut logp,
         &mut lse,
+        &mut [0.0; 3],
     )
     .unwrap_err();
     assert_eq!(
@@ -275,6 +288,25 @@ fn length_mismatch_is_an_error() {
             what: "logp",
             expected: 3,
             got: 4
+        }
+    );
+    let (mut logp, mut lse) = (vec![0.0; 3], vec![0.0; 3]);
+    let err = token_logprobs_into(
+        &[0.5f32; 9],
+        &[0, 1, 2],
+        3,
+        IGNORE_INDEX,
+        &mut logp,
+        &mut lse,
+        &mut [0.0; 2],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        HaloError::LengthMismatch {
+            what: "lse_residual",
+            expected: 3,
+            got: 2
         }
     );
 }

@@ -11,7 +11,7 @@ mod device_support;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use halo_kernels::cpu::{self, LogRatioClamp, SequenceLayout};
+use halo_kernels::cpu::{self, LogRatioClamp, SavedLse, SequenceLayout};
 use halo_kernels::cuda::{
     CudaBackend, CudaKlInput, CudaKtoBatch, CudaLogit, CudaPairBatch, CudaSequenceSums,
 };
@@ -313,6 +313,7 @@ fn forward_case<T: CudaLogit>(
     let d_labels = ok("htod", gpu.htod(labels))?;
     let mut d_logp = poisoned::<f32>(gpu, rows)?;
     let mut d_lse = poisoned::<f32>(gpu, rows)?;
+    let mut d_residual = poisoned::<f32>(gpu, rows)?;
     ok(
         "gpu forward",
         gpu.token_logprobs_into(
@@ -322,6 +323,7 @@ fn forward_case<T: CudaLogit>(
             IGNORE_INDEX,
             &mut d_logp,
             &mut d_lse,
+            &mut d_residual,
         ),
     )?;
     let logp = ok("dtoh", gpu.dtoh(&d_logp))?;
@@ -567,6 +569,7 @@ fn forward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
     let d_labels = ok("htod", gpu.htod(&labels))?;
     let mut short = ok("alloc", gpu.alloc_zeros::<f32>(rows - 1))?;
     let mut lse = ok("alloc", gpu.alloc_zeros::<f32>(rows))?;
+    let mut residual = ok("alloc", gpu.alloc_zeros::<f32>(rows))?;
     let err = gpu
         .token_logprobs_into(
             &d_logits,
@@ -575,6 +578,7 @@ fn forward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
             IGNORE_INDEX,
             &mut short,
             &mut lse,
+            &mut residual,
         )
         .err();
     let want = Some(HaloError::LengthMismatch {
@@ -656,7 +660,7 @@ fn backward_case<T: CudaLogit>(
         cpu::token_logprobs_backward(
             logits,
             labels,
-            &fwd.lse,
+            fwd.saved_lse(),
             &grad_logp,
             vocab,
             IGNORE_INDEX,
@@ -666,6 +670,7 @@ fn backward_case<T: CudaLogit>(
     let d_logits = ok("htod", gpu.htod(logits))?;
     let d_labels = ok("htod", gpu.htod(labels))?;
     let d_lse = ok("htod", gpu.htod(&fwd.lse))?;
+    let d_residual = ok("htod", gpu.htod(&fwd.lse_residual))?;
     let d_grad_logp = ok("htod", gpu.htod(&grad_logp))?;
     let mut d_grad = poisoned::<T>(gpu, rows * vocab)?;
     ok(
@@ -673,7 +678,7 @@ fn backward_case<T: CudaLogit>(
         gpu.token_logprobs_backward(
             &d_logits,
             &d_labels,
-            &d_lse,
+            SavedLse::new(&d_lse, &d_residual),
             &d_grad_logp,
             vocab,
             IGNORE_INDEX,
@@ -713,7 +718,7 @@ fn backward_case<T: CudaLogit>(
         gpu.token_logprobs_backward_inplace(
             &mut d_inplace,
             &d_labels,
-            &d_lse,
+            SavedLse::new(&d_lse, &d_residual),
             &d_grad_logp,
             vocab,
             IGNORE_INDEX,
@@ -761,6 +766,7 @@ fn backward_deterministic(gpu: &CudaBackend) -> TestResult {
     let d_logits = ok("htod", gpu.htod(&logits))?;
     let d_labels = ok("htod", gpu.htod(&labels))?;
     let d_lse = ok("htod", gpu.htod(&fwd.lse))?;
+    let d_residual = ok("htod", gpu.htod(&fwd.lse_residual))?;
     let d_g = ok("htod", gpu.htod(&grad_logp))?;
     let mut runs = Vec::new();
     for _ in 0..2 {
@@ -770,7 +776,7 @@ fn backward_deterministic(gpu: &CudaBackend) -> TestResult {
             gpu.token_logprobs_backward(
                 &d_logits,
                 &d_labels,
-                &d_lse,
+                SavedLse::new(&d_lse, &d_residual),
                 &d_g,
                 vocab,
                 IGNORE_INDEX,
@@ -799,7 +805,7 @@ fn same_backward_error(
     let cpu_err = cpu::token_logprobs_backward(
         logits,
         labels,
-        lse,
+        SavedLse::bare(lse),
         grad_logp,
         vocab,
         IGNORE_INDEX,
@@ -819,7 +825,7 @@ fn same_backward_error(
         .token_logprobs_backward(
             &d_logits,
             &d_labels,
-            &d_lse,
+            SavedLse::bare(&d_lse),
             &d_g,
             vocab,
             IGNORE_INDEX,
@@ -835,7 +841,7 @@ fn same_backward_error(
         .token_logprobs_backward_inplace(
             &mut d_inplace,
             &d_labels,
-            &d_lse,
+            SavedLse::bare(&d_lse),
             &d_g,
             vocab,
             IGNORE_INDEX,
@@ -895,7 +901,7 @@ fn backward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         cpu::token_logprobs_backward(
             &logits,
             &labels,
-            &lse,
+            SavedLse::bare(&lse),
             &gg,
             vocab,
             IGNORE_INDEX,
@@ -912,7 +918,7 @@ fn backward_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         gpu.token_logprobs_backward(
             &d_logits,
             &d_labels,
-            &d_lse,
+            SavedLse::bare(&d_lse),
             &d_g,
             vocab,
             IGNORE_INDEX,
@@ -950,7 +956,7 @@ fn backward_large_bf16_inplace(gpu: &CudaBackend) -> TestResult {
         cpu::token_logprobs_backward_inplace(
             &mut cpu_grad,
             &labels,
-            &fwd.lse,
+            fwd.saved_lse(),
             &g,
             vocab,
             IGNORE_INDEX,
@@ -960,13 +966,14 @@ fn backward_large_bf16_inplace(gpu: &CudaBackend) -> TestResult {
     drop(logits);
     let d_labels = ok("htod", gpu.htod(&labels))?;
     let d_lse = ok("htod", gpu.htod(&fwd.lse))?;
+    let d_residual = ok("htod", gpu.htod(&fwd.lse_residual))?;
     let d_g = ok("htod", gpu.htod(&g))?;
     ok(
         "gpu backward in place",
         gpu.token_logprobs_backward_inplace(
             &mut d_logits,
             &d_labels,
-            &d_lse,
+            SavedLse::new(&d_lse, &d_residual),
             &d_g,
             vocab,
             IGNORE_INDEX,

@@ -175,14 +175,14 @@ fn wrapper_argument_lists_match_the_compiled_kernels() {
     let seq = size_of::<HaloSeqParams>();
     let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
     for dtype in ["f32", "bf16", "f16"] {
-        expected.push((format!("token_logprobs_forward_{dtype}"), ptrs(5, &[token])));
+        expected.push((format!("token_logprobs_forward_{dtype}"), ptrs(6, &[token])));
         expected.push((
             format!("token_logprobs_backward_{dtype}"),
-            ptrs(6, &[token]),
+            ptrs(7, &[token]),
         ));
         expected.push((
             format!("token_logprobs_backward_inplace_{dtype}"),
-            ptrs(5, &[token]),
+            ptrs(6, &[token]),
         ));
         expected.push((format!("naive_log_softmax_{dtype}"), ptrs(2, &[8, 8])));
         expected.push((format!("naive_gather_{dtype}"), ptrs(3, &[8, 8, 4])));

@@ -8,7 +8,7 @@ mod device_support;
 
 use device_support::*;
 use half::{bf16, f16};
-use halo_kernels::cpu::TokenLogprobs;
+use halo_kernels::cpu::{SavedLse, TokenLogprobs};
 use halo_kernels::cuda::{CudaBackend, CudaLogit};
 use halo_kernels::{DType, HaloError, LogitElement, Result};
 use rand::Rng;
@@ -36,7 +36,7 @@ trait Offsets: Device {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -49,7 +49,7 @@ trait Offsets: Device {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()>;
@@ -71,7 +71,7 @@ impl Offsets for Cpu {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -80,7 +80,7 @@ impl Offsets for Cpu {
         self.token_logprobs_backward(
             &buf[offset..],
             labels,
-            lse,
+            saved,
             grad_logp,
             vocab,
             IGNORE,
@@ -93,14 +93,14 @@ impl Offsets for Cpu {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()> {
         self.token_logprobs_backward_inplace(
             &mut buf[offset..],
             labels,
-            lse,
+            saved,
             grad_logp,
             vocab,
             IGNORE,
@@ -128,6 +128,7 @@ impl Offsets for CudaBackend {
         Ok(TokenLogprobs {
             logp: self.dtoh(&out.logp)?,
             lse: self.dtoh(&out.lse)?,
+            lse_residual: self.dtoh(&out.lse_residual)?,
         })
     }
 
@@ -136,7 +137,7 @@ impl Offsets for CudaBackend {
         buf: &[T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         out: &mut [T],
@@ -148,7 +149,7 @@ impl Offsets for CudaBackend {
             self,
             &d_buf.slice(offset..),
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             IGNORE,
@@ -163,7 +164,7 @@ impl Offsets for CudaBackend {
         buf: &mut [T],
         offset: usize,
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
     ) -> Result<()> {
@@ -172,7 +173,7 @@ impl Offsets for CudaBackend {
             self,
             &mut d_buf.slice_mut(offset..),
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             IGNORE,
@@ -567,7 +568,14 @@ fn check_backward<T: CudaLogit, D: Offsets>(
         let poison = T::from_f32(f32::NAN);
         let mut out = vec![poison; rows * vocab + out_offset];
         d.backward_at(
-            &buf, offset, &labels, &lse, &grad, vocab, &mut out, out_offset,
+            &buf,
+            offset,
+            &labels,
+            SavedLse::bare(&lse),
+            &grad,
+            vocab,
+            &mut out,
+            out_offset,
         )
         .unwrap();
         assert!(
@@ -581,8 +589,15 @@ fn check_backward<T: CudaLogit, D: Offsets>(
     }
 
     let mut inplace = buf.clone();
-    d.backward_inplace_at(&mut inplace, offset, &labels, &lse, &grad, vocab)
-        .unwrap();
+    d.backward_inplace_at(
+        &mut inplace,
+        offset,
+        &labels,
+        SavedLse::bare(&lse),
+        &grad,
+        vocab,
+    )
+    .unwrap();
     assert_eq!(
         bytemuck::cast_slice::<T, u8>(&inplace[..offset]),
         bytemuck::cast_slice::<T, u8>(&buf[..offset]),
@@ -646,11 +661,26 @@ fn backward_errors<D: Offsets>(d: &D) {
     let run = |labels: &[i32], lse: &[f32], grad: &[f32]| {
         let mut out = vec![f16::ZERO; rows * vocab];
         let got = d
-            .token_logprobs_backward(&logits, labels, lse, grad, vocab, IGNORE, &mut out)
+            .token_logprobs_backward(
+                &logits,
+                labels,
+                SavedLse::bare(lse),
+                grad,
+                vocab,
+                IGNORE,
+                &mut out,
+            )
             .unwrap_err();
         let mut z = logits.clone();
         let got_inplace = d
-            .token_logprobs_backward_inplace(&mut z, labels, lse, grad, vocab, IGNORE)
+            .token_logprobs_backward_inplace(
+                &mut z,
+                labels,
+                SavedLse::bare(lse),
+                grad,
+                vocab,
+                IGNORE,
+            )
             .unwrap_err();
         assert_eq!(got_inplace, got, "{name}: in-place vs separate output");
         got
@@ -716,7 +746,7 @@ fn backward_errors<D: Offsets>(d: &D) {
     d.token_logprobs_backward(
         &logits,
         &labels,
-        &only_ignored_lse,
+        SavedLse::bare(&only_ignored_lse),
         &only_ignored_grad,
         vocab,
         IGNORE,
@@ -732,7 +762,7 @@ fn backward_errors<D: Offsets>(d: &D) {
     d.token_logprobs_backward_inplace(
         &mut z,
         &labels,
-        &only_ignored_lse,
+        SavedLse::bare(&only_ignored_lse),
         &only_ignored_grad,
         vocab,
         IGNORE,
@@ -768,23 +798,321 @@ fn backward_errors<D: Offsets>(d: &D) {
     );
     let mut short_out = vec![f16::ZERO; rows * vocab - 1];
     assert_eq!(
-        d.token_logprobs_backward(&logits, &labels, &lse, &grad, vocab, IGNORE, &mut short_out)
-            .unwrap_err(),
+        d.token_logprobs_backward(
+            &logits,
+            &labels,
+            SavedLse::bare(&lse),
+            &grad,
+            vocab,
+            IGNORE,
+            &mut short_out
+        )
+        .unwrap_err(),
         mismatch("grad_logits", rows * vocab, rows * vocab - 1),
         "{name}: short grad_logits"
     );
     assert!(
         matches!(
-            d.token_logprobs_backward::<f16>(&[], &[], &[], &[], 0, IGNORE, &mut []),
+            d.token_logprobs_backward::<f16>(
+                &[],
+                &[],
+                SavedLse::bare(&[]),
+                &[],
+                0,
+                IGNORE,
+                &mut []
+            ),
             Err(HaloError::InvalidShape(_))
         ),
         "{name}: vocab 0"
     );
     // Zero rows: no error.
-    d.token_logprobs_backward::<f16>(&[], &[], &[], &[], 5, IGNORE, &mut [])
+    d.token_logprobs_backward::<f16>(&[], &[], SavedLse::bare(&[]), &[], 5, IGNORE, &mut [])
         .unwrap();
-    d.token_logprobs_backward_inplace::<f16>(&mut [], &[], &[], &[], 5, IGNORE)
+    d.token_logprobs_backward_inplace::<f16>(&mut [], &[], SavedLse::bare(&[]), &[], 5, IGNORE)
         .unwrap();
+}
+
+// ---- backward: what it refuses, and its precision ------------------------------------------
+
+/// The separate-output and the in-place backward on the same inputs; their results (error or
+/// gradient) must agree. Returns the separate form's result and gradient.
+fn both_backwards<T: CudaLogit, D: Device>(
+    d: &D,
+    logits: &[T],
+    labels: &[i32],
+    saved: SavedLse<&[f32]>,
+    grad: &[f32],
+    vocab: usize,
+) -> (Result<()>, Vec<T>) {
+    let mut out = vec![T::from_f32(f32::NAN); logits.len()];
+    let got = d.token_logprobs_backward(logits, labels, saved, grad, vocab, IGNORE, &mut out);
+    let mut z = logits.to_vec();
+    let got_inplace = d.token_logprobs_backward_inplace(&mut z, labels, saved, grad, vocab, IGNORE);
+    assert_eq!(
+        got_inplace,
+        got,
+        "{}: in place vs separate output",
+        d.name()
+    );
+    if got.is_ok() {
+        assert_eq!(
+            bytemuck::cast_slice::<T, u8>(&z),
+            bytemuck::cast_slice::<T, u8>(&out),
+            "{}: in-place and separate gradients differ",
+            d.name()
+        );
+    }
+    (got, out)
+}
+
+/// The exact row max of row `r`.
+fn row_max<T: LogitElement>(logits: &[T], r: usize, vocab: usize) -> f32 {
+    logits[r * vocab..(r + 1) * vocab]
+        .iter()
+        .map(|x| x.to_f32())
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+fn backward_refuses_bad_logits_and_lse<D: Device>(d: &D) {
+    let mut r = rng(20);
+    // vocab 600: rows of 32 threads on CUDA; 1500: rows of 64 threads (cross-warp reduction).
+    for vocab in [37usize, 600, 1500] {
+        let rows = 24;
+        let logits: Vec<bf16> = random_logits(&mut r, rows * vocab, 4.0);
+        let mut labels = random_labels(&mut r, rows, vocab, 0.0);
+        labels[3] = IGNORE;
+        let (_, ref_lse) = reference_forward(&logits, &labels, vocab);
+        let lse = f32s(&ref_lse);
+        let grad: Vec<f32> = (0..rows).map(|_| r.gen_range(-2.0f32..2.0)).collect();
+        let name = format!("{} vocab {vocab}", d.name());
+        let run = |logits: &[bf16], lse: &[f32]| {
+            both_backwards(d, logits, &labels, SavedLse::bare(lse), &grad, vocab).0
+        };
+        let nonfinite = |row| HaloError::NonFinite {
+            what: "logits",
+            row,
+        };
+        let inconsistent =
+            |row: usize, lse: &[f32]| HaloError::InconsistentLse { row, lse: lse[row] };
+        // The f64 lse rounded to f32 is accepted.
+        run(&logits, &lse).unwrap_or_else(|e| panic!("{name}: clean input refused: {e}"));
+
+        for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // In counted rows 17 and 9 (9 at its label): row 9 is reported.
+            let mut z = logits.clone();
+            z[17 * vocab + vocab / 2] = bf16::from_f32(poison);
+            z[9 * vocab + labels[9] as usize] = bf16::from_f32(poison);
+            assert_eq!(run(&z, &lse), Err(nonfinite(9)), "{name}: {poison}");
+            // In the ignored row 3 only: accepted, and the row is zero.
+            let mut z = logits.clone();
+            z[3 * vocab + 1] = bf16::from_f32(poison);
+            let (got, out) = both_backwards(d, &z, &labels, SavedLse::bare(&lse), &grad, vocab);
+            got.unwrap_or_else(|e| panic!("{name}: {poison} in an ignored row: {e}"));
+            assert!(out[3 * vocab..4 * vocab].iter().all(|x| x.to_f32() == 0.0));
+            assert_all_finite(
+                &format!("{name}: {poison} in an ignored row"),
+                &to_f32(&out),
+            );
+        }
+
+        // An lse below the row's max (that element's p > 1), or far above it (Σp = e^-0.05).
+        let mut below = lse.clone();
+        below[12] = row_max(&logits, 12, vocab) - 0.5;
+        assert_eq!(
+            run(&logits, &below),
+            Err(inconsistent(12, &below)),
+            "{name}: below the max"
+        );
+        let mut above = lse.clone();
+        above[5] += 0.05;
+        above[20] += 30.0;
+        assert_eq!(
+            run(&logits, &above),
+            Err(inconsistent(5, &above)),
+            "{name}: above"
+        );
+        // Just outside the stated tolerance (Σp = e^-δ with δ = 2·tolerance) and just inside.
+        let tol = halo_kernels::cpu::LSE_SUM_TOLERANCE;
+        let mut off = lse.clone();
+        off[7] += 2.0 * tol;
+        assert_eq!(
+            run(&logits, &off),
+            Err(inconsistent(7, &off)),
+            "{name}: 2 x tolerance"
+        );
+        let mut off = lse.clone();
+        off[7] += 0.5 * tol;
+        run(&logits, &off).unwrap_or_else(|e| panic!("{name}: half the tolerance: {e}"));
+        // An lse far off in the ignored row is not read.
+        let mut off = lse.clone();
+        off[3] = -1e30;
+        run(&logits, &off).unwrap_or_else(|e| panic!("{name}: ignored row's lse: {e}"));
+
+        // First failing row over all the checks: a bad lse at row 4 before a NaN logit at row 6;
+        // both in row 6: the logits are named first (the CPU's order within a row).
+        let mut z = logits.clone();
+        z[6 * vocab] = bf16::from_f32(f32::NAN);
+        let mut l = lse.clone();
+        l[4] += 1.0;
+        l[6] -= 1.0;
+        assert_eq!(
+            run(&z, &l),
+            Err(inconsistent(4, &l)),
+            "{name}: lse row 4, NaN row 6"
+        );
+        l[4] = lse[4];
+        assert_eq!(
+            run(&z, &l),
+            Err(nonfinite(6)),
+            "{name}: NaN and lse in row 6"
+        );
+        // A non-finite lse (checked before the logits) wins over a NaN logit in an earlier row.
+        l[15] = f32::INFINITY;
+        assert_eq!(
+            run(&z, &l),
+            Err(HaloError::NonFinite {
+                what: "lse",
+                row: 15
+            }),
+            "{name}: inf lse at row 15"
+        );
+        // A non-finite residual is a non-finite lse.
+        let mut residual = vec![0.0f32; rows];
+        residual[11] = f32::NAN;
+        let (got, _) = both_backwards(
+            d,
+            &logits,
+            &labels,
+            SavedLse::new(&lse, &residual),
+            &grad,
+            vocab,
+        );
+        assert_eq!(
+            got,
+            Err(HaloError::NonFinite {
+                what: "lse",
+                row: 11
+            }),
+            "{name}: NaN residual"
+        );
+    }
+}
+
+fn backward_refuses_overflowing_f16<D: Device>(d: &D) {
+    let mut r = rng(21);
+    let (rows, vocab) = (10, 300);
+    let values: Vec<f32> = random_logits(&mut r, rows * vocab, 3.0);
+    let labels = random_labels(&mut r, rows, vocab, 0.0);
+    let mut grad: Vec<f32> = (0..rows).map(|_| r.gen_range(-2.0f32..2.0)).collect();
+    // |g (1 − p_y)| ≈ 1e5 > 65504 at row 6's label (p_y ≈ 1/300); row 8 likewise.
+    grad[6] = 1.0e5;
+    grad[8] = -2.0e5;
+    let name = d.name();
+
+    let f16s: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+    let (_, ref_lse) = reference_forward(&f16s, &labels, vocab);
+    let lse = f32s(&ref_lse);
+    let (got, _) = both_backwards(d, &f16s, &labels, SavedLse::bare(&lse), &grad, vocab);
+    assert_eq!(
+        got,
+        Err(HaloError::GradientOverflow {
+            row: 6,
+            dtype: DType::F16
+        }),
+        "{name}: f16"
+    );
+    // 6e4 still fits f16.
+    let mut fits = grad.clone();
+    fits[6] = 6.0e4;
+    fits[8] = -6.0e4;
+    let (got, out) = both_backwards(d, &f16s, &labels, SavedLse::bare(&lse), &fits, vocab);
+    got.unwrap_or_else(|e| panic!("{name}: f16, |g| = 6e4: {e}"));
+    assert_all_finite(&format!("{name}: f16 |g| = 6e4"), &to_f32(&out));
+
+    // bf16 holds 1e5: no error, and the values are right (f64 reference, bf16 rounding).
+    let bf16s: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+    let (_, ref_lse) = reference_forward(&bf16s, &labels, vocab);
+    let lse = f32s(&ref_lse);
+    let (got, out) = both_backwards(d, &bf16s, &labels, SavedLse::bare(&lse), &grad, vocab);
+    got.unwrap_or_else(|e| panic!("{name}: bf16: {e}"));
+    let got = to_f32(&out);
+    for row in [6usize, 8] {
+        let (l, z) = row_lse(&bf16s[row * vocab..(row + 1) * vocab]);
+        let g = grad[row] as f64;
+        for v in 0..vocab {
+            let p = (z[v] - l).exp();
+            let want = g * ((v as i32 == labels[row]) as i32 as f64 - p);
+            let have = got[row * vocab + v] as f64;
+            assert!(
+                (have - want).abs() <= 2f64.powi(-8) * want.abs() + 1e-5 * g.abs() * p,
+                "{name}: bf16 row {row} col {v}: {have} vs {want}"
+            );
+        }
+    }
+}
+
+/// Rows of f32 logits at large and mixed magnitudes: the gradient after the forward must be
+/// within ~1e-6 relative of the f64 gradient of the same logits — what PyTorch's f32 achieves,
+/// and what a backward from the f32 lse alone (off by half an ulp of |lse|: 3e-5 at 1000) misses.
+fn backward_precision_at_large_logits<D: Device>(d: &D) {
+    let mut r = rng(22);
+    let vocab = 1024;
+    let mut values: Vec<f32> = Vec::new();
+    for (center, spread) in [
+        (1000.0f32, 8.0f32),
+        (-1000.0, 8.0),
+        (1000.5, 8.0),
+        (4000.0, 8.0),
+        (-3000.0, 8.0),
+        (0.0, 8.0),
+        (1000.0, 1.0),
+    ] {
+        values.extend((0..vocab).map(|_| center + r.gen_range(-spread..spread)));
+    }
+    // Mixed magnitudes in one row: a cluster near 1000, values near 0 and near −1000 (p = 0).
+    values.extend(
+        (0..vocab).map(|v| [1000.0f32, 997.0, 0.0, -1000.0][v % 4] + r.gen_range(-1.0f32..1.0)),
+    );
+    let rows = values.len() / vocab;
+    let labels: Vec<i32> = (0..rows).map(|i| ((i * 389) % vocab) as i32).collect();
+    let grad: Vec<f32> = (0..rows)
+        .map(|i| if i % 2 == 0 { 1.5 } else { -0.75 })
+        .collect();
+
+    let fwd = d.token_logprobs(&values, &labels, vocab, IGNORE).unwrap();
+    let (got, out) = both_backwards(d, &values, &labels, fwd.saved_lse(), &grad, vocab);
+    got.unwrap_or_else(|e| panic!("{}: {e}", d.name()));
+    let mut worst = 0.0f64;
+    for row in 0..rows {
+        let (l, z) = row_lse(&values[row * vocab..(row + 1) * vocab]);
+        let g = grad[row] as f64;
+        for v in 0..vocab {
+            let p = (z[v] - l).exp();
+            let is_label = v as i32 == labels[row];
+            let want = g * (is_label as i32 as f64 - p);
+            let have = out[row * vocab + v] as f64;
+            // 1e-6 of the value (of |g| at the label, whose 1 − p cancels), plus f32's own
+            // rounding of the exponent z − lse (2^-23·|z − lse| relative on p) and the floor of
+            // an exp that underflows.
+            let scale = if is_label { g.abs() } else { want.abs() };
+            let tol = 1e-6 * scale + g.abs() * p * 2f64.powi(-23) * (z[v] - l).abs() + 1e-37;
+            let err = (have - want).abs();
+            if p > 1e-30 {
+                worst = worst.max(err / scale.max(1e-300));
+            }
+            assert!(
+                err <= tol,
+                "{}: row {row} col {v} (z {}, lse {l}): got {have}, want {want}, |diff| {err:e} > {tol:e}",
+                d.name(),
+                z[v]
+            );
+        }
+    }
+    eprintln!(
+        "{}: worst relative gradient error at large logits {worst:e}",
+        d.name()
+    );
 }
 
 device_tests!(
@@ -800,4 +1128,7 @@ device_tests!(
     backward_extreme_logits,
     backward_large_rows_and_all_ignored,
     backward_errors,
+    backward_refuses_bad_logits_and_lse,
+    backward_refuses_overflowing_f16,
+    backward_precision_at_large_logits,
 );

@@ -78,6 +78,15 @@ fn constants_match_the_c_header() {
         ("HALO_STATUS_NONFINITE", STATUS_NONFINITE as i64),
         ("HALO_STATUS_NONFINITE_GRAD", STATUS_NONFINITE_GRAD as i64),
         ("HALO_STATUS_EMPTY_SEQUENCE", STATUS_EMPTY_SEQUENCE as i64),
+        (
+            "HALO_STATUS_BWD_NONFINITE_LOGITS",
+            STATUS_BWD_NONFINITE_LOGITS as i64,
+        ),
+        (
+            "HALO_STATUS_BWD_INCONSISTENT_LSE",
+            STATUS_BWD_INCONSISTENT_LSE as i64,
+        ),
+        ("HALO_STATUS_BWD_OVERFLOW", STATUS_BWD_OVERFLOW as i64),
         ("HALO_KTO_LOSS_KTO", KTO_LOSS_KTO as i64),
         (
             "HALO_KTO_LOSS_APO_ZERO_UNPAIRED",

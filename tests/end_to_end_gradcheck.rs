@@ -8,7 +8,7 @@ mod losses_common;
 
 use halo_kernels::cpu::{
     broadcast_sequence_grad, humanline_grad_mask, sequence_logratio_sums, sequence_sums,
-    token_logprobs, token_logprobs_backward, LogRatioClamp, SequenceLayout,
+    token_logprobs, token_logprobs_backward, LogRatioClamp, SavedLse, SequenceLayout,
 };
 use halo_kernels::losses::reference::{dpo_loss_ref, kto_loss_ref};
 use halo_kernels::losses::{
@@ -118,12 +118,12 @@ fn seq_sums64(tok: &Tokens, per_token: &[f64]) -> Vec<f64> {
 }
 
 /// Runs the library's backward: per-sequence grad → token grad (→ mask) → ∂L/∂logits.
-fn logits_grad(tok: &Tokens, lse: &[f32], token_grad: &[f32]) -> Vec<f32> {
+fn logits_grad(tok: &Tokens, saved: SavedLse<&[f32]>, token_grad: &[f32]) -> Vec<f32> {
     let mut grad = vec![0.0f32; tok.logits.len()];
     token_logprobs_backward(
         &tok.logits,
         &tok.labels,
-        lse,
+        saved,
         token_grad,
         VOCAB,
         IGNORE_INDEX,
@@ -221,7 +221,7 @@ fn kto_chain_matches_finite_differences() {
             tok.layout(),
         )
         .unwrap();
-        let got = logits_grad(&tok, &tl.lse, &token_grad);
+        let got = logits_grad(&tok, tl.saved_lse(), &token_grad);
 
         // z0 is detached: held at its value while the logits move.
         let z0 = halo_kernels::losses::reference::kto_z0_ref(
@@ -297,7 +297,7 @@ fn dpo_chain_matches_finite_differences() {
             let token_grad =
                 broadcast_sequence_grad(&grad_seq, &tok.labels, IGNORE_INDEX, tok.layout())
                     .unwrap();
-            let got = logits_grad(&tok, &tl.lse, &token_grad);
+            let got = logits_grad(&tok, tl.saved_lse(), &token_grad);
 
             let counts: Vec<u32> = tok
                 .ranges
@@ -397,7 +397,7 @@ fn humanline_kto_chain_matches_finite_differences_away_from_kinks() {
         )
         .unwrap();
         humanline_grad_mask(&tl.logp, &ref_tok, clamp, &mut token_grad).unwrap();
-        let got = logits_grad(&tok, &tl.lse, &token_grad);
+        let got = logits_grad(&tok, tl.saved_lse(), &token_grad);
 
         let ref64 = to_f64(&ref_tok);
         let zeros64 = vec![0.0f64; n];

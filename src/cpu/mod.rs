@@ -19,10 +19,12 @@
 //! ```
 
 pub mod fast_exp;
+pub mod saved_lse;
 pub mod sequence_sums;
 pub mod token_logprobs;
 pub mod token_logprobs_backward;
 
+pub use saved_lse::{SavedLse, LSE_SUM_TOLERANCE};
 pub use sequence_sums::{
     broadcast_sequence_grad, humanline_grad_mask, sequence_logratio_sums, sequence_sums,
     LogRatioClamp, SequenceLayout, SequenceSums, MAX_SEQUENCES,

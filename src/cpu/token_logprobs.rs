@@ -1,12 +1,13 @@
 //! Per-token log-prob gathering: `logp[r] = z[r, y_r] − logsumexp(z[r, :])`, in one pass per row.
 //!
-//! The row's logsumexp is kept: the backward recomputes softmax from it instead of storing a
-//! `[rows, vocab]` probability matrix. Rows whose label is the ignore index are not read at all;
+//! The row's logsumexp is kept (as the f32 `lse` and its rounding residual, see [`SavedLse`]): the
+//! backward recomputes softmax from it instead of storing a `[rows, vocab]` probability matrix. Rows whose label is the ignore index are not read at all;
 //! their `logp` and `lse` are 0 (PyTorch's `cross_entropy(ignore_index=-100)` likewise contributes 0).
 
 use rayon::prelude::*;
 
 use super::fast_exp::fast_exp;
+use super::saved_lse::{split_lse, SavedLse};
 // CHUNK: elements converted to f32 and reduced together; the running max is updated once per chunk.
 use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, CHUNK};
 use crate::dtype::LogitElement;
@@ -18,8 +19,17 @@ use crate::validate::check_forward_outputs;
 pub struct TokenLogprobs {
     /// `log softmax(z)[y]`, 0 where the label is ignored. Always ≤ 0.
     pub logp: Vec<f32>,
-    /// `logsumexp(z)` per row (0 where ignored), saved for the backward.
+    /// `logsumexp(z)` per row rounded to f32 (0 where ignored), saved for the backward.
     pub lse: Vec<f32>,
+    /// `logsumexp(z) − lse` per row: the exact rounding error of `lse` (0 where ignored).
+    pub lse_residual: Vec<f32>,
+}
+
+impl TokenLogprobs {
+    /// What the backward needs: `lse` with its residual.
+    pub fn saved_lse(&self) -> SavedLse<&[f32]> {
+        SavedLse::new(&self.lse, &self.lse_residual)
+    }
 }
 
 /// Lanes of the vectorized inner loops.
@@ -39,6 +49,7 @@ pub fn token_logprobs<T: LogitElement>(
     let mut out = TokenLogprobs {
         logp: vec![0.0; rows],
         lse: vec![0.0; rows],
+        lse_residual: vec![0.0; rows],
     };
     token_logprobs_into(
         logits,
@@ -47,12 +58,14 @@ pub fn token_logprobs<T: LogitElement>(
         ignore_index,
         &mut out.logp,
         &mut out.lse,
+        &mut out.lse_residual,
     )?;
     Ok(out)
 }
 
-/// [`token_logprobs`] writing into caller buffers of length `rows`. On error their contents are
-/// unspecified (rows before the failing one may have been written).
+/// [`token_logprobs`] writing into caller buffers of length `rows` (the fields of
+/// [`TokenLogprobs`]). On error their contents are unspecified (rows before the failing one may
+/// have been written).
 pub fn token_logprobs_into<T: LogitElement>(
     logits: &[T],
     labels: &[i32],
@@ -60,9 +73,10 @@ pub fn token_logprobs_into<T: LogitElement>(
     ignore_index: i32,
     logp: &mut [f32],
     lse: &mut [f32],
+    lse_residual: &mut [f32],
 ) -> Result<()> {
     let rows = check_logits_shape(logits.len(), labels.len(), vocab)?;
-    check_forward_outputs(rows, logp.len(), lse.len())?;
+    check_forward_outputs(rows, logp.len(), lse.len(), lse_residual.len())?;
     check_labels(labels, vocab, ignore_index)?;
     if rows == 0 {
         return Ok(());
@@ -71,20 +85,24 @@ pub fn token_logprobs_into<T: LogitElement>(
     let first_bad_row = logits
         .par_chunks(vocab)
         .zip(labels.par_iter())
-        .zip(logp.par_iter_mut().zip(lse.par_iter_mut()))
+        .zip(
+            logp.par_iter_mut()
+                .zip(lse.par_iter_mut().zip(lse_residual.par_iter_mut())),
+        )
         .with_min_len(min_rows_per_task(vocab))
         .enumerate()
-        .filter_map(|(row, ((z, &label), (logp, lse)))| {
+        .filter_map(|(row, ((z, &label), (logp, (lse, residual))))| {
             if label == ignore_index {
                 *logp = 0.0;
                 *lse = 0.0;
+                *residual = 0.0;
                 return None;
             }
             let (row_max, ln_sum, finite) = row_logsumexp(z);
             if !finite {
                 return Some(row);
             }
-            *lse = row_max + ln_sum;
+            (*lse, *residual) = split_lse(row_max, ln_sum);
             // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order), not `z[y] − lse`: with large
             // logits lse rounds to ulp(max) (≈1e-3 at 1e4), which would swamp a small log-prob.
             // `z[y] − max` is exact (Sterbenz) whenever it is small. The clamp guards rounding.

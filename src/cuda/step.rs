@@ -142,7 +142,7 @@ impl CudaBackend {
         self.token_logprobs_backward_inplace(
             logits,
             labels,
-            &tokens.lse,
+            tokens.saved_lse(),
             &token_grad,
             vocab,
             ignore_index,

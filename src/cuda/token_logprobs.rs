@@ -1,5 +1,5 @@
 //! GPU twin of [`crate::cpu::token_logprobs`]: `logp[r] = z[r, y_r] − logsumexp(z[r, :])` and the
-//! row's logsumexp, one pass over the logits (kernel `token_logprobs_forward_{f32,bf16,f16}` in
+//! row's logsumexp (the f32 `lse` and its rounding residual), one pass over the logits (kernel `token_logprobs_forward_{f32,bf16,f16}` in
 //! `kernels/token_logprobs.cu`).
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
@@ -8,6 +8,7 @@ use super::device::{cuda_err, CudaBackend};
 use super::launch::{check_aligned, check_token_shape, entry_name, token_launch, CudaLogit};
 use super::status::KernelStatus;
 use super::status::StatusWord;
+use crate::cpu::SavedLse;
 use crate::error::Result;
 use crate::validate::check_forward_outputs;
 
@@ -16,8 +17,17 @@ use crate::validate::check_forward_outputs;
 pub struct CudaTokenLogprobs {
     /// `log softmax(z)[y]`, 0 where the label is ignored.
     pub logp: CudaSlice<f32>,
-    /// `logsumexp(z)` per row (0 where ignored), for the backward.
+    /// `logsumexp(z)` per row rounded to f32 (0 where ignored), for the backward.
     pub lse: CudaSlice<f32>,
+    /// `logsumexp(z) − lse` per row: the exact rounding error of `lse` (0 where ignored).
+    pub lse_residual: CudaSlice<f32>,
+}
+
+impl CudaTokenLogprobs {
+    /// What the backward needs: `lse` with its residual.
+    pub fn saved_lse(&self) -> SavedLse<&CudaSlice<f32>> {
+        SavedLse::new(&self.lse, &self.lse_residual)
+    }
 }
 
 impl CudaBackend {
@@ -36,6 +46,7 @@ impl CudaBackend {
         let mut out = CudaTokenLogprobs {
             logp: self.alloc_output(rows)?,
             lse: self.alloc_output(rows)?,
+            lse_residual: self.alloc_output(rows)?,
         };
         self.token_logprobs_into(
             logits,
@@ -44,12 +55,14 @@ impl CudaBackend {
             ignore_index,
             &mut out.logp,
             &mut out.lse,
+            &mut out.lse_residual,
         )?;
         Ok(out)
     }
 
-    /// [`CudaBackend::token_logprobs`] writing into caller buffers of `rows` elements. Waits for the
-    /// kernel (to read its status).
+    /// [`CudaBackend::token_logprobs`] writing into caller buffers of `rows` elements (the fields
+    /// of [`CudaTokenLogprobs`]). Waits for the kernel (to read its status).
+    #[allow(clippy::too_many_arguments)]
     pub fn token_logprobs_into<T: CudaLogit>(
         &self,
         logits: &impl DevicePtr<T>,
@@ -58,13 +71,23 @@ impl CudaBackend {
         ignore_index: i32,
         logp: &mut impl DevicePtrMut<f32>,
         lse: &mut impl DevicePtrMut<f32>,
+        lse_residual: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         if rows == 0 {
-            return check_forward_outputs(0, logp.len(), lse.len());
+            return check_forward_outputs(0, logp.len(), lse.len(), lse_residual.len());
         }
         let mut status = self.new_status()?;
-        self.enqueue_token_logprobs(logits, labels, vocab, ignore_index, logp, lse, &mut status)?;
+        self.enqueue_token_logprobs(
+            logits,
+            labels,
+            vocab,
+            ignore_index,
+            logp,
+            lse,
+            lse_residual,
+            &mut status,
+        )?;
         let word = self.read_status(&status)?;
         self.token_status_error(word, labels, vocab, ignore_index, "logits")
     }
@@ -81,10 +104,11 @@ impl CudaBackend {
         ignore_index: i32,
         logp: &mut impl DevicePtrMut<f32>,
         lse: &mut impl DevicePtrMut<f32>,
+        lse_residual: &mut impl DevicePtrMut<f32>,
         status: &mut KernelStatus,
     ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
-        check_forward_outputs(rows, logp.len(), lse.len())?;
+        check_forward_outputs(rows, logp.len(), lse.len(), lse_residual.len())?;
         if rows == 0 {
             return Ok(());
         }
@@ -97,15 +121,18 @@ impl CudaBackend {
         check_aligned::<i32>("labels", labels_ptr)?;
         let (logp_ptr, _w0) = logp.device_ptr_mut(stream);
         let (lse_ptr, _w1) = lse.device_ptr_mut(stream);
-        let (status_ptr, _w2) = status.buf.device_ptr_mut(stream);
+        let (residual_ptr, _w2) = lse_residual.device_ptr_mut(stream);
+        let (status_ptr, _w3) = status.buf.device_ptr_mut(stream);
         check_aligned::<f32>("logp", logp_ptr)?;
         check_aligned::<f32>("lse", lse_ptr)?;
+        check_aligned::<f32>("lse_residual", residual_ptr)?;
         let mut launch = stream.launch_builder(func);
         launch
             .arg(&logits_ptr)
             .arg(&labels_ptr)
             .arg(&logp_ptr)
             .arg(&lse_ptr)
+            .arg(&residual_ptr)
             .arg(&status_ptr)
             .arg(&params);
         // SAFETY: argument order and types follow `token_logprobs_forward_T` in

@@ -11,7 +11,9 @@
 
 use std::sync::OnceLock;
 
-use halo_kernels::cpu::{self, LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
+use halo_kernels::cpu::{
+    self, LogRatioClamp, SavedLse, SequenceLayout, SequenceSums, TokenLogprobs,
+};
 use halo_kernels::cuda::{
     CudaBackend, CudaKlInput, CudaKtoBatch, CudaKtoStepInputs, CudaLogit, CudaLogits,
     CudaPairBatch, CudaPairReference, CudaSequenceSums, CudaStep,
@@ -42,7 +44,7 @@ pub trait Device: Sync {
         &self,
         logits: &[T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
@@ -53,7 +55,7 @@ pub trait Device: Sync {
         &self,
         logits: &mut [T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
@@ -136,7 +138,7 @@ impl Device for Cpu {
         &self,
         logits: &[T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
@@ -145,7 +147,7 @@ impl Device for Cpu {
         cpu::token_logprobs_backward(
             logits,
             labels,
-            lse,
+            saved,
             grad_logp,
             vocab,
             ignore_index,
@@ -157,12 +159,12 @@ impl Device for Cpu {
         &self,
         logits: &mut [T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
     ) -> Result<()> {
-        cpu::token_logprobs_backward_inplace(logits, labels, lse, grad_logp, vocab, ignore_index)
+        cpu::token_logprobs_backward_inplace(logits, labels, saved, grad_logp, vocab, ignore_index)
     }
 
     fn sequence_sums(
@@ -241,6 +243,29 @@ impl Device for Cpu {
     }
 }
 
+/// A [`SavedLse`] uploaded to the device.
+pub struct DeviceSavedLse {
+    pub lse: halo_kernels::cuda::CudaSlice<f32>,
+    pub residual: Option<halo_kernels::cuda::CudaSlice<f32>>,
+}
+
+impl DeviceSavedLse {
+    pub fn as_saved(&self) -> SavedLse<&halo_kernels::cuda::CudaSlice<f32>> {
+        SavedLse {
+            lse: &self.lse,
+            residual: self.residual.as_ref(),
+        }
+    }
+}
+
+/// Uploads the lse and its residual (if any).
+pub fn upload_saved(gpu: &CudaBackend, saved: SavedLse<&[f32]>) -> Result<DeviceSavedLse> {
+    Ok(DeviceSavedLse {
+        lse: gpu.htod(saved.lse)?,
+        residual: saved.residual.map(|r| gpu.htod(r)).transpose()?,
+    })
+}
+
 /// The CUDA backend the tests run on: the real GPU when present (and `HALO_CUDA_EMULATED` is
 /// unset), else the emulated device — but not with `HALO_REQUIRE_GPU=1`, as
 /// `scripts/gpu_check.sh` sets, where a missing GPU must not fall back silently.
@@ -287,6 +312,7 @@ impl Device for CudaBackend {
         Ok(TokenLogprobs {
             logp: self.dtoh(&out.logp)?,
             lse: self.dtoh(&out.lse)?,
+            lse_residual: self.dtoh(&out.lse_residual)?,
         })
     }
 
@@ -294,7 +320,7 @@ impl Device for CudaBackend {
         &self,
         logits: &[T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
@@ -306,7 +332,7 @@ impl Device for CudaBackend {
             self,
             &self.htod(logits)?,
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             ignore_index,
@@ -320,7 +346,7 @@ impl Device for CudaBackend {
         &self,
         logits: &mut [T],
         labels: &[i32],
-        lse: &[f32],
+        saved: SavedLse<&[f32]>,
         grad_logp: &[f32],
         vocab: usize,
         ignore_index: i32,
@@ -330,7 +356,7 @@ impl Device for CudaBackend {
             self,
             &mut buf,
             &self.htod(labels)?,
-            &self.htod(lse)?,
+            upload_saved(self, saved)?.as_saved(),
             &self.htod(grad_logp)?,
             vocab,
             ignore_index,

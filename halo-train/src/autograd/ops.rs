@@ -327,6 +327,7 @@ impl Tape {
             logits,
             labels: labels.to_vec(),
             lse: out.lse,
+            lse_residual: out.lse_residual,
             vocab,
         };
         Ok(self.push(out.logp, vec![rows], op, &[logits]))

@@ -10,6 +10,7 @@ use super::cpu::embedding::embedding_backward;
 use super::cpu::gelu::gelu_backward;
 use super::cpu::layernorm::layernorm_backward;
 use super::cpu::matmul::linear_backward;
+use halo_kernels::cpu::SavedLse;
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
@@ -85,6 +86,7 @@ pub(crate) enum Op {
         logits: Var,
         labels: Vec<i32>,
         lse: Vec<f32>,
+        lse_residual: Vec<f32>,
         vocab: usize,
     },
     /// Left behind once the backward has used a node.
@@ -264,6 +266,7 @@ impl Tape {
                         logits,
                         labels,
                         lse,
+                        lse_residual,
                         vocab,
                     } if self.nodes[logits.0].uses == 1
                         && self.nodes[logits.0].requires_grad
@@ -276,7 +279,7 @@ impl Tape {
                         halo_kernels::cpu::token_logprobs_backward_inplace(
                             &mut z,
                             &labels,
-                            &lse,
+                            SavedLse::new(&lse, &lse_residual),
                             &dy,
                             vocab,
                             IGNORE_INDEX,
@@ -452,6 +455,7 @@ fn backward_op(
             logits,
             labels,
             lse,
+            lse_residual,
             vocab,
         } => {
             if nodes[logits.0].requires_grad {
@@ -459,7 +463,7 @@ fn backward_op(
                 halo_kernels::cpu::token_logprobs_backward(
                     value(logits),
                     &labels,
-                    &lse,
+                    SavedLse::new(&lse, &lse_residual),
                     dy,
                     vocab,
                     IGNORE_INDEX,
