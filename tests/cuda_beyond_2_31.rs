@@ -65,7 +65,7 @@ fn forward_and_in_place_backward_beyond_2_31_logits() {
     gpu.token_logprobs_backward_inplace(
         &mut d_logits,
         &d_labels,
-        &out.lse,
+        out.saved_lse(),
         &d_grad,
         VOCAB,
         IGNORE_INDEX,
@@ -89,7 +89,7 @@ fn forward_and_in_place_backward_beyond_2_31_logits() {
         cpu::token_logprobs_backward_inplace(
             &mut want_grad,
             &label,
-            &want.lse,
+            want.saved_lse(),
             &grad_logp[r..=r],
             VOCAB,
             IGNORE_INDEX,

@@ -131,7 +131,7 @@ pub fn materialized<T: LogitElement>(
     token_logprobs_backward(
         &z,
         &p.labels,
-        &fwd.lse,
+        fwd.saved_lse(),
         grad_logp,
         p.vocab,
         IGNORE_INDEX,
