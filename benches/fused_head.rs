@@ -223,8 +223,15 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
     let materialized_fwd_bwd = || {
         let mut z = logits();
         let t = token_logprobs(&z, &labels, vocab, IGNORE_INDEX).unwrap();
-        token_logprobs_backward_inplace(&mut z, &labels, t.saved_lse(), &grad_logp, vocab, IGNORE_INDEX)
-            .unwrap();
+        token_logprobs_backward_inplace(
+            &mut z,
+            &labels,
+            t.saved_lse(),
+            &grad_logp,
+            vocab,
+            IGNORE_INDEX,
+        )
+        .unwrap();
         grads(&z, &h32, &w32, rows, vocab, h)
     };
     // The GEMMs the fused forward + backward needs: the logits, their recompute, ∂z · W, ∂zᵀ · h

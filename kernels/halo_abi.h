@@ -28,7 +28,7 @@
 #define HALO_STATUS_OK 2147483647
 /* A label neither ignore_index nor in 0..vocab (forward and backward). */
 #define HALO_STATUS_BAD_LABEL 0
-/* Forward: a non-ignored row with a NaN / +-inf logit. Backward: a non-finite lse (non-ignored row). */
+/* Forward: a non-ignored row with a NaN / +-inf logit, or finite logits whose log-prob overflows f32. Backward: a non-finite lse (non-ignored row). */
 #define HALO_STATUS_NONFINITE 1
 /* Backward: a non-finite grad_logp (non-ignored row). DPO kernel: first pair with a zero count (IPO). */
 #define HALO_STATUS_NONFINITE_GRAD 2

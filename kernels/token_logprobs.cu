@@ -112,7 +112,10 @@ __device__ __forceinline__ void token_logprobs_forward(const T* __restrict__ log
     // `(z[y] − max) − ln Σ` (PyTorch's log_softmax order, as the CPU op), not `z[y] − lse`: with
     // logits near 1e4, lse rounds to ulp(max) ≈ 1e-3, which would swamp a small log-prob, while
     // `z[y] − max` is exact whenever it is small. The clamp guards rounding when one entry dominates.
-    logp[row] = fminf((z_label - s.max) - ln_sum, 0.0f);
+    const float row_logp = fminf((z_label - s.max) - ln_sum, 0.0f);
+    // Finite logits whose spread exceeds f32 give a log-prob beyond f32: refused, as the CPU does.
+    if (!isfinite(row_logp)) atomicMin(&status[HALO_STATUS_NONFINITE], (int32_t)row);
+    logp[row] = row_logp;
 }
 
 #define HALO_TOKEN_FORWARD(SUFFIX, T)                                                                            \

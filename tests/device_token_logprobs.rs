@@ -434,6 +434,28 @@ fn forward_errors<D: Offsets>(d: &D) {
             &out.logp,
         );
     }
+    // Finite logits spread wider than f32 (the label's at -3e38, another at +3e38): the log-prob
+    // z[y] - lse is beyond f32, refused like a non-finite logit (found by fuzz_token_forward);
+    // the first bad row of either kind is reported.
+    let mut l = labels.clone();
+    (l[8], l[12], l[26]) = (1, 7, 9);
+    let mut z = logits.clone();
+    for row in [12, 26] {
+        z[row * vocab + l[row] as usize] = -3e38;
+        z[row * vocab + l[row] as usize + 1] = 3e38;
+    }
+    let spread = |row| HaloError::NonFinite {
+        what: "logits",
+        row,
+    };
+    let got = d.token_logprobs(&z, &l, vocab, IGNORE).unwrap_err();
+    assert_eq!(got, spread(12), "{name}: logits spanning beyond f32");
+    z[26 * vocab] = f32::NAN;
+    let got = d.token_logprobs(&z, &l, vocab, IGNORE).unwrap_err();
+    assert_eq!(got, spread(12), "{name}: spread in row 12, NaN in row 26");
+    z[8 * vocab + 3] = f32::NAN;
+    let got = d.token_logprobs(&z, &l, vocab, IGNORE).unwrap_err();
+    assert_eq!(got, spread(8), "{name}: NaN in row 8, spread in row 12");
     // A bad label wins over a NaN in an earlier row (labels are checked first).
     let mut z = logits.clone();
     z[5 * vocab] = f32::NAN;

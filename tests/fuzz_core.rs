@@ -159,9 +159,9 @@ fn check_token_forward<T: LogitElement>(
         let logp = z[label as usize] - lse;
         if !out.logp[row].is_finite() || !out.lse[row].is_finite() {
             if logp < f32::MIN as f64 {
-                return Outcome::Known(format!(
-                    "row {row}: logp = z[y] - lse = {logp:e} is beyond f32 and stored as {} \
-                     (token forward, src/cpu/token_logprobs.rs and the kernel: refuse it)",
+                return Outcome::NonFinite(format!(
+                    "row {row}: logp = z[y] - lse = {logp:e} is beyond f32 and stored as {}: \
+                     must be the error NonFinite {{ what: \"logits\" }}",
                     out.logp[row]
                 ));
             }
@@ -695,16 +695,8 @@ fn finite_step<L, T: LogitElement>(
         .and(|| Outcome::finite("token_logps", f64s(&step.token_logps)))
         .and(|| {
             let grads = step.grad_logits.iter().map(|v| v.to_f32() as f64);
-            match Outcome::finite("grad_logits", grads) {
-                Outcome::NonFinite(what) if T::DTYPE != halo_kernels::DType::F32 => {
-                    Outcome::Known(format!(
-                        "{what}: a {:?} gradient beyond its range is stored as inf \
-                         (token backward, issue 15 item 4)",
-                        T::DTYPE
-                    ))
-                }
-                other => other,
-            }
+            // A gradient beyond the storage dtype's range must be GradientOverflow, never inf.
+            Outcome::finite("grad_logits", grads)
         })
 }
 

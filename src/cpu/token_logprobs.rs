@@ -38,7 +38,8 @@ const LANES: usize = 8;
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///
 /// Errors: a length mismatch, `vocab == 0`, a label outside `0..vocab` that is not
-/// `ignore_index`, or a non-ignored row holding NaN or ±inf.
+/// `ignore_index`, or a non-ignored row holding NaN or ±inf (`NonFinite { what: "logits" }`; also
+/// for finite logits spread wider than f32, whose log-prob f32 cannot hold).
 pub fn token_logprobs<T: LogitElement>(
     logits: &[T],
     labels: &[i32],
@@ -107,6 +108,11 @@ pub fn token_logprobs_into<T: LogitElement>(
             // logits lse rounds to ulp(max) (≈1e-3 at 1e4), which would swamp a small log-prob.
             // `z[y] − max` is exact (Sterbenz) whenever it is small. The clamp guards rounding.
             *logp = ((z[label as usize].to_f32() - row_max) - ln_sum).min(0.0);
+            // Finite logits whose spread exceeds f32 (z[y] = -3e38 beside a max of 3e38) give a
+            // log-prob beyond f32: refused as non-finite logits rather than stored as -inf.
+            if !logp.is_finite() {
+                return Some(row);
+            }
             None
         })
         .min();
