@@ -1,5 +1,5 @@
-//! Fuzz targets of the core crate (harness: `fuzz_support`): the token forward on the CPU and on the
-//! CUDA device (the emulated one without a GPU) in f32/bf16/f16, the sequence sums (padded and
+//! Fuzz targets of the core crate (harness: `fuzz_support`): the token forward and backward on the
+//! CPU and on the CUDA device (the emulated one without a GPU) in f32/bf16/f16, the sequence sums (padded and
 //! packed layouts), every loss (KTO with each KL input, the DPO family, ORPO, SimPO, the reference
 //! point partials) and the step helpers from logits. Inputs are hostile on purpose: mismatched
 //! lengths, absurd sizes, NaN/±inf and huge finite values, labels out of range, empty batches,
@@ -210,6 +210,154 @@ fn fuzz_token_forward_cuda() {
         0 => token_forward::<f32, _>(g, cuda()),
         1 => token_forward::<bf16, _>(g, cuda()),
         _ => token_forward::<f16, _>(g, cuda()),
+    });
+}
+
+// ---- token backward --------------------------------------------------------------------------
+
+/// The backward of `T` on device `d` (separate output or in place): logits and labels as for the
+/// forward; the saved lse the CPU forward's (when it accepts them), shifted, replaced by NaN/±inf or
+/// by any float, with or without its residual; `grad_logp` ordinary, huge or non-finite. An accepted
+/// input must give finite gradients equal to `g (1[v = y] − exp(z − lse − residual))` (in f64) to the
+/// storage dtype's rounding, and exact zeros in ignored rows.
+fn token_backward<T: CudaLogit, D: Device>(g: &mut Gen, d: &D) -> Outcome {
+    let (logits, labels, vocab, ignore) = token_forward_input::<T>(g);
+    let rows = labels.len();
+    let (mut lse, mut residual) =
+        match halo_kernels::cpu::token_logprobs(&logits, &labels, vocab, ignore) {
+            Ok(out) => (out.lse, out.lse_residual),
+            Err(_) => (logps(g, rows), vec![0.0; rows]),
+        };
+    if g.chance(0.2) {
+        let shift = g.pick(&[
+            1e-4f32,
+            -1e-4,
+            1e-2,
+            -0.5,
+            3.0,
+            -1e3,
+            f32::NAN,
+            f32::INFINITY,
+        ]);
+        let row = g.draw(0..rows.max(1));
+        if let Some(v) = lse.get_mut(row) {
+            *v += shift;
+        }
+    }
+    if g.chance(0.05) {
+        let len = maybe_wrong_len(g, rows, 0.3);
+        lse = g.f32_vec(len, -1e4..1e4, 0.05);
+    }
+    if g.chance(0.05) {
+        let len = maybe_wrong_len(g, rows, 0.3);
+        residual = g.f32_vec(len, -1e-3..1e-3, 0.05);
+    }
+    let with_residual = g.chance(0.8);
+    let grad_scale = g.pick(&[1.0f32, 1e3, 6e4, 1e5, 1e30, 3e38]);
+    let len = maybe_wrong_len(g, rows, 0.05);
+    let grad_logp = g.f32_vec(len, -grad_scale..grad_scale, 0.01);
+    let in_place = g.chance(0.5);
+    g.show(
+        "vocab, ignore, in place, residual",
+        &(vocab, ignore, in_place, with_residual),
+    );
+    g.show("labels", &labels);
+    g.show("logits", &logits);
+    g.show("lse, residual", &(&lse, &residual));
+    g.show("grad_logp", &grad_logp);
+    let saved = if with_residual {
+        halo_kernels::cpu::SavedLse::new(&lse[..], &residual[..])
+    } else {
+        halo_kernels::cpu::SavedLse::bare(&lse[..])
+    };
+    let mut grad = logits.clone();
+    let result = if in_place {
+        d.token_logprobs_backward_inplace(&mut grad, &labels, saved, &grad_logp, vocab, ignore)
+    } else {
+        d.token_logprobs_backward(
+            &logits, &labels, saved, &grad_logp, vocab, ignore, &mut grad,
+        )
+    };
+    Outcome::of(result, |_| {
+        let residual = if with_residual {
+            &residual[..]
+        } else {
+            &[][..]
+        };
+        check_token_backward(
+            &logits, &labels, vocab, ignore, &lse, residual, &grad_logp, &grad,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_token_backward<T: LogitElement>(
+    logits: &[T],
+    labels: &[i32],
+    vocab: usize,
+    ignore: i32,
+    lse: &[f32],
+    residual: &[f32],
+    grad_logp: &[f32],
+    grad: &[T],
+) -> Outcome {
+    // One rounding to the storage dtype, plus f32 arithmetic on exp's argument.
+    // f16 stores values below 6.1e-5 as subnormals, 2^-24 apart.
+    let (storage_rel, storage_abs) = match T::DTYPE {
+        halo_kernels::DType::F32 => (1e-5, 1e-30),
+        halo_kernels::DType::BF16 => (1.0 / 128.0, 1e-30),
+        halo_kernels::DType::F16 => (1.0 / 1024.0, 2f64.powi(-24)),
+    };
+    for (row, &label) in labels.iter().enumerate() {
+        let got = &grad[row * vocab..(row + 1) * vocab];
+        if label == ignore {
+            if let Some(v) = got.iter().position(|x| x.to_f32() != 0.0) {
+                return Outcome::Wrong(format!("ignored row {row}: gradient[{v}] not 0"));
+            }
+            continue;
+        }
+        let g = grad_logp[row] as f64;
+        let shift = lse[row] as f64 + residual.get(row).map_or(0.0, |&r| r as f64);
+        for (v, (x, z)) in got
+            .iter()
+            .zip(&logits[row * vocab..(row + 1) * vocab])
+            .enumerate()
+        {
+            let x = x.to_f32() as f64;
+            if !x.is_finite() {
+                return Outcome::NonFinite(format!("row {row} column {v}: gradient {x}"));
+            }
+            let p = (z.to_f32() as f64 - shift).exp();
+            let want = g * (if v == label as usize { 1.0 } else { 0.0 } - p);
+            // exp's argument carries f32 rounding of |z| and |lse|: relative error ~1e-6 of them.
+            let arg_err = 2e-6 * (1.0 + (z.to_f32() as f64).abs() + shift.abs()) * p * g.abs();
+            if (x - want).abs() > storage_rel * want.abs() + arg_err + 1e-6 * g.abs() + storage_abs
+            {
+                return Outcome::Wrong(format!(
+                    "row {row} column {v}: gradient {x} vs f64 {want} (p {p}, g {g})"
+                ));
+            }
+        }
+    }
+    Outcome::Accepted
+}
+
+#[test]
+fn fuzz_token_backward_cpu() {
+    fuzz("fuzz_token_backward_cpu", |g| match g.draw(0..3u8) {
+        0 => token_backward::<f32, _>(g, &Cpu),
+        1 => token_backward::<bf16, _>(g, &Cpu),
+        _ => token_backward::<f16, _>(g, &Cpu),
+    });
+}
+
+/// The CUDA backward, the emulated device without a GPU; one dtype per input.
+#[test]
+fn fuzz_token_backward_cuda() {
+    fuzz("fuzz_token_backward_cuda", |g| match g.draw(0..3u8) {
+        0 => token_backward::<f32, _>(g, cuda()),
+        1 => token_backward::<bf16, _>(g, cuda()),
+        _ => token_backward::<f16, _>(g, cuda()),
     });
 }
 
