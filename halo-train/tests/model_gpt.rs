@@ -35,10 +35,33 @@ fn randomized(config: GptConfig, seed: u64) -> Gpt {
     model
 }
 
+/// The model's per-token log-probs through the materialized head or the fused one.
+fn token_logp(
+    model: &Gpt,
+    tape: &mut Tape,
+    (ids, targets): (&[u32], &[i32]),
+    (b, s): (usize, usize),
+    fused: bool,
+) -> halo_train::autograd::Var {
+    if fused {
+        model.token_logprobs_fused_head(tape, ids, targets, b, s)
+    } else {
+        model.token_logprobs(tape, ids, targets, b, s)
+    }
+    .unwrap()
+}
+
 /// `Σ w · token_logp` on a training tape with a fixed seed: the same dropout masks every call.
-fn weighted_logp(model: &Gpt, ids: &[u32], targets: &[i32], w: &[f32], b: usize, s: usize) -> f64 {
+fn weighted_logp(
+    model: &Gpt,
+    ids: &[u32],
+    targets: &[i32],
+    w: &[f32],
+    (b, s): (usize, usize),
+    fused: bool,
+) -> f64 {
     let mut tape = Tape::with_seed(5);
-    let logp = model.token_logprobs(&mut tape, ids, targets, b, s).unwrap();
+    let logp = token_logp(model, &mut tape, (ids, targets), (b, s), fused);
     tape.value(logp)
         .iter()
         .zip(w)
@@ -46,7 +69,7 @@ fn weighted_logp(model: &Gpt, ids: &[u32], targets: &[i32], w: &[f32], b: usize,
         .sum()
 }
 
-fn check_whole_model_gradient(config: GptConfig) {
+fn check_whole_model_gradient(config: GptConfig, fused: bool) {
     let (batch, seq) = (2, 5);
     let mut model = randomized(config, 3);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
@@ -57,9 +80,7 @@ fn check_whole_model_gradient(config: GptConfig) {
     let w: Vec<f32> = (0..batch * seq).map(|_| rng.gen_range(-1.0..1.0)).collect();
 
     let mut tape = Tape::with_seed(5);
-    let logp = model
-        .token_logprobs(&mut tape, &ids, &targets, batch, seq)
-        .unwrap();
+    let logp = token_logp(&model, &mut tape, (&ids, &targets), (batch, seq), fused);
     assert_eq!(tape.value(logp)[4], 0.0);
     let grads = tape.backward(logp, &w).unwrap();
 
@@ -78,9 +99,9 @@ fn check_whole_model_gradient(config: GptConfig) {
                 model.parameters_mut().nth(p).unwrap().1[j] += delta;
             };
             bump(&mut model, eps);
-            let plus = weighted_logp(&model, &ids, &targets, &w, batch, seq);
+            let plus = weighted_logp(&model, &ids, &targets, &w, (batch, seq), fused);
             bump(&mut model, -2.0 * eps);
-            let minus = weighted_logp(&model, &ids, &targets, &w, batch, seq);
+            let minus = weighted_logp(&model, &ids, &targets, &w, (batch, seq), fused);
             bump(&mut model, eps);
             let numeric = (plus - minus) / (2.0 * eps as f64);
             let a = analytic[j] as f64;
@@ -94,15 +115,72 @@ fn check_whole_model_gradient(config: GptConfig) {
 
 #[test]
 fn whole_model_gradient_matches_finite_differences() {
-    check_whole_model_gradient(tiny_config());
+    check_whole_model_gradient(tiny_config(), false);
+}
+
+#[test]
+fn whole_model_gradient_through_the_fused_head_matches_finite_differences() {
+    check_whole_model_gradient(tiny_config(), true);
+}
+
+#[test]
+fn fused_head_matches_the_materialized_head() {
+    // The KTO / DPO steps take the policy's log-probs through the fused head: the same values and
+    // parameter gradients as the logits path (to f32 rounding), on a batch with ignored rows.
+    let config = GptConfig {
+        vocab_size: 37,
+        n_ctx: 9,
+        ..tiny_config()
+    };
+    let (batch, seq) = (3, 9);
+    let model = randomized(config, 11);
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.gen_range(0..37)).collect();
+    let targets: Vec<i32> = (0..batch * seq)
+        .map(|t| {
+            if t % 4 == 0 {
+                IGNORE_INDEX
+            } else {
+                rng.gen_range(0..37)
+            }
+        })
+        .collect();
+    let w: Vec<f32> = (0..batch * seq).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let run = |fused| {
+        let mut tape = Tape::with_seed(5);
+        let logp = token_logp(&model, &mut tape, (&ids, &targets), (batch, seq), fused);
+        let values = tape.value(logp).to_vec();
+        (values, tape.backward(logp, &w).unwrap())
+    };
+    let ((want, want_grads), (got, got_grads)) = (run(false), run(true));
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "logp[{t}]: fused {g} vs {w}"
+        );
+    }
+    for (p, param) in model.parameters().iter().enumerate() {
+        let (g, w) = (got_grads.get(p).unwrap(), want_grads.get(p).unwrap());
+        let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (j, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * scale + 1e-7,
+                "{}[{j}]: fused {a} vs materialized {b}",
+                param.name
+            );
+        }
+    }
 }
 
 #[test]
 fn whole_model_gradient_with_dropout_matches_finite_differences() {
-    check_whole_model_gradient(GptConfig {
-        dropout: 0.2,
-        ..tiny_config()
-    });
+    check_whole_model_gradient(
+        GptConfig {
+            dropout: 0.2,
+            ..tiny_config()
+        },
+        false,
+    );
 }
 
 #[test]

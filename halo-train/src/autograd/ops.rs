@@ -307,6 +307,65 @@ impl Tape {
         Ok(self.push(y, shape, Op::Dropout { x, mask }, &[x]))
     }
 
+    /// [`token_logprobs`](Tape::token_logprobs) of `hidden · weightᵀ` (`hidden: [rows, H]`, the
+    /// tied or untied LM head `weight: [vocab, H]`) through the fused LM head
+    /// ([`halo_kernels::fused_head`]): the `[rows, vocab]` logits are never stored, the backward
+    /// recomputes them a tile at a time and gives `∂hidden` and `∂weight`.
+    pub fn fused_head_token_logprobs(
+        &mut self,
+        hidden: Var,
+        weight: Var,
+        labels: &[i32],
+    ) -> Result<Var> {
+        self.check(hidden, "hidden")?;
+        self.check(weight, "weight")?;
+        let (rows, hidden_size) = self.rows_cols(hidden);
+        let (vocab, weight_cols) = match self.shape(weight) {
+            [v, h] => (*v, *h),
+            other => {
+                return Err(shape_err(format!(
+                    "fused head: weight must be [vocab, hidden], got {other:?}"
+                )))
+            }
+        };
+        if weight_cols != hidden_size {
+            return Err(shape_err(format!(
+                "fused head: hidden is {:?} but the weight is {:?}",
+                self.shape(hidden),
+                self.shape(weight)
+            )));
+        }
+        if rows != labels.len() {
+            return Err(HaloError::LengthMismatch {
+                what: "labels",
+                expected: rows,
+                got: labels.len(),
+            });
+        }
+        let head = halo_kernels::fused_head::LmHead {
+            weight: self.value(weight),
+            bias: None,
+            vocab,
+            hidden_size,
+        };
+        let out = halo_kernels::fused_head::fused_linear_token_logprobs(
+            self.value(hidden),
+            &head,
+            labels,
+            IGNORE_INDEX,
+            None,
+        )?;
+        let op = Op::FusedHeadTokenLogprobs {
+            hidden,
+            weight,
+            labels: labels.to_vec(),
+            row_max: out.row_max,
+            ln_sum: out.ln_sum,
+            vocab,
+        };
+        Ok(self.push(out.logp, vec![rows], op, &[hidden, weight]))
+    }
+
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
     /// −100 = ignored → 0) → `[rows]`. Forward is [`halo_kernels::cpu::token_logprobs()`], backward
     /// [`halo_kernels::cpu::token_logprobs_backward()`]: this is where a HALO loss's per-token gradient

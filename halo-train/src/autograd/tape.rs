@@ -89,6 +89,16 @@ pub(crate) enum Op {
         lse_residual: Vec<f32>,
         vocab: usize,
     },
+    /// The fused LM head (`halo_kernels::fused_head`): per-token log-probs of `hidden · weightᵀ`
+    /// without the `[rows, vocab]` logits; the backward recomputes each logits tile.
+    FusedHeadTokenLogprobs {
+        hidden: Var,
+        weight: Var,
+        labels: Vec<i32>,
+        row_max: Vec<f32>,
+        ln_sum: Vec<f32>,
+        vocab: usize,
+    },
     /// Left behind once the backward has used a node.
     Consumed,
 }
@@ -450,6 +460,38 @@ fn backward_op(
                 accumulate_product(dx, dy, &mask);
             }
             put_grad(grads, x, dx);
+        }
+        Op::FusedHeadTokenLogprobs {
+            hidden,
+            weight,
+            labels,
+            row_max,
+            ln_sum,
+            vocab,
+        } => {
+            let hidden_size = nodes[hidden.0].shape.last().copied().unwrap_or(0);
+            let head = halo_kernels::fused_head::LmHead {
+                weight: value(weight),
+                bias: None,
+                vocab,
+                hidden_size,
+            };
+            let g = halo_kernels::fused_head::fused_linear_token_logprobs_backward(
+                value(hidden),
+                &head,
+                &labels,
+                IGNORE_INDEX,
+                &row_max,
+                &ln_sum,
+                dy,
+                None,
+            )?;
+            if nodes[hidden.0].requires_grad {
+                put_grad(grads, hidden, Some(g.hidden));
+            }
+            if nodes[weight.0].requires_grad {
+                put_grad(grads, weight, Some(g.weight));
+            }
         }
         Op::TokenLogprobs {
             logits,

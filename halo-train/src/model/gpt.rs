@@ -212,15 +212,15 @@ impl Gpt {
         Ok(())
     }
 
-    /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]`.
-    /// `input_ids` is row-major `[batch, seq]`; position ids are `0..seq` in every row.
-    pub fn logits(
+    /// Records the forward pass up to the LM head: the final layer norm's output `[batch·seq,
+    /// n_embd]` and the (tied) unembedding weight `wte` `[vocab, n_embd]`.
+    pub fn final_hidden(
         &self,
         tape: &mut Tape,
         input_ids: &[u32],
         batch: usize,
         seq: usize,
-    ) -> Result<Var> {
+    ) -> Result<(Var, Var)> {
         self.check_tokens(input_ids, batch, seq)?;
         let cfg = self.config;
         let positions: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
@@ -254,6 +254,19 @@ impl Gpt {
         let gamma = self.put(tape, ln_f)?;
         let beta = self.put(tape, ln_f + 1)?;
         let h = tape.layernorm(x, gamma, beta, LAYER_NORM_EPS)?;
+        Ok((h, wte))
+    }
+
+    /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]`.
+    /// `input_ids` is row-major `[batch, seq]`; position ids are `0..seq` in every row.
+    pub fn logits(
+        &self,
+        tape: &mut Tape,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        let (h, wte) = self.final_hidden(tape, input_ids, batch, seq)?;
         // Tied unembedding: the same `wte` leaf, so both uses add into one gradient.
         tape.linear_transposed(h, wte, None)
     }
@@ -279,6 +292,29 @@ impl Gpt {
         }
         let logits = self.logits(tape, input_ids, batch, seq)?;
         tape.token_logprobs(logits, targets)
+    }
+
+    /// [`token_logprobs`](Gpt::token_logprobs) through the fused LM head: the same values (to f32
+    /// rounding of the GEMM), without the `[batch·seq, vocab]` logits; the KTO and DPO steps use it
+    /// for the policy.
+    pub fn token_logprobs_fused_head(
+        &self,
+        tape: &mut Tape,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        let n = tokens_len(batch, seq)?;
+        if targets.len() != n {
+            return Err(HaloError::LengthMismatch {
+                what: "targets",
+                expected: n,
+                got: targets.len(),
+            });
+        }
+        let (h, wte) = self.final_hidden(tape, input_ids, batch, seq)?;
+        tape.fused_head_token_logprobs(h, wte, targets)
     }
 
     /// Mean negative log-likelihood over the non-ignored targets, a scalar `[1]` (PyTorch

@@ -1,5 +1,6 @@
 //! DPO step (TRL `DPOTrainer.concatenated_forward` + `dpo_loss`): chosen and rejected completions
-//! in one forward pass (rows `0..n` chosen, `n..2n` rejected); the core's [`dpo_step_tokens`]
+//! in one forward pass (rows `0..n` chosen, `n..2n` rejected), the policy's log-probs through the
+//! fused LM head (no `[rows, vocab]` logits); the core's [`dpo_step_tokens`]
 //! sums the completion log-probs, computes the DPO-family loss and broadcasts its gradients back
 //! to the tokens, which the tape backpropagates.
 
@@ -28,7 +29,7 @@ pub fn dpo_step(
         seq: batch.seq,
     };
     let mut tape = Tape::new();
-    let token_logp = policy.token_logprobs(
+    let token_logp = policy.token_logprobs_fused_head(
         &mut tape,
         &batch.input_ids,
         &batch.targets,
