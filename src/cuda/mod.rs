@@ -44,6 +44,7 @@ mod dpo;
 mod kto;
 mod launch;
 mod naive_baseline;
+mod readback;
 pub mod ptx;
 mod sequence_sums;
 mod status;
