@@ -80,7 +80,13 @@ impl CudaBackend {
         if !self.launch_sequence_sums(token_values, labels, ignore_index, layout, out)? {
             return Ok(());
         }
-        self.check_sequence_sums(token_values, labels, ignore_index, layout, &self.dtoh(&out.sums)?)
+        self.check_sequence_sums(
+            token_values,
+            labels,
+            ignore_index,
+            layout,
+            &self.dtoh(&out.sums)?,
+        )
     }
 
     /// Checks the arguments and queues the sums without waiting; `Ok(false)` when there is no

@@ -18,9 +18,9 @@ use super::token_logprobs::CudaTokenLogprobs;
 use crate::cpu::SequenceLayout;
 use crate::error::Result;
 use crate::kernel_abi::{dpo_out, kto_out};
-use crate::validate::check_finite;
 use crate::losses::{DpoConfig, KtoConfig, KtoOutput, PairLossOutput};
 use crate::step::pair_count;
+use crate::validate::check_finite;
 
 /// The policy's logits on the device (`[rows, vocab]`), overwritten with `∂L/∂logits` by the step.
 #[derive(Debug)]
@@ -90,7 +90,12 @@ impl CudaBackend {
                 Ok((launched.out, launched.grad))
             },
             |sums, values| {
-                self.finish_kto_loss(config, &kto_batch(sums, inputs), &values.out, values.grads.clone())
+                self.finish_kto_loss(
+                    config,
+                    &kto_batch(sums, inputs),
+                    &values.out,
+                    values.grads.clone(),
+                )
             },
         )
     }
@@ -108,7 +113,8 @@ impl CudaBackend {
             dpo_out::LEN,
             |sums, readback| {
                 let status_ptr = readback.status_ptr(self, StatusRegion::Loss);
-                let launched = self.launch_dpo_loss(config, &pair_batch(sums, reference)?, status_ptr)?;
+                let launched =
+                    self.launch_dpo_loss(config, &pair_batch(sums, reference)?, status_ptr)?;
                 // One gradient per sequence, chosen then rejected, as the layout orders them.
                 let n = launched.grads.grad_chosen.len();
                 let mut grad_seq = self.alloc_output::<f32>(2 * n)?;
@@ -252,7 +258,10 @@ impl CudaBackend {
 }
 
 /// The KTO loss's inputs: the step's sums and the caller's per-sequence inputs.
-fn kto_batch<'a>(sums: &'a CudaSequenceSums, inputs: &'a CudaKtoStepInputs<'_>) -> CudaKtoBatch<'a> {
+fn kto_batch<'a>(
+    sums: &'a CudaSequenceSums,
+    inputs: &'a CudaKtoStepInputs<'_>,
+) -> CudaKtoBatch<'a> {
     CudaKtoBatch {
         policy_logps: sums.sums.as_view(),
         reference_logps: inputs.reference_logps.slice(..),
