@@ -451,3 +451,56 @@ fn a_gradient_the_dtype_cannot_hold_is_the_cpu_steps_error() {
     assert!(cpu.is_some(), "the CPU step refuses it");
     assert_eq!(device, cpu);
 }
+
+#[test]
+fn a_step_on_a_non_blocking_stream_waits_once_and_agrees() {
+    // `with_stream(ctx.new_stream())`: a CU_STREAM_NON_BLOCKING stream (cudarc's event tracking on,
+    // as the context is then in multi-stream mode). Same chain, same single wait, same loss.
+    let d = backend();
+    let stream = d.context().new_stream().expect("a non-blocking stream");
+    let nb = CudaBackend::with_stream(stream).expect("a backend on it");
+    let case = kto_case(51);
+    let run = |d: &CudaBackend| {
+        let layout = SequenceLayout::Padded {
+            batch: case.batch,
+            seq: SEQ,
+        };
+        let mut logits = d.htod(&case.logits).unwrap();
+        let labels = d.htod(&case.labels).unwrap();
+        let reference = d.htod(&case.reference).unwrap();
+        let desirable: Vec<u8> = case.desirable.iter().map(|&b| u8::from(b)).collect();
+        let desirable = d.htod(&desirable).unwrap();
+        let (p, r) = case.kl.as_ref().unwrap();
+        let (p, r) = (d.htod(p).unwrap(), d.htod(r).unwrap());
+        let (step, counts) = counted(|| {
+            d.kto_step(
+                &case.config,
+                CudaLogits {
+                    logits: &mut logits,
+                    labels: &labels,
+                    vocab: VOCAB,
+                    ignore_index: IGNORE,
+                    layout,
+                },
+                &CudaKtoStepInputs {
+                    reference_logps: reference.as_view(),
+                    is_desirable: desirable.as_view(),
+                    kl: Some(CudaKlInput::LogProbs {
+                        policy: p.as_view(),
+                        reference: r.as_view(),
+                    }),
+                },
+            )
+        });
+        (
+            step.unwrap().loss.loss,
+            d.dtoh(&logits).unwrap(),
+            counts.host_waits,
+        )
+    };
+    let (loss, grad, waits) = run(&nb);
+    let (want_loss, want_grad, _) = run(&d);
+    assert_eq!(waits, 1);
+    assert_eq!(loss, want_loss);
+    assert_eq!(grad, want_grad);
+}

@@ -2,6 +2,16 @@
 //! metrics and `∂L/∂logits`, for KTO and for the DPO family — the chain of this backend's ops
 //! (token log-probs, sequence sums, the loss kernel, the gradient broadcast, the in-place backward).
 //!
+//! The chain is queued without a host wait between its ops: each checking kernel writes its status
+//! into its own region of one packed buffer ([`super::readback`]), the loss's outputs, gradients and
+//! the sums are gathered into it on the stream, and the host reads it once (one copy, one wait,
+//! counted by `tests/emulated_round_trips.rs`). The checks then run on that copy in the CPU step's
+//! order (forward, sums, loss, gradient, backward); an error found on the host before the loss is
+//! queued (a bad layout, a bad config) is returned only after the forward's status is read, as the
+//! CPU would have stopped at the forward first. Telling the CPU's exact error costs further reads
+//! only when something is wrong. Every op of the chain runs even when an earlier one failed (its
+//! outputs are then garbage the host never uses; the kernels are memory-safe on any values).
+//!
 //! The gradient overwrites the logits (the in-place backward): in a training step the logits are
 //! dead once the loss is known, and a second `[rows, vocab]` buffer is the largest allocation of
 //! the step. Copy them first if they are still needed.

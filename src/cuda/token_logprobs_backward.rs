@@ -165,6 +165,7 @@ impl CudaBackend {
 
     /// [`CudaBackend::enqueue_token_logprobs_backward_inplace`] reporting into the `STATUS_LEN`
     /// entries at the device address `status_ptr` (reset, used on this backend's stream only).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_token_logprobs_backward_inplace<T: CudaLogit>(
         &self,
         logits: &mut impl DevicePtrMut<T>,
