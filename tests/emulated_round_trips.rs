@@ -504,3 +504,39 @@ fn a_step_on_a_non_blocking_stream_waits_once_and_agrees() {
     assert_eq!(loss, want_loss);
     assert_eq!(grad, want_grad);
 }
+
+#[test]
+fn a_packed_step_waits_once_too() {
+    // The packed layout uploads its offsets (host-to-device copies, which do not wait).
+    let d = backend();
+    let (logits, labels) = random_rows(4, 61);
+    let cu_seqlens = [0u32, 5, 10, 15, 20];
+    let mut logits = d.htod(&logits).unwrap();
+    let labels = d.htod(&labels).unwrap();
+    let chosen = d.htod(&[-9.0f32, -8.5]).unwrap();
+    let rejected = d.htod(&[-10.0f32, -9.5]).unwrap();
+    let (step, counts) = counted(|| {
+        d.dpo_step(
+            &DpoConfig {
+                loss_type: DpoLossType::Ipo,
+                ..DpoConfig::default()
+            },
+            CudaLogits {
+                logits: &mut logits,
+                labels: &labels,
+                vocab: VOCAB,
+                ignore_index: IGNORE,
+                layout: SequenceLayout::Packed {
+                    cu_seqlens: &cu_seqlens,
+                },
+            },
+            &CudaPairReference {
+                chosen_logps: chosen.as_view(),
+                rejected_logps: rejected.as_view(),
+            },
+        )
+    });
+    assert!(step.expect("a valid IPO step").loss.loss.is_finite());
+    assert_eq!(counts.host_waits, 1, "{counts:?}");
+    assert_eq!(counts.device_to_host_copies, 1, "{counts:?}");
+}
