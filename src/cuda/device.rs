@@ -31,6 +31,15 @@ pub const HOW_TO_COMPILE_KERNELS: &str =
 /// in [`crate::cpu`], taking device buffers ([`CudaSlice`], [`cudarc::driver::CudaView`], ...)
 /// instead of host slices. Buffers may come from any stream of the same context: cudarc's event
 /// tracking orders the launches (when the context uses several streams).
+///
+/// # Which stream
+/// [`CudaBackend::new`] launches on the context's default (legacy) stream. A non-blocking stream
+/// (`CU_STREAM_NON_BLOCKING`) is one call away — `CudaBackend::with_stream(ctx.new_stream()?)` —
+/// but is not the default: in cudarc 0.19 any stream other than the default one puts the context
+/// in multi-stream mode, which turns on its per-buffer event tracking (two events per allocation,
+/// a record and a wait per buffer use), and turning that tracking off is not sound here, since the
+/// backend hands out its context ([`CudaBackend::context`]) and its output buffers to code that may
+/// use other streams. On the legacy stream, alone in its context, no event is recorded at all.
 #[derive(Debug)]
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,

@@ -10,11 +10,21 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg
 
 use super::device::{cuda_err, CudaBackend};
 use super::launch::blocks_launch;
+use super::status::StatusWord;
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{dpo_out, HaloDpoParams, LOSS_THREADS};
 use crate::kernel_host::{dpo_loss_code, dpo_metrics};
 use crate::losses::validate::{check_count_lengths, check_pair_lengths, ipo_counts};
 use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput};
+
+/// The device buffers of a queued `dpo_loss_f32`.
+#[derive(Debug)]
+pub(crate) struct DpoLaunched {
+    /// The kernel's `out[dpo_out::LEN]`.
+    pub out: CudaSlice<f32>,
+    /// The gradients w.r.t. the policy's chosen and rejected log-probs.
+    pub grads: CudaPairGrads,
+}
 
 /// One batch of preference pairs on the device (device twin of [`PairBatch`]); every buffer has
 /// one entry per pair.
@@ -60,6 +70,28 @@ impl CudaBackend {
         config: &DpoConfig,
         batch: &CudaPairBatch<'_>,
     ) -> Result<(PairLossOutput, CudaPairGrads)> {
+        let mut status = self.new_status()?;
+        let (status_ptr, guard) = status.buf.device_ptr_mut(self.stream());
+        let launched = self.launch_dpo_loss(config, batch, status_ptr);
+        drop(guard);
+        let launched = launched?;
+        let word = self.read_status(&status)?;
+        let out_host = self.dtoh(&launched.out)?;
+        let grad_chosen = self.dtoh(&launched.grads.grad_chosen)?;
+        let grad_rejected = self.dtoh(&launched.grads.grad_rejected)?;
+        let output =
+            self.finish_dpo_loss(config, batch, word, &out_host, grad_chosen, grad_rejected)?;
+        Ok((output, launched.grads))
+    }
+
+    /// Checks the arguments (with the CPU's errors) and queues `dpo_loss_f32` without waiting,
+    /// reporting into the `STATUS_LEN` entries at the device address `status_ptr` (reset).
+    pub(crate) fn launch_dpo_loss(
+        &self,
+        config: &DpoConfig,
+        batch: &CudaPairBatch<'_>,
+        status_ptr: u64,
+    ) -> Result<DpoLaunched> {
         config.validate()?;
         let n = check_pair_lengths(
             batch.policy_chosen_logps.len(),
@@ -92,7 +124,6 @@ impl CudaBackend {
             grad_rejected: self.alloc_output(n)?,
         };
         let mut out = self.alloc_zeros::<f32>(dpo_out::LEN)?;
-        let mut status = self.new_status()?;
         {
             let func = self.function("dpo_loss_f32")?;
             let stream = self.stream();
@@ -109,7 +140,6 @@ impl CudaBackend {
             let (grad_chosen_ptr, _w0) = grads.grad_chosen.device_ptr_mut(stream);
             let (grad_rejected_ptr, _w1) = grads.grad_rejected.device_ptr_mut(stream);
             let (out_ptr, _w2) = out.device_ptr_mut(stream);
-            let (status_ptr, _w3) = status.buf.device_ptr_mut(stream);
             let mut launch = stream.launch_builder(func);
             launch
                 .arg(&pc_ptr)
@@ -129,10 +159,21 @@ impl CudaBackend {
             unsafe { launch.launch(blocks_launch(1, LOSS_THREADS)?) }
                 .map_err(cuda_err("launch dpo_loss_f32"))?;
         }
-        let word = self.read_status(&status)?;
-        let out_host = self.dtoh(&out)?;
-        let grad_chosen = self.dtoh(&grads.grad_chosen)?;
-        let grad_rejected = self.dtoh(&grads.grad_rejected)?;
+        Ok(DpoLaunched { out, grads })
+    }
+
+    /// The loss from the status, `out` and gradients read back after [`Self::launch_dpo_loss`],
+    /// or the CPU's error for this batch when the kernel reported one or an output is non-finite.
+    pub(crate) fn finish_dpo_loss(
+        &self,
+        config: &DpoConfig,
+        batch: &CudaPairBatch<'_>,
+        word: StatusWord,
+        out_host: &[f32],
+        grad_chosen: Vec<f32>,
+        grad_rejected: Vec<f32>,
+    ) -> Result<PairLossOutput> {
+        let n = grad_chosen.len();
         let outputs_finite = out_host[..=dpo_out::REJECTED_LOGP_SUM]
             .iter()
             .chain(&grad_chosen)
@@ -156,9 +197,9 @@ impl CudaBackend {
             loss: out_host[dpo_out::LOSS] as f64,
             grad_chosen,
             grad_rejected,
-            metrics: dpo_metrics(n, &out_host),
+            metrics: dpo_metrics(n, out_host),
         };
-        Ok((output, grads))
+        Ok(output)
     }
 
     /// The CPU's error for this batch, or `fallback` when the CPU finds nothing wrong.

@@ -63,6 +63,15 @@ pub struct CudaKtoBatch<'a> {
     pub kl: Option<CudaKlInput<'a>>,
 }
 
+/// The device buffers of a queued `kto_loss_f32`.
+#[derive(Debug)]
+pub(crate) struct KtoLaunched {
+    /// The kernel's `out[kto_out::LEN]`.
+    pub out: CudaSlice<f32>,
+    /// `∂loss/∂policy_logps`, one per example.
+    pub grad: CudaSlice<f32>,
+}
+
 /// How the kernel gets z0.
 struct KlSetup<'a> {
     mode: i32,
@@ -86,6 +95,19 @@ impl CudaBackend {
         config: &KtoConfig,
         batch: &CudaKtoBatch<'_>,
     ) -> Result<(KtoOutput, CudaSlice<f32>)> {
+        let launched = self.launch_kto_loss(config, batch)?;
+        let out_host = self.dtoh(&launched.out)?;
+        let grad_host = self.dtoh(&launched.grad)?;
+        let output = self.finish_kto_loss(config, batch, &out_host, grad_host)?;
+        Ok((output, launched.grad))
+    }
+
+    /// Checks the arguments (with the CPU's errors) and queues `kto_loss_f32` without waiting.
+    pub(crate) fn launch_kto_loss(
+        &self,
+        config: &KtoConfig,
+        batch: &CudaKtoBatch<'_>,
+    ) -> Result<KtoLaunched> {
         config.validate()?;
         let n = check_kto_lengths(
             batch.policy_logps.len(),
@@ -146,8 +168,18 @@ impl CudaBackend {
             unsafe { launch.launch(blocks_launch(1, LOSS_THREADS)?) }
                 .map_err(cuda_err("launch kto_loss_f32"))?;
         }
-        let out_host = self.dtoh(&out)?;
-        let grad_host = self.dtoh(&grad)?;
+        Ok(KtoLaunched { out, grad })
+    }
+
+    /// The loss from the kernel's `out` and gradient read back after [`Self::launch_kto_loss`],
+    /// or the CPU's error for this batch when an output is non-finite.
+    pub(crate) fn finish_kto_loss(
+        &self,
+        config: &KtoConfig,
+        batch: &CudaKtoBatch<'_>,
+        out_host: &[f32],
+        grad_host: Vec<f32>,
+    ) -> Result<KtoOutput> {
         let outputs_finite = out_host[..=kto_out::REJECTED_LOGP_SUM]
             .iter()
             .chain(&grad_host)
@@ -169,9 +201,9 @@ impl CudaBackend {
             loss: out_host[kto_out::LOSS] as f64,
             grad_policy_logps: grad_host,
             z0,
-            metrics: kto_metrics(z0, &out_host),
+            metrics: kto_metrics(z0, out_host),
         };
-        Ok((output, grad))
+        Ok(output)
     }
 
     /// The CPU's error for this batch (the CPU orders data checks before the KL checks), or

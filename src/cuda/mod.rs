@@ -45,6 +45,7 @@ mod kto;
 mod launch;
 mod naive_baseline;
 pub mod ptx;
+mod readback;
 mod sequence_sums;
 mod status;
 mod step;

@@ -77,11 +77,33 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
         out: &mut CudaSequenceSums,
     ) -> Result<()> {
+        if !self.launch_sequence_sums(token_values, labels, ignore_index, layout, out)? {
+            return Ok(());
+        }
+        self.check_sequence_sums(
+            token_values,
+            labels,
+            ignore_index,
+            layout,
+            &self.dtoh(&out.sums)?,
+        )
+    }
+
+    /// Checks the arguments and queues the sums without waiting; `Ok(false)` when there is no
+    /// sequence (nothing queued). Pair with [`CudaBackend::check_sequence_sums`] on the sums.
+    pub(crate) fn launch_sequence_sums(
+        &self,
+        token_values: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        out: &mut CudaSequenceSums,
+    ) -> Result<bool> {
         check_len("labels", token_values.len(), labels.len())?;
         let seq = self.seq_launch(token_values.len(), ignore_index, layout, None)?;
         check_sums_len(&seq, out)?;
         if seq.batch == 0 {
-            return Ok(());
+            return Ok(false);
         }
         {
             let func = self.function(&seq.entry("sequence_sums"))?;
@@ -104,9 +126,22 @@ impl CudaBackend {
             // sequence's rows lie inside `token_values` and `labels`; `sums`/`counts` hold `batch`.
             unsafe { launch.launch(seq.cfg) }.map_err(cuda_err("launch sequence_sums"))?;
         }
-        // A NaN/±inf in a counted token makes its sequence's sum non-finite: only then are the
-        // inputs copied back, and the CPU op names the first bad token as it would have.
-        if self.dtoh(&out.sums)?.iter().any(|s| !s.is_finite()) {
+        Ok(true)
+    }
+
+    /// The CPU op's error for sums read back from a [`CudaBackend::launch_sequence_sums`], if any.
+    pub(crate) fn check_sequence_sums(
+        &self,
+        token_values: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        sums: &[f32],
+    ) -> Result<()> {
+        // A NaN/±inf in a counted token (or an f32 overflow) makes its sequence's sum non-finite:
+        // only then are the inputs copied back, and the CPU op names the first bad token (or the
+        // overflowing sequence) as it would have.
+        if sums.iter().any(|s| !s.is_finite()) {
             let values = self.dtoh(token_values)?;
             let labels = self.dtoh(labels)?;
             cpu::sequence_sums(&values, &labels, ignore_index, layout)?;
@@ -255,6 +290,37 @@ impl CudaBackend {
         // As the CPU op: every grad_seq entry finite, also of sequences with no counted token
         // (one small copy of `batch` values).
         check_finite("grad_seq", &self.dtoh(grad_seq)?)?;
+        self.launch_broadcast(&seq, grad_seq, labels, token_grad)
+    }
+
+    /// [`CudaBackend::broadcast_sequence_grad_into`] without the check of `grad_seq` (the caller
+    /// checks it on a copy it reads anyway) and without waiting.
+    pub(crate) fn launch_broadcast_sequence_grad(
+        &self,
+        grad_seq: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        token_grad: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let rows = labels.len();
+        let seq = self.seq_launch(rows, ignore_index, layout, None)?;
+        check_len("grad_seq", seq.batch, grad_seq.len())?;
+        check_len("token_grad", rows, token_grad.len())?;
+        if seq.batch == 0 {
+            return Ok(());
+        }
+        self.launch_broadcast(&seq, grad_seq, labels, token_grad)
+    }
+
+    /// Queues `broadcast_sequence_grad_*` (arguments checked by the caller).
+    fn launch_broadcast(
+        &self,
+        seq: &SeqLaunch,
+        grad_seq: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        token_grad: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
         {
             let func = self.function(&seq.entry("broadcast_sequence_grad"))?;
             let stream = self.stream();

@@ -107,6 +107,33 @@ impl CudaBackend {
         lse_residual: &mut impl DevicePtrMut<f32>,
         status: &mut KernelStatus,
     ) -> Result<()> {
+        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
+        self.launch_token_logprobs(
+            logits,
+            labels,
+            vocab,
+            ignore_index,
+            logp,
+            lse,
+            lse_residual,
+            status_ptr,
+        )
+    }
+
+    /// [`CudaBackend::enqueue_token_logprobs`] reporting into the `STATUS_LEN` entries at the
+    /// device address `status_ptr` (reset, used on this backend's stream only).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        logp: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+        lse_residual: &mut impl DevicePtrMut<f32>,
+        status_ptr: u64,
+    ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         check_forward_outputs(rows, logp.len(), lse.len(), lse_residual.len())?;
         if rows == 0 {
@@ -122,7 +149,6 @@ impl CudaBackend {
         let (logp_ptr, _w0) = logp.device_ptr_mut(stream);
         let (lse_ptr, _w1) = lse.device_ptr_mut(stream);
         let (residual_ptr, _w2) = lse_residual.device_ptr_mut(stream);
-        let (status_ptr, _w3) = status.buf.device_ptr_mut(stream);
         check_aligned::<f32>("logp", logp_ptr)?;
         check_aligned::<f32>("lse", lse_ptr)?;
         check_aligned::<f32>("lse_residual", residual_ptr)?;

@@ -151,6 +151,31 @@ impl CudaBackend {
         ignore_index: i32,
         status: &mut KernelStatus,
     ) -> Result<()> {
+        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
+        self.launch_token_logprobs_backward_inplace(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            status_ptr,
+        )
+    }
+
+    /// [`CudaBackend::enqueue_token_logprobs_backward_inplace`] reporting into the `STATUS_LEN`
+    /// entries at the device address `status_ptr` (reset, used on this backend's stream only).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        status_ptr: u64,
+    ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         check_backward_lengths(rows, vocab, saved, grad_logp.len(), rows * vocab)?;
         if rows == 0 {
@@ -165,7 +190,6 @@ impl CudaBackend {
         let residual_ptr = residual.as_ref().map_or(0, |(ptr, _)| *ptr);
         let (grad_logp_ptr, _r3) = grad_logp.device_ptr(stream);
         let (logits_ptr, _w0) = logits.device_ptr_mut(stream);
-        let (status_ptr, _w1) = status.buf.device_ptr_mut(stream);
         check_aligned::<T>("logits", logits_ptr)?;
         check_aligned::<i32>("labels", labels_ptr)?;
         check_aligned::<f32>("lse", lse_ptr)?;
