@@ -303,7 +303,7 @@ mod tests {
     fn rows<T: LogitElement>() -> Vec<Vec<T>> {
         // Lengths around the lane width, the chunk and a row's tail; offsets where lse is large.
         let mut out = Vec::new();
-        for n in [1, 7, 15, 16, 17, 511, 512, 513, 5000, 32_003] {
+        for n in [1, 7, 15, 16, 17, 2047, 2048, 2049, 5000, 32_003] {
             for offset in [0.0f32, 1000.0, -3.0e4] {
                 out.push(
                     values(n)
@@ -366,9 +366,9 @@ mod tests {
     fn probe_finds<T: LogitElement>() {
         // A NaN or ±inf anywhere (first lane, mid-group, a chunk edge, the tail) is seen by every
         // build; only the max pass looks for it.
-        let n = 1037;
+        let n = CHUNK + 1037;
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0, 5, 16, 511, 512, 1023, 1030, 1036] {
+            for at in [0, 5, 16, CHUNK - 1, CHUNK, CHUNK + 1030, n - 1] {
                 let mut z: Vec<T> = values(n).into_iter().map(T::from_f32).collect();
                 z[at] = T::from_f32(bad);
                 for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
