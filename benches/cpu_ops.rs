@@ -18,9 +18,18 @@
 //! iteration; the next iteration runs on those values (finite, no ignored rows), and the cost of
 //! both ops does not depend on the values.
 //!
-//! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`.
+//! The machine's ceiling, measured in the same run on a scratch buffer of the logits' size with the
+//! same rayon pool: `read` (a plain u64 sum over it, the `read_sum` entry of each forward group)
+//! and `rw` (an in-place read + write pass; forward + in-place backward reads the logits twice and
+//! writes them once, so its ceiling is `1 / (1/read + 1/rw)` logits tensors per second). After each
+//! size a `summary` line prints, from its own best-of-7 timings, each op's GB/s and the fraction of
+//! its ceiling it reaches (forward: of `read`; fwd+bwd: of the combined ceiling).
+//!
+//! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`; only the summary lines (no
+//! criterion runs): `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- summary`.
 
-use std::time::Duration;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
@@ -120,6 +129,99 @@ fn naive_backward_inplace<T: LogitElement>(
         });
 }
 
+/// A plain sum over `scratch`: the read the machine can do (its time gives the read bandwidth).
+fn read_pass(scratch: &[u64]) -> u64 {
+    scratch
+        .par_chunks(1 << 16)
+        .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+/// An in-place read + write pass over `scratch` (each word incremented).
+fn rw_pass(scratch: &mut [u64]) {
+    scratch.par_chunks_mut(1 << 16).for_each(|c| {
+        for x in c {
+            *x = x.wrapping_add(1);
+        }
+    });
+}
+
+/// Best of 7 timings of `f` (after one warm-up run), in seconds: the machine is shared, and the
+/// best run is the one least disturbed by other processes.
+fn best_secs(mut f: impl FnMut()) -> f64 {
+    f();
+    (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Prints the ceilings and each op's fraction of them for one size (the `summary` line).
+fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffers<T>) {
+    let bytes = (rows * vocab * std::mem::size_of::<T>()) as f64;
+    let mut scratch = vec![1u64; (rows * vocab * std::mem::size_of::<T>()).div_ceil(8)];
+    let read = bytes
+        / best_secs(|| {
+            black_box(read_pass(black_box(&scratch)));
+        });
+    let rw = bytes / best_secs(|| rw_pass(black_box(&mut scratch)));
+    let ceiling = 1.0 / (1.0 / read + 1.0 / rw);
+    let fwd = bytes
+        / best_secs(|| {
+            token_logprobs_into(
+                &d.logits,
+                &d.labels,
+                vocab,
+                IGNORE_INDEX,
+                &mut d.logp,
+                &mut d.lse,
+                &mut d.lse_residual,
+            )
+            .unwrap()
+        });
+    let fwd_bwd = bytes / best_secs(|| halo_fwd_bwd(d, vocab));
+    let gb = 1e-9;
+    println!(
+        "summary {name} v{vocab} rows {rows} ({:.0} MB): read {:.1} GB/s, rw {:.1} GB/s, \
+         fwd+bwd ceiling {:.1} GB/s | forward {:.1} GB/s = {:.0}% of read | fwd+bwd {:.1} GB/s = \
+         {:.0}% of ceiling",
+        bytes * 1e-6,
+        read * gb,
+        rw * gb,
+        ceiling * gb,
+        fwd * gb,
+        100.0 * fwd / read,
+        fwd_bwd * gb,
+        100.0 * fwd_bwd / ceiling,
+    );
+}
+
+/// The forward then the in-place backward, as a training step runs them.
+fn halo_fwd_bwd<T: LogitElement>(d: &mut Buffers<T>, vocab: usize) {
+    token_logprobs_into(
+        &d.logits,
+        &d.labels,
+        vocab,
+        IGNORE_INDEX,
+        &mut d.logp,
+        &mut d.lse,
+        &mut d.lse_residual,
+    )
+    .unwrap();
+    token_logprobs_backward_inplace(
+        &mut d.logits,
+        &d.labels,
+        SavedLse::new(&d.lse, &d.lse_residual),
+        &d.grad_logp,
+        vocab,
+        IGNORE_INDEX,
+    )
+    .unwrap();
+}
+
 /// One size's buffers, allocated on first use so that a filtered run (`-- forward/f32/v32000`)
 /// does not generate gigabytes of logits for the sizes it skips.
 struct Buffers<T> {
@@ -159,52 +261,7 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
             .sampling_mode(SamplingMode::Flat);
         group.bench_function(BenchmarkId::new("halo", rows), |b| {
             let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
-            b.iter(|| {
-                token_logprobs_into(
-                    &d.logits,
-                    &d.labels,
-                    vocab,
-                    IGNORE_INDEX,
-                    &mut d.logp,
-                    &mut d.lse,
-                    &mut d.lse_residual,
-                )
-                .unwrap()
-            })
-        });
-        group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
-            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
-            b.iter(|| naive_forward(&d.logits, &d.labels, vocab, &mut d.logsm, &mut d.logp))
-        });
-        group.finish();
-
-        let mut group = c.benchmark_group(format!("fwd_bwd_inplace/{name}/v{vocab}"));
-        group
-            .throughput(Throughput::Bytes(bytes))
-            .sampling_mode(SamplingMode::Flat);
-        group.bench_function(BenchmarkId::new("halo", rows), |b| {
-            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
-            b.iter(|| {
-                token_logprobs_into(
-                    &d.logits,
-                    &d.labels,
-                    vocab,
-                    IGNORE_INDEX,
-                    &mut d.logp,
-                    &mut d.lse,
-                    &mut d.lse_residual,
-                )
-                .unwrap();
-                token_logprobs_backward_inplace(
-                    &mut d.logits,
-                    &d.labels,
-                    SavedLse::new(&d.lse, &d.lse_residual),
-                    &d.grad_logp,
-                    vocab,
-                    IGNORE_INDEX,
-                )
-                .unwrap();
-            })
+            b.iter(|| halo_fwd_bwd(d, vocab))
         });
         group.bench_function(BenchmarkId::new("naive_two_pass", rows), |b| {
             let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
@@ -214,6 +271,24 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
             })
         });
         group.finish();
+
+        // After criterion's runs of this size, unless filtered out (`-- summary` runs only these).
+        if summary_wanted(name, vocab) {
+            let d = buffers.get_or_insert_with(|| Buffers::new(rows, vocab));
+            summary(name, rows, vocab, d);
+        }
+    }
+}
+
+/// Whether the command line's filter (criterion's first free argument) selects this size's
+/// summary: no filter, `summary`, or a filter naming the dtype and vocab (`forward/f32/v32000`).
+fn summary_wanted(name: &str, vocab: usize) -> bool {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a != "bench");
+    match filter {
+        None => true,
+        Some(f) => f == "summary" || f.contains(&format!("{name}/v{vocab}")),
     }
 }
 

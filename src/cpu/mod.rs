@@ -1,7 +1,13 @@
 //! Token-level ops on host slices: the CPU twin of every kernel in `kernels/`.
-//! Rows run in parallel with rayon; inner loops work on fixed 8-wide lanes so LLVM vectorizes them.
-//! The hot row loops also have an AVX2 build chosen at run time (`has_avx2`); results are
-//! bitwise identical either way.
+//! Rows run in parallel with rayon; inner loops work on fixed 16-wide lanes so LLVM vectorizes them,
+//! reading f32 and bf16 rows in place. The hot row loops have three builds, one chosen at run time
+//! and cached (`isa`): AVX-512 + FMA, AVX2 + FMA (the same lanes and operations: bitwise identical
+//! to each other), and the x86-64 baseline without FMA, which rounds differently. The bounds the unit
+//! tests hold between the baseline and the FMA builds: the row max exactly, `ln Σ` (hence `lse` and
+//! every log-prob) within 2^-20 absolute plus the rounding of the final sum; each gradient value
+//! within 8 f32 ulp of itself plus 2^-22·|∂L/∂logp| (the label's `g − g·p` cancels) plus one ulp of
+//! the storage type (a value at a rounding midpoint may round either way). Every build is also held
+//! to an f64 reference.
 //!
 //! ```
 //! use halo_kernels::cpu::{sequence_sums, token_logprobs, SequenceLayout};
@@ -19,6 +25,8 @@
 //! ```
 
 pub mod fast_exp;
+mod isa;
+mod row_element;
 pub mod saved_lse;
 pub mod sequence_sums;
 pub mod token_logprobs;
@@ -36,25 +44,10 @@ use crate::dtype::{DType, LogitElement};
 // The token ops' argument checks, shared with the CUDA twins.
 pub(crate) use crate::validate::{check_labels, check_logits_shape};
 
-/// Whether the AVX2 builds of the row kernels can run here (std caches the CPUID check).
-///
-/// The crate is built for the x86-64 baseline (SSE2, 4 lanes); the hot row loops are compiled a
-/// second time with AVX2 enabled and picked at run time. No FMA: LLVM does not contract separate
-/// multiplies and adds, so both builds give bitwise identical results.
-#[inline]
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Elements converted to f32 and processed together by the row loops that stage through a buffer.
-pub(crate) const CHUNK: usize = 512;
+/// Elements processed together by the row loops (the forward's running max is updated once per
+/// chunk; f16 rows are converted to f32 a chunk at a time).
+// 2048 f32 are 8 KiB: the chunk stays in L1 between the forward's two passes over it.
+pub(crate) const CHUNK: usize = 2048;
 
 /// Converts f32 `src` into `dst` (same length), rounding to nearest even.
 #[inline(always)]

@@ -6,11 +6,15 @@
 
 use rayon::prelude::*;
 
-use super::fast_exp::fast_exp;
+use half::bf16;
+
+use super::fast_exp::fast_exp_with;
+use super::isa::{isa, madd, Isa};
+use super::row_element::RowElement;
 use super::saved_lse::{split_lse, SavedLse};
-// CHUNK: elements converted to f32 and reduced together; the running max is updated once per chunk.
-use super::{check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, CHUNK};
-use crate::dtype::LogitElement;
+// CHUNK: elements reduced together; the running max is updated once per chunk.
+use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, CHUNK};
+use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
 use crate::validate::check_forward_outputs;
 
@@ -32,8 +36,9 @@ impl TokenLogprobs {
     }
 }
 
-/// Lanes of the vectorized inner loops.
-const LANES: usize = 8;
+/// Lanes of the vectorized inner loops: one 512-bit register, two 256-bit ones (the FMA builds
+/// share it, so that they sum in the same order and agree bit for bit).
+const LANES: usize = 16;
 
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///
@@ -127,72 +132,149 @@ pub fn token_logprobs_into<T: LogitElement>(
 
 /// Online logsumexp over one row: per chunk, take the chunk max, rescale the running sum if the
 /// max grew, then add `exp(z − max)`. Returns `(max, ln Σ exp(z − max), row_is_finite)`;
-/// the logsumexp is their sum. Runs the AVX2 build when the CPU has it (same results).
+/// the logsumexp is their sum. Runs the best build for this CPU ([`isa`]).
 #[inline]
 pub(crate) fn row_logsumexp<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
+    row_logsumexp_on(isa(), z)
+}
+
+/// [`row_logsumexp`] in a given build, which must be supported here (the baseline otherwise).
+pub(crate) fn row_logsumexp_on<T: LogitElement>(build: Isa, z: &[T]) -> (f32, f32, bool) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked at run time just above).
-        return unsafe { row_logsumexp_avx2(z) };
+    if build.is_supported() {
+        match build {
+            // SAFETY: the CPU has the features these builds enable (`is_supported`).
+            Isa::Avx512 => return unsafe { row_logsumexp_avx512(z) },
+            Isa::Avx2Fma => return unsafe { row_logsumexp_avx2(z) },
+            Isa::Portable => {}
+        }
     }
-    row_logsumexp_portable(z)
+    let _ = build;
+    row_logsumexp_body::<T, false>(z)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn row_logsumexp_avx2<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
-    row_logsumexp_portable(z)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn row_logsumexp_avx512<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
+    row_logsumexp_body::<T, true>(z)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_logsumexp_avx2<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
+    row_logsumexp_body::<T, true>(z)
+}
+
+/// f32 and bf16 rows are read in place; f16 rows are converted a chunk at a time (see
+/// [`RowElement`]).
 #[inline(always)]
-pub(crate) fn row_logsumexp_portable<T: LogitElement>(z: &[T]) -> (f32, f32, bool) {
-    let mut running_max = f32::NEG_INFINITY;
-    let mut running_sum = 0.0f32;
-    // `x · 0` is 0 for finite x and NaN for ±inf or NaN: one multiply-add per element detects both.
-    let mut nan_probe = [0.0f32; LANES];
-    let mut buf = [0.0f32; CHUNK];
-    for chunk in z.chunks(CHUNK) {
-        let buf = &mut buf[..chunk.len()];
-        load_f32(chunk, buf);
-        let mut lane_max = [f32::NEG_INFINITY; LANES];
-        let mut lanes = buf.chunks_exact(LANES);
-        for group in &mut lanes {
-            for k in 0..LANES {
-                let x = group[k];
-                lane_max[k] = if x > lane_max[k] { x } else { lane_max[k] };
-                nan_probe[k] += x * 0.0;
+fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, bool) {
+    let mut acc = OnlineLse::new();
+    match T::DTYPE {
+        DType::F32 => {
+            for chunk in bytemuck::cast_slice::<T, f32>(z).chunks(CHUNK) {
+                acc.add_chunk::<f32, FMA>(chunk);
             }
         }
-        let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for &x in lanes.remainder() {
-            chunk_max = chunk_max.max(x);
-            nan_probe[0] += x * 0.0;
-        }
-        if chunk_max > running_max {
-            // exp(−inf) = 0 handles the first chunk (running_sum is 0 then anyway).
-            running_sum *= fast_exp(running_max - chunk_max);
-            running_max = chunk_max;
-        }
-        let mut lane_sum = [0.0f32; LANES];
-        let mut lanes = buf.chunks_exact(LANES);
-        for group in &mut lanes {
-            for k in 0..LANES {
-                lane_sum[k] += fast_exp(group[k] - running_max);
+        DType::BF16 => {
+            for chunk in bytemuck::cast_slice::<T, bf16>(z).chunks(CHUNK) {
+                acc.add_chunk::<bf16, FMA>(chunk);
             }
         }
-        for &x in lanes.remainder() {
-            lane_sum[0] += fast_exp(x - running_max);
+        DType::F16 => {
+            let mut buf = [0.0f32; CHUNK];
+            for chunk in z.chunks(CHUNK) {
+                let buf = &mut buf[..chunk.len()];
+                load_f32(chunk, buf);
+                acc.add_chunk::<f32, FMA>(buf);
+            }
         }
-        running_sum += lane_sum.iter().sum::<f32>();
     }
-    let finite = nan_probe.iter().all(|p| *p == 0.0) && running_max.is_finite();
-    (running_max, running_sum.ln(), finite)
+    acc.finish()
+}
+
+/// The running state of [`row_logsumexp`].
+struct OnlineLse {
+    max: f32,
+    sum: f32,
+    /// `Σ fma(x, 0, ·)`: 0 while every logit is finite, NaN once a NaN or ±inf was seen (one
+    /// multiply-add per element, in the max pass, which is memory-bound anyway).
+    nan_probe: [f32; LANES],
+}
+
+impl OnlineLse {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            nan_probe: [0.0; LANES],
+        }
+    }
+
+    // One index over the group and the lane arrays: the shape LLVM vectorizes.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    fn add_chunk<E: RowElement, const FMA: bool>(&mut self, chunk: &[E]) {
+        let mut lane_max = [f32::NEG_INFINITY; LANES];
+        let mut probe = [0.0f32; LANES];
+        let mut groups = chunk.chunks_exact(LANES);
+        for group in &mut groups {
+            let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
+            for k in 0..LANES {
+                lane_max[k] = if x[k] > lane_max[k] {
+                    x[k]
+                } else {
+                    lane_max[k]
+                };
+                probe[k] = madd::<FMA>(x[k], 0.0, probe[k]);
+            }
+        }
+        // Through memory (`black_box`): reduced in registers, LLVM reorders the lanes to suit
+        // the reduction and pays for it with shuffles on every group of the loop above.
+        let (lane_max, mut probe) = std::hint::black_box((lane_max, probe));
+        let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &x in groups.remainder() {
+            let x = x.widen();
+            chunk_max = chunk_max.max(x);
+            probe[0] = madd::<FMA>(x, 0.0, probe[0]);
+        }
+        // Folded per chunk (not carried through the loop, which LLVM half-scalarizes).
+        for k in 0..LANES {
+            self.nan_probe[k] += probe[k];
+        }
+        if chunk_max > self.max {
+            // exp(−inf) = 0 handles the first chunk (the sum is 0 then anyway).
+            self.sum *= fast_exp_with::<FMA>(self.max - chunk_max);
+            self.max = chunk_max;
+        }
+        // The chunk is in L1 now: the second pass does not touch memory.
+        let max = self.max;
+        let mut lane_sum = [0.0f32; LANES];
+        let mut groups = chunk.chunks_exact(LANES);
+        for group in &mut groups {
+            for k in 0..LANES {
+                lane_sum[k] += fast_exp_with::<FMA>(group[k].widen() - max);
+            }
+        }
+        for &x in groups.remainder() {
+            lane_sum[0] += fast_exp_with::<FMA>(x.widen() - max);
+        }
+        self.sum += lane_sum.iter().sum::<f32>();
+    }
+
+    #[inline(always)]
+    fn finish(&self) -> (f32, f32, bool) {
+        let finite = self.nan_probe.iter().all(|p| *p == 0.0) && self.max.is_finite();
+        (self.max, self.sum.ln(), finite)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::{bf16, f16};
+    use crate::cpu::isa::ALL_ISAS;
+    use half::f16;
 
     fn values(n: usize) -> Vec<f32> {
         // Deterministic, irregular, never 0: a cheap LCG in [-20, 20).
@@ -205,24 +287,102 @@ mod tests {
             .collect()
     }
 
-    fn same_as_portable<T: LogitElement>() {
-        // The dispatched build (AVX2 where available) must equal the portable one bit for bit;
-        // on an AVX2 machine this is the only test that runs the portable loops.
-        for n in [1, 7, 8, 9, 511, 512, 513, 5000] {
-            let z: Vec<T> = values(n).into_iter().map(T::from_f32).collect();
-            let (m1, s1, f1) = row_logsumexp(&z);
-            let (m2, s2, f2) = row_logsumexp_portable(&z);
-            assert_eq!(
-                (m1.to_bits(), s1.to_bits(), f1),
-                (m2.to_bits(), s2.to_bits(), f2)
-            );
+    /// The row's logsumexp in f64 (of the values as stored).
+    fn lse_f64<T: LogitElement>(z: &[T]) -> f64 {
+        let m = z
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        m + z
+            .iter()
+            .map(|x| (x.to_f32() as f64 - m).exp())
+            .sum::<f64>()
+            .ln()
+    }
+
+    fn rows<T: LogitElement>() -> Vec<Vec<T>> {
+        // Lengths around the lane width, the chunk and a row's tail; offsets where lse is large.
+        let mut out = Vec::new();
+        for n in [1, 7, 15, 16, 17, 2047, 2048, 2049, 5000, 32_003] {
+            for offset in [0.0f32, 1000.0, -3.0e4] {
+                out.push(
+                    values(n)
+                        .into_iter()
+                        .map(|x| T::from_f32(x + offset))
+                        .collect(),
+                );
+            }
+        }
+        out
+    }
+
+    /// Every build against f64, the FMA builds against each other (bit for bit) and the baseline
+    /// against them (the stated bound: `ln Σ` within 2^-20, the max exact).
+    fn builds_agree<T: LogitElement>() {
+        let fma_builds: Vec<Isa> = [Isa::Avx2Fma, Isa::Avx512]
+            .into_iter()
+            .filter(|b| b.is_supported())
+            .collect();
+        for z in rows::<T>() {
+            let want = lse_f64(&z);
+            let base = row_logsumexp_on(Isa::Portable, &z);
+            for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+                let (max, ln_sum, finite) = row_logsumexp_on(build, &z);
+                assert!(finite);
+                let got = max as f64 + ln_sum as f64;
+                // ln Σ to ~2e-6 absolute (exp's 2 ulp plus the f32 sum of up to 2000 terms per lane).
+                assert!(
+                    (got - want).abs() <= 2e-6,
+                    "{build:?} {:?} n {}: {got} vs {want}",
+                    T::DTYPE,
+                    z.len()
+                );
+                assert_eq!(max, base.0, "{build:?}");
+                assert!(
+                    (ln_sum - base.1).abs() <= f32::powi(2.0, -20),
+                    "{build:?} {:?} n {}: {ln_sum} vs baseline {}",
+                    T::DTYPE,
+                    z.len(),
+                    base.1
+                );
+            }
+            if let [a, b] = fma_builds[..] {
+                let (x, y) = (row_logsumexp_on(a, &z), row_logsumexp_on(b, &z));
+                assert_eq!(
+                    (x.0.to_bits(), x.1.to_bits()),
+                    (y.0.to_bits(), y.1.to_bits())
+                );
+            }
         }
     }
 
     #[test]
-    fn dispatched_logsumexp_equals_portable() {
-        same_as_portable::<f32>();
-        same_as_portable::<bf16>();
-        same_as_portable::<f16>();
+    fn every_build_matches_f64_and_the_others() {
+        builds_agree::<f32>();
+        builds_agree::<bf16>();
+        builds_agree::<f16>();
+    }
+
+    fn probe_finds<T: LogitElement>() {
+        // A NaN or ±inf anywhere (first lane, mid-group, a chunk edge, the tail) is seen by every
+        // build; only the max pass looks for it.
+        let n = CHUNK + 1037;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 5, 16, CHUNK - 1, CHUNK, CHUNK + 1030, n - 1] {
+                let mut z: Vec<T> = values(n).into_iter().map(T::from_f32).collect();
+                z[at] = T::from_f32(bad);
+                for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+                    let (_, _, finite) = row_logsumexp_on(build, &z);
+                    assert!(!finite, "{build:?} {:?}: {bad} at {at}", T::DTYPE);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_build_sees_non_finite_logits() {
+        probe_finds::<f32>();
+        probe_finds::<bf16>();
+        probe_finds::<f16>();
     }
 }

@@ -16,19 +16,21 @@
 
 use rayon::prelude::*;
 
-use super::fast_exp::fast_exp;
+use half::bf16;
+
+use super::fast_exp::fast_exp_with;
+use super::isa::{isa, madd, Isa};
+use super::row_element::RowElement;
 use super::saved_lse::{lse_fits_row, SavedLse};
-use super::{
-    check_labels, check_logits_shape, has_avx2, load_f32, min_rows_per_task, store_f32, CHUNK,
-};
+use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, store_f32, CHUNK};
 use crate::dtype::{DType, LogitElement};
 use crate::error::{HaloError, Result};
 use crate::validate::{
     check_backward_inputs, check_counted_finite, check_counted_lse, check_grad_logits,
 };
 
-/// Lanes of the vectorized accumulations.
-const LANES: usize = 8;
+/// Lanes of the vectorized accumulations (as the forward's: the FMA builds agree bit for bit).
+const LANES: usize = 16;
 
 /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `saved` is the
 /// forward's saved logsumexp ([`TokenLogprobs::saved_lse`](super::TokenLogprobs::saved_lse), or
@@ -186,57 +188,119 @@ enum RowBufs<'a, T> {
     InPlace(&'a mut [T]),
 }
 
-/// One row of the backward; returns the row's first fault. The AVX2 build when the CPU has it
-/// (same results).
+/// One row of the backward; returns the row's first fault. Runs the best build for this CPU
+/// ([`isa`]).
 #[inline]
 fn backward_row<T: LogitElement>(bufs: RowBufs<'_, T>, r: RowInputs) -> Option<RowFault> {
+    backward_row_on(isa(), bufs, r)
+}
+
+/// [`backward_row`] in a given build, which must be supported here (the baseline otherwise).
+fn backward_row_on<T: LogitElement>(
+    build: Isa,
+    bufs: RowBufs<'_, T>,
+    r: RowInputs,
+) -> Option<RowFault> {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked at run time just above).
-        return unsafe { backward_row_avx2(bufs, r) };
+    if build.is_supported() {
+        match build {
+            // SAFETY: the CPU has the features these builds enable (`is_supported`).
+            Isa::Avx512 => return unsafe { backward_row_avx512(bufs, r) },
+            Isa::Avx2Fma => return unsafe { backward_row_avx2(bufs, r) },
+            Isa::Portable => {}
+        }
     }
-    backward_row_portable(bufs, r)
+    let _ = build;
+    backward_row_body::<T, false>(bufs, r)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn backward_row_avx512<T: LogitElement>(
+    bufs: RowBufs<'_, T>,
+    r: RowInputs,
+) -> Option<RowFault> {
+    backward_row_body::<T, true>(bufs, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn backward_row_avx2<T: LogitElement>(
     bufs: RowBufs<'_, T>,
     r: RowInputs,
 ) -> Option<RowFault> {
-    backward_row_portable(bufs, r)
+    backward_row_body::<T, true>(bufs, r)
 }
 
+/// f32 and bf16 rows are read and written in place; f16 rows are staged a chunk at a time
+/// through an f32 buffer (see [`RowElement`]).
 #[inline(always)]
-fn backward_row_portable<T: LogitElement>(bufs: RowBufs<'_, T>, r: RowInputs) -> Option<RowFault> {
+fn backward_row_body<T: LogitElement, const FMA: bool>(
+    bufs: RowBufs<'_, T>,
+    r: RowInputs,
+) -> Option<RowFault> {
     let neg_gc = -(r.g * r.c);
     let threshold = overflow_threshold(T::DTYPE);
+    let track_max = threshold.is_some();
     let mut acc = RowAcc::new();
-    // Staged through an f32 buffer a chunk at a time: f16 converts fastest a slice at a time (see
-    // `load_f32`), and the lane accumulators need f32 lanes.
-    let mut buf = [0.0f32; CHUNK];
     let out: &mut [T] = match bufs {
         RowBufs::Separate { z, dz } => {
-            for (zc, dc) in z.chunks(CHUNK).zip(dz.chunks_mut(CHUNK)) {
-                let buf = &mut buf[..zc.len()];
-                load_f32(zc, buf);
-                acc.grad_chunk(buf, r.lse, neg_gc, threshold.is_some());
-                store_f32(buf, dc);
+            match T::DTYPE {
+                DType::F32 => acc.grad_separate::<f32, FMA>(
+                    bytemuck::cast_slice(z),
+                    bytemuck::cast_slice_mut(dz),
+                    r.lse,
+                    neg_gc,
+                    track_max,
+                ),
+                DType::BF16 => acc.grad_separate::<bf16, FMA>(
+                    bytemuck::cast_slice(z),
+                    bytemuck::cast_slice_mut(dz),
+                    r.lse,
+                    neg_gc,
+                    track_max,
+                ),
+                DType::F16 => {
+                    let mut buf = [0.0f32; CHUNK];
+                    for (zc, dc) in z.chunks(CHUNK).zip(dz.chunks_mut(CHUNK)) {
+                        let buf = &mut buf[..zc.len()];
+                        load_f32(zc, buf);
+                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc, track_max);
+                        store_f32(buf, dc);
+                    }
+                }
             }
             dz
         }
         RowBufs::InPlace(z) => {
-            for zc in z.chunks_mut(CHUNK) {
-                let buf = &mut buf[..zc.len()];
-                load_f32(zc, buf);
-                acc.grad_chunk(buf, r.lse, neg_gc, threshold.is_some());
-                store_f32(buf, zc);
+            match T::DTYPE {
+                DType::F32 => acc.grad_inplace::<f32, FMA>(
+                    bytemuck::cast_slice_mut(z),
+                    r.lse,
+                    neg_gc,
+                    track_max,
+                ),
+                DType::BF16 => acc.grad_inplace::<bf16, FMA>(
+                    bytemuck::cast_slice_mut(z),
+                    r.lse,
+                    neg_gc,
+                    track_max,
+                ),
+                DType::F16 => {
+                    let mut buf = [0.0f32; CHUNK];
+                    for zc in z.chunks_mut(CHUNK) {
+                        let buf = &mut buf[..zc.len()];
+                        load_f32(zc, buf);
+                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc, track_max);
+                        store_f32(buf, zc);
+                    }
+                }
             }
             z
         }
     };
     // g · (1 − p_y) = g − g·c·e_y, from the label's logit read before the row was written.
-    let w_y = r.g + neg_gc * fast_exp(r.z_y - r.lse);
+    let w_y = madd::<FMA>(neg_gc, fast_exp_with::<FMA>(r.z_y - r.lse), r.g);
     out[r.y] = T::from_f32(w_y);
 
     let (prob_sum, probe, max_abs) = acc.finish();
@@ -259,13 +323,14 @@ fn backward_row_portable<T: LogitElement>(bufs: RowBufs<'_, T>, r: RowInputs) ->
 struct RowAcc {
     /// Σ exp(z − lse).
     sum: [f32; LANES],
-    /// Σ z·0: 0 while every logit is finite, NaN once a NaN or ±inf was seen.
+    /// Σ fma(z, 0, ·): 0 while every logit is finite, NaN once a NaN or ±inf was seen.
     probe: [f32; LANES],
     /// max |stored value| (f16/bf16 only).
     max_abs: [f32; LANES],
 }
 
 impl RowAcc {
+    #[inline(always)]
     fn new() -> Self {
         Self {
             sum: [0.0; LANES],
@@ -274,46 +339,153 @@ impl RowAcc {
         }
     }
 
-    /// Overwrites `buf` (logits as f32) with `neg_gc · exp(z − lse)`, accumulating the checks.
-    // One index over the group and the four lane arrays: the shape LLVM vectorizes.
-    #[allow(clippy::needless_range_loop)]
+    /// Overwrites `z` with its gradient.
     #[inline(always)]
-    fn grad_chunk(&mut self, buf: &mut [f32], lse: f32, neg_gc: f32, track_max: bool) {
-        let mut groups = buf.chunks_exact_mut(LANES);
-        for group in &mut groups {
-            for k in 0..LANES {
-                let x = group[k];
-                let e = fast_exp(x - lse);
-                self.sum[k] += e;
-                self.probe[k] += x * 0.0;
-                let w = neg_gc * e;
-                if track_max {
-                    let a = w.abs();
-                    self.max_abs[k] = if a > self.max_abs[k] {
-                        a
-                    } else {
-                        self.max_abs[k]
-                    };
+    fn grad_inplace<E: RowElement, const FMA: bool>(
+        &mut self,
+        z: &mut [E],
+        lse: f32,
+        neg_gc: f32,
+        track_max: bool,
+    ) {
+        // `track_max` is known per dtype: the branch folds away, and the loop has none.
+        let mut lanes = Lanes::new(lse, neg_gc);
+        let mut groups = z.chunks_exact_mut(LANES);
+        if track_max {
+            for group in &mut groups {
+                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
+                let w = lanes.grad::<FMA, true>(&x);
+                for (d, w) in group.iter_mut().zip(w) {
+                    *d = E::narrow(w);
                 }
-                group[k] = w;
+            }
+        } else {
+            for group in &mut groups {
+                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
+                let w = lanes.grad::<FMA, false>(&x);
+                for (d, w) in group.iter_mut().zip(w) {
+                    *d = E::narrow(w);
+                }
             }
         }
+        self.add(lanes);
         for x in groups.into_remainder() {
-            let e = fast_exp(*x - lse);
-            self.sum[0] += e;
-            self.probe[0] += *x * 0.0;
-            let w = neg_gc * e;
-            if track_max {
-                self.max_abs[0] = self.max_abs[0].max(w.abs());
-            }
-            *x = w;
+            *x = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
         }
     }
 
+    /// Writes the gradient of `z` into `dz` (same length).
+    #[inline(always)]
+    fn grad_separate<E: RowElement, const FMA: bool>(
+        &mut self,
+        z: &[E],
+        dz: &mut [E],
+        lse: f32,
+        neg_gc: f32,
+        track_max: bool,
+    ) {
+        let mut lanes = Lanes::new(lse, neg_gc);
+        let groups = z.chunks_exact(LANES).zip(dz.chunks_exact_mut(LANES));
+        if track_max {
+            for (zg, dg) in groups {
+                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
+                let w = lanes.grad::<FMA, true>(&x);
+                for (d, w) in dg.iter_mut().zip(w) {
+                    *d = E::narrow(w);
+                }
+            }
+        } else {
+            for (zg, dg) in groups {
+                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
+                let w = lanes.grad::<FMA, false>(&x);
+                for (d, w) in dg.iter_mut().zip(w) {
+                    *d = E::narrow(w);
+                }
+            }
+        }
+        self.add(lanes);
+        let tail = z.len() - z.len() % LANES;
+        for (x, d) in z[tail..].iter().zip(&mut dz[tail..]) {
+            *d = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
+        }
+    }
+
+    /// Folds a loop's lanes in. Through memory (`black_box`): reduced in registers, LLVM keeps
+    /// the accumulators on the stack and scalarizes parts of the loop.
+    #[inline(always)]
+    fn add(&mut self, lanes: Lanes) {
+        let lanes = std::hint::black_box(lanes);
+        for k in 0..LANES {
+            self.sum[k] += lanes.sum[k];
+            self.probe[k] += lanes.probe[k];
+            self.max_abs[k] = self.max_abs[k].max(lanes.max_abs[k]);
+        }
+    }
+
+    /// One element's gradient (a row's tail), accumulated in lane 0.
+    #[inline(always)]
+    fn grad_one<const FMA: bool>(&mut self, x: f32, lse: f32, neg_gc: f32, track_max: bool) -> f32 {
+        let e = fast_exp_with::<FMA>(x - lse);
+        self.sum[0] += e;
+        self.probe[0] = madd::<FMA>(x, 0.0, self.probe[0]);
+        let w = neg_gc * e;
+        if track_max {
+            self.max_abs[0] = self.max_abs[0].max(w.abs());
+        }
+        w
+    }
+
     /// (Σ exp(z − lse), probe, max |value|).
+    #[inline(always)]
     fn finish(&self) -> (f32, f32, f32) {
         let max_abs = self.max_abs.iter().copied().fold(0.0f32, f32::max);
         (self.sum.iter().sum(), self.probe.iter().sum(), max_abs)
+    }
+}
+
+/// One loop's accumulators (as [`RowAcc`]'s), local so that they stay in registers.
+#[derive(Clone, Copy)]
+struct Lanes {
+    lse: f32,
+    neg_gc: f32,
+    sum: [f32; LANES],
+    probe: [f32; LANES],
+    max_abs: [f32; LANES],
+}
+
+impl Lanes {
+    #[inline(always)]
+    fn new(lse: f32, neg_gc: f32) -> Self {
+        Self {
+            lse,
+            neg_gc,
+            sum: [0.0; LANES],
+            probe: [0.0; LANES],
+            max_abs: [0.0; LANES],
+        }
+    }
+
+    /// The gradients `neg_gc · exp(x − lse)` of a group of logits, accumulating the checks.
+    // One index over the group and the lane arrays: the shape LLVM vectorizes.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    fn grad<const FMA: bool, const TRACK_MAX: bool>(&mut self, x: &[f32; LANES]) -> [f32; LANES] {
+        let mut w = [0.0f32; LANES];
+        for k in 0..LANES {
+            let e = fast_exp_with::<FMA>(x[k] - self.lse);
+            self.sum[k] += e;
+            self.probe[k] = madd::<FMA>(x[k], 0.0, self.probe[k]);
+            w[k] = self.neg_gc * e;
+            if TRACK_MAX {
+                let a = w[k].abs();
+                self.max_abs[k] = if a > self.max_abs[k] {
+                    a
+                } else {
+                    self.max_abs[k]
+                };
+            }
+        }
+        w
     }
 }
 
@@ -342,7 +514,8 @@ fn check_backward_args(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::{bf16, f16};
+    use crate::cpu::isa::ALL_ISAS;
+    use half::f16;
 
     fn row_of(lse: f32, residual: f32, g: f32, y: usize, z_y: f32) -> RowInputs {
         RowInputs {
@@ -354,46 +527,158 @@ mod tests {
         }
     }
 
-    fn same_as_portable<T: LogitElement>() {
-        // The dispatched build (AVX2 where available) must equal the portable one bit for bit.
-        for n in [1usize, 7, 9, 513, 5000] {
-            let mut s = 0x9E37_79B9u32;
-            let z: Vec<T> = (0..n)
-                .map(|_| {
-                    s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    T::from_f32((s >> 8) as f32 / (1u32 << 24) as f32 * 16.0 - 8.0 + 1e-3)
-                })
-                .collect();
-            let y = n / 2;
-            let r = row_of(9.5, 1e-6, -0.75, y, z[y].to_f32());
-            let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
-            let (mut a, mut b) = (z.clone(), z.clone());
-            let fa = backward_row(RowBufs::Separate { z: &z, dz: &mut a }, r);
-            let fb = backward_row_portable(RowBufs::Separate { z: &z, dz: &mut b }, r);
-            assert_eq!((bits(&a), fa), (bits(&b), fb), "{:?} n {n}", T::DTYPE);
-            let (mut c, mut d) = (z.clone(), z.clone());
-            let fc = backward_row(RowBufs::InPlace(&mut c), r);
-            let fd = backward_row_portable(RowBufs::InPlace(&mut d), r);
-            assert_eq!(
-                (bits(&c), fc),
-                (bits(&d), fd),
-                "{:?} n {n} in place",
-                T::DTYPE
-            );
-            assert_eq!(
-                (bits(&a), fa),
-                (bits(&c), fc),
-                "{:?} n {n} in place vs separate",
-                T::DTYPE
-            );
+    fn logits<T: LogitElement>(n: usize, offset: f32) -> Vec<T> {
+        let mut s = 0x9E37_79B9u32;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                T::from_f32((s >> 8) as f32 / (1u32 << 24) as f32 * 16.0 - 8.0 + 1e-3 + offset)
+            })
+            .collect()
+    }
+
+    /// `ulp(x)` of the storage type (at least its smallest normal's).
+    fn ulp<T: LogitElement>(x: f32) -> f32 {
+        let mantissa_bits = match T::DTYPE {
+            DType::F32 => 23,
+            DType::BF16 => 7,
+            DType::F16 => 10,
+        };
+        let e = x.abs().max(f32::MIN_POSITIVE).log2().floor();
+        f32::powi(2.0, e as i32 - mantissa_bits)
+    }
+
+    /// One row in `build`, written both ways (separate and in place, which must agree bit for bit).
+    fn run_row<T: LogitElement>(build: Isa, z: &[T], r: RowInputs) -> Vec<T> {
+        let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
+        let mut a = z.to_vec();
+        let fa = backward_row_on(build, RowBufs::Separate { z, dz: &mut a }, r);
+        let mut b = z.to_vec();
+        let fb = backward_row_on(build, RowBufs::InPlace(&mut b), r);
+        assert_eq!((bits(&a), fa), (bits(&b), fb), "{build:?} {:?}", T::DTYPE);
+        assert_eq!(fa, None, "{build:?} {:?}", T::DTYPE);
+        a
+    }
+
+    /// Every build against f64 (`g·(1[v=y] − exp(z − L))` from the exact L), the FMA builds against
+    /// each other (bit for bit) and the baseline against them: within 8 f32 ulp of the value plus
+    /// 2^-22·|g| (the label's `g − g·p_y` cancels), plus one ulp of the storage type (a value
+    /// near a rounding midpoint may round either way).
+    fn builds_agree<T: LogitElement>() {
+        for n in [1usize, 7, 15, 16, 17, 2049, 5000] {
+            for offset in [0.0f32, 700.0] {
+                let z = logits::<T>(n, offset);
+                let m = z
+                    .iter()
+                    .map(|x| x.to_f32() as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let lse64 = m + z
+                    .iter()
+                    .map(|x| (x.to_f32() as f64 - m).exp())
+                    .sum::<f64>()
+                    .ln();
+                let lse = lse64 as f32;
+                let residual = (lse64 - lse as f64) as f32;
+                let (y, g) = (n / 2, -0.75f32);
+                let r = row_of(lse, residual, g, y, z[y].to_f32());
+                let base = run_row(Isa::Portable, &z, r);
+                let mut fma_rows = Vec::new();
+                for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+                    let got = run_row(build, &z, r);
+                    for v in 0..n {
+                        let x = z[v].to_f32() as f64;
+                        let one_hot = if v == y { 1.0 } else { 0.0 };
+                        let want = g as f64 * (one_hot - (x - lse64).exp());
+                        let (w, w0) = (got[v].to_f32(), base[v].to_f32());
+                        // Against f64: exp's error grows with |z − lse| (the f32 difference is
+                        // rounded before it is exponentiated).
+                        let rel = 1e-6 + (x - lse64).abs() * 1.2e-7;
+                        let tol = rel * want.abs()
+                            + f32::powi(2.0, -22) as f64 * g.abs() as f64
+                            + ulp::<T>(want as f32) as f64;
+                        assert!(
+                            (w as f64 - want).abs() <= tol,
+                            "{build:?} {:?} n {n} v {v}: {w} vs {want}",
+                            T::DTYPE
+                        );
+                        let between = 8.0 * f32::EPSILON * w.abs()
+                            + f32::powi(2.0, -22) * g.abs()
+                            + ulp::<T>(w);
+                        assert!(
+                            (w - w0).abs() <= between,
+                            "{build:?} {:?} n {n} v {v}: {w} vs baseline {w0}",
+                            T::DTYPE
+                        );
+                    }
+                    if build > Isa::Portable {
+                        fma_rows.push(got);
+                    }
+                }
+                if let [a, b] = &fma_rows[..] {
+                    let bits = |v: &[T]| bytemuck::cast_slice::<T, u8>(v).to_vec();
+                    assert_eq!(bits(a), bits(b), "{:?} n {n}", T::DTYPE);
+                }
+            }
         }
     }
 
     #[test]
-    fn dispatched_rows_equal_portable() {
-        same_as_portable::<f32>();
-        same_as_portable::<bf16>();
-        same_as_portable::<f16>();
+    fn every_build_matches_f64_and_the_others() {
+        builds_agree::<f32>();
+        builds_agree::<bf16>();
+        builds_agree::<f16>();
+    }
+
+    fn probe_finds<T: LogitElement>() {
+        let n = CHUNK + 1037;
+        let z0 = logits::<T>(n, 0.0);
+        let m = z0
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let lse = (m + z0
+            .iter()
+            .map(|x| (x.to_f32() as f64 - m).exp())
+            .sum::<f64>()
+            .ln()) as f32;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 5, 16, CHUNK - 1, CHUNK, CHUNK + 1030, n - 1] {
+                let mut z = z0.clone();
+                z[at] = T::from_f32(bad);
+                let y = if at == 3 { 4 } else { 3 };
+                let r = row_of(lse, 0.0, 1.0, y, z[y].to_f32());
+                for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+                    let mut out = z.clone();
+                    let f = backward_row_on(
+                        build,
+                        RowBufs::Separate {
+                            z: &z,
+                            dz: &mut out,
+                        },
+                        r,
+                    );
+                    assert_eq!(
+                        f,
+                        Some(RowFault::NonFiniteLogits),
+                        "{build:?} {bad} at {at}"
+                    );
+                    let mut inplace = z.clone();
+                    let f = backward_row_on(build, RowBufs::InPlace(&mut inplace), r);
+                    assert_eq!(
+                        f,
+                        Some(RowFault::NonFiniteLogits),
+                        "{build:?} {bad} at {at}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_build_sees_non_finite_logits() {
+        probe_finds::<f32>();
+        probe_finds::<bf16>();
+        probe_finds::<f16>();
     }
 
     #[test]
