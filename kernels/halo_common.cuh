@@ -25,6 +25,35 @@ __device__ __forceinline__ T* halo_dynamic_shared() {
 #define HALO_FULL_MASK 0xffffffffu
 #define HALO_LOG2E 1.4426950408889634f
 
+// 2^x with flush-to-zero (PTX ex2.approx.ftz.f32): one MUFU.EX2, without exp2f's three-instruction
+// guard for denormal results. The hot loops' probabilities are relative to the row's max or lse, so
+// a result below 2^-126 is a probability below 1.2e-38: 0 within every tolerance.
+__device__ __forceinline__ float halo_ex2_ftz(float x) {
+#ifdef HALO_HOST_EMULATION
+    return halo_ex2_approx_ftz(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+// max(a, |x|), NaN once either is NaN (PTX max.NaN.f32, one FMNMX.NAN with an |x| operand): the
+// hot loops' NaN/±inf probe. A running value that is not < inf saw a NaN or an infinity.
+__device__ __forceinline__ float halo_max_abs_nan(float a, float x) {
+#ifdef HALO_HOST_EMULATION
+    return halo_max_nan_f32(a, fabsf(x));
+#else
+    float y;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(fabsf(x)));
+    return y;
+#endif
+}
+
+// Largest |row constant| whose product with log2e stays finite in f32 (FLT_MAX / log2e ≈ 2.36e38):
+// below it, 2^(x·log2e − round(c·log2e)) is one FFMA from x. A power of two, for a cheap compare.
+#define HALO_EX2_FMA_LIMIT 1.7014118346046923e38f /* 2^127 */
+
 // Storage traits: VEC elements per 16-byte vector, conversions with f32 (round to nearest even).
 template <typename T>
 struct Elem;
@@ -39,8 +68,14 @@ struct Elem<float> {
     __device__ __forceinline__ static float from_f32(float x) { return x; }
     // Lanes of one 32-bit word of a vector.
     static constexpr int PER_WORD = 1;
+    static constexpr unsigned NEG_INF_WORD = 0xff800000u;
     __device__ __forceinline__ static void unpack_word(unsigned w, float* out) { out[0] = __uint_as_float(w); }
     __device__ __forceinline__ static unsigned pack_word(const float* in) { return __float_as_uint(in[0]); }
+    // The larger value of two words (NaN loses to a number).
+    __device__ __forceinline__ static unsigned max_word(unsigned a, unsigned b) {
+        return __float_as_uint(fmaxf(__uint_as_float(a), __uint_as_float(b)));
+    }
+    __device__ __forceinline__ static float word_max(unsigned w) { return __uint_as_float(w); }
 };
 
 template <>
@@ -53,6 +88,8 @@ struct Elem<__nv_bfloat16> {
     __device__ __forceinline__ static float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
     __device__ __forceinline__ static __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
     static constexpr int PER_WORD = 2;
+    // Two -inf elements in one word (the identity of max_word).
+    static constexpr unsigned NEG_INF_WORD = 0xff80ff80u;
     // bf16 is the top half of an f32: widening is a shift, exact.
     __device__ __forceinline__ static void unpack_word(unsigned w, float* out) {
         out[0] = __uint_as_float(w << 16);
@@ -62,6 +99,22 @@ struct Elem<__nv_bfloat16> {
         unsigned lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[0]));
         unsigned hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[1]));
         return lo | (hi << 16);
+    }
+    // Per half, the larger of two words (one HMNMX2.BF16 for two elements; NaN loses to a number).
+    __device__ __forceinline__ static unsigned max_word(unsigned a, unsigned b) {
+#ifdef HALO_HOST_EMULATION
+        return halo_max_bf16x2(a, b);
+#else
+        unsigned r;
+        asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+        return r;
+#endif
+    }
+    // The larger of a word's two elements, in f32.
+    __device__ __forceinline__ static float word_max(unsigned w) {
+        float x[2];
+        unpack_word(w, x);
+        return fmaxf(x[0], x[1]);
     }
 };
 
@@ -74,6 +127,7 @@ struct Elem<__half> {
     __device__ __forceinline__ static float to_f32(__half x) { return __half2float(x); }
     __device__ __forceinline__ static __half from_f32(float x) { return __float2half_rn(x); }
     static constexpr int PER_WORD = 2;
+    static constexpr unsigned NEG_INF_WORD = 0xfc00fc00u;
     __device__ __forceinline__ static void unpack_word(unsigned w, float* out) {
         out[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
         out[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
@@ -82,6 +136,20 @@ struct Elem<__half> {
         unsigned lo = __half_as_ushort(__float2half_rn(in[0]));
         unsigned hi = __half_as_ushort(__float2half_rn(in[1]));
         return lo | (hi << 16);
+    }
+    __device__ __forceinline__ static unsigned max_word(unsigned a, unsigned b) {
+#ifdef HALO_HOST_EMULATION
+        return halo_max_f16x2(a, b);
+#else
+        unsigned r;
+        asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+        return r;
+#endif
+    }
+    __device__ __forceinline__ static float word_max(unsigned w) {
+        float x[2];
+        unpack_word(w, x);
+        return fmaxf(x[0], x[1]);
     }
 };
 
@@ -104,6 +172,23 @@ __device__ __forceinline__ uint4 pack_vec(const float (&in)[Elem<T>::VEC]) {
     v.z = Elem<T>::pack_word(in + 2 * P);
     v.w = Elem<T>::pack_word(in + 3 * P);
     return v;
+}
+
+// The largest element of n 16-byte vectors (NaNs ignored unless all are NaN), in f32: f16/bf16
+// take the max of the packed pairs first (one instruction per two elements).
+template <typename T, int N>
+__device__ __forceinline__ float vecs_max(const uint4 (&v)[N]) {
+    unsigned m = Elem<T>::max_word(v[0].x, v[0].y);
+    m = Elem<T>::max_word(m, v[0].z);
+    m = Elem<T>::max_word(m, v[0].w);
+#pragma unroll
+    for (int q = 1; q < N; q++) {
+        // pairwise within a vector, then into the running word: a shorter dependency chain
+        const unsigned a = Elem<T>::max_word(v[q].x, v[q].y);
+        const unsigned b = Elem<T>::max_word(v[q].z, v[q].w);
+        m = Elem<T>::max_word(m, Elem<T>::max_word(a, b));
+    }
+    return Elem<T>::word_max(m);
 }
 
 // Plain 16-byte vector load and store (a buffer the kernel also writes: not the read-only path).

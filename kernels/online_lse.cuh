@@ -1,14 +1,21 @@
 // online_lse.cuh — the running (max, sum of exp(x - max)) state of a one-pass logsumexp
-// (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"). Each element costs
-// one subtract, one multiply and one ex2: exp(x − max) = 2^((x − max)·log2e). (The one-FMA form
-// 2^(x·log2e − max·log2e) loses |max|·2^-24 in the exponent: 1e-3 relative at logits of 1e4.)
+// (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"), in two forms:
+//  * `FastLse`, the hot loop's: sums 2^(x·log2e − max_l2) with the row constant max_l2 =
+//    round(max·log2e) applied once, so an element costs one FFMA and one flush-to-zero EX2. The
+//    rounding of max_l2 is the same for every element of the state: `fast_to_natural` takes it out
+//    exactly (err = max·log2e − max_l2 by one FMA), so nothing is lost at logits of 1e4, where the
+//    plain one-FMA form would be 1e-3 off. It needs |max| ≤ 2^127 (max·log2e finite in f32): rows
+//    beyond are scanned again in the exact form.
+//  * `OnlineLse`, the natural form Σ exp(x − max) that threads merge, and the exact two-step form
+//    exp(x − max) = 2^((x − max)·log2e) for rows beyond that range.
+// Both carry the NaN/inf probe max |x| (NaN-propagating): finite while every x is finite.
 #pragma once
 #include "halo_common.cuh"
 
 struct OnlineLse {
     float max;    // running max of x (natural units), -inf when empty
     float sum;    // Σ exp(x - max)
-    float probe;  // Σ (x - x): 0 while every x is finite, NaN once a NaN or ±inf was seen
+    float probe;  // max |x|, NaN once a NaN was seen: < inf while every x is finite
 };
 
 __device__ __forceinline__ OnlineLse online_lse_empty() {
@@ -24,7 +31,7 @@ __device__ __forceinline__ float rescale_factor(float a, float b) {
     return a == b ? 1.0f : exp2f((a - b) * HALO_LOG2E);
 }
 
-// Adds n values (n a compile-time constant: one vector, or 1 for scalars).
+// Adds n values in the exact two-step form (n a compile-time constant).
 template <int N>
 __device__ __forceinline__ void online_lse_add(OnlineLse& s, const float (&x)[N]) {
     float chunk_max = x[0];
@@ -34,14 +41,80 @@ __device__ __forceinline__ void online_lse_add(OnlineLse& s, const float (&x)[N]
         s.sum *= rescale_factor(s.max, chunk_max);
         s.max = chunk_max;
     }
-    float add = 0.0f, probe = 0.0f;
+    float add = 0.0f;
 #pragma unroll
     for (int k = 0; k < N; k++) {
         add += exp2f((x[k] - s.max) * HALO_LOG2E);
-        probe += x[k] - x[k];
+        s.probe = halo_max_abs_nan(s.probe, x[k]);
     }
     s.sum += add;
-    s.probe += probe;
+}
+
+// The hot loop's state (see the top of this file).
+struct FastLse {
+    float max;     // running max of x, -inf when empty
+    float max_l2;  // round(max·log2e)
+    float sum;     // Σ 2^(x·log2e − max_l2)
+    float probe;   // as OnlineLse::probe
+};
+
+__device__ __forceinline__ FastLse fast_lse_empty() {
+    FastLse f;
+    f.max = -INFINITY;
+    f.max_l2 = -INFINITY;
+    f.sum = 0.0f;
+    f.probe = 0.0f;
+    return f;
+}
+
+// Raises the state's max to `chunk_max` when it is larger. Beyond 2^127 in magnitude the row constant
+// is clamped (−f32 max below, +inf above): the terms it gives are garbage, but such a max never
+// leaves a garbage sum behind a moderate max (all terms under a clamped negative max are 0), and a
+// final max beyond 2^127 sends the row to the exact form (`fast_lse_exact_needed`).
+__device__ __forceinline__ void fast_lse_raise(FastLse& f, float chunk_max) {
+    if (chunk_max > f.max) {  // rare after the first chunks
+        const float max_l2 = fmaxf(chunk_max * HALO_LOG2E, -3.4028234663852886e38f);
+        // 0 from the empty state (sum 0, and -inf − finite = -inf)
+        f.sum = f.sum == 0.0f ? 0.0f : f.sum * halo_ex2_ftz(f.max_l2 - max_l2);
+        f.max = chunk_max;
+        f.max_l2 = max_l2;
+    }
+}
+
+// The state's max is beyond the fast form's range: the row must be scanned in the exact form.
+__device__ __forceinline__ bool fast_lse_exact_needed(const FastLse& f) {
+    return f.max != -INFINITY && !(fabsf(f.max) <= HALO_EX2_FMA_LIMIT);
+}
+
+// Σ 2^(x·log2e − max_l2) of n values (their max already raised into the state), and their probe.
+template <int N>
+__device__ __forceinline__ float fast_lse_terms(FastLse& f, const float (&x)[N]) {
+    float add = 0.0f;
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+        f.probe = halo_max_abs_nan(f.probe, x[k]);
+        add += halo_ex2_ftz(fmaf(x[k], HALO_LOG2E, -f.max_l2));
+    }
+    return add;
+}
+
+// Adds n values.
+template <int N>
+__device__ __forceinline__ void fast_lse_add(FastLse& f, const float (&x)[N]) {
+    float chunk_max = x[0];
+#pragma unroll
+    for (int k = 1; k < N; k++) chunk_max = fmaxf(chunk_max, x[k]);
+    fast_lse_raise(f, chunk_max);
+    f.sum += fast_lse_terms<N>(f, x);
+}
+
+// Σ 2^(x·log2e − max_l2) = Σ 2^((x − max)·log2e) · 2^(−err), err = max·log2e − max_l2 exactly.
+__device__ __forceinline__ OnlineLse fast_to_natural(const FastLse& f) {
+    OnlineLse s;
+    s.max = f.max;
+    s.probe = f.probe;
+    s.sum = f.max == -INFINITY ? f.sum : f.sum * exp2f(-fmaf(f.max, HALO_LOG2E, -f.max_l2));
+    return s;
 }
 
 // Combines two states; symmetric, so a butterfly leaves every lane with identical bits.
@@ -49,7 +122,7 @@ __device__ __forceinline__ OnlineLse online_lse_merge(const OnlineLse& a, const 
     OnlineLse r;
     r.max = fmaxf(a.max, b.max);
     r.sum = a.sum * rescale_factor(a.max, r.max) + b.sum * rescale_factor(b.max, r.max);
-    r.probe = a.probe + b.probe;
+    r.probe = halo_max_abs_nan(a.probe, b.probe);
     return r;
 }
 
@@ -65,7 +138,8 @@ __device__ __forceinline__ OnlineLse online_lse_group_reduce(OnlineLse s, int wi
     return s;
 }
 
-__device__ __forceinline__ bool online_lse_finite(const OnlineLse& s) { return s.probe == 0.0f; }
+// Every x finite. (A NaN or +inf x also makes the sum NaN; a −inf one only shows in the probe.)
+__device__ __forceinline__ bool online_lse_finite(const OnlineLse& s) { return s.probe < INFINITY; }
 
 // max + ln_sum as the f32 lse and the exact error of that rounding (Knuth's TwoSum; as
 // `split_lse` in src/cpu/saved_lse.rs). The backward uses lse + residual: an f32 lse near 1000 alone

@@ -3,50 +3,92 @@
 // CPU twin and definition: src/cpu/token_logprobs.rs.
 //
 // One pass over each row: every thread keeps an online (max, Σexp) state over 16-byte vector loads
-// (4 f32 or 8 bf16/f16 per load, four loads in flight per iteration), then the row's threads merge
+// (4 f32 or 8 bf16/f16 per load, four loads in flight per iteration; online_lse.cuh's fast form:
+// per element one max, one NaN/inf probe, one FFMA, one EX2, one add), then the row's threads merge
 // their states with a butterfly (and, for rows wider than a warp, through shared memory in a fixed
 // order). Rows whose label is ignored are never read. Launch geometry: kernels/README.md.
 #include "halo_common.cuh"
 #include "online_lse.cuh"
 #include "reductions.cuh"
 
+// The exact two-step scan of this thread's share of the row (the same elements as scan_row_fast:
+// head, vectors, tail, as each thread of the row picks its form alone): the fallback for a share
+// with a logit beyond ±2^127, where the fast form's row constant would overflow.
 template <typename T>
-__device__ __forceinline__ void scan_scalar(OnlineLse& s, const T* p) {
-    float x[1] = {Elem<T>::to_f32(p[0])};
-    online_lse_add<1>(s, x);
-}
-
-template <typename T>
-__device__ __forceinline__ void scan_vector(OnlineLse& s, const uint4& v) {
-    float x[Elem<T>::VEC];
-    unpack_vec<T>(v, x);
-    online_lse_add<Elem<T>::VEC>(s, x);
-}
-
-// This thread's share of one row: elements lane, lane + stride, ... in three parts — a scalar head up
-// to the first 16-byte boundary (odd vocab makes row starts unaligned), aligned vectors, a scalar tail.
-template <typename T>
-__device__ __forceinline__ OnlineLse scan_row(const T* __restrict__ row, int64_t vocab, int lane, int stride) {
+__device__ __forceinline__ OnlineLse scan_row_exact(const T* __restrict__ row, int64_t vocab, int lane, int stride) {
     constexpr int VEC = Elem<T>::VEC;
     OnlineLse s = online_lse_empty();
     const int64_t head = head_to_alignment(row, vocab);
-    for (int64_t j = lane; j < head; j += stride) scan_scalar<T>(s, row + j);  // head may exceed stride
+    for (int64_t j = lane; j < head; j += stride) {
+        const float x[1] = {Elem<T>::to_f32(row[j])};
+        online_lse_add<1>(s, x);
+    }
     const uint4* vecs = reinterpret_cast<const uint4*>(row + head);
     const int64_t n_vecs = (vocab - head) / VEC;
-    int64_t i = lane;
-    for (; i + 3 * (int64_t)stride < n_vecs; i += 4 * (int64_t)stride) {
-        const uint4 a = __ldg(vecs + i);
-        const uint4 b = __ldg(vecs + i + stride);
-        const uint4 c = __ldg(vecs + i + 2 * stride);
-        const uint4 d = __ldg(vecs + i + 3 * stride);
-        scan_vector<T>(s, a);
-        scan_vector<T>(s, b);
-        scan_vector<T>(s, c);
-        scan_vector<T>(s, d);
+    for (int64_t i = lane; i < n_vecs; i += stride) {
+        float x[VEC];
+        unpack_vec<T>(__ldg(vecs + i), x);
+        online_lse_add<VEC>(s, x);
     }
-    for (; i < n_vecs; i += stride) scan_vector<T>(s, __ldg(vecs + i));
-    for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += stride) scan_scalar<T>(s, row + j);
+    for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += stride) {
+        const float x[1] = {Elem<T>::to_f32(row[j])};
+        online_lse_add<1>(s, x);
+    }
     return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void fast_scalar(FastLse& f, const T* p) {
+    const float x[1] = {Elem<T>::to_f32(p[0])};
+    fast_lse_add<1>(f, x);
+}
+
+// This thread's share of one row in the fast form: elements lane, lane + stride, ... in three parts
+// — a scalar head up to the first 16-byte boundary (odd vocab makes row starts unaligned), aligned
+// vectors (four 16-byte loads in flight, their 16 or 32 elements one chunk of the online state, so
+// the max is raised once per chunk), a scalar tail.
+template <typename T>
+__device__ __forceinline__ FastLse scan_row_fast(const T* __restrict__ row, int64_t vocab, int lane, int stride) {
+    constexpr int VEC = Elem<T>::VEC;
+    FastLse f = fast_lse_empty();
+    const int64_t head = head_to_alignment(row, vocab);
+    for (int64_t j = lane; j < head; j += stride) fast_scalar<T>(f, row + j);  // head may exceed stride
+    const uint4* vecs = reinterpret_cast<const uint4*>(row + head);
+    const int64_t n_vecs = (vocab - head) / VEC;
+    // Trips of four vectors lane + 4·stride·t + {0, 1, 2, 3}·stride: a 32-bit count and one pointer,
+    // so the loop's bookkeeping is a few instructions a trip (past 2^31 − 1 trips, which no real
+    // vocab reaches, the one-vector loop below takes the rest).
+    const int64_t quad = 4 * (int64_t)stride;
+    const int64_t full = n_vecs > lane + 3 * (int64_t)stride ? (n_vecs - lane - 3 * (int64_t)stride + quad - 1) / quad : 0;
+    const int trips = full < 2147483647 ? (int)full : 2147483647;
+    const uint4* v0 = vecs + lane;
+    #pragma unroll 1
+    for (int t = 0; t < trips; t++, v0 += quad) {
+        const uint4 v[4] = {__ldg(v0), __ldg(v0 + stride), __ldg(v0 + 2 * stride), __ldg(v0 + 3 * stride)};
+        fast_lse_raise(f, vecs_max<T, 4>(v));
+        float add = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float x[VEC];
+            unpack_vec<T>(v[q], x);
+            add += fast_lse_terms<VEC>(f, x);
+        }
+        f.sum += add;
+    }
+    for (int64_t i = lane + (int64_t)trips * quad; i < n_vecs; i += stride) {
+        float x[VEC];
+        unpack_vec<T>(__ldg(vecs + i), x);
+        fast_lse_add<VEC>(f, x);
+    }
+    for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += stride) fast_scalar<T>(f, row + j);
+    return f;
+}
+
+template <typename T>
+__device__ __forceinline__ OnlineLse scan_row(const T* __restrict__ row, int64_t vocab, int lane, int stride) {
+    const FastLse f = scan_row_fast<T>(row, vocab, lane, stride);
+    if (!fast_lse_exact_needed(f)) return fast_to_natural(f);
+    return scan_row_exact<T>(row, vocab, lane, stride);
 }
 
 template <typename T>

@@ -5,8 +5,8 @@
 // dtype; the in-place form overwrites the logits (dead after the backward), saving a [rows, vocab]
 // buffer. Launch geometry as the forward: kernels/README.md.
 //
-// Checks, in the same pass as the write: every thread keeps Σ exp(z − lse), a NaN/inf probe Σ (z − z),
-// and for f16/bf16 the largest |stored value|; the row's threads reduce them and its first thread
+// Checks, in the same pass as the write: every thread keeps Σ exp(z − lse), a NaN/inf probe max |z|
+// (NaN-propagating), and for f16/bf16 the largest |stored value|; the row's threads reduce them and its first thread
 // reports the row's first fault (status slots HALO_STATUS_BWD_*, in the CPU op's order).
 #include "halo_common.cuh"
 #include "reductions.cuh"
@@ -14,21 +14,54 @@
 // What a thread has seen of its row.
 struct RowProbe {
     float sum;      // Σ exp(z − lse)
-    float probe;    // Σ (z − z): 0 while every z is finite, NaN once a NaN or ±inf was seen
-    float max_abs;  // max |w| over the values written (f16/bf16 only: the overflow probe)
+    float probe;    // max |z|, NaN once a NaN was seen: < inf while every z is finite
+    float max_abs;  // max |w| over the values written by the scalar loops (f16/bf16 only: the overflow probe)
+    // f16/bf16: per half, the largest z of the vector loop (packed pairs, one max per two elements);
+    // its |w| is the vector loop's max |w|, as w = neg_gc·p rises with z (see below).
+    unsigned z_max_word;
 };
 
-// exp(z − lse) = 2^((z − lse)·log2e): z − lse first, so the exponent is exact for z near lse.
-__device__ __forceinline__ float prob_unscaled(float z, float row_lse) { return exp2f((z - row_lse) * HALO_LOG2E); }
+// The row's constants of exp(z − lse − residual) = c · 2^(z·log2e − lse_l2):
+//  * fast rows (|lse| ≤ 2^127): lse_l2 = round(lse·log2e), one FFMA per element; the rounding of
+//    lse_l2, err = lse·log2e − lse_l2 (exact by one FMA), and the residual go into the per-row
+//    c = 2^(−err − residual·log2e). So the exponent is as exact as the two-step (z − lse)·log2e:
+//    both round once near 0, where the probabilities that matter are; only the (exact) row constant
+//    moved. (Without err, an lse of 1e4 would put a 6e-4 relative error in every p.)
+//  * other rows (an lse beyond 2^127, or not finite): the two-step form exp2((z − lse)·log2e), every
+//    element scalar, c = exp(−residual) — rare, and not the hot loop.
+struct RowExp {
+    bool fast;
+    float lse;
+    float lse_l2;
+    float c;
+};
 
-// −g·p for one element (the residual is folded into neg_gc = −g·exp(−residual)); the label's
+__device__ __forceinline__ RowExp row_exp(float row_lse, float residual) {
+    RowExp r;
+    r.fast = fabsf(row_lse) <= HALO_EX2_FMA_LIMIT;  // false for NaN
+    r.lse = row_lse;
+    r.lse_l2 = r.fast ? row_lse * HALO_LOG2E : 0.0f;
+    const float err = fmaf(row_lse, HALO_LOG2E, -r.lse_l2);
+    r.c = r.fast ? exp2f(-fmaf(residual, HALO_LOG2E, err)) : expf(-residual);
+    return r;
+}
+
+// exp(z − lse − residual) / c, in the fast form (the vector loop: fast rows only).
+__device__ __forceinline__ float prob_fast(float z, const RowExp& r) {
+    return halo_ex2_ftz(fmaf(z, HALO_LOG2E, -r.lse_l2));
+}
+// The same in either form (scalar head, tail and label column).
+__device__ __forceinline__ float prob_unscaled(float z, const RowExp& r) {
+    return r.fast ? prob_fast(z, r) : exp2f((z - r.lse) * HALO_LOG2E);
+}
+
+// −g·p for one element (c folded into neg_gc = −g·c) from its unscaled probability e; the label's
 // column is rewritten afterwards by the thread that wrote it (`owner_lane`), so the hot loop has
 // no per-column compare.
 template <typename T>
-__device__ __forceinline__ float grad_element(float z, float neg_gc, float row_lse, RowProbe& s) {
-    const float e = prob_unscaled(z, row_lse);
+__device__ __forceinline__ float grad_element(float z, float e, float neg_gc, RowProbe& s) {
     s.sum += e;
-    s.probe += z - z;
+    s.probe = halo_max_abs_nan(s.probe, z);
     const float w = neg_gc * e;
     if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w));
     return w;
@@ -50,17 +83,38 @@ __device__ __forceinline__ uint4 load_vec(const uint4* p) {
 }
 
 // One 16-byte vector of logits -> its gradient vector.
+// The packed max of a vector's pairs into the running word (f16/bf16).
 template <typename T>
-__device__ __forceinline__ uint4 grad_vec(const uint4& v, float neg_gc, float row_lse, RowProbe& s) {
+__device__ __forceinline__ void raise_z_max(unsigned& z_max_word, const uint4& v) {
+    if (Elem<T>::NARROW) {
+        const unsigned m = Elem<T>::max_word(Elem<T>::max_word(v.x, v.y), Elem<T>::max_word(v.z, v.w));
+        z_max_word = Elem<T>::max_word(z_max_word, m);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 grad_vec(const uint4& v, float neg_gc, const RowExp& r, RowProbe& s) {
     float x[Elem<T>::VEC];
     unpack_vec<T>(v, x);
 #pragma unroll
-    for (int k = 0; k < Elem<T>::VEC; k++) x[k] = grad_element<T>(x[k], neg_gc, row_lse, s);
+    for (int k = 0; k < Elem<T>::VEC; k++) {
+        const float e = prob_fast(x[k], r);
+        s.sum += e;
+        s.probe = halo_max_abs_nan(s.probe, x[k]);
+        x[k] = neg_gc * e;
+    }
     return pack_vec<T>(x);
 }
 
 __device__ __forceinline__ float group_max(float v, int width) {
     for (int offset = width / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(HALO_FULL_MASK, v, offset));
+    return v;
+}
+
+// group_max of non-negative probes, NaN from any lane.
+__device__ __forceinline__ float group_max_nan(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2)
+        v = halo_max_abs_nan(v, __shfl_xor_sync(HALO_FULL_MASK, v, offset));
     return v;
 }
 
@@ -97,27 +151,29 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     const bool zero_row = ignored || bad_label;
     const bool active = in_range && !zero_row;
     const int64_t y = label;
-    // exp(z − lse − residual) = exp(z − lse)·exp(−residual); exactly 1 for a bare lse.
-    const float c = expf(-residual);
+    const RowExp rexp = row_exp(row_lse, residual);
+    const float c = rexp.c;
     const float neg_gc = -(g * c);
 
-    RowProbe s = {0.0f, 0.0f, 0.0f};
+    RowProbe s = {0.0f, 0.0f, 0.0f, Elem<T>::NEG_INF_WORD};
     if (in_range) {
         const T* in = logits + row * p.vocab;
         T* out = grad_logits + row * p.vocab;
         const int64_t vocab = p.vocab;
         const bool same_misalignment =
             ((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
-        // Vectors only when input and output reach a 16-byte boundary together; else all scalar.
-        const int64_t head = same_misalignment ? head_to_alignment(in, vocab) : vocab;
+        // Vectors only when input and output reach a 16-byte boundary together, in the fast form;
+        // else all scalar.
+        const int64_t head = same_misalignment && rexp.fast ? head_to_alignment(in, vocab) : vocab;
         const int64_t n_vecs = (vocab - head) / VEC;
         // The label's column: its writer reads z_y first (in place, the loops overwrite it).
         const bool owns_label = !zero_row && lane == owner_lane<T>(y, head, n_vecs, threads_per_row);
         const float z_y = owns_label ? Elem<T>::to_f32(in[y]) : 0.0f;
 
+        #pragma unroll 1
         for (int64_t j = lane; j < head; j += threads_per_row) {
             const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, prob_unscaled(z, rexp), neg_gc, s));
         }
         const uint4* in_vecs = reinterpret_cast<const uint4*>(in + head);
         uint4* out_vecs = reinterpret_cast<uint4*>(out + head);
@@ -125,23 +181,46 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
             const uint4 zero = {0u, 0u, 0u, 0u};  // +0.0 in every dtype
             for (int64_t i = lane; i < n_vecs; i += threads_per_row) store16(out_vecs + i, zero);
         } else {
-            // Two 16-byte loads in flight per thread before either is consumed.
-            int64_t i = lane;
-            for (; i + threads_per_row < n_vecs; i += 2 * (int64_t)threads_per_row) {
-                const uint4 a = load_vec<T, InPlace>(in_vecs + i);
-                const uint4 b = load_vec<T, InPlace>(in_vecs + i + threads_per_row);
-                store16(out_vecs + i, grad_vec<T>(a, neg_gc, row_lse, s));
-                store16(out_vecs + i + threads_per_row, grad_vec<T>(b, neg_gc, row_lse, s));
+            // Two 16-byte loads in flight per thread before either is consumed; trips counted in 32
+            // bits with one pointer each way (past 2^31 − 1 trips the one-vector loop takes the rest).
+            const int64_t pair = 2 * (int64_t)threads_per_row;
+            const int64_t full = n_vecs > lane + (int64_t)threads_per_row
+                                     ? (n_vecs - lane - threads_per_row + pair - 1) / pair
+                                     : 0;
+            const int trips = full < 2147483647 ? (int)full : 2147483647;
+            const uint4* src = in_vecs + lane;
+            uint4* dst = out_vecs + lane;
+            #pragma unroll 1
+            for (int t = 0; t < trips; t++, src += pair, dst += pair) {
+                const uint4 a = load_vec<T, InPlace>(src);
+                const uint4 b = load_vec<T, InPlace>(src + threads_per_row);
+                raise_z_max<T>(s.z_max_word, a);
+                raise_z_max<T>(s.z_max_word, b);
+                store16(dst, grad_vec<T>(a, neg_gc, rexp, s));
+                store16(dst + threads_per_row, grad_vec<T>(b, neg_gc, rexp, s));
             }
-            if (i < n_vecs) store16(out_vecs + i, grad_vec<T>(load_vec<T, InPlace>(in_vecs + i), neg_gc, row_lse, s));
+            #pragma unroll 1
+            for (int64_t i = lane + (int64_t)trips * pair; i < n_vecs; i += threads_per_row) {
+                const uint4 a = load_vec<T, InPlace>(in_vecs + i);
+                raise_z_max<T>(s.z_max_word, a);
+                store16(out_vecs + i, grad_vec<T>(a, neg_gc, rexp, s));
+            }
         }
+        #pragma unroll 1
         for (int64_t j = head + n_vecs * VEC + lane; j < vocab; j += threads_per_row) {
             const float z = zero_row ? 0.0f : Elem<T>::to_f32(in[j]);
-            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, neg_gc, row_lse, s));
+            out[j] = Elem<T>::from_f32(zero_row ? 0.0f : grad_element<T>(z, prob_unscaled(z, rexp), neg_gc, s));
+        }
+        if (Elem<T>::NARROW) {
+            // The vector loop's max |w| from its largest z: |w| = |neg_gc|·ex2(z·log2e − lse_l2)
+            // is non-decreasing in z (FFMA and rounding are monotone, and so is MUFU.EX2), so the
+            // same computation on the max gives the max, bit for bit. (NaN z: the probe reports it.)
+            const float z_max = Elem<T>::word_max(s.z_max_word);
+            if (z_max > -INFINITY) s.max_abs = fmaxf(s.max_abs, fabsf(neg_gc * prob_fast(z_max, rexp)));
         }
         if (owns_label) {
             // g·(1 − p_y) = g − g·c·e_y, over the −g·p_y this thread wrote (Σ already holds e_y).
-            const float w_y = fmaf(neg_gc, prob_unscaled(z_y, row_lse), g);
+            const float w_y = fmaf(neg_gc, prob_unscaled(z_y, rexp), g);
             out[y] = Elem<T>::from_f32(w_y);
             if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w_y));
         }
@@ -150,7 +229,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     // The row's checks: sub-warp butterfly, then (rows wider than a warp) the row's warps in order.
     const int width = threads_per_row < 32 ? threads_per_row : 32;
     s.sum = group_sum(s.sum, width);
-    s.probe = group_sum(s.probe, width);
+    s.probe = group_max_nan(s.probe, width);
     if (Elem<T>::NARROW) s.max_abs = group_max(s.max_abs, width);
     if (threads_per_row > 32) {
         const int warp = threadIdx.x >> 5;
@@ -167,7 +246,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         s.max_abs = warp_max_abs[first];
         for (int w = 1; w < warps_per_row; w++) {
             s.sum += warp_sum[first + w];
-            s.probe += warp_probe[first + w];
+            s.probe = halo_max_abs_nan(s.probe, warp_probe[first + w]);
             s.max_abs = fmaxf(s.max_abs, warp_max_abs[first + w]);
         }
     }
@@ -182,7 +261,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     // Overflow: f16/bf16 probe the values written; f32's are all bounded by |g|·max(1, Σp).
     const bool overflow = Elem<T>::NARROW ? s.max_abs >= Elem<T>::overflow_threshold()
                                           : isinf(fabsf(g) * fmaxf(prob_sum, 1.0f));
-    if (s.probe != 0.0f) {
+    if (!(s.probe < INFINITY)) {
         atomicMin(&status[HALO_STATUS_BWD_NONFINITE_LOGITS], (int32_t)row);
     } else if (!lse_fits_row(row_lse, prob_sum)) {
         atomicMin(&status[HALO_STATUS_BWD_INCONSISTENT_LSE], (int32_t)row);
@@ -191,14 +270,24 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
     }
 }
 
+// sm_90: __launch_bounds__(…, 5), five 256-thread blocks per SM, i.e. at most 48 registers (the
+// forward's budget); left free, ptxas took up to 63 for the in-place f16/bf16 forms (four blocks).
+// sm_80: ptxas takes up to 80 unbounded and spills under the 48-register bound; four blocks (64) there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define HALO_TOKEN_BACKWARD_MIN_BLOCKS 4
+#else
+#define HALO_TOKEN_BACKWARD_MIN_BLOCKS 5
+#endif
 #define HALO_TOKEN_BACKWARD(SUFFIX, T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS) token_logprobs_backward_##SUFFIX(           \
+    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_MIN_BLOCKS)            \
+        token_logprobs_backward_##SUFFIX(                                                                         \
         const T* __restrict__ logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,         \
         const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, T* __restrict__ grad_logits, \
         int32_t* __restrict__ status, HaloTokenParams p) {                                                        \
         token_logprobs_backward<T, false>(logits, labels, lse, lse_residual, grad_logp, grad_logits, status, p); \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS) token_logprobs_backward_inplace_##SUFFIX(   \
+    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_MIN_BLOCKS)            \
+        token_logprobs_backward_inplace_##SUFFIX(                                                                 \
         T* logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,                            \
         const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, int32_t* __restrict__ status, \
         HaloTokenParams p) {                                                                                      \

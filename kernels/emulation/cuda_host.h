@@ -322,6 +322,34 @@ using std::isnan;
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// PTX `ex2.approx.ftz.f32` (halo_common.cuh's halo_ex2_ftz): a denormal input counts as 0 and a
+// denormal result is flushed to +0; NaN stays NaN. (The device's ~2 ulp approximation is not
+// emulated, as for exp2f.)
+inline float halo_ex2_approx_ftz(float x) {
+    if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
+    const float r = exp2f(x);
+    return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
+}
+// PTX `max.bf16x2` / `max.f16x2` on the 32-bit pairs (halo_common.cuh's Elem<T>::max_word): per
+// half, the larger value; a NaN loses to a number; both NaN give the canonical NaN 0x7fff.
+template <typename F>
+inline unsigned halo_max_x2(unsigned a, unsigned b, F to_f32) {
+    unsigned out = 0;
+    for (int half = 0; half < 2; half++) {
+        const uint16_t ha = (uint16_t)(a >> (16 * half)), hb = (uint16_t)(b >> (16 * half));
+        const float fa = to_f32(ha), fb = to_f32(hb);
+        uint16_t r;
+        if (isnan(fa) && isnan(fb)) r = 0x7fff;
+        else if (isnan(fa)) r = hb;
+        else if (isnan(fb)) r = ha;
+        else if (fa == fb) r = (ha & 0x8000) ? hb : ha;  // +0 over -0
+        else r = fa > fb ? ha : hb;
+        out |= (unsigned)r << (16 * half);
+    }
+    return out;
+}
+// PTX `max.NaN.f32` (halo_common.cuh's halo_max_nan): NaN if either input is NaN, else the larger.
+inline float halo_max_nan_f32(float a, float b) { return (isnan(a) || isnan(b)) ? NAN : fmaxf(a, b); }
 inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float f) { int v; memcpy(&v, &f, 4); return v; }
 inline float __uint_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
@@ -385,5 +413,11 @@ inline __half __float2half_rn(float f) {
 }
 inline __half __float2half(float f) { return __float2half_rn(f); }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline unsigned halo_max_bf16x2(unsigned a, unsigned b) {
+    return halo_max_x2(a, b, [](uint16_t h) { return __uint_as_float((unsigned)h << 16); });
+}
+inline unsigned halo_max_f16x2(unsigned a, unsigned b) {
+    return halo_max_x2(a, b, [](uint16_t h) { __half x; x.x = h; return __half2float(x); });
+}
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
