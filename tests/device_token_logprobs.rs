@@ -349,6 +349,105 @@ fn forward_extreme_logits<D: Offsets>(d: &D) {
     check_forward::<f16, D>(d, 9, 12, 333, 3, 0.1, 6.0e4);
 }
 
+/// Logits near f32's top (|z| beyond 2^127, where the kernels' `z·log2e` exponent no longer fits
+/// in f32 and they take their two-step fallback): forward and both backward forms against f64,
+/// with the label at the row's max in some rows (p ≈ 1) and elsewhere in others.
+fn logits_near_f32_max_take_the_fallback<T: CudaLogit, D: Offsets>(d: &D, seed: u64) {
+    let mut r = rng(seed);
+    let (rows, vocab) = (6, 41);
+    // 2e38 ± 3e37: every |z| is past 2^127 ≈ 1.7e38, spreads stay far inside f32.
+    let logits: Vec<T> = (0..rows * vocab)
+        .map(|_| T::from_f32(2e38 + r.gen_range(-3e37f32..3e37)))
+        .collect();
+    let mut labels = random_labels(&mut r, rows, vocab, 0.0);
+    labels[1] = IGNORE;
+    for row in [2, 4] {
+        let z = &logits[row * vocab..(row + 1) * vocab];
+        let argmax = (0..vocab).max_by(|&a, &b| z[a].to_f32().total_cmp(&z[b].to_f32()));
+        labels[row] = argmax.unwrap() as i32;
+    }
+    let name = format!("{}: {:?} near f32::MAX", d.name(), T::DTYPE);
+    let out = d.token_logprobs(&logits, &labels, vocab, IGNORE).unwrap();
+    for row in 0..rows {
+        if labels[row] == IGNORE {
+            assert_eq!(
+                (out.logp[row], out.lse[row]),
+                (0.0, 0.0),
+                "{name}: row {row}"
+            );
+            continue;
+        }
+        // In f64 too, m + ln Σ at 2e38 rounds ln Σ away (ulp 3e22): keep them apart, as the ops do.
+        let (_, z) = row_lse(&logits[row * vocab..(row + 1) * vocab]);
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let ln_sum = z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let (l, p) = (m + ln_sum, (z[labels[row] as usize] - m) - ln_sum);
+        assert!(
+            (out.lse[row] as f64 - l).abs() <= 4.0 * 2f64.powi(-24) * l.abs(),
+            "{name}: lse[{row}] {} vs {l}",
+            out.lse[row]
+        );
+        // z[y] − max is exact; ln Σ is O(1): the log-prob keeps an absolute accuracy of a few
+        // ulps of the spread, not of |z|.
+        assert!(
+            (out.logp[row] as f64 - p).abs() <= 1e-6 * (1.0 + p.abs()),
+            "{name}: logp[{row}] {} vs {p}",
+            out.logp[row]
+        );
+    }
+    let grad: Vec<f32> = (0..rows).map(|_| r.gen_range(-2.0f32..2.0)).collect();
+    let mut separate = vec![T::from_f32(0.0); rows * vocab];
+    d.token_logprobs_backward(
+        &logits,
+        &labels,
+        out.saved_lse(),
+        &grad,
+        vocab,
+        IGNORE,
+        &mut separate,
+    )
+    .unwrap();
+    let mut in_place = logits.clone();
+    d.token_logprobs_backward_inplace(
+        &mut in_place,
+        &labels,
+        out.saved_lse(),
+        &grad,
+        vocab,
+        IGNORE,
+    )
+    .unwrap();
+    let (floor, rel) = storage_tol::<T>();
+    for (row, &y) in labels.iter().enumerate() {
+        let (_, z) = row_lse(&logits[row * vocab..(row + 1) * vocab]);
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let ln_sum = z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        for v in 0..vocab {
+            let want = if y == IGNORE {
+                0.0
+            } else {
+                let p = ((z[v] - m) - ln_sum).exp();
+                grad[row] as f64 * ((v as i32 == y) as i32 as f64 - p)
+            };
+            // Ties at the max (bf16 rounding makes some) give p = 1/2: resolved only because the
+            // saved lse keeps its residual (an f32 lse alone is ~1e31 off at 2e38).
+            let tol = floor + rel * want.abs() + 1e-5 * (grad[row] as f64).abs();
+            for (what, got) in [("separate", &separate), ("in place", &in_place)] {
+                let g = got[row * vocab + v].to_f32() as f64;
+                assert!(
+                    (g - want).abs() <= tol,
+                    "{name} {what}: row {row} column {v}: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+fn forward_and_backward_near_f32_max<D: Offsets>(d: &D) {
+    logits_near_f32_max_take_the_fallback::<f32, D>(d, 41);
+    logits_near_f32_max_take_the_fallback::<bf16, D>(d, 42);
+}
+
 fn forward_all_ignored_rows_are_not_read<D: Offsets>(d: &D) {
     // NaN everywhere: ignored rows must not be read (no error) and must be written as 0.
     let (rows, vocab) = (70, 33);
@@ -1143,6 +1242,7 @@ device_tests!(
     forward_f16_awkward_shapes,
     forward_large_rows_of_128k,
     forward_extreme_logits,
+    forward_and_backward_near_f32_max,
     forward_all_ignored_rows_are_not_read,
     forward_writes_every_output,
     forward_errors,
