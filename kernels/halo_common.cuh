@@ -50,9 +50,12 @@ __device__ __forceinline__ float halo_max_abs_nan(float a, float x) {
 #endif
 }
 
-// Largest |row constant| whose product with log2e stays finite in f32 (FLT_MAX / log2e ≈ 2.36e38):
-// below it, 2^(x·log2e − round(c·log2e)) is one FFMA from x. A power of two, for a cheap compare.
-#define HALO_EX2_FMA_LIMIT 1.7014118346046923e38f /* 2^127 */
+// Largest |row constant| c for the one-FFMA exponent 2^(x·log2e − round(c·log2e)): the rounding
+// error err of round(c·log2e) is at most half an ulp of c·log2e, and every term carries a factor
+// 2^err (taken out exactly afterwards). Below 2^24, |c·log2e| < 2^25 and err ≤ 1: the terms stay
+// within a factor 2 of exp(x − c). (At 2^127 err reaches 1e31 and the terms overflow to inf: the
+// fuzzer found that.) Rows beyond take the exact two-step form. A power of two, for a cheap compare.
+#define HALO_EX2_FMA_LIMIT 16777216.0f /* 2^24 */
 
 // Storage traits: VEC elements per 16-byte vector, conversions with f32 (round to nearest even).
 template <typename T>

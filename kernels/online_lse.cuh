@@ -4,8 +4,8 @@
 //    round(max·log2e) applied once, so an element costs one FFMA and one flush-to-zero EX2. The
 //    rounding of max_l2 is the same for every element of the state: `fast_to_natural` takes it out
 //    exactly (err = max·log2e − max_l2 by one FMA), so nothing is lost at logits of 1e4, where the
-//    plain one-FMA form would be 1e-3 off. It needs |max| ≤ 2^127 (max·log2e finite in f32): rows
-//    beyond are scanned again in the exact form.
+//    plain one-FMA form would be 1e-3 off. It needs |max| ≤ 2^24 (HALO_EX2_FMA_LIMIT: the rounding
+//    of max_l2 stays ≤ 1, so no term overflows): rows beyond are scanned again in the exact form.
 //  * `OnlineLse`, the natural form Σ exp(x − max) that threads merge, and the exact two-step form
 //    exp(x − max) = 2^((x − max)·log2e) for rows beyond that range.
 // Both carry the NaN/inf probe max |x| (NaN-propagating): finite while every x is finite.
@@ -67,15 +67,18 @@ __device__ __forceinline__ FastLse fast_lse_empty() {
     return f;
 }
 
-// Raises the state's max to `chunk_max` when it is larger. Beyond 2^127 in magnitude the row constant
-// is clamped (−f32 max below, +inf above): the terms it gives are garbage, but such a max never
-// leaves a garbage sum behind a moderate max (all terms under a clamped negative max are 0), and a
-// final max beyond 2^127 sends the row to the exact form (`fast_lse_exact_needed`).
+// Raises the state's max to `chunk_max` when it is larger. Beyond HALO_EX2_FMA_LIMIT in magnitude
+// the terms are garbage (up to inf: the row constant's rounding is too coarse; below −2.36e38 it is
+// also clamped to −f32 max). A final max out there sends the share to the exact form
+// (`fast_lse_exact_needed`); a max that comes back within range (a huge negative logit first, then
+// ordinary ones: the fuzzer found it) must not carry the garbage along: when the old terms'
+// rescale is 0 they are dropped, not multiplied (inf · 0 would be NaN).
 __device__ __forceinline__ void fast_lse_raise(FastLse& f, float chunk_max) {
     if (chunk_max > f.max) {  // rare after the first chunks
         const float max_l2 = fmaxf(chunk_max * HALO_LOG2E, -3.4028234663852886e38f);
-        // 0 from the empty state (sum 0, and -inf − finite = -inf)
-        f.sum = f.sum == 0.0f ? 0.0f : f.sum * halo_ex2_ftz(f.max_l2 - max_l2);
+        // 0 from the empty state too (-inf − finite = -inf)
+        const float rescale = halo_ex2_ftz(f.max_l2 - max_l2);
+        f.sum = rescale == 0.0f ? 0.0f : f.sum * rescale;
         f.max = chunk_max;
         f.max_l2 = max_l2;
     }

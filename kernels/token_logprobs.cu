@@ -13,7 +13,7 @@
 
 // The exact two-step scan of this thread's share of the row (the same elements as scan_row_fast:
 // head, vectors, tail, as each thread of the row picks its form alone): the fallback for a share
-// with a logit beyond ±2^127, where the fast form's row constant would overflow.
+// whose max ends beyond ±2^24 (HALO_EX2_FMA_LIMIT), where the fast form's terms would overflow.
 template <typename T>
 __device__ __forceinline__ OnlineLse scan_row_exact(const T* __restrict__ row, int64_t vocab, int lane, int stride) {
     constexpr int VEC = Elem<T>::VEC;

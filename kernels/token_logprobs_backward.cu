@@ -22,12 +22,12 @@ struct RowProbe {
 };
 
 // The row's constants of exp(z − lse − residual) = c · 2^(z·log2e − lse_l2):
-//  * fast rows (|lse| ≤ 2^127): lse_l2 = round(lse·log2e), one FFMA per element; the rounding of
+//  * fast rows (|lse| ≤ 2^24, HALO_EX2_FMA_LIMIT): lse_l2 = round(lse·log2e), one FFMA per element; the rounding of
 //    lse_l2, err = lse·log2e − lse_l2 (exact by one FMA), and the residual go into the per-row
 //    c = 2^(−err − residual·log2e). So the exponent is as exact as the two-step (z − lse)·log2e:
 //    both round once near 0, where the probabilities that matter are; only the (exact) row constant
 //    moved. (Without err, an lse of 1e4 would put a 6e-4 relative error in every p.)
-//  * other rows (an lse beyond 2^127, or not finite): the two-step form exp2((z − lse)·log2e), every
+//  * other rows (an lse beyond 2^24, or not finite): the two-step form exp2((z − lse)·log2e), every
 //    element scalar, c = exp(−residual) — rare, and not the hot loop.
 struct RowExp {
     bool fast;

@@ -349,15 +349,14 @@ fn forward_extreme_logits<D: Offsets>(d: &D) {
     check_forward::<f16, D>(d, 9, 12, 333, 3, 0.1, 6.0e4);
 }
 
-/// Logits near f32's top (|z| beyond 2^127, where the kernels' `z·log2e` exponent no longer fits
-/// in f32 and they take their two-step fallback): forward and both backward forms against f64,
-/// with the label at the row's max in some rows (p ≈ 1) and elsewhere in others.
-fn logits_near_f32_max_take_the_fallback<T: CudaLogit, D: Offsets>(d: &D, seed: u64) {
+/// Huge logits (`centre` ± 15%: past 2^24, where the kernels' one-FFMA exponent would overflow and
+/// they take the exact two-step form, up to near f32's top): forward and both backward forms
+/// against f64, with the label at the row's max in some rows (p ≈ 1) and elsewhere in others.
+fn logits_near_f32_max_take_the_fallback<T: CudaLogit, D: Offsets>(d: &D, seed: u64, centre: f32) {
     let mut r = rng(seed);
     let (rows, vocab) = (6, 41);
-    // 2e38 ± 3e37: every |z| is past 2^127 ≈ 1.7e38, spreads stay far inside f32.
     let logits: Vec<T> = (0..rows * vocab)
-        .map(|_| T::from_f32(2e38 + r.gen_range(-3e37f32..3e37)))
+        .map(|_| T::from_f32(centre * (1.0 + r.gen_range(-0.15f32..0.15))))
         .collect();
     let mut labels = random_labels(&mut r, rows, vocab, 0.0);
     labels[1] = IGNORE;
@@ -444,8 +443,46 @@ fn logits_near_f32_max_take_the_fallback<T: CudaLogit, D: Offsets>(d: &D, seed: 
 }
 
 fn forward_and_backward_near_f32_max<D: Offsets>(d: &D) {
-    logits_near_f32_max_take_the_fallback::<f32, D>(d, 41);
-    logits_near_f32_max_take_the_fallback::<bf16, D>(d, 42);
+    // 1e38 is where the fast form's limit of 2^127 once let the terms overflow (found by fuzzing).
+    for (k, centre) in [3e7f32, 1e12, 1e20, 1e38, 2e38, -1e38]
+        .into_iter()
+        .enumerate()
+    {
+        logits_near_f32_max_take_the_fallback::<f32, D>(d, 41 + k as u64, centre);
+        logits_near_f32_max_take_the_fallback::<bf16, D>(d, 51 + k as u64, centre);
+    }
+}
+
+/// A huge but finite logit met before ordinary ones (a thread's share starting at −6e24): the
+/// kernel's running max passes through a value its fast exponent cannot handle and comes back; the
+/// sum must not keep the garbage (it gave NaN before; found by fuzzing).
+fn forward_huge_logit_before_ordinary_ones<D: Offsets>(d: &D) {
+    let mut r = rng(61);
+    let (rows, vocab) = (24, 257);
+    let mut logits: Vec<bf16> = random_logits(&mut r, rows * vocab, 8.0);
+    let labels = random_labels(&mut r, rows, vocab, 0.0);
+    for row in 0..rows {
+        for k in 0..3 {
+            // Rows start at every alignment (odd vocab): the huge values land in heads and vectors.
+            logits[row * vocab + (row + 17 * k) % vocab] =
+                bf16::from_f32(-6.4e24 * (1.0 + k as f32));
+        }
+    }
+    let out = d.token_logprobs(&logits, &labels, vocab, IGNORE).unwrap();
+    let (want_logp, want_lse) = reference_forward(&logits, &labels, vocab);
+    for row in 0..rows {
+        assert!(
+            (out.lse[row] as f64 - want_lse[row]).abs() <= 1e-5 * (1.0 + want_lse[row].abs())
+                && (out.logp[row] as f64 - want_logp[row]).abs()
+                    <= 1e-5 * (1.0 + want_logp[row].abs()),
+            "{}: row {row}: logp {} lse {} vs {} {}",
+            d.name(),
+            out.logp[row],
+            out.lse[row],
+            want_logp[row],
+            want_lse[row]
+        );
+    }
 }
 
 fn forward_all_ignored_rows_are_not_read<D: Offsets>(d: &D) {
@@ -1243,6 +1280,7 @@ device_tests!(
     forward_large_rows_of_128k,
     forward_extreme_logits,
     forward_and_backward_near_f32_max,
+    forward_huge_logit_before_ordinary_ones,
     forward_all_ignored_rows_are_not_read,
     forward_writes_every_output,
     forward_errors,
