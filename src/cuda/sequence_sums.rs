@@ -280,13 +280,10 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
         token_grad: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let rows = labels.len();
-        let seq = self.seq_launch(rows, ignore_index, layout, None)?;
-        check_len("grad_seq", seq.batch, grad_seq.len())?;
-        check_len("token_grad", rows, token_grad.len())?;
-        if seq.batch == 0 {
+        let Some(seq) = self.broadcast_setup(grad_seq, labels, ignore_index, layout, token_grad)?
+        else {
             return Ok(());
-        }
+        };
         // As the CPU op: every grad_seq entry finite, also of sequences with no counted token
         // (one small copy of `batch` values).
         check_finite("grad_seq", &self.dtoh(grad_seq)?)?;
@@ -303,14 +300,26 @@ impl CudaBackend {
         layout: SequenceLayout<'_>,
         token_grad: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
+        match self.broadcast_setup(grad_seq, labels, ignore_index, layout, token_grad)? {
+            Some(seq) => self.launch_broadcast(&seq, grad_seq, labels, token_grad),
+            None => Ok(()),
+        }
+    }
+
+    /// The broadcast's shape checks and launch geometry; `None` for a batch of no sequences.
+    fn broadcast_setup(
+        &self,
+        grad_seq: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        token_grad: &impl DevicePtrMut<f32>,
+    ) -> Result<Option<SeqLaunch>> {
         let rows = labels.len();
         let seq = self.seq_launch(rows, ignore_index, layout, None)?;
         check_len("grad_seq", seq.batch, grad_seq.len())?;
         check_len("token_grad", rows, token_grad.len())?;
-        if seq.batch == 0 {
-            return Ok(());
-        }
-        self.launch_broadcast(&seq, grad_seq, labels, token_grad)
+        Ok((seq.batch > 0).then_some(seq))
     }
 
     /// Queues `broadcast_sequence_grad_*` (arguments checked by the caller).

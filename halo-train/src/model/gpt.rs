@@ -282,14 +282,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        let n = tokens_len(batch, seq)?;
-        if targets.len() != n {
-            return Err(HaloError::LengthMismatch {
-                what: "targets",
-                expected: n,
-                got: targets.len(),
-            });
-        }
+        check_targets(targets, batch, seq)?;
         let logits = self.logits(tape, input_ids, batch, seq)?;
         tape.token_logprobs(logits, targets)
     }
@@ -305,14 +298,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        let n = tokens_len(batch, seq)?;
-        if targets.len() != n {
-            return Err(HaloError::LengthMismatch {
-                what: "targets",
-                expected: n,
-                got: targets.len(),
-            });
-        }
+        check_targets(targets, batch, seq)?;
         let (h, wte) = self.final_hidden(tape, input_ids, batch, seq)?;
         tape.fused_head_token_logprobs(h, wte, targets)
     }
@@ -379,6 +365,19 @@ impl Gpt {
     pub(crate) fn from_parts(config: GptConfig, params: Vec<Parameter>) -> Self {
         Self { config, params }
     }
+}
+
+/// One target per token of the `[batch, seq]` input.
+fn check_targets(targets: &[i32], batch: usize, seq: usize) -> Result<()> {
+    let n = tokens_len(batch, seq)?;
+    if targets.len() != n {
+        return Err(HaloError::LengthMismatch {
+            what: "targets",
+            expected: n,
+            got: targets.len(),
+        });
+    }
+    Ok(())
 }
 
 /// `batch · seq`, or an error if the product overflows `usize` (sizes come from callers).
