@@ -32,7 +32,8 @@ impl Gpt {
     ///
     /// Errors: an empty prompt, a prompt token outside the vocabulary, `k == 0`, a
     /// non-positive / non-finite temperature, or non-finite logits to sample from
-    /// ([`HaloError::NonFinite`] with `what: "logits"` and the first bad vocabulary index as `row`).
+    /// ([`HaloError::NonFinite`] with `what: "logits"` and the first bad context position as `row`,
+    /// from [`Gpt::logits_inference`]).
     pub fn generate<R: Rng + ?Sized>(
         &self,
         prompt: &[u32],
@@ -67,15 +68,9 @@ impl Gpt {
         for _ in 0..max_new_tokens {
             let context = &tokens[tokens.len().saturating_sub(n_ctx)..];
             let logits = self.logits_inference(context, 1, context.len())?;
+            // Finite: `logits_inference` refuses NaN/inf logits (arg-max and the softmax assume
+            // finite values, and would sample garbage silently).
             let last = &logits[(context.len() - 1) * vocab..];
-            // NaN/inf logits (non-finite weights, an overflowing activation) would sample
-            // garbage silently: arg-max and the softmax both assume finite values.
-            if let Some(index) = last.iter().position(|v| !v.is_finite()) {
-                return Err(HaloError::NonFinite {
-                    what: "logits",
-                    row: index,
-                });
-            }
             let next = match sampling {
                 Sampling::Greedy => argmax(last),
                 Sampling::TopK { k, temperature } => sample_top_k(last, k, temperature, rng),
