@@ -41,6 +41,7 @@
 
 mod device;
 mod dpo;
+mod gemm;
 mod kto;
 mod launch;
 mod naive_baseline;
@@ -54,6 +55,7 @@ mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
+pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
 pub use sequence_sums::CudaSequenceSums;
