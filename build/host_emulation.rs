@@ -72,7 +72,13 @@ pub fn build() {
 }
 
 /// Links `objects` into the shared library `out` with soname `soname`.
-pub fn link_shared(build: &cc::Build, objects: &[PathBuf], out: &Path, soname: &str, libs: &[&str]) {
+pub fn link_shared(
+    build: &cc::Build,
+    objects: &[PathBuf],
+    out: &Path,
+    soname: &str,
+    libs: &[&str],
+) {
     let compiler = build.get_compiler();
     let mut link: Command = compiler.to_command();
     link.arg("-shared")

@@ -50,12 +50,13 @@ pub(crate) fn load_cublas() -> Result<()> {
         ))
     })?;
     // SAFETY: our own library; it has no initialisers beyond static tables.
-    let lib = unsafe { Library::open(Some(&path), libloading::os::unix::RTLD_NOW) }.map_err(|e| {
-        HaloError::CudaUnavailable(format!(
-            "cannot load the emulated cuBLAS {}: {e}",
-            path.display()
-        ))
-    })?;
+    let lib =
+        unsafe { Library::open(Some(&path), libloading::os::unix::RTLD_NOW) }.map_err(|e| {
+            HaloError::CudaUnavailable(format!(
+                "cannot load the emulated cuBLAS {}: {e}",
+                path.display()
+            ))
+        })?;
     // SAFETY: a lookup only.
     if unsafe { lib.get::<unsafe extern "C" fn() -> c_int>(b"halo_emu_is_emulated_cublas") }
         .is_err()
