@@ -41,6 +41,7 @@
 
 mod device;
 mod dpo;
+mod fused_head;
 mod gemm;
 mod kto;
 mod launch;
@@ -55,6 +56,7 @@ mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
+pub use fused_head::{CudaFusedHeadGrads, CudaFusedSaved, CudaFusedTokenLogprobs, CudaLmHead};
 pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
