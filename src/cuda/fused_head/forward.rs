@@ -77,7 +77,15 @@ impl CudaBackend {
                 // z[rt, vt] = hidden[rt] · W[vt]ᵀ
                 let shape = GemmShape::packed(rt.len(), width, h, false, true);
                 gemm.gemm(&shape, 1.0, &hid, &w, 0.0, &mut z)?;
-                self.tile_forward(&tile, width, bias.as_ref(), &counted.labels, &mut state, rt.clone(), vt)?;
+                self.tile_forward(
+                    &tile,
+                    width,
+                    bias.as_ref(),
+                    &counted.labels,
+                    &mut state,
+                    rt.clone(),
+                    vt,
+                )?;
             }
         }
         let mut status = self.new_status()?;
