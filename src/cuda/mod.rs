@@ -56,7 +56,10 @@ mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
-pub use fused_head::{CudaFusedHeadGrads, CudaFusedSaved, CudaFusedTokenLogprobs, CudaLmHead};
+pub use fused_head::{
+    CudaFusedHeadGrads, CudaFusedSaved, CudaFusedTokenLogprobs, CudaHeadStep, CudaHiddenBatch,
+    CudaKlSource, CudaKtoHeadInputs, CudaLmHead, CudaReferenceSource,
+};
 pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;

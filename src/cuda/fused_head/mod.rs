@@ -18,9 +18,13 @@
 
 mod backward;
 mod forward;
+mod heads;
 
 pub use backward::{CudaFusedHeadGrads, CudaFusedSaved};
 pub use forward::CudaFusedTokenLogprobs;
+pub use heads::{
+    CudaHeadStep, CudaHiddenBatch, CudaKlSource, CudaKtoHeadInputs, CudaReferenceSource,
+};
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
