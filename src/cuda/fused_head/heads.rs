@@ -24,7 +24,7 @@ use crate::losses::{DpoConfig, KlInput, KtoConfig, KtoOutput, PairLossOutput};
 use crate::step::pair_count;
 
 /// A batch's hidden states on the device and where its tokens and sequences are (device twin of
-/// [`crate::fused_head::HiddenBatch`]; the labels stay on the host, see [`super`]).
+/// [`crate::fused_head::HiddenBatch`]; the labels stay on the host, which picks the counted rows).
 #[derive(Debug, Clone, Copy)]
 pub struct CudaHiddenBatch<'a, T> {
     /// `[rows, H]`, row-major; rows whose label is ignored are not read.
