@@ -145,12 +145,12 @@ pub fn bench_shape<T: CudaLogit + LogitElement>(
         blas.gemm(&s, 1.0, &d_hidden, &d_weight, 0.0, z).unwrap();
     };
     let z_cell = std::cell::RefCell::new(&mut z);
-    let floor_fwd = || logits(&blas, &mut z_cell.borrow_mut());
+    let floor_fwd = || logits(blas, &mut z_cell.borrow_mut());
     let grads_cell = std::cell::RefCell::new((&mut dh, &mut dw));
     let floor_bwd = || {
         let mut z = z_cell.borrow_mut();
-        logits(&blas, &mut z);
-        logits(&blas, &mut z);
+        logits(blas, &mut z);
+        logits(blas, &mut z);
         let (dh, dw) = &mut *grads_cell.borrow_mut();
         let s = GemmShape::packed(rows, h, vocab, false, false);
         blas.gemm(&s, 1.0, &**z, &w32, 0.0, *dh).unwrap();

@@ -142,9 +142,13 @@ pub struct CudaGemm {
 }
 
 impl CudaBackend {
-    /// A cuBLAS handle on this backend's stream. `CudaUnavailable` when libcublas cannot be
-    /// loaded (no CUDA toolkit libraries on this machine), never a panic.
-    pub fn gemm(&self) -> Result<CudaGemm> {
+    /// This backend's cuBLAS handle, on its stream (created on first use: `cublasCreate` is
+    /// costly, so every op reuses one). `CudaUnavailable` when libcublas cannot be loaded (no CUDA
+    /// toolkit libraries on this machine), never a panic.
+    pub fn gemm(&self) -> Result<&CudaGemm> {
+        if let Some(handle) = self.blas.get() {
+            return Ok(handle);
+        }
         if self.is_emulated() {
             emulation::load_cublas()?;
         }
@@ -157,10 +161,14 @@ impl CudaBackend {
             ));
         }
         let blas = CudaBlas::new(self.stream().clone()).map_err(blas_err("cublasCreate"))?;
-        Ok(CudaGemm {
+        // Another thread may have won the race: its handle is kept, this one dropped.
+        let _ = self.blas.set(CudaGemm {
             blas,
             stream: self.stream().clone(),
-        })
+        });
+        self.blas
+            .get()
+            .ok_or_else(|| HaloError::Cuda("cuBLAS handle not stored".into()))
     }
 }
 
