@@ -264,3 +264,72 @@ fn two_runs_give_the_same_bits() {
     };
     assert_eq!(run(), run());
 }
+
+/// The emulated cuBLAS itself (below the wrapper, which refuses these first): cuBLAS's status
+/// codes for bad arguments, and a matrix running past its allocation caught by the emulated
+/// device memory. Only on the emulated device: on a GPU the last case would be a real fault.
+#[test]
+fn emulated_cublas_refuses_like_cublas() {
+    use cudarc::cublas::{result, sys, CudaBlas};
+    use std::ffi::c_void;
+    let gpu = cuda();
+    if !gpu.is_emulated() {
+        return;
+    }
+    gpu.gemm().unwrap(); // loads the emulated cuBLAS
+    let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
+    let a = gpu.htod(&[1.0f32; 6]).unwrap();
+    let mut c = gpu.htod(&[0.0f32; 4]).unwrap();
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (n, t) = (
+        sys::cublasOperation_t::CUBLAS_OP_N,
+        sys::cublasOperation_t::CUBLAS_OP_T,
+    );
+    let f32t = sys::cudaDataType::CUDA_R_32F;
+    let call = |m: i32, k: i32, lda: i32, c_type, c_ptr: u64, a_ptr: u64| {
+        // SAFETY: the emulated cuBLAS range-checks every matrix against the emulated device
+        // memory before touching it (that is what this test checks).
+        unsafe {
+            result::gemm_ex(
+                *blas.handle(),
+                n,
+                t,
+                m,
+                2,
+                k,
+                (&alpha as *const f32).cast::<c_void>(),
+                a_ptr as *const c_void,
+                f32t,
+                lda,
+                a_ptr as *const c_void,
+                f32t,
+                2,
+                (&beta as *const f32).cast::<c_void>(),
+                c_ptr as *mut c_void,
+                c_type,
+                2,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+    };
+    use halo_kernels::cuda::{DevicePtr, DevicePtrMut};
+    let (a_ptr, _ra) = a.device_ptr(gpu.stream());
+    let (c_ptr, _wc) = c.device_ptr_mut(gpu.stream());
+    // lda below m: CUBLAS_STATUS_INVALID_VALUE.
+    let e = call(2, 3, 1, f32t, c_ptr, a_ptr).unwrap_err();
+    assert_eq!(e.0, sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE);
+    assert!(halo_kernels::emulation::take_last_cublas_error()
+        .is_some_and(|d| d.contains("leading dimension")));
+    // f32 inputs with a bf16 output: not a supported combination.
+    let e = call(2, 3, 2, sys::cudaDataType::CUDA_R_16BF, c_ptr, a_ptr).unwrap_err();
+    assert_eq!(e.0, sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED);
+    let _ = halo_kernels::emulation::take_last_cublas_error();
+    // k = 4: A is 2 x 4 (8 floats) but the allocation holds 6: caught, nothing read.
+    let e = call(2, 4, 2, f32t, c_ptr, a_ptr).unwrap_err();
+    assert_eq!(e.0, sys::cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED);
+    let detail = halo_kernels::emulation::take_last_cublas_error().unwrap_or_default();
+    assert!(detail.contains("matrix A"), "{detail}");
+    // The same call within bounds succeeds.
+    call(2, 3, 2, f32t, c_ptr, a_ptr).unwrap();
+}
