@@ -20,6 +20,11 @@
 //! `HALO_FUSED_BENCH_REPS=3` times each call 3 times, interleaved, and prints the fastest.
 //! `cargo test` runs this file once at tiny shapes (`test = true`): no figure from that run means
 //! anything.
+//!
+//! GPU (`benches/support/fused_head_gpu.rs`): the same shapes on the CUDA fused head, as a
+//! fraction of the bare cuBLAS GEMMs measured in the same run, with peak device memory; skipped
+//! (saying why) without a GPU under `cargo bench`, run on the emulated device by `cargo test`.
+//! `HALO_FUSED_BENCH_GPU_ONLY=1` skips the CPU variants (for a lent GPU machine's time limit).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +38,9 @@ use halo_kernels::fused_head::{
 };
 use halo_kernels::{LogitElement, IGNORE_INDEX};
 use rayon::prelude::*;
+
+#[path = "support/fused_head_gpu.rs"]
+mod gpu;
 
 /// Counts live heap bytes and their peak, to measure each call's extra memory.
 struct Counting;
@@ -78,6 +86,15 @@ fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let filter = std::env::var("HALO_FUSED_BENCH").ok();
     let summary_only = std::env::var("HALO_FUSED_BENCH_SUMMARY").is_ok_and(|v| v == "1");
+    let gpu_only = std::env::var("HALO_FUSED_BENCH_GPU_ONLY").is_ok_and(|v| v == "1");
+    let gpu = gpu::backend(bench_mode);
+    match &gpu {
+        Ok(g) => println!(
+            "GPU variants on {}",
+            g.device_name().unwrap_or_else(|e| format!("? ({e})"))
+        ),
+        Err(why) => println!("GPU variants skipped: {why}"),
+    }
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(1))
@@ -100,9 +117,10 @@ fn main() {
                 continue;
             }
             let run = if summary_only { None } else { Some(&mut c) };
+            let gpu = gpu.as_ref().ok();
             match dtype {
-                "f32" => bench_shape::<f32>(run, rows, vocab, h),
-                _ => bench_shape::<bf16>(run, rows, vocab, h),
+                "f32" => bench_shape::<f32>(run, gpu, gpu_only, rows, vocab, h),
+                _ => bench_shape::<bf16>(run, gpu, gpu_only, rows, vocab, h),
             }
         }
     }
@@ -183,7 +201,14 @@ fn par_gemm(
     });
 }
 
-fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: usize, h: usize) {
+fn bench_shape<T: LogitElement + halo_kernels::cuda::CudaLogit>(
+    c: Option<&mut Criterion>,
+    gpu: Option<&halo_kernels::cuda::CudaBackend>,
+    gpu_only: bool,
+    rows: usize,
+    vocab: usize,
+    h: usize,
+) {
     let hidden: Vec<T> = random(1, rows * h, 1.0);
     let weight: Vec<T> = random(2, vocab * h, (3.0 / h as f32).sqrt());
     let labels: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
@@ -194,9 +219,28 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
         vocab,
         hidden_size: h,
     };
+    let reps: usize = std::env::var("HALO_FUSED_BENCH_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let name = format!("{rows}x{vocab}x{h} {:?}", T::DTYPE);
+    println!("{name}:");
+    if let Some(gpu) = gpu {
+        gpu::bench_shape(
+            gpu,
+            &hidden,
+            &weight,
+            &labels,
+            &grad_logp,
+            (rows, vocab, h),
+            reps.max(3),
+        );
+    }
+    if gpu_only {
+        return;
+    }
     let h32: Vec<f32> = hidden.iter().map(|x| x.to_f32()).collect();
     let w32: Vec<f32> = weight.iter().map(|x| x.to_f32()).collect();
-    let name = format!("{rows}x{vocab}x{h} {:?}", T::DTYPE);
 
     let fused_fwd =
         || fused_linear_token_logprobs(&hidden, &head, &labels, IGNORE_INDEX, None).unwrap();
@@ -242,13 +286,8 @@ fn bench_shape<T: LogitElement>(c: Option<&mut Criterion>, rows: usize, vocab: u
         grads(&z, &h32, &w32, rows, vocab, h)
     };
 
-    println!("{name}:");
     let gemm_flops = 2.0 * (rows * vocab * h) as f64;
     // Each variant `reps` times, interleaved, keeping the fastest (a shared machine is noisy).
-    let reps: usize = std::env::var("HALO_FUSED_BENCH_REPS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
     let best = |f: &dyn Fn() -> (f64, usize), acc: &mut (f64, usize)| {
         let (t, m) = f();
         *acc = (acc.0.min(t), acc.1.max(m));

@@ -46,6 +46,8 @@ pub fn build() {
         .file(kernels.join("emulation/kernel_registry.cpp"))
         .file(kernels.join("emulation/driver_api.cpp"))
         .file(kernels.join("emulation/device_memory.cpp"))
+        // The emulated cuBLAS's GEMM (build/host_cublas.rs builds the library in front of it).
+        .file(kernels.join("emulation/cublas_gemm.cpp"))
         .include(kernels)
         .define("HALO_HOST_EMULATION", None)
         .flag("-std=c++17")
@@ -65,25 +67,36 @@ pub fn build() {
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let lib = out_dir.join(LIB_NAME);
+    link_shared(&build, &objects, &lib, SONAME, &["-pthread"]);
+    println!("cargo:rustc-env=HALO_EMULATED_DRIVER_LIB={}", lib.display());
+}
+
+/// Links `objects` into the shared library `out` with soname `soname`.
+pub fn link_shared(
+    build: &cc::Build,
+    objects: &[PathBuf],
+    out: &Path,
+    soname: &str,
+    libs: &[&str],
+) {
     let compiler = build.get_compiler();
     let mut link: Command = compiler.to_command();
     link.arg("-shared")
         .arg("-o")
-        .arg(&lib)
-        .args(&objects)
-        .arg(format!("-Wl,-soname,{SONAME}"))
-        .arg("-pthread");
+        .arg(out)
+        .args(objects)
+        .arg(format!("-Wl,-soname,{soname}"))
+        .args(libs);
     let output = link
         .output()
         .unwrap_or_else(|e| panic!("could not run the C++ linker {link:?}: {e}"));
     if !output.status.success() {
         panic!(
             "linking {} failed ({}):\n$ {link:?}\n{}{}",
-            lib.display(),
+            out.display(),
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    println!("cargo:rustc-env=HALO_EMULATED_DRIVER_LIB={}", lib.display());
 }

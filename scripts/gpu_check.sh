@@ -32,7 +32,8 @@ newest_binary() {
 }
 
 # One test body per op, run on the CPU and on CUDA (here the real GPU: HALO_REQUIRE_GPU=1).
-DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31"
+# The fused LM head's (issue 12) need libcublas on the GPU machine (loaded at run time).
+DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31 cuda_gemm fused_head_cuda fused_head_steps_cuda"
 
 prepare() {
     set -e
@@ -40,10 +41,11 @@ prepare() {
     local target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
     # --no-run: build only. The bench profile is release + line tables, like the tests.
     cargo test --release --no-run --test cuda_kernels --test cuda_no_gpu \
-        --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31
-    cargo bench --no-run --bench cuda_ops
+        --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31 \
+        --test cuda_gemm --test fused_head_cuda --test fused_head_steps_cuda
+    cargo bench --no-run --bench cuda_ops --bench fused_head
     mkdir -p "$BIN_DIR"
-    for name in cuda_kernels cuda_no_gpu cuda_ops $DEVICE_TESTS; do
+    for name in cuda_kernels cuda_no_gpu cuda_ops fused_head $DEVICE_TESTS; do
         local bin
         bin="$(newest_binary "$target_dir" "$name")"
         if [ -z "$bin" ]; then
@@ -133,6 +135,11 @@ run() {
         # Run the criterion binary directly: `--bench` selects benchmarking (not its test mode).
         step "benches" bench.log "$BIN_DIR/cuda_ops" --bench
         grep -A 40 '^summary' "$out/bench.log" >>"$summary" || true
+        # The fused LM head on the GPU against the bare cuBLAS GEMMs of the same shapes (GPU
+        # variants only, no criterion: the side-by-side lines with peak device memory).
+        step "fused head bench" fused_head_bench.log env HALO_FUSED_BENCH_GPU_ONLY=1 \
+            HALO_FUSED_BENCH_SUMMARY=1 "$BIN_DIR/fused_head" --bench
+        grep -E '^[0-9]+x|GPU' "$out/fused_head_bench.log" >>"$summary" || true
     fi
 
     echo

@@ -18,6 +18,7 @@
 #include "../kto_loss.cu"
 #include "../dpo_loss.cu"
 #include "../naive_baseline.cu"
+#include "../fused_head_tiles.cu"
 
 #include "emulated_driver.h"
 
@@ -84,6 +85,20 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(humanline_grad_mask_f32),
         HALO_KERNEL(kto_loss_f32),
         HALO_KERNEL(dpo_loss_f32),
+        HALO_KERNEL(fused_head_tile_forward),
+        HALO_KERNEL(fused_head_state_reset),
+        HALO_KERNEL(fused_head_finalize),
+        HALO_KERNEL(fused_head_tile_backward),
+        HALO_KERNEL(fused_head_bias_grad),
+        HALO_KERNEL(fused_head_gather_f32),
+        HALO_KERNEL(fused_head_gather_bf16),
+        HALO_KERNEL(fused_head_gather_f16),
+        HALO_KERNEL(fused_head_gather_wide_bf16),
+        HALO_KERNEL(fused_head_gather_wide_f16),
+        HALO_KERNEL(fused_head_widen_bf16),
+        HALO_KERNEL(fused_head_widen_f16),
+        HALO_KERNEL(fused_head_scatter_rows),
+        HALO_KERNEL(fused_head_first_nonfinite),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),

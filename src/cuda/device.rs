@@ -9,7 +9,7 @@
 //! the same wrappers, launches and error paths, with host memory as device memory.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
@@ -46,6 +46,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     functions: HashMap<String, CudaFunction>,
     emulated: bool,
+    /// The cuBLAS handle of [`CudaBackend::gemm`], created on first use (src/cuda/gemm.rs).
+    pub(crate) blas: OnceLock<super::CudaGemm>,
 }
 
 impl CudaBackend {
@@ -118,6 +120,7 @@ impl CudaBackend {
             stream,
             functions,
             emulated,
+            blas: OnceLock::new(),
         })
     }
 

@@ -41,6 +41,8 @@
 
 mod device;
 mod dpo;
+mod fused_head;
+mod gemm;
 mod kto;
 mod launch;
 mod naive_baseline;
@@ -54,6 +56,11 @@ mod token_logprobs_backward;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
+pub use fused_head::{
+    CudaFusedHeadGrads, CudaFusedSaved, CudaFusedTokenLogprobs, CudaHeadStep, CudaHiddenBatch,
+    CudaKlSource, CudaKtoHeadInputs, CudaLmHead, CudaReferenceSource,
+};
+pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
 pub use sequence_sums::CudaSequenceSums;

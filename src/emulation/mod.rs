@@ -29,6 +29,10 @@ use libloading::os::unix::Library;
 
 use crate::error::{HaloError, Result};
 
+mod cublas;
+pub(crate) use cublas::load_cublas;
+pub use cublas::{cublas_path, take_last_cublas_error, BUILT_CUBLAS_LIB, CUBLAS_LIB_ENV};
+
 /// Environment variable naming a build of the emulated driver library (default: the one this
 /// crate's build wrote with the `emulation` feature, [`BUILT_DRIVER_LIB`]).
 pub const DRIVER_LIB_ENV: &str = "HALO_EMULATED_DRIVER_LIB";

@@ -48,6 +48,8 @@ mod heads;
 mod tile_math;
 mod validate;
 
+pub(crate) use validate::{check_head_shapes, non_finite_error, HeadShape};
+
 pub use backward::{fused_linear_token_logprobs_backward, FusedHeadGrads};
 pub use chunks::FusedChunks;
 pub use forward::{fused_linear_token_logprobs, FusedTokenLogprobs};

@@ -13,6 +13,36 @@ pub(crate) fn check_head_args<T>(
     labels: &[i32],
     ignore_index: i32,
 ) -> Result<usize> {
+    check_head_shapes(
+        hidden_len,
+        HeadShape {
+            vocab: head.vocab,
+            hidden_size: head.hidden_size,
+            weight_len: head.weight.len(),
+            bias_len: head.bias.map(<[T]>::len),
+        },
+        labels,
+        ignore_index,
+    )
+}
+
+/// The lengths of an LM head's buffers, wherever they live (host slices or device buffers): what
+/// [`check_head_shapes`] checks, for the CPU and the CUDA fused heads alike.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadShape {
+    pub vocab: usize,
+    pub hidden_size: usize,
+    pub weight_len: usize,
+    pub bias_len: Option<usize>,
+}
+
+/// [`check_head_args`] on lengths only; returns `rows`.
+pub(crate) fn check_head_shapes(
+    hidden_len: usize,
+    head: HeadShape,
+    labels: &[i32],
+    ignore_index: i32,
+) -> Result<usize> {
     if head.vocab == 0 {
         return Err(HaloError::InvalidShape("vocab must be at least 1".into()));
     }
@@ -34,10 +64,10 @@ pub(crate) fn check_head_args<T>(
     check_len(
         "weight",
         product(head.vocab, head.hidden_size, "vocab * hidden_size")?,
-        head.weight.len(),
+        head.weight_len,
     )?;
-    if let Some(bias) = head.bias {
-        check_len("bias", head.vocab, bias.len())?;
+    if let Some(bias_len) = head.bias_len {
+        check_len("bias", head.vocab, bias_len)?;
     }
     check_labels(labels, head.vocab, ignore_index)?;
     Ok(rows)
