@@ -32,7 +32,7 @@ newest_binary() {
 }
 
 # One test body per op, run on the CPU and on CUDA (here the real GPU: HALO_REQUIRE_GPU=1).
-DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31"
+DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31 cuda_split_rows"
 
 prepare() {
     set -e
@@ -40,7 +40,7 @@ prepare() {
     local target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
     # --no-run: build only. The bench profile is release + line tables, like the tests.
     cargo test --release --no-run --test cuda_kernels --test cuda_no_gpu \
-        --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31
+        --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31 --test cuda_split_rows
     cargo bench --no-run --bench cuda_ops
     mkdir -p "$BIN_DIR"
     for name in cuda_kernels cuda_no_gpu cuda_ops $DEVICE_TESTS; do
@@ -125,6 +125,12 @@ run() {
             "$BIN_DIR/cuda_kernels" --test-threads 1 --skip large
         step "racecheck" racecheck.log timeout "$limit" "$sanitizer" --tool racecheck --error-exitcode 97 \
             "$BIN_DIR/cuda_kernels" --test-threads 1 --skip large --skip deterministic
+        # Split rows: blocks of one row publish partials and the last one merges them (a pattern
+        # the emulated device, which runs blocks one after another, cannot race).
+        step "memcheck split rows" memcheck_split.log timeout "$limit" "$sanitizer" --tool memcheck \
+            --error-exitcode 97 "$BIN_DIR/cuda_split_rows" --test-threads 1 --skip random_shapes
+        step "racecheck split rows" racecheck_split.log timeout "$limit" "$sanitizer" --tool racecheck \
+            --error-exitcode 97 "$BIN_DIR/cuda_split_rows" --test-threads 1 --skip random_shapes
     else
         note "SKIP compute-sanitizer: not found on this machine"
     fi

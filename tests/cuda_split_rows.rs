@@ -805,37 +805,53 @@ fn deterministic(gpu: &CudaBackend) -> TestResult {
     Ok(())
 }
 
-/// Random shapes, split counts and values (with rare huge, tiny and tied entries) through the
-/// forward and the backward against f64: the fuzz-style sweep of the split paths.
+/// Random shapes, split counts and values (with rare huge, tiny, tied and non-finite entries, and
+/// the fuzzer's scales up to 3e38) through the forward and the backward: against f64, or, where
+/// the CPU op refuses the input, the CPU op's error — the fuzz-style sweep of the split paths
+/// (`tests/fuzz_core.rs` draws vocabularies ≤ 257, which are never split).
 fn random_shapes(gpu: &CudaBackend) -> TestResult {
-    for case in 0..24u64 {
+    for case in 0..48u64 {
         let u = |i: u64, lo: f64, hi: f64| uniform(7000 + case, i, lo, hi);
-        let rows = 1 + (u(0, 0.0, 4.0) as usize);
+        let pick = |i: u64, n: usize| (u(i, 0.0, n as f64) as usize).min(n - 1);
+        let rows = 1 + pick(0, 4);
         let vocab = 1 + (u(1, 0.0, 1.0).powi(2) * 40_000.0) as usize;
-        let splits = 1 + (u(2, 0.0, 12.0) as usize);
         let split = if case % 6 == 5 {
             RowSplit::Auto
         } else {
-            RowSplit::Fixed(splits)
+            RowSplit::Fixed(1 + pick(2, 12))
         };
-        let scale = [1.0, 8.0, 100.0, 1e4][(u(3, 0.0, 4.0) as usize).min(3)];
+        let scale = [1.0, 8.0, 100.0, 1e4, 1e5, 3e38][pick(3, 6)];
         let mut logits: Vec<f32> = (0..rows * vocab)
             .map(|i| u(10 + i as u64, -scale, scale) as f32)
             .collect();
+        let specials = [
+            3e7f32,
+            -1e30,
+            scale as f32,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        // Non-finite values in one case in four.
+        let usable = if case % 4 == 3 { specials.len() } else { 4 };
         for k in 0..3u64 {
-            let i = (u(100 + k, 0.0, (rows * vocab) as f64) as usize).min(rows * vocab - 1);
-            logits[i] = [3e7f32, -1e30, scale as f32, 0.0][(u(200 + k, 0.0, 4.0) as usize).min(3)];
+            logits[pick(100 + k, rows * vocab)] = specials[pick(200 + k, usable)];
         }
         let labels: Vec<i32> = (0..rows as u64)
             .map(|r| {
                 if u(300 + r, 0.0, 1.0) < 0.2 {
                     IGNORE_INDEX
                 } else {
-                    (u(400 + r, 0.0, vocab as f64) as i32).min(vocab as i32 - 1)
+                    pick(400 + r, vocab) as i32
                 }
             })
             .collect();
         let what = format!("case {case}: {rows}x{vocab} scale {scale}");
+        if cpu::token_logprobs(&logits, &labels, vocab, IGNORE_INDEX).is_err() {
+            same_forward_error(gpu, &logits, &labels, vocab, split, &what)?;
+            continue;
+        }
         check_forward(gpu, &logits, &labels, vocab, split, &what)?;
         // Backward against f64 at this split only (check_backward runs the fixed list).
         let (lse, residual) = saved64(&logits, &labels, vocab);
