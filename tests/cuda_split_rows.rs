@@ -942,7 +942,12 @@ fn kto_step_one_host_wait(gpu: &CudaBackend) -> TestResult {
     );
     // The step's per-sequence log-probs against f64.
     let sums = ok("dtoh", gpu.dtoh(&step.policy_logps))?;
-    for b in 0..batch {
+    ensure!(
+        sums.len() == batch,
+        "{} sums for {batch} sequences",
+        sums.len()
+    );
+    for (b, &sum) in sums.iter().enumerate() {
         let want: f64 = (b * seq..(b + 1) * seq)
             .filter(|&r| labels[r] != IGNORE_INDEX)
             .map(|r| {
@@ -951,9 +956,8 @@ fn kto_step_one_host_wait(gpu: &CudaBackend) -> TestResult {
             })
             .sum();
         ensure!(
-            (sums[b] as f64 - want).abs() <= 1e-4,
-            "sequence {b}: Σ logp {} vs f64 {want}",
-            sums[b]
+            (sum as f64 - want).abs() <= 1e-4,
+            "sequence {b}: Σ logp {sum} vs f64 {want}"
         );
     }
     Ok(())

@@ -110,6 +110,7 @@ impl CudaBackend {
 
     /// [`CudaBackend::token_logprobs_backward_inplace`] with the rows split `split` ways (see
     /// [`RowSplit`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn token_logprobs_backward_inplace_with_split<T: CudaLogit>(
         &self,
         logits: &mut impl DevicePtrMut<T>,
