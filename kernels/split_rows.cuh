@@ -8,8 +8,9 @@
 #pragma once
 #include "halo_common.cuh"
 
-// Most slices per row: the merging block reads one partial per thread.
+// Most slices per row: the merging block reads one partial per thread (Rust: cuda::MAX_ROW_SPLITS).
 #define HALO_MAX_ROW_SPLITS HALO_TOKEN_THREADS
+static_assert(HALO_MAX_ROW_SPLITS <= HALO_TOKEN_THREADS, "the merge reads one partial per thread");
 // Floats per partial (three used; four keep a partial in one 16-byte line).
 #define HALO_SPLIT_PARTIAL_FLOATS 4
 

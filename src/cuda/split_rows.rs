@@ -137,7 +137,8 @@ mod tests {
         assert_eq!(auto_row_splits(1, 16_383, 132), 1); // one slice of ≥ 8192 only
         assert_eq!(auto_row_splits(1, 16_384, 132), 2);
         assert_eq!(auto_row_splits(0, 128_256, 132), 1);
-        assert_eq!(auto_row_splits(1, 1 << 30, 132), 264);
+        assert_eq!(auto_row_splits(1, 1 << 30, 100), 200);
+        assert_eq!(auto_row_splits(1, 1 << 30, 132), MAX_ROW_SPLITS); // 264 wanted
         assert_eq!(auto_row_splits(1, 1 << 30, 1000), MAX_ROW_SPLITS);
     }
 
