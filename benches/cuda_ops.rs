@@ -22,7 +22,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use halo_kernels::cpu::SavedLse;
-use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoBatch, CudaSlice};
+use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoBatch, CudaSlice, RowSplit};
 use halo_kernels::losses::KtoConfig;
 use halo_kernels::{DType, LogitElement, IGNORE_INDEX};
 use rayon::prelude::*;
@@ -35,6 +35,10 @@ const SEQ_LEN: usize = 512;
 /// Shapes of the smoke run under `cargo test` (odd vocabularies on purpose).
 const SMOKE_ROWS: [usize; 1] = [24];
 const SMOKE_VOCABS: [usize; 2] = [515, 1031];
+/// Small batches (evaluation, scoring: too few rows to fill the device), unsplit vs split rows.
+const SMALL_BATCHES: [(usize, usize); 3] = [(1, 128256), (8, 128256), (32, 32000)];
+/// The smoke run's small batch (wide enough that the automatic choice splits it).
+const SMOKE_SMALL_BATCHES: [(usize, usize); 1] = [(2, 20011)];
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test` does not.
@@ -64,6 +68,14 @@ fn main() {
         for &vocab in vocabs {
             summary.extend(bench_shape(&mut c, &gpu, rows, vocab));
         }
+    }
+    let small: &[(usize, usize)] = if bench_mode {
+        &SMALL_BATCHES
+    } else {
+        &SMOKE_SMALL_BATCHES
+    };
+    for &(rows, vocab) in small {
+        summary.extend(bench_small_batch(&mut c, &gpu, rows, vocab));
     }
     c.final_summary();
     if !bench_mode {
@@ -308,6 +320,91 @@ fn bench_shape(c: &mut Criterion, gpu: &CudaBackend, rows: usize, vocab: usize) 
         "{shape}: kto_loss (batch {batch}, launch + wait + read-back) {:.1} us",
         kto.seconds() * 1e6
     ));
+    group.finish();
+    out
+}
+
+/// A batch too small to fill the device: forward and out-of-place backward with one block per row
+/// (`RowSplit::Fixed(1)`) and with the automatic split, kernel time from events as above.
+fn bench_small_batch(
+    c: &mut Criterion,
+    gpu: &CudaBackend,
+    rows: usize,
+    vocab: usize,
+) -> Vec<String> {
+    let n = rows * vocab;
+    let logits_bytes = (n * bf16::DTYPE.size_in_bytes()) as u64;
+    let splits = gpu
+        .row_splits(RowSplit::Auto, rows, vocab)
+        .expect("automatic split");
+    let shape = format!("{rows}x{vocab}");
+    let d_logits = gpu
+        .htod(&random_bf16(rows as u64, n))
+        .expect("upload logits");
+    let labels: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
+    let d_labels = gpu.htod(&labels).expect("upload labels");
+    let mut d_logp = gpu.alloc_zeros::<f32>(rows).expect("alloc");
+    let mut d_lse = gpu.alloc_zeros::<f32>(rows).expect("alloc");
+    let mut d_residual = gpu.alloc_zeros::<f32>(rows).expect("alloc");
+    let mut d_grad = gpu.alloc_zeros::<bf16>(n).expect("alloc");
+    let grad_logp = gpu.htod(&vec![0.5f32; rows]).expect("upload");
+    let mut status = gpu.new_status().expect("status");
+    let mut group = c.benchmark_group("cuda_ops_small_batch");
+    let mut out = Vec::new();
+    for (what, split) in [("unsplit", RowSplit::Fixed(1)), ("split", RowSplit::Auto)] {
+        let forward = Tally::new();
+        group.throughput(Throughput::Bytes(logits_bytes));
+        group.bench_function(BenchmarkId::new(format!("forward_{what}"), &shape), |b| {
+            b.iter_custom(|iters| {
+                gpu_time(gpu, iters, &forward, || {
+                    gpu.enqueue_token_logprobs_with_split(
+                        &d_logits,
+                        &d_labels,
+                        vocab,
+                        IGNORE_INDEX,
+                        split,
+                        &mut d_logp,
+                        &mut d_lse,
+                        &mut d_residual,
+                        &mut status,
+                    )
+                    .expect("forward")
+                })
+            })
+        });
+        let word = gpu.read_status(&status).expect("status");
+        gpu.token_logprobs_status(word, &d_labels, vocab, IGNORE_INDEX)
+            .expect("forward reported an error");
+        let backward = Tally::new();
+        group.throughput(Throughput::Bytes(2 * logits_bytes));
+        group.bench_function(BenchmarkId::new(format!("backward_{what}"), &shape), |b| {
+            b.iter_custom(|iters| {
+                gpu_time(gpu, iters, &backward, || {
+                    gpu.enqueue_token_logprobs_backward_with_split(
+                        &d_logits,
+                        &d_labels,
+                        SavedLse::new(&d_lse, &d_residual),
+                        &grad_logp,
+                        vocab,
+                        IGNORE_INDEX,
+                        split,
+                        &mut d_grad,
+                        &mut status,
+                    )
+                    .expect("backward")
+                })
+            })
+        });
+        let gbs = |bytes: u64, t: &Tally| bytes as f64 / t.seconds() / 1e9;
+        out.push(format!(
+            "{shape} ({what}, {} block(s) per row): forward {:.1} us ({:.0} GB/s), backward {:.1} us ({:.0} GB/s)",
+            if what == "split" { splits } else { 1 },
+            forward.seconds() * 1e6,
+            gbs(logits_bytes, &forward),
+            backward.seconds() * 1e6,
+            gbs(2 * logits_bytes, &backward)
+        ));
+    }
     group.finish();
     out
 }

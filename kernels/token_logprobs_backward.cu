@@ -10,6 +10,7 @@
 // reports the row's first fault (status slots HALO_STATUS_BWD_*, in the CPU op's order).
 #include "halo_common.cuh"
 #include "reductions.cuh"
+#include "split_rows.cuh"
 
 // What a thread has seen of its row.
 struct RowProbe {
@@ -123,22 +124,50 @@ __device__ __forceinline__ bool lse_fits_row(float row_lse, float prob_sum) {
     return fabsf(prob_sum - 1.0f) <= HALO_LSE_SUM_TOL + fabsf(row_lse) * 1.1920928955078125e-7f;
 }
 
-template <typename T, bool InPlace>
+// Split rows (split_rows.cuh): the row's checks merged over its slices, in the block that arrives
+// last (`false` in every other block, which is done): Σp in slice order 0, 1, 2, …, the probes'
+// maxima (order-free). `s` is the block's reduced probe of its slice (valid in thread 0).
+__device__ __forceinline__ bool merge_backward_slices(RowProbe& s, int64_t row, int splits,
+                                                      float* __restrict__ partials, unsigned* __restrict__ arrivals) {
+    __shared__ float slice_sum[HALO_MAX_ROW_SPLITS];
+    __shared__ float slice_probe[HALO_MAX_ROW_SPLITS];
+    __shared__ float slice_max_abs[HALO_MAX_ROW_SPLITS];
+    const int slice = split_slice(splits);
+    if (!split_publish_and_arrive(partials, arrivals, row, splits, slice, s.sum, s.probe, s.max_abs)) return false;
+    split_gather(partials, row, splits, slice_sum, slice_probe, slice_max_abs);
+    if (threadIdx.x != 0) return false;
+    float sum = 0.0f, probe = 0.0f, max_abs = 0.0f;
+    for (int k = 0; k < splits; k++) {
+        sum += slice_sum[k];
+        probe = halo_max_abs_nan(probe, slice_probe[k]);
+        max_abs = fmaxf(max_abs, slice_max_abs[k]);
+    }
+    s.sum = sum;
+    s.probe = probe;
+    s.max_abs = max_abs;
+    return true;
+}
+
+// Split = false: rows_per_block rows per block; Split = true: `splits` blocks per row, block b
+// writing slice b % splits of row b / splits (split_rows.cuh) and the last one checking the row.
+template <typename T, bool InPlace, bool Split>
 __device__ __forceinline__ void token_logprobs_backward(const T* logits, const int32_t* __restrict__ labels,
                                                         const float* __restrict__ lse,
                                                         const float* __restrict__ lse_residual,
                                                         const float* __restrict__ grad_logp, T* grad_logits,
-                                                        int32_t* __restrict__ status, HaloTokenParams p) {
+                                                        int32_t* __restrict__ status, float* __restrict__ partials,
+                                                        unsigned* __restrict__ arrivals, int splits, HaloTokenParams p) {
     // Per-warp partial checks of rows wider than a warp (HALO_TOKEN_THREADS / 32 warps).
     __shared__ float warp_sum[HALO_TOKEN_THREADS / 32];
     __shared__ float warp_probe[HALO_TOKEN_THREADS / 32];
     __shared__ float warp_max_abs[HALO_TOKEN_THREADS / 32];
 
     constexpr int VEC = Elem<T>::VEC;
-    const int threads_per_row = HALO_TOKEN_THREADS / p.rows_per_block;
-    const int local_row = threadIdx.x / threads_per_row;
-    const int lane = threadIdx.x % threads_per_row;
-    const int64_t row = (int64_t)blockIdx.x * p.rows_per_block + local_row;
+    const int threads_per_row = Split ? HALO_TOKEN_THREADS : HALO_TOKEN_THREADS / p.rows_per_block;
+    const int local_row = Split ? 0 : threadIdx.x / threads_per_row;
+    const int lane = Split ? (int)threadIdx.x : threadIdx.x % threads_per_row;
+    const int64_t row = Split ? (int64_t)(blockIdx.x / splits) : (int64_t)blockIdx.x * p.rows_per_block + local_row;
+    const RowSlice slice = Split ? row_slice(p.vocab, splits, split_slice(splits)) : RowSlice{0, p.vocab};
     // No early exit: every thread takes part in the row reductions below (uniform control flow).
     const bool in_range = row < p.rows;
 
@@ -157,18 +186,22 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
 
     RowProbe s = {0.0f, 0.0f, 0.0f, Elem<T>::NEG_INF_WORD};
     if (in_range) {
-        const T* in = logits + row * p.vocab;
-        T* out = grad_logits + row * p.vocab;
-        const int64_t vocab = p.vocab;
+        // This block's columns of the row (all of it unless split); `vocab` is their count.
+        const T* in = logits + row * p.vocab + slice.begin;
+        T* out = grad_logits + row * p.vocab + slice.begin;
+        const int64_t vocab = slice.end - slice.begin;
         const bool same_misalignment =
             ((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) & 15u) == 0;
         // Vectors only when input and output reach a 16-byte boundary together, in the fast form;
         // else all scalar.
         const int64_t head = same_misalignment && rexp.fast ? head_to_alignment(in, vocab) : vocab;
         const int64_t n_vecs = (vocab - head) / VEC;
-        // The label's column: its writer reads z_y first (in place, the loops overwrite it).
-        const bool owns_label = !zero_row && lane == owner_lane<T>(y, head, n_vecs, threads_per_row);
-        const float z_y = owns_label ? Elem<T>::to_f32(in[y]) : 0.0f;
+        // The label's column (`col_y` in this block's columns): its writer reads z_y first (in
+        // place, the loops overwrite it).
+        const int64_t col_y = y - slice.begin;
+        const bool label_here = !zero_row && (!Split || (col_y >= 0 && col_y < vocab));
+        const bool owns_label = label_here && lane == owner_lane<T>(col_y, head, n_vecs, threads_per_row);
+        const float z_y = owns_label ? Elem<T>::to_f32(in[col_y]) : 0.0f;
 
         #pragma unroll 1
         for (int64_t j = lane; j < head; j += threads_per_row) {
@@ -221,10 +254,13 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         if (owns_label) {
             // g·(1 − p_y) = g − g·c·e_y, over the −g·p_y this thread wrote (Σ already holds e_y).
             const float w_y = fmaf(neg_gc, prob_unscaled(z_y, rexp), g);
-            out[y] = Elem<T>::from_f32(w_y);
+            out[col_y] = Elem<T>::from_f32(w_y);
             if (Elem<T>::NARROW) s.max_abs = fmaxf(s.max_abs, fabsf(w_y));
         }
     }
+
+    // A split row that is not counted is reported by its first slice's block alone.
+    if (Split && !active && split_slice(splits) != 0) return;
 
     // The row's checks: sub-warp butterfly, then (rows wider than a warp) the row's warps in order.
     const int width = threads_per_row < 32 ? threads_per_row : 32;
@@ -251,6 +287,7 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
         }
     }
 
+    if (Split && active && !merge_backward_slices(s, row, splits, partials, arrivals)) return;
     if (!in_range || lane != 0) return;
     if (bad_label) atomicMin(&status[HALO_STATUS_BAD_LABEL], (int32_t)row);
     if (!active) return;
@@ -278,20 +315,42 @@ __device__ __forceinline__ void token_logprobs_backward(const T* logits, const i
 #else
 #define HALO_TOKEN_BACKWARD_MIN_BLOCKS 5
 #endif
+// The split forms (small batches: about two blocks per SM, split_rows.cuh) need no high occupancy;
+// at 48 registers their slice bookkeeping spilled one register: four blocks (64) per SM.
+#define HALO_TOKEN_BACKWARD_SPLIT_MIN_BLOCKS 3
 #define HALO_TOKEN_BACKWARD(SUFFIX, T)                                                                           \
     extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_MIN_BLOCKS)            \
         token_logprobs_backward_##SUFFIX(                                                                         \
         const T* __restrict__ logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,         \
         const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, T* __restrict__ grad_logits, \
         int32_t* __restrict__ status, HaloTokenParams p) {                                                        \
-        token_logprobs_backward<T, false>(logits, labels, lse, lse_residual, grad_logp, grad_logits, status, p); \
+        token_logprobs_backward<T, false, false>(logits, labels, lse, lse_residual, grad_logp, grad_logits,      \
+                                                 status, nullptr, nullptr, 1, p);                                 \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_MIN_BLOCKS)            \
         token_logprobs_backward_inplace_##SUFFIX(                                                                 \
         T* logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,                            \
         const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, int32_t* __restrict__ status, \
         HaloTokenParams p) {                                                                                      \
-        token_logprobs_backward<T, true>(logits, labels, lse, lse_residual, grad_logp, logits, status, p);       \
+        token_logprobs_backward<T, true, false>(logits, labels, lse, lse_residual, grad_logp, logits, status,    \
+                                                nullptr, nullptr, 1, p);                                          \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_SPLIT_MIN_BLOCKS)      \
+        token_logprobs_backward_split_##SUFFIX(                                                                   \
+        const T* __restrict__ logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,         \
+        const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, T* __restrict__ grad_logits, \
+        int32_t* __restrict__ status, float* __restrict__ partials, unsigned* __restrict__ arrivals,             \
+        int32_t splits, HaloTokenParams p) {                                                                      \
+        token_logprobs_backward<T, false, true>(logits, labels, lse, lse_residual, grad_logp, grad_logits,       \
+                                                status, partials, arrivals, splits, p);                           \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(HALO_TOKEN_THREADS, HALO_TOKEN_BACKWARD_SPLIT_MIN_BLOCKS)      \
+        token_logprobs_backward_inplace_split_##SUFFIX(                                                           \
+        T* logits, const int32_t* __restrict__ labels, const float* __restrict__ lse,                            \
+        const float* __restrict__ lse_residual, const float* __restrict__ grad_logp, int32_t* __restrict__ status, \
+        float* __restrict__ partials, unsigned* __restrict__ arrivals, int32_t splits, HaloTokenParams p) {      \
+        token_logprobs_backward<T, true, true>(logits, labels, lse, lse_residual, grad_logp, logits, status,     \
+                                               partials, arrivals, splits, p);                                    \
     }
 
 HALO_TOKEN_BACKWARD(f32, float)

@@ -33,7 +33,7 @@ newest_binary() {
 
 # One test body per op, run on the CPU and on CUDA (here the real GPU: HALO_REQUIRE_GPU=1).
 # The fused LM head's (issue 12) need libcublas on the GPU machine (loaded at run time).
-DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31 cuda_gemm fused_head_cuda fused_head_steps_cuda"
+DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31 cuda_gemm fused_head_cuda fused_head_steps_cuda cuda_split_rows"
 
 prepare() {
     set -e
@@ -42,7 +42,7 @@ prepare() {
     # --no-run: build only. The bench profile is release + line tables, like the tests.
     cargo test --release --no-run --test cuda_kernels --test cuda_no_gpu \
         --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31 \
-        --test cuda_gemm --test fused_head_cuda --test fused_head_steps_cuda
+        --test cuda_gemm --test fused_head_cuda --test fused_head_steps_cuda --test cuda_split_rows
     cargo bench --no-run --bench cuda_ops --bench fused_head
     mkdir -p "$BIN_DIR"
     for name in cuda_kernels cuda_no_gpu cuda_ops fused_head $DEVICE_TESTS; do
@@ -127,6 +127,12 @@ run() {
             "$BIN_DIR/cuda_kernels" --test-threads 1 --skip large
         step "racecheck" racecheck.log timeout "$limit" "$sanitizer" --tool racecheck --error-exitcode 97 \
             "$BIN_DIR/cuda_kernels" --test-threads 1 --skip large --skip deterministic
+        # Split rows: blocks of one row publish partials and the last one merges them (a pattern
+        # the emulated device, which runs blocks one after another, cannot race).
+        step "memcheck split rows" memcheck_split.log timeout "$limit" "$sanitizer" --tool memcheck \
+            --error-exitcode 97 "$BIN_DIR/cuda_split_rows" --test-threads 1 --skip random_shapes
+        step "racecheck split rows" racecheck_split.log timeout "$limit" "$sanitizer" --tool racecheck \
+            --error-exitcode 97 "$BIN_DIR/cuda_split_rows" --test-threads 1 --skip random_shapes
     else
         note "SKIP compute-sanitizer: not found on this machine"
     fi

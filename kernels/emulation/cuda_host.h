@@ -243,6 +243,8 @@ inline T from_bits(uint64_t b) {
 
 inline void __syncthreads() { halo_emu::sync_block(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { halo_emu::sync_warp(); }
+// Blocks run one after another on one OS thread: a fence only has to keep the compiler in order.
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // Shuffles: `width` splits the warp into segments as on the device; a source outside the warp's
 // live lanes returns the caller's own value (the device returns an undefined value there).

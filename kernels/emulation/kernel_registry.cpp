@@ -67,7 +67,9 @@ struct Signature<void (*)(Args...)> {
 #define HALO_TOKEN_KERNELS(SUFFIX)                                                                 \
     HALO_KERNEL(token_logprobs_forward_##SUFFIX), HALO_KERNEL(token_logprobs_backward_##SUFFIX),  \
         HALO_KERNEL(token_logprobs_backward_inplace_##SUFFIX), HALO_KERNEL(naive_log_softmax_##SUFFIX), \
-        HALO_KERNEL(naive_gather_##SUFFIX)
+        HALO_KERNEL(naive_gather_##SUFFIX), HALO_KERNEL(token_logprobs_forward_split_##SUFFIX),          \
+        HALO_KERNEL(token_logprobs_backward_split_##SUFFIX),                                             \
+        HALO_KERNEL(token_logprobs_backward_inplace_split_##SUFFIX)
 
 }  // namespace
 

@@ -48,6 +48,8 @@ pub struct CudaBackend {
     emulated: bool,
     /// The cuBLAS handle of [`CudaBackend::gemm`], created on first use (src/cuda/gemm.rs).
     pub(crate) blas: OnceLock<super::CudaGemm>,
+    /// Streaming multiprocessors of the device (read once: it sizes the split-row launches).
+    multiprocessors: usize,
 }
 
 impl CudaBackend {
@@ -114,6 +116,10 @@ impl CudaBackend {
         }
         let ctx = stream.context().clone();
         check_compute_capability(&ctx)?;
+        let multiprocessors = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("multiprocessor count"))?
+            .max(1) as usize;
         let functions = load_kernels(&ctx, emulated)?;
         Ok(CudaBackend {
             ctx,
@@ -121,6 +127,7 @@ impl CudaBackend {
             functions,
             emulated,
             blas: OnceLock::new(),
+            multiprocessors,
         })
     }
 
@@ -132,6 +139,12 @@ impl CudaBackend {
     /// The stream every op of this backend launches on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The device's streaming multiprocessors (132 on an H200 and on the emulated device): what
+    /// [`super::RowSplit::Auto`] fills.
+    pub fn multiprocessor_count(&self) -> usize {
+        self.multiprocessors
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".

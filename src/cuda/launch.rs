@@ -68,6 +68,21 @@ pub(crate) fn token_launch(
     (params, cfg)
 }
 
+/// Parameters and launch geometry of a split token kernel (`kernels/split_rows.cuh`; `rows > 0`,
+/// `splits` from [`super::RowSplit::resolve`]): one row per block, `grid = rows · splits`.
+pub(crate) fn token_split_launch(
+    rows: usize,
+    vocab: usize,
+    ignore_index: i32,
+    splits: usize,
+) -> Result<(HaloTokenParams, LaunchConfig)> {
+    let params = HaloTokenParams {
+        rows_per_block: 1,
+        ..kernel_host::token_params(rows, vocab, ignore_index)
+    };
+    Ok((params, blocks_launch(rows * splits, TOKEN_THREADS)?))
+}
+
 /// One block per sequence / a single block: `block = threads`, `grid = blocks`.
 pub(crate) fn blocks_launch(blocks: usize, threads: u32) -> Result<LaunchConfig> {
     let grid = u32::try_from(blocks)

@@ -49,6 +49,7 @@ mod naive_baseline;
 pub mod ptx;
 mod readback;
 mod sequence_sums;
+mod split_rows;
 mod status;
 mod step;
 mod token_logprobs;
@@ -64,6 +65,10 @@ pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
 pub use launch::CudaLogit;
 pub use sequence_sums::CudaSequenceSums;
+pub use split_rows::{
+    auto_row_splits, row_slice, RowSplit, BLOCKS_PER_MULTIPROCESSOR, MAX_ROW_SPLITS,
+    MIN_SLICE_ELEMENTS,
+};
 pub use status::{KernelStatus, StatusWord};
 pub use step::{CudaKtoStepInputs, CudaLogits, CudaPairReference, CudaStep};
 pub use token_logprobs::CudaTokenLogprobs;

@@ -5,7 +5,10 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
-use super::launch::{check_aligned, check_token_shape, entry_name, token_launch, CudaLogit};
+use super::launch::{
+    check_aligned, check_token_shape, entry_name, token_launch, token_split_launch, CudaLogit,
+};
+use super::split_rows::{RowSplit, SplitScratch};
 use super::status::KernelStatus;
 use super::status::StatusWord;
 use crate::cpu::SavedLse;
@@ -42,21 +45,42 @@ impl CudaBackend {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<CudaTokenLogprobs> {
+        self.token_logprobs_with_split(logits, labels, vocab, ignore_index, RowSplit::Auto)
+    }
+
+    /// [`CudaBackend::token_logprobs`] with the rows split `split` ways (see [`RowSplit`]; the
+    /// other forms choose [`RowSplit::Auto`]). A fixed split outside `1..=MAX_ROW_SPLITS` is an
+    /// `InvalidShape` error.
+    pub fn token_logprobs_with_split<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+    ) -> Result<CudaTokenLogprobs> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         let mut out = CudaTokenLogprobs {
             logp: self.alloc_output(rows)?,
             lse: self.alloc_output(rows)?,
             lse_residual: self.alloc_output(rows)?,
         };
-        self.token_logprobs_into(
-            logits,
-            labels,
-            vocab,
-            ignore_index,
-            &mut out.logp,
-            &mut out.lse,
-            &mut out.lse_residual,
-        )?;
+        if rows > 0 {
+            let mut status = self.new_status()?;
+            self.enqueue_token_logprobs_with_split(
+                logits,
+                labels,
+                vocab,
+                ignore_index,
+                split,
+                &mut out.logp,
+                &mut out.lse,
+                &mut out.lse_residual,
+                &mut status,
+            )?;
+            let word = self.read_status(&status)?;
+            self.token_status_error(word, labels, vocab, ignore_index, "logits")?;
+        }
         Ok(out)
     }
 
@@ -107,12 +131,40 @@ impl CudaBackend {
         lse_residual: &mut impl DevicePtrMut<f32>,
         status: &mut KernelStatus,
     ) -> Result<()> {
-        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
-        self.launch_token_logprobs(
+        self.enqueue_token_logprobs_with_split(
             logits,
             labels,
             vocab,
             ignore_index,
+            RowSplit::Auto,
+            logp,
+            lse,
+            lse_residual,
+            status,
+        )
+    }
+
+    /// [`CudaBackend::enqueue_token_logprobs`] with the rows split `split` ways (see [`RowSplit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs_with_split<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        logp: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+        lse_residual: &mut impl DevicePtrMut<f32>,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
+        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
+        self.launch_token_logprobs_split(
+            logits,
+            labels,
+            vocab,
+            ignore_index,
+            split,
             logp,
             lse,
             lse_residual,
@@ -134,13 +186,39 @@ impl CudaBackend {
         lse_residual: &mut impl DevicePtrMut<f32>,
         status_ptr: u64,
     ) -> Result<()> {
+        self.launch_token_logprobs_split(
+            logits,
+            labels,
+            vocab,
+            ignore_index,
+            RowSplit::Auto,
+            logp,
+            lse,
+            lse_residual,
+            status_ptr,
+        )
+    }
+
+    /// [`CudaBackend::launch_token_logprobs`] with the rows split `split` ways.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_token_logprobs_split<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        logp: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+        lse_residual: &mut impl DevicePtrMut<f32>,
+        status_ptr: u64,
+    ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         check_forward_outputs(rows, logp.len(), lse.len(), lse_residual.len())?;
+        let splits = self.row_splits(split, rows, vocab)?;
         if rows == 0 {
             return Ok(());
         }
-        let func = self.function(&entry_name::<T>("token_logprobs_forward"))?;
-        let (params, cfg) = token_launch(rows, vocab, ignore_index);
         let stream = self.stream();
         let (logits_ptr, _r0) = logits.device_ptr(stream);
         let (labels_ptr, _r1) = labels.device_ptr(stream);
@@ -152,6 +230,30 @@ impl CudaBackend {
         check_aligned::<f32>("logp", logp_ptr)?;
         check_aligned::<f32>("lse", lse_ptr)?;
         check_aligned::<f32>("lse_residual", residual_ptr)?;
+        if splits == 1 {
+            let func = self.function(&entry_name::<T>("token_logprobs_forward"))?;
+            let (params, cfg) = token_launch(rows, vocab, ignore_index);
+            let mut launch = stream.launch_builder(func);
+            launch
+                .arg(&logits_ptr)
+                .arg(&labels_ptr)
+                .arg(&logp_ptr)
+                .arg(&lse_ptr)
+                .arg(&residual_ptr)
+                .arg(&status_ptr)
+                .arg(&params);
+            // SAFETY: argument order and types follow `token_logprobs_forward_T` in
+            // kernels/README.md; every buffer was checked to hold `rows` (or `rows * vocab`)
+            // elements of the kernel's element type; the guards above order the launch after
+            // earlier writes and are dropped after it is queued.
+            unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_forward"))?;
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_forward_split"))?;
+        let (params, cfg) = token_split_launch(rows, vocab, ignore_index, splits)?;
+        let mut scratch = SplitScratch::new(self, rows, splits)?;
+        let (partials_ptr, arrivals_ptr, _w3) = scratch.pointers(stream);
+        let splits_arg = splits as i32;
         let mut launch = stream.launch_builder(func);
         launch
             .arg(&logits_ptr)
@@ -160,12 +262,14 @@ impl CudaBackend {
             .arg(&lse_ptr)
             .arg(&residual_ptr)
             .arg(&status_ptr)
+            .arg(&partials_ptr)
+            .arg(&arrivals_ptr)
+            .arg(&splits_arg)
             .arg(&params);
-        // SAFETY: argument order and types follow `token_logprobs_forward_T` in
-        // kernels/README.md; every buffer was checked to hold `rows` (or `rows * vocab`) elements
-        // of the kernel's element type; the guards above order the launch after earlier writes
-        // and are dropped after it is queued.
-        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_forward"))?;
+        // SAFETY: as above, for `token_logprobs_forward_split_T`; the scratch holds 4 floats per
+        // slice of every row and one zeroed counter per row (`splits` ≤ MAX_ROW_SPLITS, the grid
+        // `rows · splits` checked by `row_splits`); it is freed stream-ordered after the kernel.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_forward_split"))?;
         Ok(())
     }
 

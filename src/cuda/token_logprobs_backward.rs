@@ -11,7 +11,10 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::device::{cuda_err, CudaBackend};
-use super::launch::{check_aligned, check_token_shape, entry_name, token_launch, CudaLogit};
+use super::launch::{
+    check_aligned, check_token_shape, entry_name, token_launch, token_split_launch, CudaLogit,
+};
+use super::split_rows::{RowSplit, SplitScratch};
 use super::status::{KernelStatus, StatusWord};
 use crate::cpu::SavedLse;
 use crate::dtype::DType;
@@ -37,18 +40,45 @@ impl CudaBackend {
         ignore_index: i32,
         grad_logits: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
-        if rows == 0 {
-            return check_backward_lengths(0, vocab, saved, grad_logp.len(), grad_logits.len());
-        }
-        let mut status = self.new_status()?;
-        self.enqueue_token_logprobs_backward(
+        self.token_logprobs_backward_with_split(
             logits,
             labels,
             saved,
             grad_logp,
             vocab,
             ignore_index,
+            RowSplit::Auto,
+            grad_logits,
+        )
+    }
+
+    /// [`CudaBackend::token_logprobs_backward`] with the rows split `split` ways (see
+    /// [`RowSplit`]; the other forms choose [`RowSplit::Auto`]): the same values and errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_logprobs_backward_with_split<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        grad_logits: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        if rows == 0 {
+            return check_backward_lengths(0, vocab, saved, grad_logp.len(), grad_logits.len());
+        }
+        let mut status = self.new_status()?;
+        self.enqueue_token_logprobs_backward_with_split(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            split,
             grad_logits,
             &mut status,
         )?;
@@ -67,18 +97,43 @@ impl CudaBackend {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<()> {
-        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
-        if rows == 0 {
-            return check_backward_lengths(0, vocab, saved, grad_logp.len(), 0);
-        }
-        let mut status = self.new_status()?;
-        self.enqueue_token_logprobs_backward_inplace(
+        self.token_logprobs_backward_inplace_with_split(
             logits,
             labels,
             saved,
             grad_logp,
             vocab,
             ignore_index,
+            RowSplit::Auto,
+        )
+    }
+
+    /// [`CudaBackend::token_logprobs_backward_inplace`] with the rows split `split` ways (see
+    /// [`RowSplit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_logprobs_backward_inplace_with_split<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+    ) -> Result<()> {
+        let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
+        if rows == 0 {
+            return check_backward_lengths(0, vocab, saved, grad_logp.len(), 0);
+        }
+        let mut status = self.new_status()?;
+        self.enqueue_token_logprobs_backward_inplace_with_split(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            split,
             &mut status,
         )?;
         let word = self.read_status(&status)?;
@@ -99,13 +154,40 @@ impl CudaBackend {
         grad_logits: &mut impl DevicePtrMut<T>,
         status: &mut KernelStatus,
     ) -> Result<()> {
+        self.enqueue_token_logprobs_backward_with_split(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            RowSplit::Auto,
+            grad_logits,
+            status,
+        )
+    }
+
+    /// [`CudaBackend::enqueue_token_logprobs_backward`] with the rows split `split` ways (see
+    /// [`RowSplit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs_backward_with_split<T: CudaLogit>(
+        &self,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        grad_logits: &mut impl DevicePtrMut<T>,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         check_backward_lengths(rows, vocab, saved, grad_logp.len(), grad_logits.len())?;
+        let splits = self.row_splits(split, rows, vocab)?;
         if rows == 0 {
             return Ok(());
         }
-        let func = self.function(&entry_name::<T>("token_logprobs_backward"))?;
-        let (params, cfg) = token_launch(rows, vocab, ignore_index);
         let stream = self.stream();
         let (logits_ptr, _r0) = logits.device_ptr(stream);
         let (labels_ptr, _r1) = labels.device_ptr(stream);
@@ -122,6 +204,31 @@ impl CudaBackend {
         check_aligned::<f32>("lse_residual", residual_ptr)?;
         check_aligned::<f32>("grad_logp", grad_logp_ptr)?;
         check_aligned::<T>("grad_logits", grad_logits_ptr)?;
+        if splits == 1 {
+            let func = self.function(&entry_name::<T>("token_logprobs_backward"))?;
+            let (params, cfg) = token_launch(rows, vocab, ignore_index);
+            let mut launch = stream.launch_builder(func);
+            launch
+                .arg(&logits_ptr)
+                .arg(&labels_ptr)
+                .arg(&lse_ptr)
+                .arg(&residual_ptr)
+                .arg(&grad_logp_ptr)
+                .arg(&grad_logits_ptr)
+                .arg(&status_ptr)
+                .arg(&params);
+            // SAFETY: arguments follow `token_logprobs_backward_T` in kernels/README.md; lengths
+            // were checked (`rows * vocab` for logits and grad_logits, `rows` for the rest, the
+            // residual null or `rows`); `grad_logits` is borrowed mutably, so it cannot alias the
+            // inputs.
+            unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward"))?;
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_backward_split"))?;
+        let (params, cfg) = token_split_launch(rows, vocab, ignore_index, splits)?;
+        let mut scratch = SplitScratch::new(self, rows, splits)?;
+        let (partials_ptr, arrivals_ptr, _w2) = scratch.pointers(stream);
+        let splits_arg = splits as i32;
         let mut launch = stream.launch_builder(func);
         launch
             .arg(&logits_ptr)
@@ -131,11 +238,13 @@ impl CudaBackend {
             .arg(&grad_logp_ptr)
             .arg(&grad_logits_ptr)
             .arg(&status_ptr)
+            .arg(&partials_ptr)
+            .arg(&arrivals_ptr)
+            .arg(&splits_arg)
             .arg(&params);
-        // SAFETY: arguments follow `token_logprobs_backward_T` in kernels/README.md; lengths were
-        // checked (`rows * vocab` for logits and grad_logits, `rows` for the rest, the residual
-        // null or `rows`); `grad_logits` is borrowed mutably, so it cannot alias the inputs.
-        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward"))?;
+        // SAFETY: as above, for `token_logprobs_backward_split_T`; the scratch holds 4 floats per
+        // slice of every row and one zeroed counter per row, and is freed stream-ordered.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launch token_logprobs_backward_split"))?;
         Ok(())
     }
 
@@ -151,14 +260,41 @@ impl CudaBackend {
         ignore_index: i32,
         status: &mut KernelStatus,
     ) -> Result<()> {
-        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
-        self.launch_token_logprobs_backward_inplace(
+        self.enqueue_token_logprobs_backward_inplace_with_split(
             logits,
             labels,
             saved,
             grad_logp,
             vocab,
             ignore_index,
+            RowSplit::Auto,
+            status,
+        )
+    }
+
+    /// [`CudaBackend::enqueue_token_logprobs_backward_inplace`] with the rows split `split` ways
+    /// (see [`RowSplit`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_token_logprobs_backward_inplace_with_split<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        status: &mut KernelStatus,
+    ) -> Result<()> {
+        let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
+        self.launch_token_logprobs_backward_inplace_split(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            split,
             status_ptr,
         )
     }
@@ -176,13 +312,37 @@ impl CudaBackend {
         ignore_index: i32,
         status_ptr: u64,
     ) -> Result<()> {
+        self.launch_token_logprobs_backward_inplace_split(
+            logits,
+            labels,
+            saved,
+            grad_logp,
+            vocab,
+            ignore_index,
+            RowSplit::Auto,
+            status_ptr,
+        )
+    }
+
+    /// [`CudaBackend::launch_token_logprobs_backward_inplace`] with the rows split `split` ways.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_token_logprobs_backward_inplace_split<T: CudaLogit>(
+        &self,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<i32>,
+        saved: SavedLse<&impl DevicePtr<f32>>,
+        grad_logp: &impl DevicePtr<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        split: RowSplit,
+        status_ptr: u64,
+    ) -> Result<()> {
         let rows = check_token_shape(logits.len(), labels.len(), vocab)?;
         check_backward_lengths(rows, vocab, saved, grad_logp.len(), rows * vocab)?;
+        let splits = self.row_splits(split, rows, vocab)?;
         if rows == 0 {
             return Ok(());
         }
-        let func = self.function(&entry_name::<T>("token_logprobs_backward_inplace"))?;
-        let (params, cfg) = token_launch(rows, vocab, ignore_index);
         let stream = self.stream();
         let (labels_ptr, _r1) = labels.device_ptr(stream);
         let (lse_ptr, _r2) = saved.lse.device_ptr(stream);
@@ -195,6 +355,29 @@ impl CudaBackend {
         check_aligned::<f32>("lse", lse_ptr)?;
         check_aligned::<f32>("lse_residual", residual_ptr)?;
         check_aligned::<f32>("grad_logp", grad_logp_ptr)?;
+        if splits == 1 {
+            let func = self.function(&entry_name::<T>("token_logprobs_backward_inplace"))?;
+            let (params, cfg) = token_launch(rows, vocab, ignore_index);
+            let mut launch = stream.launch_builder(func);
+            launch
+                .arg(&logits_ptr)
+                .arg(&labels_ptr)
+                .arg(&lse_ptr)
+                .arg(&residual_ptr)
+                .arg(&grad_logp_ptr)
+                .arg(&status_ptr)
+                .arg(&params);
+            // SAFETY: arguments follow `token_logprobs_backward_inplace_T` in kernels/README.md;
+            // lengths were checked.
+            unsafe { launch.launch(cfg) }
+                .map_err(cuda_err("launch token_logprobs_backward_inplace"))?;
+            return Ok(());
+        }
+        let func = self.function(&entry_name::<T>("token_logprobs_backward_inplace_split"))?;
+        let (params, cfg) = token_split_launch(rows, vocab, ignore_index, splits)?;
+        let mut scratch = SplitScratch::new(self, rows, splits)?;
+        let (partials_ptr, arrivals_ptr, _w1) = scratch.pointers(stream);
+        let splits_arg = splits as i32;
         let mut launch = stream.launch_builder(func);
         launch
             .arg(&logits_ptr)
@@ -203,11 +386,15 @@ impl CudaBackend {
             .arg(&residual_ptr)
             .arg(&grad_logp_ptr)
             .arg(&status_ptr)
+            .arg(&partials_ptr)
+            .arg(&arrivals_ptr)
+            .arg(&splits_arg)
             .arg(&params);
-        // SAFETY: arguments follow `token_logprobs_backward_inplace_T` in kernels/README.md;
-        // lengths were checked.
+        // SAFETY: as above, for `token_logprobs_backward_inplace_split_T`; the scratch holds 4
+        // floats per slice of every row and one zeroed counter per row, and is freed
+        // stream-ordered.
         unsafe { launch.launch(cfg) }
-            .map_err(cuda_err("launch token_logprobs_backward_inplace"))?;
+            .map_err(cuda_err("launch token_logprobs_backward_inplace_split"))?;
         Ok(())
     }
 
