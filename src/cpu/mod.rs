@@ -26,6 +26,7 @@
 
 pub mod fast_exp;
 mod isa;
+mod prefetch;
 mod row_element;
 pub mod saved_lse;
 pub mod sequence_sums;
