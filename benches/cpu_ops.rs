@@ -153,9 +153,14 @@ fn rw_pass(scratch: &mut [u64]) {
 
 /// Best of 7 timings of `f` (after one warm-up run), in seconds: the machine is shared, and the
 /// best run is the one least disturbed by other processes.
-fn best_secs(mut f: impl FnMut()) -> f64 {
+fn best_secs(f: impl FnMut()) -> f64 {
+    best_of(7, f)
+}
+
+/// Best of `n` timings of `f` (after one warm-up run), in seconds.
+fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
     f();
-    (0..7)
+    (0..n)
         .map(|_| {
             let t = Instant::now();
             f();
@@ -217,11 +222,12 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
 const BF16_FORWARD_TARGET_GBS: f64 = 10.0;
 
 /// The core clock, in cycles per second, from a chain of dependent integer adds (one cycle each
-/// on every x86-64 core of the last decade), best of 7: the ops' cost in cycles per element below.
+/// on every x86-64 core of the last decade): the ops' cost in cycles per element below. Short runs
+/// (~1 ms), best of 200: on a shared machine a long one is always interrupted.
 #[cfg(target_arch = "x86_64")]
 fn clock_hz() -> f64 {
-    const ITERS: u64 = 20_000_000;
-    let secs = best_secs(|| {
+    const ITERS: u64 = 300_000;
+    let secs = best_of(200, || {
         let mut x = 0u64;
         // SAFETY: register arithmetic only.
         unsafe {
@@ -247,17 +253,18 @@ fn clock_hz() -> f64 {
 /// compute-bound, and where it is far above, memory-bound.
 #[cfg(target_arch = "x86_64")]
 fn hot<T: LogitElement>(name: &str, hz: f64) {
-    // 8 rows × 8192 logits: 256 KiB of f32, inside one core's L2 with the outputs.
+    // 8 rows × 8192 logits: 256 KiB of f32, inside one core's L2 with the outputs. Runs of ~0.1 ms
+    // (one pass), best of 300 (as for the clock).
     let (rows, vocab) = (8, 8192);
     let mut d = Buffers::<T>::new(rows, vocab);
     let elems = (rows * vocab) as f64;
-    let reps = 64;
+    let reps = 1;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .unwrap();
     let (fwd, bwd) = pool.install(|| {
-        let fwd = best_secs(|| {
+        let fwd = best_of(300, || {
             for _ in 0..reps {
                 token_logprobs_into(
                     &d.logits,
@@ -271,7 +278,7 @@ fn hot<T: LogitElement>(name: &str, hz: f64) {
                 .unwrap();
             }
         }) / reps as f64;
-        let fwd_bwd = best_secs(|| {
+        let fwd_bwd = best_of(300, || {
             for _ in 0..reps {
                 halo_fwd_bwd(&mut d, vocab);
             }

@@ -11,7 +11,7 @@ use half::bf16;
 use super::fast_exp::{exp_term, fast_exp_with};
 use super::isa::{isa, madd, Isa};
 use super::prefetch::prefetch;
-use super::row_element::RowElement;
+use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{split_lse, SavedLse};
 // CHUNK: elements reduced together; the running max is updated once per chunk.
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, CHUNK};
@@ -39,7 +39,7 @@ impl TokenLogprobs {
 
 /// Lanes of the vectorized inner loops: one 512-bit register, two 256-bit ones (the FMA builds
 /// share it, so that they sum in the same order and agree bit for bit).
-const LANES: usize = 16;
+const LANES: usize = GROUP;
 
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///
@@ -225,9 +225,9 @@ impl OnlineLse {
     fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(&mut self, chunk: &[E]) {
         let mut lane_max = [f32::NEG_INFINITY; LANES];
         let mut probe = [0.0f32; LANES];
-        let mut groups = chunk.chunks_exact(LANES);
-        for group in &mut groups {
-            let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
+        let (groups, tail) = chunk.as_chunks::<LANES>();
+        for group in groups {
+            let x = E::widen_group(group);
             for k in 0..LANES {
                 lane_max[k] = if x[k] > lane_max[k] {
                     x[k]
@@ -241,7 +241,7 @@ impl OnlineLse {
         // the reduction and pays for it with shuffles on every group of the loop above.
         let (lane_max, mut probe) = std::hint::black_box((lane_max, probe));
         let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for &x in groups.remainder() {
+        for &x in tail {
             let x = x.widen();
             chunk_max = chunk_max.max(x);
             probe[0] = madd::<FMA>(x, 0.0, probe[0]);
@@ -259,17 +259,17 @@ impl OnlineLse {
         // is of this chunk too), so the exp needs no upper clamp.
         let max = self.max;
         let mut lane_sum = [0.0f32; LANES];
-        let mut groups = chunk.chunks_exact(LANES);
         let ahead = chunk.as_ptr().wrapping_add(CHUNK);
-        for (i, group) in (&mut groups).enumerate() {
+        for (i, group) in groups.iter().enumerate() {
             if PREFETCH {
                 prefetch(ahead.wrapping_add(i * LANES));
             }
+            let x = E::widen_group(group);
             for k in 0..LANES {
-                lane_sum[k] += exp_term::<FMA, false>(group[k].widen() - max);
+                lane_sum[k] += exp_term::<FMA, false>(x[k] - max);
             }
         }
-        for &x in groups.remainder() {
+        for &x in tail {
             lane_sum[0] += exp_term::<FMA, false>(x.widen() - max);
         }
         self.sum += lane_sum.iter().sum::<f32>();

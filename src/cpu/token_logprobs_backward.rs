@@ -20,7 +20,7 @@ use half::bf16;
 
 use super::fast_exp::exp_term;
 use super::isa::{isa, madd, Isa};
-use super::row_element::RowElement;
+use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{lse_fits_row, SavedLse};
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, store_f32, CHUNK};
 use crate::dtype::{DType, LogitElement};
@@ -30,7 +30,7 @@ use crate::validate::{
 };
 
 /// Lanes of the vectorized accumulations (as the forward's: the FMA builds agree bit for bit).
-const LANES: usize = 16;
+const LANES: usize = GROUP;
 
 /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `saved` is the
 /// forward's saved logsumexp ([`TokenLogprobs::saved_lse`](super::TokenLogprobs::saved_lse), or
@@ -352,26 +352,20 @@ impl RowAcc {
     ) {
         // `track_max` is known per dtype: the branch folds away, and the loop has none.
         let mut lanes = Lanes::new(lse, neg_gc);
-        let mut groups = z.chunks_exact_mut(LANES);
+        let (groups, tail) = z.as_chunks_mut::<LANES>();
         if track_max {
-            for group in &mut groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
-                let w = lanes.grad::<FMA, true>(&x);
-                for (d, w) in group.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+            for group in groups {
+                let w = lanes.grad::<FMA, true>(&E::widen_group(group));
+                E::narrow_group(w, group);
             }
         } else {
-            for group in &mut groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
-                let w = lanes.grad::<FMA, false>(&x);
-                for (d, w) in group.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+            for group in groups {
+                let w = lanes.grad::<FMA, false>(&E::widen_group(group));
+                E::narrow_group(w, group);
             }
         }
         self.add(lanes);
-        for x in groups.into_remainder() {
+        for x in tail {
             *x = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
         }
     }
@@ -387,22 +381,17 @@ impl RowAcc {
         track_max: bool,
     ) {
         let mut lanes = Lanes::new(lse, neg_gc);
-        let groups = z.chunks_exact(LANES).zip(dz.chunks_exact_mut(LANES));
+        let groups = z.as_chunks::<LANES>().0.iter();
+        let groups = groups.zip(dz.as_chunks_mut::<LANES>().0);
         if track_max {
             for (zg, dg) in groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
-                let w = lanes.grad::<FMA, true>(&x);
-                for (d, w) in dg.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+                let w = lanes.grad::<FMA, true>(&E::widen_group(zg));
+                E::narrow_group(w, dg);
             }
         } else {
             for (zg, dg) in groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
-                let w = lanes.grad::<FMA, false>(&x);
-                for (d, w) in dg.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+                let w = lanes.grad::<FMA, false>(&E::widen_group(zg));
+                E::narrow_group(w, dg);
             }
         }
         self.add(lanes);
