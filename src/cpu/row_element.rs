@@ -1,5 +1,6 @@
-//! The element types the row loops read in place (no staging copy): f32, and bf16 widened by a
-//! shift and narrowed by branch-free rounding, so that both vectorize. f16 has no such form
+//! The element types the row loops read in place (no staging copy): f32, and bf16 widened a group
+//! at a time by a shift and a mask on 32-bit words and narrowed by branch-free rounding, so that
+//! both vectorize without shuffles. f16 has no such form
 //! without F16C in the baseline build; its rows are converted a chunk at a time
 //! (`load_f32` / `store_f32`) and run through the f32 loops.
 
