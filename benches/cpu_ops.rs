@@ -25,8 +25,13 @@
 //! size a `summary` line prints, from its own best-of-7 timings, each op's GB/s and the fraction of
 //! its ceiling it reaches (forward: of `read`; fwd+bwd: of the combined ceiling).
 //!
-//! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`; only the summary lines (no
-//! criterion runs): `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- summary`.
+//! The bf16 summary also gives the forward against its 10 GB/s target. First, `hot` lines give each
+//! op's compute cost on one core with its rows in L2: cycles per logit (the clock measured by a
+//! chain of dependent adds) and the GB/s one core would reach if memory were free.
+//!
+//! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`; only the hot and summary
+//! lines (no criterion runs): `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- summary`; only
+//! the hot lines: `-- hot`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -148,9 +153,14 @@ fn rw_pass(scratch: &mut [u64]) {
 
 /// Best of 7 timings of `f` (after one warm-up run), in seconds: the machine is shared, and the
 /// best run is the one least disturbed by other processes.
-fn best_secs(mut f: impl FnMut()) -> f64 {
+fn best_secs(f: impl FnMut()) -> f64 {
+    best_of(7, f)
+}
+
+/// Best of `n` timings of `f` (after one warm-up run), in seconds.
+fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
     f();
-    (0..7)
+    (0..n)
         .map(|_| {
             let t = Instant::now();
             f();
@@ -184,10 +194,19 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
         });
     let fwd_bwd = bytes / best_secs(|| halo_fwd_bwd(d, vocab));
     let gb = 1e-9;
+    // bf16's forward has a target of its own (issue 16): 10 GB/s of bf16 logits.
+    let target = if std::mem::size_of::<T>() == 2 {
+        format!(
+            " = {:.0}% of the 10 GB/s target",
+            100.0 * fwd * gb / BF16_FORWARD_TARGET_GBS
+        )
+    } else {
+        String::new()
+    };
     println!(
         "summary {name} v{vocab} rows {rows} ({:.0} MB): read {:.1} GB/s, rw {:.1} GB/s, \
-         fwd+bwd ceiling {:.1} GB/s | forward {:.1} GB/s = {:.0}% of read | fwd+bwd {:.1} GB/s = \
-         {:.0}% of ceiling",
+         fwd+bwd ceiling {:.1} GB/s | forward {:.1} GB/s = {:.0}% of read{target} | fwd+bwd \
+         {:.1} GB/s = {:.0}% of ceiling",
         bytes * 1e-6,
         read * gb,
         rw * gb,
@@ -196,6 +215,85 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
         100.0 * fwd / read,
         fwd_bwd * gb,
         100.0 * fwd_bwd / ceiling,
+    );
+}
+
+/// The bf16 forward's throughput target, GB/s of bf16 logits.
+const BF16_FORWARD_TARGET_GBS: f64 = 10.0;
+
+/// The core clock, in cycles per second, from a chain of dependent integer adds (one cycle each
+/// on every x86-64 core of the last decade): the ops' cost in cycles per element below. Short runs
+/// (~1 ms), best of 200: on a shared machine a long one is always interrupted.
+#[cfg(target_arch = "x86_64")]
+fn clock_hz() -> f64 {
+    const ITERS: u64 = 300_000;
+    let secs = best_of(200, || {
+        let mut x = 0u64;
+        // SAFETY: register arithmetic only.
+        unsafe {
+            std::arch::asm!(
+                "2:",
+                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) ITERS => _,
+                x = inout(reg) x,
+                options(nomem, nostack),
+            );
+        }
+        black_box(x);
+    });
+    (8 * ITERS) as f64 / secs
+}
+
+/// Each op's compute cost on one core with its rows in L2 (`hot` line): cycles per logit, and the
+/// GB/s of logits one core would reach if memory were free. With `cores` cores this bounds the
+/// op's throughput from above: where `cores × hot GB/s` is below the read bandwidth the op is
+/// compute-bound, and where it is far above, memory-bound.
+#[cfg(target_arch = "x86_64")]
+fn hot<T: LogitElement>(name: &str, hz: f64) {
+    // 8 rows × 8192 logits: 256 KiB of f32, inside one core's L2 with the outputs. Runs of ~0.1 ms
+    // (one pass), best of 300 (as for the clock).
+    let (rows, vocab) = (8, 8192);
+    let mut d = Buffers::<T>::new(rows, vocab);
+    let elems = (rows * vocab) as f64;
+    let reps = 1;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (fwd, bwd) = pool.install(|| {
+        let fwd = best_of(300, || {
+            for _ in 0..reps {
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                    &mut d.lse_residual,
+                )
+                .unwrap();
+            }
+        }) / reps as f64;
+        let fwd_bwd = best_of(300, || {
+            for _ in 0..reps {
+                halo_fwd_bwd(&mut d, vocab);
+            }
+        }) / reps as f64;
+        (fwd, fwd_bwd - fwd)
+    });
+    let bytes = elems * std::mem::size_of::<T>() as f64;
+    println!(
+        "hot {name} (1 core, rows in L2, clock {:.2} GHz): forward {:.2} cycles/logit \
+         ({:.1} GB/s per core) | in-place backward {:.2} cycles/logit ({:.1} GB/s per core)",
+        hz * 1e-9,
+        fwd * hz / elems,
+        bytes / fwd * 1e-9,
+        bwd * hz / elems,
+        bytes / bwd * 1e-9,
     );
 }
 
@@ -283,18 +381,33 @@ fn bench_dtype<T: LogitElement>(c: &mut Criterion, name: &str) {
 /// Whether the command line's filter (criterion's first free argument) selects this size's
 /// summary: no filter, `summary`, or a filter naming the dtype and vocab (`forward/f32/v32000`).
 fn summary_wanted(name: &str, vocab: usize) -> bool {
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-') && a != "bench");
-    match filter {
+    match filter() {
         None => true,
         Some(f) => f == "summary" || f.contains(&format!("{name}/v{vocab}")),
     }
 }
 
 fn cpu_ops(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    if hot_wanted() {
+        let hz = clock_hz();
+        hot::<f32>("f32", hz);
+        hot::<bf16>("bf16", hz);
+    }
     bench_dtype::<f32>(c, "f32");
     bench_dtype::<bf16>(c, "bf16");
+}
+
+/// Whether the filter selects the `hot` lines: no filter, `summary` or `hot`.
+fn hot_wanted() -> bool {
+    matches!(filter().as_deref(), None | Some("summary" | "hot"))
+}
+
+/// Criterion's filter: the command line's first free argument.
+fn filter() -> Option<String> {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a != "bench")
 }
 
 criterion_group! {

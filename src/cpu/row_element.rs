@@ -1,5 +1,6 @@
-//! The element types the row loops read in place (no staging copy): f32, and bf16 widened by a
-//! shift and narrowed by branch-free rounding, so that both vectorize. f16 has no such form
+//! The element types the row loops read in place (no staging copy): f32, and bf16 widened a group
+//! at a time by a shift and a mask on 32-bit words and narrowed by branch-free rounding, so that
+//! both vectorize without shuffles. f16 has no such form
 //! without F16C in the baseline build; its rows are converted a chunk at a time
 //! (`load_f32` / `store_f32`) and run through the f32 loops.
 
@@ -9,7 +10,23 @@ use half::bf16;
 pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
     /// The value as f32 (exact).
     fn widen(self) -> f32;
-    /// `x` rounded to this type, to nearest even (as [`crate::LogitElement::from_f32`]).
+    /// A group of [`GROUP`] values as f32, in the lane order of [`group_lane`] (how the type's
+    /// register layout is cheapest to widen).
+    #[inline(always)]
+    fn widen_group(group: &[Self; GROUP]) -> [f32; GROUP] {
+        std::array::from_fn(|k| group[group_lane::<Self>(k)].widen())
+    }
+    /// Writes `w` (in the lane order of [`widen_group`](Self::widen_group)) back as this type,
+    /// each value through [`narrow`](Self::narrow).
+    #[inline(always)]
+    fn narrow_group(w: [f32; GROUP], out: &mut [Self; GROUP]) {
+        for (k, &w) in w.iter().enumerate() {
+            out[group_lane::<Self>(k)] = Self::narrow(w);
+        }
+    }
+    /// `x` rounded to this type, to nearest even (as [`crate::LogitElement::from_f32`]), for a
+    /// non-NaN `x`; a NaN gives an unspecified value. The backward's gradients are NaN only in
+    /// rows it refuses (their contents are unspecified), so the loop carries no NaN test.
     fn narrow(x: f32) -> Self;
 }
 
@@ -24,6 +41,29 @@ impl RowElement for f32 {
     }
 }
 
+/// Values the row loops widen together: one 512-bit register of f32, two 256-bit ones.
+pub(crate) const GROUP: usize = 16;
+
+/// Which element of a group lane `k` of [`RowElement::widen_group`] holds: the element itself,
+/// except for bf16 (2 bytes), whose even elements go to lanes 0..8 and odd ones to lanes 8..16.
+/// Read as eight 32-bit words, a group of bf16 has element 2j in word j's low half and 2j + 1 in
+/// its high half: the high halves are f32 already once the low ones are masked off, and the low
+/// halves once shifted up. Two operations per 16 values instead of a widening shuffle and a shift
+/// per 8 (and, narrowing, a mask, a shift and an or instead of a pack and a lane permute). The
+/// sums run over lanes, so only their order changes; every build uses the same order.
+#[inline(always)]
+pub(crate) const fn group_lane<E>(k: usize) -> usize {
+    if std::mem::size_of::<E>() == 2 && cfg!(target_endian = "little") {
+        if k < GROUP / 2 {
+            2 * k
+        } else {
+            2 * (k - GROUP / 2) + 1
+        }
+    } else {
+        k
+    }
+}
+
 impl RowElement for bf16 {
     /// bf16 is f32's top half. (half's `to_f32` also sets the quiet bit of a NaN; a NaN stays a
     /// NaN here too, which is all the ops look at.)
@@ -32,21 +72,44 @@ impl RowElement for bf16 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
 
-    /// Bit-equal to `bf16::from_f32` for every input (tested on all 2^32): adding `0x7FFF` plus the
-    /// kept mantissa's lowest bit carries into the kept half exactly when the dropped half is above
-    /// the midpoint, or at it with an odd kept half (round to nearest even). A NaN keeps its top
-    /// bits and is made quiet, as half does.
+    #[inline(always)]
+    fn widen_group(group: &[Self; GROUP]) -> [f32; GROUP] {
+        let words: [u32; GROUP / 2] = bytemuck::cast(*group);
+        if cfg!(target_endian = "little") {
+            std::array::from_fn(|k| {
+                if k < GROUP / 2 {
+                    f32::from_bits(words[k] << 16)
+                } else {
+                    f32::from_bits(words[k - GROUP / 2] & 0xFFFF_0000)
+                }
+            })
+        } else {
+            std::array::from_fn(|k| group[k].widen())
+        }
+    }
+
+    #[inline(always)]
+    fn narrow_group(w: [f32; GROUP], out: &mut [Self; GROUP]) {
+        if cfg!(target_endian = "little") {
+            let rounded = w.map(|x| Self::narrow(x).to_bits() as u32);
+            let words: [u32; GROUP / 2] =
+                std::array::from_fn(|j| rounded[j] | (rounded[j + GROUP / 2] << 16));
+            *out = bytemuck::cast(words);
+        } else {
+            for (o, x) in out.iter_mut().zip(w) {
+                *o = Self::narrow(x);
+            }
+        }
+    }
+
+    /// Bit-equal to `bf16::from_f32` for every non-NaN input (tested on all of them): adding
+    /// `0x7FFF` plus the kept mantissa's lowest bit carries into the kept half exactly when the
+    /// dropped half is above the midpoint, or at it with an odd kept half (round to nearest even).
+    /// Four integer operations per element and no select (a NaN may come out as anything).
     #[inline(always)]
     fn narrow(x: f32) -> Self {
         let bits = x.to_bits();
-        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
-        let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
-        let out = if is_nan {
-            (bits >> 16) | 0x0040
-        } else {
-            rounded
-        };
-        bf16::from_bits(out as u16)
+        bf16::from_bits((bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16)
     }
 }
 
@@ -56,13 +119,14 @@ mod tests {
     use rayon::prelude::*;
 
     #[test]
-    fn bf16_narrow_equals_half_on_every_f32() {
+    fn bf16_narrow_equals_half_on_every_non_nan_f32() {
         let mismatches = (0u32..=u16::MAX as u32)
             .into_par_iter()
             .filter(|&hi| {
                 (0u32..=u16::MAX as u32).any(|lo| {
                     let x = f32::from_bits(hi << 16 | lo);
-                    <bf16 as RowElement>::narrow(x).to_bits() != bf16::from_f32(x).to_bits()
+                    !x.is_nan()
+                        && <bf16 as RowElement>::narrow(x).to_bits() != bf16::from_f32(x).to_bits()
                 })
             })
             .count();
@@ -80,5 +144,39 @@ mod tests {
                 assert_eq!(wide.to_bits(), x.to_f32().to_bits());
             }
         }
+    }
+
+    #[test]
+    fn bf16_groups_widen_and_narrow_in_lane_order() {
+        let lane = group_lane::<bf16>;
+        let mut seen = [false; GROUP];
+        for k in 0..GROUP {
+            seen[lane(k)] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "every element in one lane");
+        let group: [bf16; GROUP] = std::array::from_fn(|i| bf16::from_f32(i as f32 * 1.5 - 7.25));
+        let wide = <bf16 as RowElement>::widen_group(&group);
+        for k in 0..GROUP {
+            assert_eq!(wide[k], group[lane(k)].to_f32(), "lane {k}");
+        }
+        // Off bf16's grid (one tie among them): each lands where it came from, rounded as half does.
+        let w: [f32; GROUP] = std::array::from_fn(|k| k as f32 * 0.001_37 - 3.3);
+        let mut w = w;
+        w[5] = f32::from_bits(0x3F80_8000); // 1 + 2^-8: a tie, to even (1.0)
+        let mut out = [bf16::ZERO; GROUP];
+        <bf16 as RowElement>::narrow_group(w, &mut out);
+        for k in 0..GROUP {
+            assert_eq!(
+                out[lane(k)].to_bits(),
+                bf16::from_f32(w[k]).to_bits(),
+                "lane {k}"
+            );
+        }
+        // f32 groups are the identity.
+        let g: [f32; GROUP] = std::array::from_fn(|i| i as f32 - 0.5);
+        assert_eq!(<f32 as RowElement>::widen_group(&g), g);
+        let mut o = [0.0f32; GROUP];
+        <f32 as RowElement>::narrow_group(g, &mut o);
+        assert_eq!(o, g);
     }
 }

@@ -8,9 +8,10 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::fast_exp::fast_exp_with;
+use super::fast_exp::{exp_term, fast_exp_with};
 use super::isa::{isa, madd, Isa};
-use super::row_element::RowElement;
+use super::prefetch::prefetch;
+use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{split_lse, SavedLse};
 // CHUNK: elements reduced together; the running max is updated once per chunk.
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, CHUNK};
@@ -38,7 +39,7 @@ impl TokenLogprobs {
 
 /// Lanes of the vectorized inner loops: one 512-bit register, two 256-bit ones (the FMA builds
 /// share it, so that they sum in the same order and agree bit for bit).
-const LANES: usize = 16;
+const LANES: usize = GROUP;
 
 /// Gathers per-token log-probs from `logits` (`[rows, vocab]`, row-major) at `labels` (`[rows]`).
 ///
@@ -173,12 +174,12 @@ fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, b
     match T::DTYPE {
         DType::F32 => {
             for chunk in bytemuck::cast_slice::<T, f32>(z).chunks(CHUNK) {
-                acc.add_chunk::<f32, FMA>(chunk);
+                acc.add_chunk::<f32, FMA, true>(chunk);
             }
         }
         DType::BF16 => {
             for chunk in bytemuck::cast_slice::<T, bf16>(z).chunks(CHUNK) {
-                acc.add_chunk::<bf16, FMA>(chunk);
+                acc.add_chunk::<bf16, FMA, true>(chunk);
             }
         }
         DType::F16 => {
@@ -186,7 +187,8 @@ fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, b
             for chunk in z.chunks(CHUNK) {
                 let buf = &mut buf[..chunk.len()];
                 load_f32(chunk, buf);
-                acc.add_chunk::<f32, FMA>(buf);
+                // The staging buffer is not where the next chunk lies: no prefetch.
+                acc.add_chunk::<f32, FMA, false>(buf);
             }
         }
     }
@@ -212,15 +214,20 @@ impl OnlineLse {
         }
     }
 
+    /// Adds one chunk: its max pass (from memory), then its exp pass (from L1). With `PREFETCH`,
+    /// the exp pass also asks for the chunk that follows in memory (the row's next chunk, or the
+    /// next row's first), one cache line per group: the exp pass is compute and the max pass is
+    /// memory, and without it the two alternate instead of overlapping (the hardware prefetcher
+    /// runs only a short way ahead of the loads).
     // One index over the group and the lane arrays: the shape LLVM vectorizes.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    fn add_chunk<E: RowElement, const FMA: bool>(&mut self, chunk: &[E]) {
+    fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(&mut self, chunk: &[E]) {
         let mut lane_max = [f32::NEG_INFINITY; LANES];
         let mut probe = [0.0f32; LANES];
-        let mut groups = chunk.chunks_exact(LANES);
-        for group in &mut groups {
-            let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
+        let (groups, tail) = chunk.as_chunks::<LANES>();
+        for group in groups {
+            let x = E::widen_group(group);
             for k in 0..LANES {
                 lane_max[k] = if x[k] > lane_max[k] {
                     x[k]
@@ -234,7 +241,7 @@ impl OnlineLse {
         // the reduction and pays for it with shuffles on every group of the loop above.
         let (lane_max, mut probe) = std::hint::black_box((lane_max, probe));
         let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for &x in groups.remainder() {
+        for &x in tail {
             let x = x.widen();
             chunk_max = chunk_max.max(x);
             probe[0] = madd::<FMA>(x, 0.0, probe[0]);
@@ -248,17 +255,22 @@ impl OnlineLse {
             self.sum *= fast_exp_with::<FMA>(self.max - chunk_max);
             self.max = chunk_max;
         }
-        // The chunk is in L1 now: the second pass does not touch memory.
+        // The chunk is in L1 now: the second pass does not touch memory. `x − max ≤ 0` (the max
+        // is of this chunk too), so the exp needs no upper clamp.
         let max = self.max;
         let mut lane_sum = [0.0f32; LANES];
-        let mut groups = chunk.chunks_exact(LANES);
-        for group in &mut groups {
+        let ahead = chunk.as_ptr().wrapping_add(CHUNK);
+        for (i, group) in groups.iter().enumerate() {
+            if PREFETCH {
+                prefetch(ahead.wrapping_add(i * LANES));
+            }
+            let x = E::widen_group(group);
             for k in 0..LANES {
-                lane_sum[k] += fast_exp_with::<FMA>(group[k].widen() - max);
+                lane_sum[k] += exp_term::<FMA, false>(x[k] - max);
             }
         }
-        for &x in groups.remainder() {
-            lane_sum[0] += fast_exp_with::<FMA>(x.widen() - max);
+        for &x in tail {
+            lane_sum[0] += exp_term::<FMA, false>(x.widen() - max);
         }
         self.sum += lane_sum.iter().sum::<f32>();
     }

@@ -18,9 +18,9 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::fast_exp::fast_exp_with;
+use super::fast_exp::exp_term;
 use super::isa::{isa, madd, Isa};
-use super::row_element::RowElement;
+use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{lse_fits_row, SavedLse};
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, store_f32, CHUNK};
 use crate::dtype::{DType, LogitElement};
@@ -30,7 +30,7 @@ use crate::validate::{
 };
 
 /// Lanes of the vectorized accumulations (as the forward's: the FMA builds agree bit for bit).
-const LANES: usize = 16;
+const LANES: usize = GROUP;
 
 /// Writes `∂L/∂logits` into `grad_logits` (same shape and dtype as `logits`), where `saved` is the
 /// forward's saved logsumexp ([`TokenLogprobs::saved_lse`](super::TokenLogprobs::saved_lse), or
@@ -300,10 +300,12 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
         }
     };
     // g · (1 − p_y) = g − g·c·e_y, from the label's logit read before the row was written.
-    let w_y = madd::<FMA>(neg_gc, fast_exp_with::<FMA>(r.z_y - r.lse), r.g);
+    let w_y = madd::<FMA>(neg_gc, exp_term::<FMA, true>(r.z_y - r.lse), r.g);
     out[r.y] = T::from_f32(w_y);
 
-    let (prob_sum, probe, max_abs) = acc.finish();
+    let (prob_sum, probe, max_e) = acc.finish();
+    // |neg_gc · e| rounds monotonically in e: the largest stored |value| is that of the largest e.
+    let max_abs = (neg_gc * max_e).abs();
     let prob_sum = r.c * prob_sum;
     if probe != 0.0 {
         return Some(RowFault::NonFiniteLogits);
@@ -325,8 +327,8 @@ struct RowAcc {
     sum: [f32; LANES],
     /// Σ fma(z, 0, ·): 0 while every logit is finite, NaN once a NaN or ±inf was seen.
     probe: [f32; LANES],
-    /// max |stored value| (f16/bf16 only).
-    max_abs: [f32; LANES],
+    /// max exp(z − lse) (f16/bf16 only: the largest stored |value| follows from it).
+    max_e: [f32; LANES],
 }
 
 impl RowAcc {
@@ -335,7 +337,7 @@ impl RowAcc {
         Self {
             sum: [0.0; LANES],
             probe: [0.0; LANES],
-            max_abs: [0.0; LANES],
+            max_e: [0.0; LANES],
         }
     }
 
@@ -350,26 +352,20 @@ impl RowAcc {
     ) {
         // `track_max` is known per dtype: the branch folds away, and the loop has none.
         let mut lanes = Lanes::new(lse, neg_gc);
-        let mut groups = z.chunks_exact_mut(LANES);
+        let (groups, tail) = z.as_chunks_mut::<LANES>();
         if track_max {
-            for group in &mut groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
-                let w = lanes.grad::<FMA, true>(&x);
-                for (d, w) in group.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+            for group in groups {
+                let w = lanes.grad::<FMA, true>(&E::widen_group(group));
+                E::narrow_group(w, group);
             }
         } else {
-            for group in &mut groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| group[k].widen());
-                let w = lanes.grad::<FMA, false>(&x);
-                for (d, w) in group.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+            for group in groups {
+                let w = lanes.grad::<FMA, false>(&E::widen_group(group));
+                E::narrow_group(w, group);
             }
         }
         self.add(lanes);
-        for x in groups.into_remainder() {
+        for x in tail {
             *x = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
         }
     }
@@ -385,22 +381,17 @@ impl RowAcc {
         track_max: bool,
     ) {
         let mut lanes = Lanes::new(lse, neg_gc);
-        let groups = z.chunks_exact(LANES).zip(dz.chunks_exact_mut(LANES));
+        let groups = z.as_chunks::<LANES>().0.iter();
+        let groups = groups.zip(dz.as_chunks_mut::<LANES>().0);
         if track_max {
             for (zg, dg) in groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
-                let w = lanes.grad::<FMA, true>(&x);
-                for (d, w) in dg.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+                let w = lanes.grad::<FMA, true>(&E::widen_group(zg));
+                E::narrow_group(w, dg);
             }
         } else {
             for (zg, dg) in groups {
-                let x: [f32; LANES] = std::array::from_fn(|k| zg[k].widen());
-                let w = lanes.grad::<FMA, false>(&x);
-                for (d, w) in dg.iter_mut().zip(w) {
-                    *d = E::narrow(w);
-                }
+                let w = lanes.grad::<FMA, false>(&E::widen_group(zg));
+                E::narrow_group(w, dg);
             }
         }
         self.add(lanes);
@@ -418,28 +409,27 @@ impl RowAcc {
         for k in 0..LANES {
             self.sum[k] += lanes.sum[k];
             self.probe[k] += lanes.probe[k];
-            self.max_abs[k] = self.max_abs[k].max(lanes.max_abs[k]);
+            self.max_e[k] = self.max_e[k].max(lanes.max_e[k]);
         }
     }
 
     /// One element's gradient (a row's tail), accumulated in lane 0.
     #[inline(always)]
     fn grad_one<const FMA: bool>(&mut self, x: f32, lse: f32, neg_gc: f32, track_max: bool) -> f32 {
-        let e = fast_exp_with::<FMA>(x - lse);
+        let e = exp_term::<FMA, true>(x - lse);
         self.sum[0] += e;
         self.probe[0] = madd::<FMA>(x, 0.0, self.probe[0]);
-        let w = neg_gc * e;
         if track_max {
-            self.max_abs[0] = self.max_abs[0].max(w.abs());
+            self.max_e[0] = self.max_e[0].max(e);
         }
-        w
+        neg_gc * e
     }
 
-    /// (Σ exp(z − lse), probe, max |value|).
+    /// (Σ exp(z − lse), probe, max exp(z − lse)).
     #[inline(always)]
     fn finish(&self) -> (f32, f32, f32) {
-        let max_abs = self.max_abs.iter().copied().fold(0.0f32, f32::max);
-        (self.sum.iter().sum(), self.probe.iter().sum(), max_abs)
+        let max_e = self.max_e.iter().copied().fold(0.0f32, f32::max);
+        (self.sum.iter().sum(), self.probe.iter().sum(), max_e)
     }
 }
 
@@ -450,7 +440,7 @@ struct Lanes {
     neg_gc: f32,
     sum: [f32; LANES],
     probe: [f32; LANES],
-    max_abs: [f32; LANES],
+    max_e: [f32; LANES],
 }
 
 impl Lanes {
@@ -461,7 +451,7 @@ impl Lanes {
             neg_gc,
             sum: [0.0; LANES],
             probe: [0.0; LANES],
-            max_abs: [0.0; LANES],
+            max_e: [0.0; LANES],
         }
     }
 
@@ -472,17 +462,12 @@ impl Lanes {
     fn grad<const FMA: bool, const TRACK_MAX: bool>(&mut self, x: &[f32; LANES]) -> [f32; LANES] {
         let mut w = [0.0f32; LANES];
         for k in 0..LANES {
-            let e = fast_exp_with::<FMA>(x[k] - self.lse);
+            let e = exp_term::<FMA, true>(x[k] - self.lse);
             self.sum[k] += e;
             self.probe[k] = madd::<FMA>(x[k], 0.0, self.probe[k]);
             w[k] = self.neg_gc * e;
             if TRACK_MAX {
-                let a = w[k].abs();
-                self.max_abs[k] = if a > self.max_abs[k] {
-                    a
-                } else {
-                    self.max_abs[k]
-                };
+                self.max_e[k] = if e > self.max_e[k] { e } else { self.max_e[k] };
             }
         }
         w
