@@ -2,6 +2,8 @@
 //! kernels, record what the backward needs. Matrices are row-major; an op that works on rows
 //! treats a tensor as `[numel / last_dim, last_dim]`.
 
+use std::borrow::Cow;
+
 use super::cpu::attention::{attention_forward, AttentionShape};
 use super::cpu::elementwise::{add_bias_forward, dropout_mask, multiply};
 use super::cpu::embedding::embedding_forward;
@@ -16,8 +18,13 @@ fn shape_err(msg: String) -> HaloError {
     HaloError::InvalidShape(msg)
 }
 
-impl Tape {
-    fn leaf(&mut self, value: &[f32], shape: &[usize], param: Option<usize>) -> Result<Var> {
+impl<'a> Tape<'a> {
+    fn leaf(
+        &mut self,
+        value: Cow<'a, [f32]>,
+        shape: &[usize],
+        param: Option<usize>,
+    ) -> Result<Var> {
         if self.is_consumed() {
             return Err(HaloError::Autograd(
                 "the tape has already been through backward; record a new one".into(),
@@ -31,18 +38,19 @@ impl Tape {
                 got: value.len(),
             });
         }
-        Ok(self.push(value.to_vec(), shape.to_vec(), Op::Leaf { param }, &[]))
+        Ok(self.push(value, shape.to_vec(), Op::Leaf { param }, &[]))
     }
 
     /// A trainable leaf. Its gradient is reported by [`backward`](Tape::backward) under `index`.
-    /// The value is copied onto the tape, so the caller may update its own copy afterwards.
-    pub fn param(&mut self, index: usize, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(value, shape, Some(index))
+    /// The value is borrowed, not copied (a model's parameters are read in place by every
+    /// forward): the caller can update it once the tape is gone.
+    pub fn param(&mut self, index: usize, value: &'a [f32], shape: &[usize]) -> Result<Var> {
+        self.leaf(Cow::Borrowed(value), shape, Some(index))
     }
 
-    /// A leaf that gets no gradient (inputs, masks).
+    /// A leaf that gets no gradient (inputs, masks). The value is copied onto the tape.
     pub fn constant(&mut self, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(value, shape, None)
+        self.leaf(Cow::Owned(value.to_vec()), shape, None)
     }
 
     fn rows_cols(&self, v: Var) -> (usize, usize) {
@@ -74,7 +82,7 @@ impl Tape {
             table,
             ids: ids.to_vec(),
         };
-        Ok(self.push(y, vec![ids.len(), dim], op, &[table]))
+        Ok(self.push(y.into(), vec![ids.len(), dim], op, &[table]))
     }
 
     /// `x·w + b` with `x: [n, in]`, `w: [in, out]` (Hugging Face Conv1D layout), `b: [out]`.
@@ -134,7 +142,7 @@ impl Tape {
         let mut shape = self.shape(x).to_vec();
         *shape.last_mut().unwrap() = m;
         Ok(self.push(
-            y,
+            y.into(),
             shape,
             Op::Linear {
                 x,
@@ -161,7 +169,7 @@ impl Tape {
         let mut y = vec![0.0; self.value(x).len()];
         add_bias_forward(self.value(x), self.value(b), &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::AddBias { x, b }, &[x, b]))
+        Ok(self.push(y.into(), shape, Op::AddBias { x, b }, &[x, b]))
     }
 
     /// `a + b`, same shapes (the residual connection).
@@ -182,7 +190,7 @@ impl Tape {
             .map(|(x, y)| x + y)
             .collect();
         let shape = self.shape(a).to_vec();
-        Ok(self.push(y, shape, Op::Add { a, b }, &[a, b]))
+        Ok(self.push(y.into(), shape, Op::Add { a, b }, &[a, b]))
     }
 
     /// `factor · x`.
@@ -190,14 +198,14 @@ impl Tape {
         self.check(x, "x")?;
         let y: Vec<f32> = self.value(x).iter().map(|v| v * factor).collect();
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Scale { x, factor }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Scale { x, factor }, &[x]))
     }
 
     /// The sum of all elements → shape `[1]` (accumulated in f64).
     pub fn sum(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
         let s = self.value(x).iter().map(|&v| v as f64).sum::<f64>() as f32;
-        Ok(self.push(vec![s], vec![1], Op::Sum { x }, &[x]))
+        Ok(self.push(vec![s].into(), vec![1], Op::Sum { x }, &[x]))
     }
 
     /// Layer norm over the last dimension (`gamma`, `beta`: `[dim]`), biased variance, `eps`
@@ -235,7 +243,7 @@ impl Tape {
             mean,
             rstd,
         };
-        Ok(self.push(y, shape, op, &[x, gamma, beta]))
+        Ok(self.push(y.into(), shape, op, &[x, gamma, beta]))
     }
 
     /// GELU, tanh approximation (GPT-2's activation).
@@ -244,7 +252,7 @@ impl Tape {
         let mut y = vec![0.0; self.value(x).len()];
         gelu_forward(self.value(x), &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Gelu { x }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Gelu { x }, &[x]))
     }
 
     /// Fused causal self-attention on the `c_attn` output `qkv: [batch·seq, 3·C]` → `[batch·seq, C]`
@@ -279,7 +287,7 @@ impl Tape {
         let mut probs = vec![0.0; batch * n_head * seq * seq];
         attention_forward(self.value(qkv), shape, &mut out, &mut probs);
         Ok(self.push(
-            out,
+            out.into(),
             vec![rows, dim],
             Op::Attention { qkv, shape, probs },
             &[qkv],
@@ -304,7 +312,7 @@ impl Tape {
         let mut y = vec![0.0; mask.len()];
         multiply(self.value(x), &mask, &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Dropout { x, mask }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Dropout { x, mask }, &[x]))
     }
 
     /// [`token_logprobs`](Tape::token_logprobs) of `hidden · weightᵀ` (`hidden: [rows, H]`, the
@@ -363,7 +371,7 @@ impl Tape {
             ln_sum: out.ln_sum,
             vocab,
         };
-        Ok(self.push(out.logp, vec![rows], op, &[hidden, weight]))
+        Ok(self.push(out.logp.into(), vec![rows], op, &[hidden, weight]))
     }
 
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
@@ -389,6 +397,6 @@ impl Tape {
             lse_residual: out.lse_residual,
             vocab,
         };
-        Ok(self.push(out.logp, vec![rows], op, &[logits]))
+        Ok(self.push(out.logp.into(), vec![rows], op, &[logits]))
     }
 }

@@ -1,6 +1,8 @@
 //! The tape: a flat list of nodes in creation order (a topological order by construction), and
 //! the reverse sweep over it.
 
+use std::borrow::Cow;
+
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -103,8 +105,9 @@ pub(crate) enum Op {
     Consumed,
 }
 
-pub(crate) struct Node {
-    pub(crate) value: Vec<f32>,
+pub(crate) struct Node<'a> {
+    /// An activation (owned) or a parameter (borrowed from the model: never copied).
+    pub(crate) value: Cow<'a, [f32]>,
     pub(crate) shape: Vec<usize>,
     /// Whether any parameter reaches this node (otherwise the backward skips it).
     pub(crate) requires_grad: bool,
@@ -117,20 +120,23 @@ pub(crate) struct Node {
 /// [`backward`](Tape::backward), which frees activations as it goes) when done.
 ///
 /// `training` (on for [`Tape::new`]) enables dropout; [`Tape::inference`] turns it off.
-pub struct Tape {
-    pub(crate) nodes: Vec<Node>,
+///
+/// `'a` is the lifetime of the parameters: [`param`](Tape::param) borrows their values instead of
+/// copying them, so the model cannot change while a tape that read it is alive.
+pub struct Tape<'a> {
+    pub(crate) nodes: Vec<Node<'a>>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) training: bool,
     consumed: bool,
 }
 
-impl Default for Tape {
+impl Default for Tape<'_> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Tape {
+impl<'a> Tape<'a> {
     /// A training tape (dropout active where the model asks for it), dropout RNG seeded with 0.
     pub fn new() -> Self {
         Self::with_seed(0)
@@ -203,7 +209,7 @@ impl Tape {
 
     pub(crate) fn push(
         &mut self,
-        value: Vec<f32>,
+        value: Cow<'a, [f32]>,
         shape: Vec<usize>,
         op: Op,
         inputs: &[Var],
@@ -285,7 +291,7 @@ impl Tape {
                         // Nothing else reads the logits, and their producer's backward needs only
                         // its inputs: overwrite them with their gradient instead of allocating a
                         // second [rows, vocab] buffer (Liger-Kernel's trick).
-                        let mut z = std::mem::take(&mut self.nodes[logits.0].value);
+                        let mut z = std::mem::take(&mut self.nodes[logits.0].value).into_owned();
                         halo_kernels::cpu::token_logprobs_backward_inplace(
                             &mut z,
                             &labels,
@@ -300,7 +306,7 @@ impl Tape {
                 }
             }
             if !seeds.iter().any(|(v, _)| v.0 == i) {
-                self.nodes[i].value = Vec::new();
+                self.nodes[i].value = Cow::Owned(Vec::new());
             }
         }
         Ok(result)
@@ -308,7 +314,7 @@ impl Tape {
 }
 
 /// Takes the gradient buffer of `v` out of `grads` (zeros if none yet) when `v` needs one.
-fn take_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var) -> Option<Vec<f32>> {
+fn take_grad(nodes: &[Node<'_>], grads: &mut [Option<Vec<f32>>], v: Var) -> Option<Vec<f32>> {
     if !nodes[v.0].requires_grad {
         return None;
     }
@@ -331,7 +337,7 @@ fn put_grad(grads: &mut [Option<Vec<f32>>], v: Var, g: Option<Vec<f32>>) {
 
 /// `∂L/∂v += dy` for an op whose local derivative is the identity: copies `dy` into an empty slot
 /// instead of zero-filling and adding.
-fn add_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) {
+fn add_grad(nodes: &[Node<'_>], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) {
     if !nodes[v.0].requires_grad {
         return;
     }
@@ -343,13 +349,13 @@ fn add_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) 
 
 /// Applies one node's backward: reads `dy = ∂L/∂node`, accumulates into its inputs' gradients.
 fn backward_op(
-    nodes: &[Node],
+    nodes: &[Node<'_>],
     grads: &mut [Option<Vec<f32>>],
     op: Op,
     dy: &[f32],
     index: usize,
 ) -> Result<()> {
-    let value = |v: Var| nodes[v.0].value.as_slice();
+    let value = |v: Var| &*nodes[v.0].value;
     let cols = |v: Var| *nodes[v.0].shape.last().unwrap_or(&1);
     match op {
         Op::Leaf { .. } | Op::Consumed => {}
