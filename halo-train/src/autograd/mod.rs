@@ -21,6 +21,7 @@
 
 pub mod cpu;
 pub mod ops;
+pub mod pool;
 pub mod tape;
 
 pub use cpu::attention::AttentionShape;

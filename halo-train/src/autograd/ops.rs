@@ -2,15 +2,14 @@
 //! kernels, record what the backward needs. Matrices are row-major; an op that works on rows
 //! treats a tensor as `[numel / last_dim, last_dim]`.
 
-use std::borrow::Cow;
-
 use super::cpu::attention::{attention_forward, AttentionShape};
 use super::cpu::elementwise::{add_bias_forward, dropout_mask, multiply};
 use super::cpu::embedding::embedding_forward;
 use super::cpu::gelu::gelu_forward;
 use super::cpu::layernorm::layernorm_forward;
 use super::cpu::matmul::linear_forward;
-use super::tape::{Op, Tape, Var};
+use super::pool::Buffer;
+use super::tape::{Op, Tape, Value, Var};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
@@ -19,12 +18,7 @@ fn shape_err(msg: String) -> HaloError {
 }
 
 impl<'a> Tape<'a> {
-    fn leaf(
-        &mut self,
-        value: Cow<'a, [f32]>,
-        shape: &[usize],
-        param: Option<usize>,
-    ) -> Result<Var> {
+    fn leaf(&mut self, value: Value<'a>, shape: &[usize], param: Option<usize>) -> Result<Var> {
         if self.is_consumed() {
             return Err(HaloError::Autograd(
                 "the tape has already been through backward; record a new one".into(),
@@ -45,12 +39,12 @@ impl<'a> Tape<'a> {
     /// The value is borrowed, not copied (a model's parameters are read in place by every
     /// forward): the caller can update it once the tape is gone.
     pub fn param(&mut self, index: usize, value: &'a [f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(Cow::Borrowed(value), shape, Some(index))
+        self.leaf(Value::Borrowed(value), shape, Some(index))
     }
 
     /// A leaf that gets no gradient (inputs, masks). The value is copied onto the tape.
     pub fn constant(&mut self, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(Cow::Owned(value.to_vec()), shape, None)
+        self.leaf(Buffer::copied(value).into(), shape, None)
     }
 
     fn rows_cols(&self, v: Var) -> (usize, usize) {
@@ -76,7 +70,7 @@ impl<'a> Tape<'a> {
                 ids[pos]
             )));
         }
-        let mut y = vec![0.0; ids.len() * dim];
+        let mut y = Buffer::zeroed(ids.len() * dim);
         embedding_forward(self.value(table), ids, dim, &mut y);
         let op = Op::Embedding {
             table,
@@ -126,7 +120,7 @@ impl<'a> Tape<'a> {
                 )));
             }
         }
-        let mut y = vec![0.0; n * m];
+        let mut y = Buffer::zeroed(n * m);
         linear_forward(
             self.value(x),
             self.value(w),
@@ -166,7 +160,7 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let mut y = vec![0.0; self.value(x).len()];
+        let mut y = Buffer::zeroed(self.value(x).len());
         add_bias_forward(self.value(x), self.value(b), &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::AddBias { x, b }, &[x, b]))
@@ -183,12 +177,10 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let y: Vec<f32> = self
-            .value(a)
-            .iter()
-            .zip(self.value(b))
-            .map(|(x, y)| x + y)
-            .collect();
+        let mut y = Buffer::zeroed(self.value(a).len());
+        for ((o, &x), &z) in y.iter_mut().zip(self.value(a)).zip(self.value(b)) {
+            *o = x + z;
+        }
         let shape = self.shape(a).to_vec();
         Ok(self.push(y.into(), shape, Op::Add { a, b }, &[a, b]))
     }
@@ -196,7 +188,10 @@ impl<'a> Tape<'a> {
     /// `factor · x`.
     pub fn scale(&mut self, x: Var, factor: f32) -> Result<Var> {
         self.check(x, "x")?;
-        let y: Vec<f32> = self.value(x).iter().map(|v| v * factor).collect();
+        let mut y = Buffer::zeroed(self.value(x).len());
+        for (o, &v) in y.iter_mut().zip(self.value(x)) {
+            *o = v * factor;
+        }
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::Scale { x, factor }, &[x]))
     }
@@ -223,9 +218,9 @@ impl<'a> Tape<'a> {
                 self.shape(beta)
             )));
         }
-        let mut y = vec![0.0; rows * dim];
-        let mut mean = vec![0.0; rows];
-        let mut rstd = vec![0.0; rows];
+        let mut y = Buffer::zeroed(rows * dim);
+        let mut mean = Buffer::zeroed(rows);
+        let mut rstd = Buffer::zeroed(rows);
         layernorm_forward(
             self.value(x),
             self.value(gamma),
@@ -249,7 +244,7 @@ impl<'a> Tape<'a> {
     /// GELU, tanh approximation (GPT-2's activation).
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = vec![0.0; self.value(x).len()];
+        let mut y = Buffer::zeroed(self.value(x).len());
         gelu_forward(self.value(x), &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::Gelu { x }, &[x]))
@@ -283,8 +278,8 @@ impl<'a> Tape<'a> {
             n_head,
             dim,
         };
-        let mut out = vec![0.0; rows * dim];
-        let mut probs = vec![0.0; batch * n_head * seq * seq];
+        let mut out = Buffer::zeroed(rows * dim);
+        let mut probs = Buffer::zeroed(batch * n_head * seq * seq);
         attention_forward(self.value(qkv), shape, &mut out, &mut probs);
         Ok(self.push(
             out.into(),
@@ -308,8 +303,9 @@ impl<'a> Tape<'a> {
         if p == 0.0 || !self.training {
             return Ok(x);
         }
-        let mask = dropout_mask(self.value(x).len(), p, &mut self.rng);
-        let mut y = vec![0.0; mask.len()];
+        let mut mask = Buffer::zeroed(self.value(x).len());
+        dropout_mask(&mut mask, p, &mut self.rng);
+        let mut y = Buffer::zeroed(mask.len());
         multiply(self.value(x), &mask, &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::Dropout { x, mask }, &[x]))
@@ -367,8 +363,8 @@ impl<'a> Tape<'a> {
             hidden,
             weight,
             labels: labels.to_vec(),
-            row_max: out.row_max,
-            ln_sum: out.ln_sum,
+            row_max: out.row_max.into(),
+            ln_sum: out.ln_sum.into(),
             vocab,
         };
         Ok(self.push(out.logp.into(), vec![rows], op, &[hidden, weight]))
@@ -393,8 +389,8 @@ impl<'a> Tape<'a> {
         let op = Op::TokenLogprobs {
             logits,
             labels: labels.to_vec(),
-            lse: out.lse,
-            lse_residual: out.lse_residual,
+            lse: out.lse.into(),
+            lse_residual: out.lse_residual.into(),
             vocab,
         };
         Ok(self.push(out.logp.into(), vec![rows], op, &[logits]))

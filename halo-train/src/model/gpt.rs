@@ -334,7 +334,7 @@ impl Gpt {
     ) -> Result<Vec<f32>> {
         let mut tape = Tape::inference();
         let v = self.token_logprobs(&mut tape, input_ids, targets, batch, seq)?;
-        Ok(std::mem::take(&mut tape.nodes[v.0].value).into_owned())
+        Ok(std::mem::take(&mut tape.nodes[v.0].value).into_vec())
     }
 
     /// Logits `[batch·seq, vocab]` without gradients or dropout.
@@ -349,7 +349,7 @@ impl Gpt {
     ) -> Result<Vec<f32>> {
         let mut tape = Tape::inference();
         let v = self.logits(&mut tape, input_ids, batch, seq)?;
-        let logits = std::mem::take(&mut tape.nodes[v.0].value).into_owned();
+        let logits = std::mem::take(&mut tape.nodes[v.0].value).into_vec();
         if let Some(index) = logits.iter().position(|z| !z.is_finite()) {
             return Err(HaloError::NonFinite {
                 what: "logits",
