@@ -7,7 +7,9 @@
 //!
 //! After criterion's figures (a mean, at the mercy of whatever else runs on the machine) it
 //! prints the best step of a fixed number (`best of N`), the figure to compare before/after on a
-//! shared machine: other processes can only make a step slower, never faster.
+//! shared machine: other processes can only make a step slower, never faster. Beside it, the
+//! process's CPU time per step (user + system, all threads: what the step costs the machine,
+//! spinning thread pools and page faults included).
 
 use std::time::{Duration, Instant};
 
@@ -96,34 +98,51 @@ fn criterion_figures(c: &mut Criterion, setups: &mut [Setup]) {
     }
 }
 
-/// The fastest of `n` calls of `f`, after two warm-up calls.
-fn best_of(n: usize, mut f: impl FnMut()) -> Duration {
+/// User + system CPU time of the whole process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// The fastest of `n` calls of `f` (after two warm-up calls), and the mean CPU time per call.
+fn best_of(n: usize, mut f: impl FnMut()) -> (Duration, Duration) {
     f();
     f();
-    (0..n)
+    let cpu_start = cpu_time();
+    let best = (0..n)
         .map(|_| {
             let start = Instant::now();
             f();
             start.elapsed()
         })
         .min()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (best, (cpu_time() - cpu_start) / n.max(1) as u32)
 }
 
 fn print_best(setups: &mut [Setup], n: usize) {
     let tokens = (BATCH * SEQ) as f64;
     for s in setups.iter_mut() {
-        let step = best_of(n, || s.train_step());
-        let fwd = best_of(n, || {
+        let (step, step_cpu) = best_of(n, || s.train_step());
+        let (fwd, fwd_cpu) = best_of(n, || {
             std::hint::black_box(s.forward());
         });
         println!(
-            "best of {n}: {}  train step {:7.2} ms = {:6.0} tokens/s   forward {:6.2} ms = {:6.0} tokens/s",
+            "best of {n}: {}  train step {:7.2} ms = {:6.0} tokens/s (cpu {:7.2} ms/step)   \
+             forward {:6.2} ms = {:6.0} tokens/s (cpu {:6.2} ms)",
             s.name,
             step.as_secs_f64() * 1e3,
             tokens / step.as_secs_f64(),
+            step_cpu.as_secs_f64() * 1e3,
             fwd.as_secs_f64() * 1e3,
             tokens / fwd.as_secs_f64(),
+            fwd_cpu.as_secs_f64() * 1e3,
         );
     }
 }

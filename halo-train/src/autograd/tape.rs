@@ -5,6 +5,7 @@ use std::ops::Deref;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::cpu::attention::{attention_backward, AttentionShape};
 use super::cpu::elementwise::{accumulate, accumulate_product, accumulate_scaled, bias_backward};
@@ -638,7 +639,8 @@ impl Gradients {
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f32) {
         for g in self.grads.iter_mut().flatten() {
-            g.iter_mut().for_each(|v| *v *= factor);
+            g.par_chunks_mut(1 << 14)
+                .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
         }
     }
 

@@ -1,5 +1,13 @@
-//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized, threaded for large
-//! sizes). Transposes are free: sgemm takes row and column strides for every operand.
+//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized). Transposes are free:
+//! sgemm takes row and column strides for every operand.
+//!
+//! One thread pool: matrixmultiply's own threading is off (its pool and rayon's woke each other,
+//! issue 13); a large product is split by rows of the output into rayon tasks instead, each one
+//! single-threaded sgemm. Splitting the output does not change any element's arithmetic (each
+//! is the same blocked dot product whichever task computes it), so the results are the same
+//! bits as one call.
+
+use rayon::prelude::*;
 
 /// A read-only matrix view: `rows × cols` at `data[offset + r*row_stride + c*col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -95,9 +103,57 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Products with fewer multiply-adds than this run as one sgemm on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Rows of the output per rayon task at least (each task packs all of `b` again).
+const PARALLEL_MIN_ROWS: usize = 32;
+
 /// `c = alpha · a·b + beta · c`. Panics if the shapes disagree or a view leaves its buffer
 /// (strides must be non-negative), which would be a bug in the caller, not bad user input.
+///
+/// A large product whose output rows are disjoint and ascending in memory (`col_stride == 1`,
+/// `row_stride >= cols`, the layout of every output here) is split by rows into rayon tasks.
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    let threads = rayon::current_num_threads();
+    let macs = a.rows.saturating_mul(a.cols).saturating_mul(b.cols);
+    let splittable = c.col_stride == 1 && c.row_stride >= c.cols as isize && c.cols > 0;
+    if threads < 2 || macs < PARALLEL_MIN_MACS || !splittable || c.rows < 2 * PARALLEL_MIN_ROWS {
+        return gemm_serial(alpha, a, b, beta, c);
+    }
+    assert_eq!(a.rows, c.rows, "gemm: output shape differs");
+    assert!(a.row_stride >= 0, "gemm: negative stride");
+    // Two tasks per thread (a busy core's share can be stolen), rounded to whole 16-row blocks.
+    let per_task = c.rows.div_ceil(2 * threads).max(PARALLEL_MIN_ROWS);
+    let per_task = per_task.div_ceil(16) * 16;
+    let (rows, cols, row_stride) = (c.rows, c.cols, c.row_stride as usize);
+    let Some(tail) = c.data.get_mut(c.offset..) else {
+        panic!("gemm: `c` view out of bounds");
+    };
+    tail.par_chunks_mut(per_task * row_stride)
+        .take(rows.div_ceil(per_task))
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * per_task;
+            let n = per_task.min(rows - first);
+            let a_part = MatRef {
+                offset: a.offset + first * a.row_stride as usize,
+                rows: n,
+                ..a
+            };
+            let c_part = MatMut {
+                data: chunk,
+                offset: 0,
+                rows: n,
+                cols,
+                row_stride: row_stride as isize,
+                col_stride: 1,
+            };
+            gemm_serial(alpha, a_part, b, beta, c_part);
+        });
+}
+
+/// [`gemm`] as one single-threaded sgemm call.
+fn gemm_serial(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
     assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
     assert_eq!(
         (a.rows, b.cols),
