@@ -70,7 +70,7 @@ impl<'a> Tape<'a> {
                 ids[pos]
             )));
         }
-        let mut y = Buffer::zeroed(ids.len() * dim);
+        let mut y = Buffer::for_overwrite(ids.len() * dim);
         embedding_forward(self.value(table), ids, dim, &mut y);
         let op = Op::Embedding {
             table,
@@ -120,7 +120,7 @@ impl<'a> Tape<'a> {
                 )));
             }
         }
-        let mut y = Buffer::zeroed(n * m);
+        let mut y = Buffer::for_overwrite(n * m);
         linear_forward(
             self.value(x),
             self.value(w),
@@ -160,7 +160,7 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let mut y = Buffer::zeroed(self.value(x).len());
+        let mut y = Buffer::for_overwrite(self.value(x).len());
         add_bias_forward(self.value(x), self.value(b), &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::AddBias { x, b }, &[x, b]))
@@ -177,7 +177,7 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let mut y = Buffer::zeroed(self.value(a).len());
+        let mut y = Buffer::for_overwrite(self.value(a).len());
         for ((o, &x), &z) in y.iter_mut().zip(self.value(a)).zip(self.value(b)) {
             *o = x + z;
         }
@@ -188,7 +188,7 @@ impl<'a> Tape<'a> {
     /// `factor · x`.
     pub fn scale(&mut self, x: Var, factor: f32) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = Buffer::zeroed(self.value(x).len());
+        let mut y = Buffer::for_overwrite(self.value(x).len());
         for (o, &v) in y.iter_mut().zip(self.value(x)) {
             *o = v * factor;
         }
@@ -218,9 +218,9 @@ impl<'a> Tape<'a> {
                 self.shape(beta)
             )));
         }
-        let mut y = Buffer::zeroed(rows * dim);
-        let mut mean = Buffer::zeroed(rows);
-        let mut rstd = Buffer::zeroed(rows);
+        let mut y = Buffer::for_overwrite(rows * dim);
+        let mut mean = Buffer::for_overwrite(rows);
+        let mut rstd = Buffer::for_overwrite(rows);
         layernorm_forward(
             self.value(x),
             self.value(gamma),
@@ -244,7 +244,7 @@ impl<'a> Tape<'a> {
     /// GELU, tanh approximation (GPT-2's activation).
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = Buffer::zeroed(self.value(x).len());
+        let mut y = Buffer::for_overwrite(self.value(x).len());
         gelu_forward(self.value(x), &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::Gelu { x }, &[x]))
@@ -278,8 +278,8 @@ impl<'a> Tape<'a> {
             n_head,
             dim,
         };
-        let mut out = Buffer::zeroed(rows * dim);
-        let mut probs = Buffer::zeroed(batch * n_head * seq * seq);
+        let mut out = Buffer::for_overwrite(rows * dim);
+        let mut probs = Buffer::for_overwrite(batch * n_head * seq * seq);
         attention_forward(self.value(qkv), shape, &mut out, &mut probs);
         Ok(self.push(
             out.into(),
@@ -303,9 +303,9 @@ impl<'a> Tape<'a> {
         if p == 0.0 || !self.training {
             return Ok(x);
         }
-        let mut mask = Buffer::zeroed(self.value(x).len());
+        let mut mask = Buffer::for_overwrite(self.value(x).len());
         dropout_mask(&mut mask, p, &mut self.rng);
-        let mut y = Buffer::zeroed(mask.len());
+        let mut y = Buffer::for_overwrite(mask.len());
         multiply(self.value(x), &mask, &mut y);
         let shape = self.shape(x).to_vec();
         Ok(self.push(y.into(), shape, Op::Dropout { x, mask }, &[x]))

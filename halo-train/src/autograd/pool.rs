@@ -89,7 +89,8 @@ impl Pool {
     }
 }
 
-/// An empty buffer with room for `len` elements: from the free list when one fits.
+/// A vector with room for `len` elements: from the free list when one fits (then still holding
+/// its last values, at whatever length it had), else new and empty.
 fn with_capacity(len: usize) -> Vec<f32> {
     if len < MIN_POOLED {
         return Vec::with_capacity(len);
@@ -106,13 +107,7 @@ fn with_capacity(len: usize) -> Vec<f32> {
         })
         .ok()
         .flatten();
-    match reused {
-        Some(mut v) => {
-            v.clear();
-            v
-        }
-        None => Vec::with_capacity(class_ceil(len)),
-    }
+    reused.unwrap_or_else(|| Vec::with_capacity(class_ceil(len)))
 }
 
 /// An `f32` buffer that gives its memory back to the calling thread's pool when dropped (if it
@@ -130,6 +125,17 @@ impl Buffer {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
         let mut data = with_capacity(len);
+        data.clear();
+        data.resize(len, 0.0);
+        Self { data, pooled: true }
+    }
+
+    /// `len` elements whose values are unspecified (a reused buffer's old values, zeros
+    /// otherwise), for an output the caller writes in full: skips [`zeroed`](Self::zeroed)'s
+    /// fill of every forward activation.
+    pub fn for_overwrite(len: usize) -> Self {
+        let mut data = with_capacity(len);
+        data.truncate(len);
         data.resize(len, 0.0);
         Self { data, pooled: true }
     }
@@ -137,6 +143,7 @@ impl Buffer {
     /// A copy of `src`.
     pub fn copied(src: &[f32]) -> Self {
         let mut data = with_capacity(src.len());
+        data.clear();
         data.extend_from_slice(src);
         Self { data, pooled: true }
     }
@@ -254,6 +261,22 @@ mod tests {
         assert_eq!(stats().misses, before.misses + 1);
         release();
         assert_eq!(stats().retained_bytes, 0);
+    }
+
+    #[test]
+    fn for_overwrite_has_the_length_asked_for() {
+        release();
+        let mut d = Buffer::for_overwrite(2900);
+        assert_eq!(d.len(), 2900);
+        d.fill(3.0);
+        drop(d);
+        // Same class (3072): the old buffer, its 2900 old values, then zeros.
+        let e = Buffer::for_overwrite(3000);
+        assert_eq!(e.len(), 3000);
+        assert!(e[..2900].iter().all(|&v| v == 3.0) && e[2900..].iter().all(|&v| v == 0.0));
+        drop(e);
+        assert_eq!(Buffer::for_overwrite(2500).len(), 2500);
+        release();
     }
 
     #[test]
