@@ -36,9 +36,9 @@ fn randomized(config: GptConfig, seed: u64) -> Gpt {
 }
 
 /// The model's per-token log-probs through the materialized head or the fused one.
-fn token_logp(
-    model: &Gpt,
-    tape: &mut Tape,
+fn token_logp<'a>(
+    model: &'a Gpt,
+    tape: &mut Tape<'a>,
     (ids, targets): (&[u32], &[i32]),
     (b, s): (usize, usize),
     fused: bool,

@@ -16,11 +16,14 @@
 //! ```
 //!
 //! Layout: [`tape`] (variables, nodes, the backward sweep, [`Gradients`]), [`ops`] (the op
-//! methods: shape checks + recording), [`cpu`] (the kernels — the device boundary: a CUDA backend
-//! adds a sibling module, the tape and the model stay as they are).
+//! methods: shape checks + recording), [`pool`] (the per-thread free list every activation and
+//! gradient buffer comes from, so a step reuses the previous step's memory), [`cpu`] (the
+//! kernels — the device boundary: a CUDA backend adds a sibling module, the tape and the model
+//! stay as they are). Parameters are borrowed by the tape ([`Tape::param`]), never copied.
 
 pub mod cpu;
 pub mod ops;
+pub mod pool;
 pub mod tape;
 
 pub use cpu::attention::AttentionShape;

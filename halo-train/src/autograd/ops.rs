@@ -8,7 +8,8 @@ use super::cpu::embedding::embedding_forward;
 use super::cpu::gelu::gelu_forward;
 use super::cpu::layernorm::layernorm_forward;
 use super::cpu::matmul::linear_forward;
-use super::tape::{Op, Tape, Var};
+use super::pool::Buffer;
+use super::tape::{Op, Tape, Value, Var};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
@@ -16,8 +17,8 @@ fn shape_err(msg: String) -> HaloError {
     HaloError::InvalidShape(msg)
 }
 
-impl Tape {
-    fn leaf(&mut self, value: &[f32], shape: &[usize], param: Option<usize>) -> Result<Var> {
+impl<'a> Tape<'a> {
+    fn leaf(&mut self, value: Value<'a>, shape: &[usize], param: Option<usize>) -> Result<Var> {
         if self.is_consumed() {
             return Err(HaloError::Autograd(
                 "the tape has already been through backward; record a new one".into(),
@@ -31,18 +32,19 @@ impl Tape {
                 got: value.len(),
             });
         }
-        Ok(self.push(value.to_vec(), shape.to_vec(), Op::Leaf { param }, &[]))
+        Ok(self.push(value, shape.to_vec(), Op::Leaf { param }, &[]))
     }
 
     /// A trainable leaf. Its gradient is reported by [`backward`](Tape::backward) under `index`.
-    /// The value is copied onto the tape, so the caller may update its own copy afterwards.
-    pub fn param(&mut self, index: usize, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(value, shape, Some(index))
+    /// The value is borrowed, not copied (a model's parameters are read in place by every
+    /// forward): the caller can update it once the tape is gone.
+    pub fn param(&mut self, index: usize, value: &'a [f32], shape: &[usize]) -> Result<Var> {
+        self.leaf(Value::Borrowed(value), shape, Some(index))
     }
 
-    /// A leaf that gets no gradient (inputs, masks).
+    /// A leaf that gets no gradient (inputs, masks). The value is copied onto the tape.
     pub fn constant(&mut self, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(value, shape, None)
+        self.leaf(Buffer::copied(value).into(), shape, None)
     }
 
     fn rows_cols(&self, v: Var) -> (usize, usize) {
@@ -68,13 +70,13 @@ impl Tape {
                 ids[pos]
             )));
         }
-        let mut y = vec![0.0; ids.len() * dim];
+        let mut y = Buffer::for_overwrite(ids.len() * dim);
         embedding_forward(self.value(table), ids, dim, &mut y);
         let op = Op::Embedding {
             table,
             ids: ids.to_vec(),
         };
-        Ok(self.push(y, vec![ids.len(), dim], op, &[table]))
+        Ok(self.push(y.into(), vec![ids.len(), dim], op, &[table]))
     }
 
     /// `x·w + b` with `x: [n, in]`, `w: [in, out]` (Hugging Face Conv1D layout), `b: [out]`.
@@ -118,7 +120,7 @@ impl Tape {
                 )));
             }
         }
-        let mut y = vec![0.0; n * m];
+        let mut y = Buffer::for_overwrite(n * m);
         linear_forward(
             self.value(x),
             self.value(w),
@@ -134,7 +136,7 @@ impl Tape {
         let mut shape = self.shape(x).to_vec();
         *shape.last_mut().unwrap() = m;
         Ok(self.push(
-            y,
+            y.into(),
             shape,
             Op::Linear {
                 x,
@@ -158,10 +160,10 @@ impl Tape {
                 self.shape(b)
             )));
         }
-        let mut y = vec![0.0; self.value(x).len()];
+        let mut y = Buffer::for_overwrite(self.value(x).len());
         add_bias_forward(self.value(x), self.value(b), &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::AddBias { x, b }, &[x, b]))
+        Ok(self.push(y.into(), shape, Op::AddBias { x, b }, &[x, b]))
     }
 
     /// `a + b`, same shapes (the residual connection).
@@ -175,29 +177,30 @@ impl Tape {
                 self.shape(b)
             )));
         }
-        let y: Vec<f32> = self
-            .value(a)
-            .iter()
-            .zip(self.value(b))
-            .map(|(x, y)| x + y)
-            .collect();
+        let mut y = Buffer::for_overwrite(self.value(a).len());
+        for ((o, &x), &z) in y.iter_mut().zip(self.value(a)).zip(self.value(b)) {
+            *o = x + z;
+        }
         let shape = self.shape(a).to_vec();
-        Ok(self.push(y, shape, Op::Add { a, b }, &[a, b]))
+        Ok(self.push(y.into(), shape, Op::Add { a, b }, &[a, b]))
     }
 
     /// `factor · x`.
     pub fn scale(&mut self, x: Var, factor: f32) -> Result<Var> {
         self.check(x, "x")?;
-        let y: Vec<f32> = self.value(x).iter().map(|v| v * factor).collect();
+        let mut y = Buffer::for_overwrite(self.value(x).len());
+        for (o, &v) in y.iter_mut().zip(self.value(x)) {
+            *o = v * factor;
+        }
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Scale { x, factor }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Scale { x, factor }, &[x]))
     }
 
     /// The sum of all elements → shape `[1]` (accumulated in f64).
     pub fn sum(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
         let s = self.value(x).iter().map(|&v| v as f64).sum::<f64>() as f32;
-        Ok(self.push(vec![s], vec![1], Op::Sum { x }, &[x]))
+        Ok(self.push(vec![s].into(), vec![1], Op::Sum { x }, &[x]))
     }
 
     /// Layer norm over the last dimension (`gamma`, `beta`: `[dim]`), biased variance, `eps`
@@ -215,9 +218,9 @@ impl Tape {
                 self.shape(beta)
             )));
         }
-        let mut y = vec![0.0; rows * dim];
-        let mut mean = vec![0.0; rows];
-        let mut rstd = vec![0.0; rows];
+        let mut y = Buffer::for_overwrite(rows * dim);
+        let mut mean = Buffer::for_overwrite(rows);
+        let mut rstd = Buffer::for_overwrite(rows);
         layernorm_forward(
             self.value(x),
             self.value(gamma),
@@ -235,16 +238,16 @@ impl Tape {
             mean,
             rstd,
         };
-        Ok(self.push(y, shape, op, &[x, gamma, beta]))
+        Ok(self.push(y.into(), shape, op, &[x, gamma, beta]))
     }
 
     /// GELU, tanh approximation (GPT-2's activation).
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = vec![0.0; self.value(x).len()];
+        let mut y = Buffer::for_overwrite(self.value(x).len());
         gelu_forward(self.value(x), &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Gelu { x }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Gelu { x }, &[x]))
     }
 
     /// Fused causal self-attention on the `c_attn` output `qkv: [batch·seq, 3·C]` → `[batch·seq, C]`
@@ -275,11 +278,11 @@ impl Tape {
             n_head,
             dim,
         };
-        let mut out = vec![0.0; rows * dim];
-        let mut probs = vec![0.0; batch * n_head * seq * seq];
+        let mut out = Buffer::for_overwrite(rows * dim);
+        let mut probs = Buffer::for_overwrite(batch * n_head * seq * seq);
         attention_forward(self.value(qkv), shape, &mut out, &mut probs);
         Ok(self.push(
-            out,
+            out.into(),
             vec![rows, dim],
             Op::Attention { qkv, shape, probs },
             &[qkv],
@@ -300,11 +303,12 @@ impl Tape {
         if p == 0.0 || !self.training {
             return Ok(x);
         }
-        let mask = dropout_mask(self.value(x).len(), p, &mut self.rng);
-        let mut y = vec![0.0; mask.len()];
+        let mut mask = Buffer::for_overwrite(self.value(x).len());
+        dropout_mask(&mut mask, p, &mut self.rng);
+        let mut y = Buffer::for_overwrite(mask.len());
         multiply(self.value(x), &mask, &mut y);
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y, shape, Op::Dropout { x, mask }, &[x]))
+        Ok(self.push(y.into(), shape, Op::Dropout { x, mask }, &[x]))
     }
 
     /// [`token_logprobs`](Tape::token_logprobs) of `hidden · weightᵀ` (`hidden: [rows, H]`, the
@@ -359,11 +363,11 @@ impl Tape {
             hidden,
             weight,
             labels: labels.to_vec(),
-            row_max: out.row_max,
-            ln_sum: out.ln_sum,
+            row_max: out.row_max.into(),
+            ln_sum: out.ln_sum.into(),
             vocab,
         };
-        Ok(self.push(out.logp, vec![rows], op, &[hidden, weight]))
+        Ok(self.push(out.logp.into(), vec![rows], op, &[hidden, weight]))
     }
 
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
@@ -385,10 +389,10 @@ impl Tape {
         let op = Op::TokenLogprobs {
             logits,
             labels: labels.to_vec(),
-            lse: out.lse,
-            lse_residual: out.lse_residual,
+            lse: out.lse.into(),
+            lse_residual: out.lse_residual.into(),
             vocab,
         };
-        Ok(self.push(out.logp, vec![rows], op, &[logits]))
+        Ok(self.push(out.logp.into(), vec![rows], op, &[logits]))
     }
 }

@@ -1,8 +1,11 @@
 //! The tape: a flat list of nodes in creation order (a topological order by construction), and
 //! the reverse sweep over it.
 
+use std::ops::Deref;
+
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::cpu::attention::{attention_backward, AttentionShape};
 use super::cpu::elementwise::{accumulate, accumulate_product, accumulate_scaled, bias_backward};
@@ -10,6 +13,7 @@ use super::cpu::embedding::embedding_backward;
 use super::cpu::gelu::gelu_backward;
 use super::cpu::layernorm::layernorm_backward;
 use super::cpu::matmul::linear_backward;
+use super::pool::Buffer;
 use halo_kernels::cpu::SavedLse;
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
@@ -67,8 +71,8 @@ pub(crate) enum Op {
         x: Var,
         gamma: Var,
         beta: Var,
-        mean: Vec<f32>,
-        rstd: Vec<f32>,
+        mean: Buffer,
+        rstd: Buffer,
     },
     Gelu {
         x: Var,
@@ -76,17 +80,17 @@ pub(crate) enum Op {
     Attention {
         qkv: Var,
         shape: AttentionShape,
-        probs: Vec<f32>,
+        probs: Buffer,
     },
     Dropout {
         x: Var,
-        mask: Vec<f32>,
+        mask: Buffer,
     },
     TokenLogprobs {
         logits: Var,
         labels: Vec<i32>,
-        lse: Vec<f32>,
-        lse_residual: Vec<f32>,
+        lse: Buffer,
+        lse_residual: Buffer,
         vocab: usize,
     },
     /// The fused LM head (`halo_kernels::fused_head`): per-token log-probs of `hidden · weightᵀ`
@@ -95,16 +99,70 @@ pub(crate) enum Op {
         hidden: Var,
         weight: Var,
         labels: Vec<i32>,
-        row_max: Vec<f32>,
-        ln_sum: Vec<f32>,
+        row_max: Buffer,
+        ln_sum: Buffer,
         vocab: usize,
     },
     /// Left behind once the backward has used a node.
     Consumed,
 }
 
-pub(crate) struct Node {
-    pub(crate) value: Vec<f32>,
+/// A node's value: an activation (owned, from the [`pool`](super::pool)) or a parameter
+/// (borrowed from the model: never copied).
+#[derive(Debug)]
+pub(crate) enum Value<'a> {
+    Owned(Buffer),
+    Borrowed(&'a [f32]),
+}
+
+impl Default for Value<'_> {
+    fn default() -> Self {
+        Self::Owned(Buffer::default())
+    }
+}
+
+impl Deref for Value<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Owned(b) => b,
+            Self::Borrowed(s) => s,
+        }
+    }
+}
+
+impl From<Buffer> for Value<'_> {
+    fn from(b: Buffer) -> Self {
+        Self::Owned(b)
+    }
+}
+
+impl From<Vec<f32>> for Value<'_> {
+    fn from(v: Vec<f32>) -> Self {
+        Self::Owned(v.into())
+    }
+}
+
+impl Value<'_> {
+    /// The values as a plain vector (a copy only for a borrowed parameter).
+    pub(crate) fn into_vec(self) -> Vec<f32> {
+        match self {
+            Self::Owned(b) => b.into_vec(),
+            Self::Borrowed(s) => s.to_vec(),
+        }
+    }
+
+    /// The owned buffer, or a copy of a borrowed parameter.
+    fn into_buffer(self) -> Buffer {
+        match self {
+            Self::Owned(b) => b,
+            Self::Borrowed(s) => Buffer::copied(s),
+        }
+    }
+}
+
+pub(crate) struct Node<'a> {
+    pub(crate) value: Value<'a>,
     pub(crate) shape: Vec<usize>,
     /// Whether any parameter reaches this node (otherwise the backward skips it).
     pub(crate) requires_grad: bool,
@@ -117,20 +175,23 @@ pub(crate) struct Node {
 /// [`backward`](Tape::backward), which frees activations as it goes) when done.
 ///
 /// `training` (on for [`Tape::new`]) enables dropout; [`Tape::inference`] turns it off.
-pub struct Tape {
-    pub(crate) nodes: Vec<Node>,
+///
+/// `'a` is the lifetime of the parameters: [`param`](Tape::param) borrows their values instead of
+/// copying them, so the model cannot change while a tape that read it is alive.
+pub struct Tape<'a> {
+    pub(crate) nodes: Vec<Node<'a>>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) training: bool,
     consumed: bool,
 }
 
-impl Default for Tape {
+impl Default for Tape<'_> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Tape {
+impl<'a> Tape<'a> {
     /// A training tape (dropout active where the model asks for it), dropout RNG seeded with 0.
     pub fn new() -> Self {
         Self::with_seed(0)
@@ -203,7 +264,7 @@ impl Tape {
 
     pub(crate) fn push(
         &mut self,
-        value: Vec<f32>,
+        value: Value<'a>,
         shape: Vec<usize>,
         op: Op,
         inputs: &[Var],
@@ -260,10 +321,10 @@ impl Tape {
             }
         }
         self.consumed = true;
-        let mut grads: Vec<Option<Vec<f32>>> = (0..=last).map(|_| None).collect();
+        let mut grads: Vec<Option<Buffer>> = (0..=last).map(|_| None).collect();
         for &(output, upstream) in seeds {
             if self.nodes[output.0].requires_grad {
-                put_grad(&mut grads, output, Some(upstream.to_vec()));
+                put_grad(&mut grads, output, Some(Buffer::copied(upstream)));
             }
         }
         let mut result = Gradients::default();
@@ -271,7 +332,7 @@ impl Tape {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Consumed);
             if let Some(dy) = grads[i].take() {
                 match op {
-                    Op::Leaf { param: Some(p) } => result.add(p, dy),
+                    Op::Leaf { param: Some(p) } => result.add_buffer(p, dy),
                     Op::TokenLogprobs {
                         logits,
                         labels,
@@ -285,7 +346,7 @@ impl Tape {
                         // Nothing else reads the logits, and their producer's backward needs only
                         // its inputs: overwrite them with their gradient instead of allocating a
                         // second [rows, vocab] buffer (Liger-Kernel's trick).
-                        let mut z = std::mem::take(&mut self.nodes[logits.0].value);
+                        let mut z = std::mem::take(&mut self.nodes[logits.0].value).into_buffer();
                         halo_kernels::cpu::token_logprobs_backward_inplace(
                             &mut z,
                             &labels,
@@ -296,11 +357,12 @@ impl Tape {
                         )?;
                         put_grad(&mut grads, logits, Some(z));
                     }
+                    // Dropping `op` and `dy` here gives their buffers back to the pool.
                     op => backward_op(&self.nodes, &mut grads, op, &dy, i)?,
                 }
             }
             if !seeds.iter().any(|(v, _)| v.0 == i) {
-                self.nodes[i].value = Vec::new();
+                self.nodes[i].value = Value::default();
             }
         }
         Ok(result)
@@ -308,20 +370,20 @@ impl Tape {
 }
 
 /// Takes the gradient buffer of `v` out of `grads` (zeros if none yet) when `v` needs one.
-fn take_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var) -> Option<Vec<f32>> {
+fn take_grad(nodes: &[Node<'_>], grads: &mut [Option<Buffer>], v: Var) -> Option<Buffer> {
     if !nodes[v.0].requires_grad {
         return None;
     }
     Some(
         grads[v.0]
             .take()
-            .unwrap_or_else(|| vec![0.0; nodes[v.0].value.len()]),
+            .unwrap_or_else(|| Buffer::zeroed(nodes[v.0].value.len())),
     )
 }
 
 /// Puts a buffer from [`take_grad`] back, summing with anything stored meanwhile (an op whose two
 /// inputs are the same variable takes the slot twice).
-fn put_grad(grads: &mut [Option<Vec<f32>>], v: Var, g: Option<Vec<f32>>) {
+fn put_grad(grads: &mut [Option<Buffer>], v: Var, g: Option<Buffer>) {
     let Some(g) = g else { return };
     match &mut grads[v.0] {
         Some(existing) => accumulate(existing, &g),
@@ -331,25 +393,25 @@ fn put_grad(grads: &mut [Option<Vec<f32>>], v: Var, g: Option<Vec<f32>>) {
 
 /// `∂L/∂v += dy` for an op whose local derivative is the identity: copies `dy` into an empty slot
 /// instead of zero-filling and adding.
-fn add_grad(nodes: &[Node], grads: &mut [Option<Vec<f32>>], v: Var, dy: &[f32]) {
+fn add_grad(nodes: &[Node<'_>], grads: &mut [Option<Buffer>], v: Var, dy: &[f32]) {
     if !nodes[v.0].requires_grad {
         return;
     }
     match &mut grads[v.0] {
         Some(existing) => accumulate(existing, dy),
-        slot => *slot = Some(dy.to_vec()),
+        slot => *slot = Some(Buffer::copied(dy)),
     }
 }
 
 /// Applies one node's backward: reads `dy = ∂L/∂node`, accumulates into its inputs' gradients.
 fn backward_op(
-    nodes: &[Node],
-    grads: &mut [Option<Vec<f32>>],
+    nodes: &[Node<'_>],
+    grads: &mut [Option<Buffer>],
     op: Op,
     dy: &[f32],
     index: usize,
 ) -> Result<()> {
-    let value = |v: Var| nodes[v.0].value.as_slice();
+    let value = |v: Var| &*nodes[v.0].value;
     let cols = |v: Var| *nodes[v.0].shape.last().unwrap_or(&1);
     match op {
         Op::Leaf { .. } | Op::Consumed => {}
@@ -487,10 +549,10 @@ fn backward_op(
                 None,
             )?;
             if nodes[hidden.0].requires_grad {
-                put_grad(grads, hidden, Some(g.hidden));
+                put_grad(grads, hidden, Some(g.hidden.into()));
             }
             if nodes[weight.0].requires_grad {
-                put_grad(grads, weight, Some(g.weight));
+                put_grad(grads, weight, Some(g.weight.into()));
             }
         }
         Op::TokenLogprobs {
@@ -501,7 +563,7 @@ fn backward_op(
             vocab,
         } => {
             if nodes[logits.0].requires_grad {
-                let mut dz = vec![0.0f32; value(logits).len()];
+                let mut dz = Buffer::zeroed(value(logits).len());
                 halo_kernels::cpu::token_logprobs_backward(
                     value(logits),
                     &labels,
@@ -520,9 +582,12 @@ fn backward_op(
 
 /// Gradients of the parameters, indexed by the parameter index given to [`Tape::param`]
 /// (for [`crate::model::Gpt`]: the position in [`crate::model::Gpt::parameter_names`]).
+///
+/// The buffers come from the [`pool`](super::pool) and go back to it when this is dropped, so the
+/// next step's backward allocates none.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Gradients {
-    grads: Vec<Option<Vec<f32>>>,
+    grads: Vec<Option<Buffer>>,
 }
 
 impl Gradients {
@@ -533,6 +598,10 @@ impl Gradients {
 
     /// Adds `g` to the gradient of parameter `param` (creating it if absent).
     pub fn add(&mut self, param: usize, g: Vec<f32>) {
+        self.add_buffer(param, g.into());
+    }
+
+    fn add_buffer(&mut self, param: usize, g: Buffer) {
         if self.grads.len() <= param {
             self.grads.resize_with(param + 1, || None);
         }
@@ -545,7 +614,7 @@ impl Gradients {
     /// `self += other` (gradient accumulation over micro-batches).
     pub fn accumulate(&mut self, other: &Gradients) {
         for (p, g) in other.iter() {
-            self.add(p, g.to_vec());
+            self.add_buffer(p, Buffer::copied(g));
         }
     }
 
@@ -570,7 +639,8 @@ impl Gradients {
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f32) {
         for g in self.grads.iter_mut().flatten() {
-            g.iter_mut().for_each(|v| *v *= factor);
+            g.par_chunks_mut(1 << 14)
+                .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
         }
     }
 

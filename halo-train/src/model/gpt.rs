@@ -175,7 +175,8 @@ impl Gpt {
             .position(|p| p.name == name || p.name.strip_prefix("transformer.") == Some(name))
     }
 
-    fn put(&self, tape: &mut Tape, index: usize) -> Result<Var> {
+    /// Records parameter `index` on `tape` by reference (no copy).
+    fn put<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var> {
         let p = &self.params[index];
         tape.param(index, &p.data, &p.shape)
     }
@@ -214,9 +215,9 @@ impl Gpt {
 
     /// Records the forward pass up to the LM head: the final layer norm's output `[batch·seq,
     /// n_embd]` and the (tied) unembedding weight `wte` `[vocab, n_embd]`.
-    pub fn final_hidden(
-        &self,
-        tape: &mut Tape,
+    pub fn final_hidden<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         input_ids: &[u32],
         batch: usize,
         seq: usize,
@@ -259,9 +260,9 @@ impl Gpt {
 
     /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]`.
     /// `input_ids` is row-major `[batch, seq]`; position ids are `0..seq` in every row.
-    pub fn logits(
-        &self,
-        tape: &mut Tape,
+    pub fn logits<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         input_ids: &[u32],
         batch: usize,
         seq: usize,
@@ -274,9 +275,9 @@ impl Gpt {
     /// Per-token `log p(targets[t] | input_ids[..=t])`, shape `[batch·seq]`, 0 where
     /// `targets[t] == -100`. No shifting happens inside: `targets[t]` is the token predicted at
     /// position `t` (for causal LM training pass `targets[t] = input_ids[t+1]`, −100 at the end).
-    pub fn token_logprobs(
-        &self,
-        tape: &mut Tape,
+    pub fn token_logprobs<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         input_ids: &[u32],
         targets: &[i32],
         batch: usize,
@@ -290,9 +291,9 @@ impl Gpt {
     /// [`token_logprobs`](Gpt::token_logprobs) through the fused LM head: the same values (to f32
     /// rounding of the GEMM), without the `[batch·seq, vocab]` logits; the KTO and DPO steps use it
     /// for the policy.
-    pub fn token_logprobs_fused_head(
-        &self,
-        tape: &mut Tape,
+    pub fn token_logprobs_fused_head<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         input_ids: &[u32],
         targets: &[i32],
         batch: usize,
@@ -305,9 +306,9 @@ impl Gpt {
 
     /// Mean negative log-likelihood over the non-ignored targets, a scalar `[1]` (PyTorch
     /// `cross_entropy(reduction="mean", ignore_index=-100)`). Errors if every target is ignored.
-    pub fn nll(
-        &self,
-        tape: &mut Tape,
+    pub fn nll<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
         input_ids: &[u32],
         targets: &[i32],
         batch: usize,
@@ -333,7 +334,7 @@ impl Gpt {
     ) -> Result<Vec<f32>> {
         let mut tape = Tape::inference();
         let v = self.token_logprobs(&mut tape, input_ids, targets, batch, seq)?;
-        Ok(std::mem::take(&mut tape.nodes[v.0].value))
+        Ok(std::mem::take(&mut tape.nodes[v.0].value).into_vec())
     }
 
     /// Logits `[batch·seq, vocab]` without gradients or dropout.
@@ -348,7 +349,7 @@ impl Gpt {
     ) -> Result<Vec<f32>> {
         let mut tape = Tape::inference();
         let v = self.logits(&mut tape, input_ids, batch, seq)?;
-        let logits = std::mem::take(&mut tape.nodes[v.0].value);
+        let logits = std::mem::take(&mut tape.nodes[v.0].value).into_vec();
         if let Some(index) = logits.iter().position(|z| !z.is_finite()) {
             return Err(HaloError::NonFinite {
                 what: "logits",

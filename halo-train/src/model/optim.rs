@@ -1,5 +1,7 @@
 //! AdamW, global gradient-norm clipping and learning-rate schedules.
 
+use rayon::prelude::*;
+
 use crate::autograd::Gradients;
 use halo_kernels::error::{HaloError, Result};
 
@@ -30,6 +32,9 @@ impl Default for AdamWConfig {
         }
     }
 }
+
+/// Elements of a parameter per rayon task of [`AdamW::step`].
+const ADAMW_CHUNK: usize = 1 << 14;
 
 /// AdamW (Loshchilov & Hutter 2019) exactly as `torch.optim.AdamW`: with `t` the step count,
 /// `p ← p − lr·λ·p` (decoupled decay), `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
@@ -159,20 +164,25 @@ impl AdamW {
                 1.0
             };
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for (((p, &g), m), v) in params[i]
+            // Element-wise, so splitting into rayon tasks changes no result.
+            params[i]
                 .data
-                .iter_mut()
-                .zip(g)
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
-                *p *= decay;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let m_hat = *m / bias1;
-                let v_hat = *v / bias2;
-                *p -= lr * m_hat / (v_hat.sqrt() + eps);
-            }
+                .par_chunks_mut(ADAMW_CHUNK)
+                .zip(g.par_chunks(ADAMW_CHUNK))
+                .zip(
+                    m.par_chunks_mut(ADAMW_CHUNK)
+                        .zip(v.par_chunks_mut(ADAMW_CHUNK)),
+                )
+                .for_each(|((p, g), (m, v))| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                        *p *= decay;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        let m_hat = *m / bias1;
+                        let v_hat = *v / bias2;
+                        *p -= lr * m_hat / (v_hat.sqrt() + eps);
+                    }
+                });
         }
         Ok(())
     }

@@ -34,19 +34,17 @@ pub fn bias_backward(dy: &[f32], db: &mut [f32]) {
     }
 }
 
-/// `y = x · mask` where `mask` holds 0 (dropped) or `1/(1−p)` (kept, rescaled so the
-/// expectation is unchanged: "inverted dropout", as `torch.nn.functional.dropout`).
-pub fn dropout_mask(len: usize, p: f32, rng: &mut impl rand::Rng) -> Vec<f32> {
+/// Fills `mask` with 0 (dropped, probability `p`) or `1/(1−p)` (kept, rescaled so the
+/// expectation of `x · mask` is `x`: "inverted dropout", as `torch.nn.functional.dropout`).
+pub fn dropout_mask(mask: &mut [f32], p: f32, rng: &mut impl rand::Rng) {
     let keep_scale = 1.0 / (1.0 - p);
-    (0..len)
-        .map(|_| {
-            if rng.gen::<f32>() < p {
-                0.0
-            } else {
-                keep_scale
-            }
-        })
-        .collect()
+    for m in mask.iter_mut() {
+        *m = if rng.gen::<f32>() < p {
+            0.0
+        } else {
+            keep_scale
+        };
+    }
 }
 
 /// `y = x ⊙ m`; also the backward `dx += dy ⊙ m` with `accumulate_product`.

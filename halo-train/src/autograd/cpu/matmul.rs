@@ -1,5 +1,13 @@
-//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized, threaded for large
-//! sizes). Transposes are free: sgemm takes row and column strides for every operand.
+//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized). Transposes are free:
+//! sgemm takes row and column strides for every operand.
+//!
+//! One thread pool: matrixmultiply's own threading is off (its pool and rayon's woke each other,
+//! issue 13); a large product is split into blocks of output rows or columns, one rayon task
+//! each, each a single-threaded sgemm. Splitting the output does not change any element's
+//! arithmetic (each is the same blocked dot product whichever task computes it), so the results
+//! are the same bits as one call.
+
+use rayon::prelude::*;
 
 /// A read-only matrix view: `rows × cols` at `data[offset + r*row_stride + c*col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -95,8 +103,18 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Products with fewer multiply-adds than this run as one sgemm on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Rows (or columns) of the output per rayon task at least.
+const PARALLEL_MIN_SPAN: usize = 32;
+
 /// `c = alpha · a·b + beta · c`. Panics if the shapes disagree or a view leaves its buffer
 /// (strides must be non-negative), which would be a bug in the caller, not bad user input.
+///
+/// A large product is cut into one block of output rows or columns per rayon thread, each one
+/// single-threaded sgemm. Every task packs its own copy of the operand it shares with the
+/// others (all of `b` for a cut by rows, all of `a` by columns), so the cut goes across the
+/// longer side of the output, where the shared operand is the smaller one.
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
     assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
     assert_eq!(
@@ -112,26 +130,96 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) 
     if c.rows == 0 || c.cols == 0 {
         return;
     }
-    // SAFETY: every element sgemm reads or writes lies inside its slice (checked just above),
-    // `c` is borrowed mutably so it cannot alias `a` or `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            a.rows,
-            a.cols,
-            b.cols,
-            alpha,
-            a.data.as_ptr().add(a.offset),
-            a.row_stride,
-            a.col_stride,
-            b.data.as_ptr().add(b.offset),
-            b.row_stride,
-            b.col_stride,
-            beta,
-            c.data.as_mut_ptr().add(c.offset),
-            c.row_stride,
-            c.col_stride,
-        );
+    let (m, n) = (c.rows, c.cols);
+    let (rsc, csc) = (c.row_stride as usize, c.col_stride as usize);
+    // Tasks may only share `c` if no two elements of the view are the same memory.
+    let rows_disjoint = rsc >= n.saturating_mul(csc) && csc >= 1;
+    let cols_disjoint = csc >= m.saturating_mul(rsc) && rsc >= 1;
+    let threads = rayon::current_num_threads();
+    let macs = m.saturating_mul(a.cols).saturating_mul(n);
+    let by_columns = n > m;
+    let span = if by_columns { n } else { m };
+    let tasks = threads.min(span / PARALLEL_MIN_SPAN);
+    if tasks < 2 || macs < PARALLEL_MIN_MACS || !(rows_disjoint || cols_disjoint) {
+        // SAFETY: bounds checked above; `c` is borrowed mutably, so it aliases neither input.
+        unsafe {
+            sgemm_raw(
+                alpha,
+                a,
+                b,
+                beta,
+                c.data.as_mut_ptr().add(c.offset),
+                rsc,
+                csc,
+            )
+        };
+        return;
     }
+    let per_task = span.div_ceil(tasks).div_ceil(16) * 16;
+    let c_ptr = SharedOutput(unsafe { c.data.as_mut_ptr().add(c.offset) });
+    (0..span.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let first = task * per_task;
+            let len = per_task.min(span - first);
+            let c_ptr = &c_ptr;
+            // SAFETY: the blocks are disjoint sets of whole rows (or columns) of a view whose
+            // elements are distinct memory (checked above), all inside `c` (its extent checked).
+            unsafe {
+                if by_columns {
+                    let b_part = MatRef {
+                        offset: b.offset + first * b.col_stride as usize,
+                        cols: len,
+                        ..b
+                    };
+                    sgemm_raw(alpha, a, b_part, beta, c_ptr.0.add(first * csc), rsc, csc);
+                } else {
+                    let a_part = MatRef {
+                        offset: a.offset + first * a.row_stride as usize,
+                        rows: len,
+                        ..a
+                    };
+                    sgemm_raw(alpha, a_part, b, beta, c_ptr.0.add(first * rsc), rsc, csc);
+                }
+            }
+        });
+}
+
+/// The output pointer handed to every task of one [`gemm`] (each writes its own block).
+struct SharedOutput(*mut f32);
+// SAFETY: the tasks write disjoint elements through it and `gemm` waits for all of them.
+unsafe impl Sync for SharedOutput {}
+
+/// One single-threaded sgemm into the `a.rows × b.cols` matrix at `c` (strides `rsc`, `csc`).
+///
+/// # Safety
+/// `a`, `b` must lie inside their slices, the output inside memory the caller may write, not
+/// overlapping `a` or `b`.
+unsafe fn sgemm_raw(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+) {
+    matrixmultiply::sgemm(
+        a.rows,
+        a.cols,
+        b.cols,
+        alpha,
+        a.data.as_ptr().add(a.offset),
+        a.row_stride,
+        a.col_stride,
+        b.data.as_ptr().add(b.offset),
+        b.row_stride,
+        b.col_stride,
+        beta,
+        c,
+        rsc as isize,
+        csc as isize,
+    );
 }
 
 /// Forward of `y = x·w (+ b)` with `x: [n, k]`, `w: [k, m]` (Conv1D layout) or `w: [m, k]`
