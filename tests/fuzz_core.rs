@@ -12,11 +12,11 @@
 mod device_support;
 mod fuzz_support;
 
-use device_support::{cuda, Cpu, Device};
+use device_support::{cuda, Cpu, Device, SplitCuda};
 use fuzz_support::{fuzz, Gen, Outcome};
 use half::{bf16, f16};
 use halo_kernels::cpu::{LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
-use halo_kernels::cuda::CudaLogit;
+use halo_kernels::cuda::{CudaLogit, RowSplit};
 use halo_kernels::losses::{
     self, DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, LossMetrics,
     OrpoConfig, PairBatch, PairLossOutput, ReferenceFreePairBatch, ReferencePointPartial,
@@ -203,13 +203,32 @@ fn fuzz_token_forward_cpu_f16() {
     });
 }
 
+/// Half the CUDA token inputs run with a forced row split (2 to 9 blocks per row, so slices of a
+/// fuzzed row are small, sometimes empty): the automatic choice never splits rows this short.
+fn forced_split(g: &mut Gen) -> Option<SplitCuda> {
+    g.chance(0.5).then(|| {
+        let split = RowSplit::Fixed(g.draw(2..10usize));
+        g.show("row split", &split);
+        SplitCuda { split }
+    })
+}
+
 /// The CUDA forward, the emulated device without a GPU; one dtype per input.
 #[test]
 fn fuzz_token_forward_cuda() {
-    fuzz("fuzz_token_forward_cuda", |g| match g.draw(0..3u8) {
-        0 => token_forward::<f32, _>(g, cuda()),
-        1 => token_forward::<bf16, _>(g, cuda()),
-        _ => token_forward::<f16, _>(g, cuda()),
+    fuzz("fuzz_token_forward_cuda", |g| {
+        if let Some(split) = forced_split(g) {
+            return match g.draw(0..3u8) {
+                0 => token_forward::<f32, _>(g, &split),
+                1 => token_forward::<bf16, _>(g, &split),
+                _ => token_forward::<f16, _>(g, &split),
+            };
+        }
+        match g.draw(0..3u8) {
+            0 => token_forward::<f32, _>(g, cuda()),
+            1 => token_forward::<bf16, _>(g, cuda()),
+            _ => token_forward::<f16, _>(g, cuda()),
+        }
     });
 }
 
@@ -354,10 +373,19 @@ fn fuzz_token_backward_cpu() {
 /// The CUDA backward, the emulated device without a GPU; one dtype per input.
 #[test]
 fn fuzz_token_backward_cuda() {
-    fuzz("fuzz_token_backward_cuda", |g| match g.draw(0..3u8) {
-        0 => token_backward::<f32, _>(g, cuda()),
-        1 => token_backward::<bf16, _>(g, cuda()),
-        _ => token_backward::<f16, _>(g, cuda()),
+    fuzz("fuzz_token_backward_cuda", |g| {
+        if let Some(split) = forced_split(g) {
+            return match g.draw(0..3u8) {
+                0 => token_backward::<f32, _>(g, &split),
+                1 => token_backward::<bf16, _>(g, &split),
+                _ => token_backward::<f16, _>(g, &split),
+            };
+        }
+        match g.draw(0..3u8) {
+            0 => token_backward::<f32, _>(g, cuda()),
+            1 => token_backward::<bf16, _>(g, cuda()),
+            _ => token_backward::<f16, _>(g, cuda()),
+        }
     });
 }
 

@@ -671,3 +671,172 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
 pub fn to_f32<T: LogitElement>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
+
+/// The CUDA backend with every token op forced to `split` blocks per row
+/// ([`halo_kernels::cuda::RowSplit`]): the fuzz targets' vocabularies are far below the size at
+/// which [`RowSplit::Auto`](halo_kernels::cuda::RowSplit::Auto) splits, so without this the split
+/// kernels (slices, the ordered merge, empty slices) would never see fuzzed input. Every other op
+/// is the backend's own.
+pub struct SplitCuda {
+    pub split: halo_kernels::cuda::RowSplit,
+}
+
+impl SplitCuda {
+    fn gpu(&self) -> &'static CudaBackend {
+        cuda()
+    }
+}
+
+impl Device for SplitCuda {
+    fn name(&self) -> String {
+        format!("{} ({:?})", self.gpu().name(), self.split)
+    }
+
+    fn token_logprobs<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<TokenLogprobs> {
+        let gpu = self.gpu();
+        let out = gpu.token_logprobs_with_split(
+            &gpu.htod(logits)?,
+            &gpu.htod(labels)?,
+            vocab,
+            ignore_index,
+            self.split,
+        )?;
+        Ok(TokenLogprobs {
+            logp: gpu.dtoh(&out.logp)?,
+            lse: gpu.dtoh(&out.lse)?,
+            lse_residual: gpu.dtoh(&out.lse_residual)?,
+        })
+    }
+
+    fn token_logprobs_backward<T: CudaLogit>(
+        &self,
+        logits: &[T],
+        labels: &[i32],
+        saved: SavedLse<&[f32]>,
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+        grad_logits: &mut [T],
+    ) -> Result<()> {
+        let gpu = self.gpu();
+        let mut out = gpu.htod(grad_logits)?;
+        gpu.token_logprobs_backward_with_split(
+            &gpu.htod(logits)?,
+            &gpu.htod(labels)?,
+            upload_saved(gpu, saved)?.as_saved(),
+            &gpu.htod(grad_logp)?,
+            vocab,
+            ignore_index,
+            self.split,
+            &mut out,
+        )?;
+        grad_logits.copy_from_slice(&gpu.dtoh(&out)?);
+        Ok(())
+    }
+
+    fn token_logprobs_backward_inplace<T: CudaLogit>(
+        &self,
+        logits: &mut [T],
+        labels: &[i32],
+        saved: SavedLse<&[f32]>,
+        grad_logp: &[f32],
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        let gpu = self.gpu();
+        let mut buf = gpu.htod(logits)?;
+        gpu.token_logprobs_backward_inplace_with_split(
+            &mut buf,
+            &gpu.htod(labels)?,
+            upload_saved(gpu, saved)?.as_saved(),
+            &gpu.htod(grad_logp)?,
+            vocab,
+            ignore_index,
+            self.split,
+        )?;
+        logits.copy_from_slice(&gpu.dtoh(&buf)?);
+        Ok(())
+    }
+
+    fn sequence_sums(
+        &self,
+        token_values: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<SequenceSums> {
+        Device::sequence_sums(self.gpu(), token_values, labels, ignore_index, layout)
+    }
+
+    fn sequence_logratio_sums(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+        clamp: Option<LogRatioClamp>,
+    ) -> Result<SequenceSums> {
+        Device::sequence_logratio_sums(
+            self.gpu(),
+            policy_logp,
+            reference_logp,
+            labels,
+            ignore_index,
+            layout,
+            clamp,
+        )
+    }
+
+    fn broadcast_sequence_grad(
+        &self,
+        grad_seq: &[f32],
+        labels: &[i32],
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<Vec<f32>> {
+        Device::broadcast_sequence_grad(self.gpu(), grad_seq, labels, ignore_index, layout)
+    }
+
+    fn humanline_grad_mask(
+        &self,
+        policy_logp: &[f32],
+        reference_logp: &[f32],
+        clamp: LogRatioClamp,
+        token_grad: &mut [f32],
+    ) -> Result<()> {
+        Device::humanline_grad_mask(self.gpu(), policy_logp, reference_logp, clamp, token_grad)
+    }
+
+    fn kto_loss(&self, config: &KtoConfig, batch: &KtoBatch<'_>) -> Result<KtoOutput> {
+        Device::kto_loss(self.gpu(), config, batch)
+    }
+
+    fn dpo_loss(&self, config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOutput> {
+        Device::dpo_loss(self.gpu(), config, batch)
+    }
+
+    fn kto_step<T: CudaLogit>(
+        &self,
+        config: &KtoConfig,
+        policy: &Logits<'_, T>,
+        inputs: &KtoStepInputs<'_>,
+    ) -> Result<LogitsStep<KtoOutput, T>> {
+        Device::kto_step(self.gpu(), config, policy, inputs)
+    }
+
+    fn dpo_step<T: CudaLogit>(
+        &self,
+        config: &DpoConfig,
+        policy: &Logits<'_, T>,
+        reference: &PairReference<'_>,
+    ) -> Result<LogitsStep<PairLossOutput, T>> {
+        Device::dpo_step(self.gpu(), config, policy, reference)
+    }
+}
