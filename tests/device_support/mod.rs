@@ -16,7 +16,7 @@ use halo_kernels::cpu::{
 };
 use halo_kernels::cuda::{
     CudaBackend, CudaKlInput, CudaKtoBatch, CudaKtoStepInputs, CudaLogit, CudaLogits,
-    CudaPairBatch, CudaPairReference, CudaSequenceSums, CudaStep,
+    CudaPairBatch, CudaPairReference, CudaSequenceSums, CudaStep, RowSplit,
 };
 use halo_kernels::losses::{
     self, DpoConfig, KlInput, KtoBatch, KtoConfig, KtoOutput, PairBatch, PairLossOutput,
@@ -266,6 +266,84 @@ pub fn upload_saved(gpu: &CudaBackend, saved: SavedLse<&[f32]>) -> Result<Device
     })
 }
 
+/// The CUDA forward on host slices: upload, the op with `split`, download.
+fn split_token_logprobs<T: CudaLogit>(
+    gpu: &CudaBackend,
+    split: RowSplit,
+    logits: &[T],
+    labels: &[i32],
+    vocab: usize,
+    ignore_index: i32,
+) -> Result<TokenLogprobs> {
+    let out = gpu.token_logprobs_with_split(
+        &gpu.htod(logits)?,
+        &gpu.htod(labels)?,
+        vocab,
+        ignore_index,
+        split,
+    )?;
+    Ok(TokenLogprobs {
+        logp: gpu.dtoh(&out.logp)?,
+        lse: gpu.dtoh(&out.lse)?,
+        lse_residual: gpu.dtoh(&out.lse_residual)?,
+    })
+}
+
+/// The CUDA backward on host slices. The output buffer starts as the caller's contents, as the
+/// CPU op's `&mut` does.
+#[allow(clippy::too_many_arguments)]
+fn split_token_logprobs_backward<T: CudaLogit>(
+    gpu: &CudaBackend,
+    split: RowSplit,
+    logits: &[T],
+    labels: &[i32],
+    saved: SavedLse<&[f32]>,
+    grad_logp: &[f32],
+    vocab: usize,
+    ignore_index: i32,
+    grad_logits: &mut [T],
+) -> Result<()> {
+    let mut out = gpu.htod(grad_logits)?;
+    gpu.token_logprobs_backward_with_split(
+        &gpu.htod(logits)?,
+        &gpu.htod(labels)?,
+        upload_saved(gpu, saved)?.as_saved(),
+        &gpu.htod(grad_logp)?,
+        vocab,
+        ignore_index,
+        split,
+        &mut out,
+    )?;
+    grad_logits.copy_from_slice(&gpu.dtoh(&out)?);
+    Ok(())
+}
+
+/// The CUDA in-place backward on host slices.
+#[allow(clippy::too_many_arguments)]
+fn split_token_logprobs_backward_inplace<T: CudaLogit>(
+    gpu: &CudaBackend,
+    split: RowSplit,
+    logits: &mut [T],
+    labels: &[i32],
+    saved: SavedLse<&[f32]>,
+    grad_logp: &[f32],
+    vocab: usize,
+    ignore_index: i32,
+) -> Result<()> {
+    let mut buf = gpu.htod(logits)?;
+    gpu.token_logprobs_backward_inplace_with_split(
+        &mut buf,
+        &gpu.htod(labels)?,
+        upload_saved(gpu, saved)?.as_saved(),
+        &gpu.htod(grad_logp)?,
+        vocab,
+        ignore_index,
+        split,
+    )?;
+    logits.copy_from_slice(&gpu.dtoh(&buf)?);
+    Ok(())
+}
+
 /// The CUDA backend the tests run on: the real GPU when present (and `HALO_CUDA_EMULATED` is
 /// unset), else the emulated device — but not with `HALO_REQUIRE_GPU=1`, as
 /// `scripts/gpu_check.sh` sets, where a missing GPU must not fall back silently.
@@ -302,18 +380,7 @@ impl Device for CudaBackend {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<TokenLogprobs> {
-        let out = CudaBackend::token_logprobs(
-            self,
-            &self.htod(logits)?,
-            &self.htod(labels)?,
-            vocab,
-            ignore_index,
-        )?;
-        Ok(TokenLogprobs {
-            logp: self.dtoh(&out.logp)?,
-            lse: self.dtoh(&out.lse)?,
-            lse_residual: self.dtoh(&out.lse_residual)?,
-        })
+        split_token_logprobs(self, RowSplit::Auto, logits, labels, vocab, ignore_index)
     }
 
     fn token_logprobs_backward<T: CudaLogit>(
@@ -326,20 +393,17 @@ impl Device for CudaBackend {
         ignore_index: i32,
         grad_logits: &mut [T],
     ) -> Result<()> {
-        // The output buffer starts as the caller's contents, as the CPU op's `&mut` does.
-        let mut out = self.htod(grad_logits)?;
-        CudaBackend::token_logprobs_backward(
+        split_token_logprobs_backward(
             self,
-            &self.htod(logits)?,
-            &self.htod(labels)?,
-            upload_saved(self, saved)?.as_saved(),
-            &self.htod(grad_logp)?,
+            RowSplit::Auto,
+            logits,
+            labels,
+            saved,
+            grad_logp,
             vocab,
             ignore_index,
-            &mut out,
-        )?;
-        grad_logits.copy_from_slice(&self.dtoh(&out)?);
-        Ok(())
+            grad_logits,
+        )
     }
 
     fn token_logprobs_backward_inplace<T: CudaLogit>(
@@ -351,18 +415,16 @@ impl Device for CudaBackend {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<()> {
-        let mut buf = self.htod(logits)?;
-        CudaBackend::token_logprobs_backward_inplace(
+        split_token_logprobs_backward_inplace(
             self,
-            &mut buf,
-            &self.htod(labels)?,
-            upload_saved(self, saved)?.as_saved(),
-            &self.htod(grad_logp)?,
+            RowSplit::Auto,
+            logits,
+            labels,
+            saved,
+            grad_logp,
             vocab,
             ignore_index,
-        )?;
-        logits.copy_from_slice(&self.dtoh(&buf)?);
-        Ok(())
+        )
     }
 
     fn sequence_sums(
@@ -672,13 +734,12 @@ pub fn to_f32<T: LogitElement>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-/// The CUDA backend with every token op forced to `split` blocks per row
-/// ([`halo_kernels::cuda::RowSplit`]): the fuzz targets' vocabularies are far below the size at
-/// which [`RowSplit::Auto`](halo_kernels::cuda::RowSplit::Auto) splits, so without this the split
-/// kernels (slices, the ordered merge, empty slices) would never see fuzzed input. Every other op
-/// is the backend's own.
+/// The CUDA backend with every token op forced to `split` blocks per row ([`RowSplit`]): the fuzz
+/// targets' vocabularies are far below the size at which [`RowSplit::Auto`] splits, so without
+/// this the split kernels (slices, the ordered merge, empty slices) would never see fuzzed input.
+/// Every other op is the backend's own.
 pub struct SplitCuda {
-    pub split: halo_kernels::cuda::RowSplit,
+    pub split: RowSplit,
 }
 
 impl SplitCuda {
@@ -699,19 +760,7 @@ impl Device for SplitCuda {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<TokenLogprobs> {
-        let gpu = self.gpu();
-        let out = gpu.token_logprobs_with_split(
-            &gpu.htod(logits)?,
-            &gpu.htod(labels)?,
-            vocab,
-            ignore_index,
-            self.split,
-        )?;
-        Ok(TokenLogprobs {
-            logp: gpu.dtoh(&out.logp)?,
-            lse: gpu.dtoh(&out.lse)?,
-            lse_residual: gpu.dtoh(&out.lse_residual)?,
-        })
+        split_token_logprobs(self.gpu(), self.split, logits, labels, vocab, ignore_index)
     }
 
     fn token_logprobs_backward<T: CudaLogit>(
@@ -724,20 +773,17 @@ impl Device for SplitCuda {
         ignore_index: i32,
         grad_logits: &mut [T],
     ) -> Result<()> {
-        let gpu = self.gpu();
-        let mut out = gpu.htod(grad_logits)?;
-        gpu.token_logprobs_backward_with_split(
-            &gpu.htod(logits)?,
-            &gpu.htod(labels)?,
-            upload_saved(gpu, saved)?.as_saved(),
-            &gpu.htod(grad_logp)?,
+        split_token_logprobs_backward(
+            self.gpu(),
+            self.split,
+            logits,
+            labels,
+            saved,
+            grad_logp,
             vocab,
             ignore_index,
-            self.split,
-            &mut out,
-        )?;
-        grad_logits.copy_from_slice(&gpu.dtoh(&out)?);
-        Ok(())
+            grad_logits,
+        )
     }
 
     fn token_logprobs_backward_inplace<T: CudaLogit>(
@@ -749,19 +795,16 @@ impl Device for SplitCuda {
         vocab: usize,
         ignore_index: i32,
     ) -> Result<()> {
-        let gpu = self.gpu();
-        let mut buf = gpu.htod(logits)?;
-        gpu.token_logprobs_backward_inplace_with_split(
-            &mut buf,
-            &gpu.htod(labels)?,
-            upload_saved(gpu, saved)?.as_saved(),
-            &gpu.htod(grad_logp)?,
+        split_token_logprobs_backward_inplace(
+            self.gpu(),
+            self.split,
+            logits,
+            labels,
+            saved,
+            grad_logp,
             vocab,
             ignore_index,
-            self.split,
-        )?;
-        logits.copy_from_slice(&gpu.dtoh(&buf)?);
-        Ok(())
+        )
     }
 
     fn sequence_sums(
