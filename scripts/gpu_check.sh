@@ -65,6 +65,36 @@ prepare() {
     echo "prepared: carry .tools/gpu_bin to the GPU machine and run: bash scripts/gpu_check.sh run"
 }
 
+# cudarc 0.19 (feature cuda-12080) looks libcublas up as libcublas.so, .so.12, .11, .10, .9, .1 —
+# never .so.13, the only name a CUDA-13-only machine (the lent GPUs: driver 580 / CUDA 13.0) may
+# have. If none of its names resolves but a libcublas.so.13 exists, put a libcublas.so link to it in
+# a private directory on LD_LIBRARY_PATH (set before the test processes start, which is when the
+# loader reads it). The fused-head tests need cuBLAS; without one they fail, they do not skip.
+cublas_lookup() {
+    local name
+    for name in libcublas.so libcublas.so.12 libcublas.so.11; do
+        if ldconfig -p 2>/dev/null | grep -q " $name "; then
+            note "cuBLAS: $name found by the loader"
+            return
+        fi
+    done
+    local found
+    found="$( (ldconfig -p 2>/dev/null | awk '/ libcublas\.so\.13 /{print $NF; exit}'); \
+        ls /usr/local/cuda/lib64/libcublas.so.13 /usr/local/cuda/targets/*/lib/libcublas.so.13 \
+        /usr/lib/x86_64-linux-gnu/libcublas.so.13 2>/dev/null | head -n 1)"
+    found="$(echo "$found" | head -n 1)"
+    if [ -z "$found" ]; then
+        note "cuBLAS: no libcublas found (the fused-head GPU tests will fail with CudaUnavailable)"
+        return
+    fi
+    local shim
+    shim="$(mktemp -d)"
+    mkdir -p "$shim"
+    ln -sf "$found" "$shim/libcublas.so"
+    export LD_LIBRARY_PATH="$shim${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    note "cuBLAS: $found, reached as libcublas.so through $shim"
+}
+
 run() {
     local out="${OUT:-$ROOT/gpu_check_out}"
     mkdir -p "$out"
@@ -101,6 +131,8 @@ run() {
         echo "date: $(date -u)"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
     } | tee -a "$summary"
+
+    cublas_lookup
 
     if wants tests; then
         export HALO_REQUIRE_GPU=1
