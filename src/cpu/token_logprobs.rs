@@ -266,11 +266,11 @@ impl OnlineLse {
             }
             let x = E::widen_group(group);
             for k in 0..LANES {
-                lane_sum[k] += exp_term::<FMA, false>(x[k] - max);
+                lane_sum[k] += exp_term::<FMA, false, false>(x[k] - max);
             }
         }
         for &x in tail {
-            lane_sum[0] += exp_term::<FMA, false>(x.widen() - max);
+            lane_sum[0] += exp_term::<FMA, false, false>(x.widen() - max);
         }
         self.sum += lane_sum.iter().sum::<f32>();
     }
