@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::fast_exp::{exp_term, fast_exp_with};
+use super::fast_exp::{exp_term, exp_term_in_range, fast_exp_with, TERM_LOW};
 use super::isa::{isa, madd, Isa};
 use super::prefetch::prefetch;
 use super::row_element::{RowElement, GROUP};
@@ -224,6 +224,7 @@ impl OnlineLse {
     #[inline(always)]
     fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(&mut self, chunk: &[E]) {
         let mut lane_max = [f32::NEG_INFINITY; LANES];
+        let mut lane_min = [f32::INFINITY; LANES];
         let mut probe = [0.0f32; LANES];
         let (groups, tail) = chunk.as_chunks::<LANES>();
         for group in groups {
@@ -234,16 +235,25 @@ impl OnlineLse {
                 } else {
                     lane_max[k]
                 };
+                // The min costs nothing here (this pass waits on memory) and spares the exp
+                // pass its clamp (below).
+                lane_min[k] = if x[k] < lane_min[k] {
+                    x[k]
+                } else {
+                    lane_min[k]
+                };
                 probe[k] = madd::<FMA>(x[k], 0.0, probe[k]);
             }
         }
         // Through memory (`black_box`): reduced in registers, LLVM reorders the lanes to suit
         // the reduction and pays for it with shuffles on every group of the loop above.
-        let (lane_max, mut probe) = std::hint::black_box((lane_max, probe));
+        let (lane_max, lane_min, mut probe) = std::hint::black_box((lane_max, lane_min, probe));
         let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut chunk_min = lane_min.iter().copied().fold(f32::INFINITY, f32::min);
         for &x in tail {
             let x = x.widen();
             chunk_max = chunk_max.max(x);
+            chunk_min = chunk_min.min(x);
             probe[0] = madd::<FMA>(x, 0.0, probe[0]);
         }
         // Folded per chunk (not carried through the loop, which LLVM half-scalarizes).
@@ -260,17 +270,31 @@ impl OnlineLse {
         let max = self.max;
         let mut lane_sum = [0.0f32; LANES];
         let ahead = chunk.as_ptr().wrapping_add(CHUNK);
-        for (i, group) in groups.iter().enumerate() {
-            if PREFETCH {
-                prefetch(ahead.wrapping_add(i * LANES));
+        // Every `x − max` of the chunk lies in [chunk_min − max, 0]: within exp_term's range
+        // (false when the chunk holds a NaN or −inf: those rows are refused by the probe anyway).
+        if chunk_min - max >= TERM_LOW {
+            for (i, group) in groups.iter().enumerate() {
+                if PREFETCH {
+                    prefetch(ahead.wrapping_add(i * LANES));
+                }
+                let x = E::widen_group(group);
+                for k in 0..LANES {
+                    lane_sum[k] += exp_term_in_range::<FMA, false>(x[k] - max);
+                }
             }
-            let x = E::widen_group(group);
-            for k in 0..LANES {
-                lane_sum[k] += exp_term::<FMA, false>(x[k] - max);
+        } else {
+            for (i, group) in groups.iter().enumerate() {
+                if PREFETCH {
+                    prefetch(ahead.wrapping_add(i * LANES));
+                }
+                let x = E::widen_group(group);
+                for k in 0..LANES {
+                    lane_sum[k] += exp_term::<FMA, false, false>(x[k] - max);
+                }
             }
         }
         for &x in tail {
-            lane_sum[0] += exp_term::<FMA, false>(x.widen() - max);
+            lane_sum[0] += exp_term::<FMA, false, false>(x.widen() - max);
         }
         self.sum += lane_sum.iter().sum::<f32>();
     }
@@ -324,6 +348,14 @@ mod tests {
                         .collect(),
                 );
             }
+            // Spread over [-120, 120): chunks with logits more than 86 below the max, where the
+            // exp pass clamps (the narrower rows above take its unclamped loop).
+            out.push(
+                values(n)
+                    .into_iter()
+                    .map(|x| T::from_f32(x * 6.0))
+                    .collect(),
+            );
         }
         out
     }

@@ -300,7 +300,7 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
         }
     };
     // g · (1 − p_y) = g − g·c·e_y, from the label's logit read before the row was written.
-    let w_y = madd::<FMA>(neg_gc, exp_term::<FMA, true>(r.z_y - r.lse), r.g);
+    let w_y = madd::<FMA>(neg_gc, exp_term::<FMA, true, true>(r.z_y - r.lse), r.g);
     out[r.y] = T::from_f32(w_y);
 
     let (prob_sum, probe, max_e) = acc.finish();
@@ -416,7 +416,7 @@ impl RowAcc {
     /// One element's gradient (a row's tail), accumulated in lane 0.
     #[inline(always)]
     fn grad_one<const FMA: bool>(&mut self, x: f32, lse: f32, neg_gc: f32, track_max: bool) -> f32 {
-        let e = exp_term::<FMA, true>(x - lse);
+        let e = exp_term::<FMA, true, true>(x - lse);
         self.sum[0] += e;
         self.probe[0] = madd::<FMA>(x, 0.0, self.probe[0]);
         if track_max {
@@ -462,7 +462,7 @@ impl Lanes {
     fn grad<const FMA: bool, const TRACK_MAX: bool>(&mut self, x: &[f32; LANES]) -> [f32; LANES] {
         let mut w = [0.0f32; LANES];
         for k in 0..LANES {
-            let e = exp_term::<FMA, true>(x[k] - self.lse);
+            let e = exp_term::<FMA, true, true>(x[k] - self.lse);
             self.sum[k] += e;
             self.probe[k] = madd::<FMA>(x[k], 0.0, self.probe[k]);
             w[k] = self.neg_gc * e;
