@@ -46,6 +46,7 @@ mod gemm;
 mod kto;
 mod launch;
 mod naive_baseline;
+pub mod nn;
 pub mod ptx;
 mod readback;
 mod sequence_sums;

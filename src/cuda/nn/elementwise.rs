@@ -1,0 +1,1 @@
+//! (to be written: the CUDA twin of halo-train's `elementwise`.)
