@@ -454,7 +454,7 @@ fn two_forwards_on_one_tape_sum_their_parameter_gradients() {
     };
     let both = grads_of(&[(&a_ids, &a_t), (&b_ids, &b_t)]);
     let mut separate = grads_of(&[(&a_ids, &a_t)]);
-    separate.accumulate(&grads_of(&[(&b_ids, &b_t)]));
+    separate.accumulate(&grads_of(&[(&b_ids, &b_t)])).unwrap();
     for (p, g) in both.iter() {
         for (x, y) in g.iter().zip(separate.get(p).unwrap()) {
             assert!(

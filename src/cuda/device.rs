@@ -203,6 +203,27 @@ impl CudaBackend {
             .map_err(cuda_err("copy host to device"))
     }
 
+    /// Overwrites `dst` with `src` (same length), device to device, queued on the stream.
+    pub fn copy_dtod<T: DeviceRepr>(
+        &self,
+        src: &impl DevicePtr<T>,
+        dst: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(HaloError::LengthMismatch {
+                what: "device copy destination",
+                expected: src.len(),
+                got: dst.len(),
+            });
+        }
+        if src.len() == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtod(src, dst)
+            .map_err(cuda_err("copy device to device"))
+    }
+
     /// A new zero-filled device buffer of `len` elements.
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         if len == 0 {

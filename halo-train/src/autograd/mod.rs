@@ -22,9 +22,12 @@
 //! stay as they are). Parameters are borrowed by the tape ([`Tape::param`]), never copied.
 
 pub mod cpu;
+pub(crate) mod device_ops;
 pub mod ops;
 pub mod pool;
+pub mod storage;
 pub mod tape;
 
 pub use cpu::attention::AttentionShape;
+pub use storage::{Device, Storage, StorageRef};
 pub use tape::{Gradients, Tape, Var};

@@ -2,16 +2,11 @@
 //! kernels, record what the backward needs. Matrices are row-major; an op that works on rows
 //! treats a tensor as `[numel / last_dim, last_dim]`.
 
-use super::cpu::attention::{attention_forward, AttentionShape};
-use super::cpu::elementwise::{add_bias_forward, dropout_mask, multiply};
-use super::cpu::embedding::embedding_forward;
-use super::cpu::gelu::gelu_forward;
-use super::cpu::layernorm::layernorm_forward;
-use super::cpu::matmul::linear_forward;
-use super::pool::Buffer;
+use super::cpu::attention::AttentionShape;
+use super::device_ops::{self as dev_ops, SavedIds, SavedLabels};
+use super::storage::{Device, Storage, StorageRef};
 use super::tape::{Op, Tape, Value, Var};
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::IGNORE_INDEX;
 
 fn shape_err(msg: String) -> HaloError {
     HaloError::InvalidShape(msg)
@@ -25,6 +20,13 @@ impl<'a> Tape<'a> {
             ));
         }
         let numel: usize = shape.iter().product();
+        let on_device = matches!(
+            (&self.device, value.as_ref()),
+            (Device::Cpu, StorageRef::Host(_)) | (Device::Cuda(_), StorageRef::Cuda(_))
+        );
+        if !on_device {
+            return Err(self.device.mismatch(value.as_ref(), "leaf"));
+        }
         if value.len() != numel {
             return Err(HaloError::LengthMismatch {
                 what: "leaf value",
@@ -39,12 +41,38 @@ impl<'a> Tape<'a> {
     /// The value is borrowed, not copied (a model's parameters are read in place by every
     /// forward): the caller can update it once the tape is gone.
     pub fn param(&mut self, index: usize, value: &'a [f32], shape: &[usize]) -> Result<Var> {
+        self.leaf(Value::Borrowed(StorageRef::Host(value)), shape, Some(index))
+    }
+
+    /// [`param`](Tape::param) for values wherever they live (a parameter on a CUDA device for a
+    /// CUDA tape); borrowed, not copied.
+    pub fn param_storage(
+        &mut self,
+        index: usize,
+        value: StorageRef<'a>,
+        shape: &[usize],
+    ) -> Result<Var> {
         self.leaf(Value::Borrowed(value), shape, Some(index))
     }
 
-    /// A leaf that gets no gradient (inputs, masks). The value is copied onto the tape.
+    /// A leaf that gets no gradient (inputs, masks). The value is copied onto the tape (and onto
+    /// its device).
     pub fn constant(&mut self, value: &[f32], shape: &[usize]) -> Result<Var> {
-        self.leaf(Buffer::copied(value).into(), shape, None)
+        let numel: usize = shape.iter().product();
+        if value.len() != numel {
+            return Err(HaloError::LengthMismatch {
+                what: "leaf value",
+                expected: numel,
+                got: value.len(),
+            });
+        }
+        let stored = self.device.upload(value)?;
+        self.leaf(stored.into(), shape, None)
+    }
+
+    /// Records an op's output.
+    fn record(&mut self, value: Storage, shape: Vec<usize>, op: Op, inputs: &[Var]) -> Var {
+        self.push(value.into(), shape, op, inputs)
     }
 
     fn rows_cols(&self, v: Var) -> (usize, usize) {
@@ -70,13 +98,10 @@ impl<'a> Tape<'a> {
                 ids[pos]
             )));
         }
-        let mut y = Buffer::for_overwrite(ids.len() * dim);
-        embedding_forward(self.value(table), ids, dim, &mut y);
-        let op = Op::Embedding {
-            table,
-            ids: ids.to_vec(),
-        };
-        Ok(self.push(y.into(), vec![ids.len(), dim], op, &[table]))
+        let saved = SavedIds::new(&self.device, ids);
+        let y = dev_ops::embedding_fwd(&self.device, self.storage(table), &saved, dim)?;
+        let op = Op::Embedding { table, ids: saved };
+        Ok(self.record(y, vec![ids.len(), dim], op, &[table]))
     }
 
     /// `x·w + b` with `x: [n, in]`, `w: [in, out]` (Hugging Face Conv1D layout), `b: [out]`.
@@ -120,23 +145,22 @@ impl<'a> Tape<'a> {
                 )));
             }
         }
-        let mut y = Buffer::for_overwrite(n * m);
-        linear_forward(
-            self.value(x),
-            self.value(w),
-            b.map(|b| self.value(b)),
+        let y = dev_ops::linear_fwd(
+            &self.device,
+            self.storage(x),
+            self.storage(w),
+            b.map(|b| self.storage(b)),
             n,
             k,
             m,
             transpose_w,
-            &mut y,
-        );
+        )?;
         let mut inputs = vec![x, w];
         inputs.extend(b);
         let mut shape = self.shape(x).to_vec();
         *shape.last_mut().unwrap() = m;
-        Ok(self.push(
-            y.into(),
+        Ok(self.record(
+            y,
             shape,
             Op::Linear {
                 x,
@@ -160,10 +184,9 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let mut y = Buffer::for_overwrite(self.value(x).len());
-        add_bias_forward(self.value(x), self.value(b), &mut y);
+        let y = dev_ops::add_bias_fwd(&self.device, self.storage(x), self.storage(b))?;
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y.into(), shape, Op::AddBias { x, b }, &[x, b]))
+        Ok(self.record(y, shape, Op::AddBias { x, b }, &[x, b]))
     }
 
     /// `a + b`, same shapes (the residual connection).
@@ -177,30 +200,24 @@ impl<'a> Tape<'a> {
                 self.shape(b)
             )));
         }
-        let mut y = Buffer::for_overwrite(self.value(a).len());
-        for ((o, &x), &z) in y.iter_mut().zip(self.value(a)).zip(self.value(b)) {
-            *o = x + z;
-        }
+        let y = dev_ops::add_fwd(&self.device, self.storage(a), self.storage(b))?;
         let shape = self.shape(a).to_vec();
-        Ok(self.push(y.into(), shape, Op::Add { a, b }, &[a, b]))
+        Ok(self.record(y, shape, Op::Add { a, b }, &[a, b]))
     }
 
     /// `factor · x`.
     pub fn scale(&mut self, x: Var, factor: f32) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = Buffer::for_overwrite(self.value(x).len());
-        for (o, &v) in y.iter_mut().zip(self.value(x)) {
-            *o = v * factor;
-        }
+        let y = dev_ops::scale_fwd(&self.device, self.storage(x), factor)?;
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y.into(), shape, Op::Scale { x, factor }, &[x]))
+        Ok(self.record(y, shape, Op::Scale { x, factor }, &[x]))
     }
 
     /// The sum of all elements → shape `[1]` (accumulated in f64).
     pub fn sum(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
-        let s = self.value(x).iter().map(|&v| v as f64).sum::<f64>() as f32;
-        Ok(self.push(vec![s].into(), vec![1], Op::Sum { x }, &[x]))
+        let s = dev_ops::sum_fwd(&self.device, self.storage(x))?;
+        Ok(self.record(s, vec![1], Op::Sum { x }, &[x]))
     }
 
     /// Layer norm over the last dimension (`gamma`, `beta`: `[dim]`), biased variance, `eps`
@@ -218,18 +235,14 @@ impl<'a> Tape<'a> {
                 self.shape(beta)
             )));
         }
-        let mut y = Buffer::for_overwrite(rows * dim);
-        let mut mean = Buffer::for_overwrite(rows);
-        let mut rstd = Buffer::for_overwrite(rows);
-        layernorm_forward(
-            self.value(x),
-            self.value(gamma),
-            self.value(beta),
+        let (y, mean, rstd) = dev_ops::layernorm_fwd(
+            &self.device,
+            self.storage(x),
+            self.storage(gamma),
+            self.storage(beta),
             eps,
-            &mut y,
-            &mut mean,
-            &mut rstd,
-        );
+            rows,
+        )?;
         let shape = self.shape(x).to_vec();
         let op = Op::LayerNorm {
             x,
@@ -238,16 +251,15 @@ impl<'a> Tape<'a> {
             mean,
             rstd,
         };
-        Ok(self.push(y.into(), shape, op, &[x, gamma, beta]))
+        Ok(self.record(y, shape, op, &[x, gamma, beta]))
     }
 
     /// GELU, tanh approximation (GPT-2's activation).
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
         self.check(x, "x")?;
-        let mut y = Buffer::for_overwrite(self.value(x).len());
-        gelu_forward(self.value(x), &mut y);
+        let y = dev_ops::gelu_fwd(&self.device, self.storage(x))?;
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y.into(), shape, Op::Gelu { x }, &[x]))
+        Ok(self.record(y, shape, Op::Gelu { x }, &[x]))
     }
 
     /// Fused causal self-attention on the `c_attn` output `qkv: [batch·seq, 3·C]` → `[batch·seq, C]`
@@ -278,11 +290,9 @@ impl<'a> Tape<'a> {
             n_head,
             dim,
         };
-        let mut out = Buffer::for_overwrite(rows * dim);
-        let mut probs = Buffer::for_overwrite(batch * n_head * seq * seq);
-        attention_forward(self.value(qkv), shape, &mut out, &mut probs);
-        Ok(self.push(
-            out.into(),
+        let (out, probs) = dev_ops::attention_fwd(&self.device, self.storage(qkv), shape)?;
+        Ok(self.record(
+            out,
             vec![rows, dim],
             Op::Attention { qkv, shape, probs },
             &[qkv],
@@ -303,12 +313,11 @@ impl<'a> Tape<'a> {
         if p == 0.0 || !self.training {
             return Ok(x);
         }
-        let mut mask = Buffer::for_overwrite(self.value(x).len());
-        dropout_mask(&mut mask, p, &mut self.rng);
-        let mut y = Buffer::for_overwrite(mask.len());
-        multiply(self.value(x), &mask, &mut y);
+        let len = self.storage(x).len();
+        let mask = dev_ops::dropout_mask(&self.device, len, p, &mut self.rng)?;
+        let y = dev_ops::multiply(&self.device, self.storage(x), mask.as_ref())?;
         let shape = self.shape(x).to_vec();
-        Ok(self.push(y.into(), shape, Op::Dropout { x, mask }, &[x]))
+        Ok(self.record(y, shape, Op::Dropout { x, mask }, &[x]))
     }
 
     /// [`token_logprobs`](Tape::token_logprobs) of `hidden · weightᵀ` (`hidden: [rows, H]`, the
@@ -346,28 +355,24 @@ impl<'a> Tape<'a> {
                 got: labels.len(),
             });
         }
-        let head = halo_kernels::fused_head::LmHead {
-            weight: self.value(weight),
-            bias: None,
+        let saved = SavedLabels::new(&self.device, labels)?;
+        let (logp, row_max, ln_sum) = dev_ops::fused_head_fwd(
+            &self.device,
+            self.storage(hidden),
+            self.storage(weight),
+            &saved,
             vocab,
             hidden_size,
-        };
-        let out = halo_kernels::fused_head::fused_linear_token_logprobs(
-            self.value(hidden),
-            &head,
-            labels,
-            IGNORE_INDEX,
-            None,
         )?;
         let op = Op::FusedHeadTokenLogprobs {
             hidden,
             weight,
-            labels: labels.to_vec(),
-            row_max: out.row_max.into(),
-            ln_sum: out.ln_sum.into(),
+            labels: saved,
+            row_max,
+            ln_sum,
             vocab,
         };
-        Ok(self.push(out.logp.into(), vec![rows], op, &[hidden, weight]))
+        Ok(self.record(logp, vec![rows], op, &[hidden, weight]))
     }
 
     /// Per-row `log softmax(logits)[label]` (`logits: [rows, vocab]`, `labels: [rows]`,
@@ -384,15 +389,16 @@ impl<'a> Tape<'a> {
                 got: labels.len(),
             });
         }
-        let out =
-            halo_kernels::cpu::token_logprobs(self.value(logits), labels, vocab, IGNORE_INDEX)?;
+        let saved = SavedLabels::new(&self.device, labels)?;
+        let (logp, lse, lse_residual) =
+            dev_ops::token_logprobs_fwd(&self.device, self.storage(logits), &saved, vocab)?;
         let op = Op::TokenLogprobs {
             logits,
-            labels: labels.to_vec(),
-            lse: out.lse.into(),
-            lse_residual: out.lse_residual.into(),
+            labels: saved,
+            lse,
+            lse_residual,
             vocab,
         };
-        Ok(self.push(out.logp.into(), vec![rows], op, &[logits]))
+        Ok(self.record(logp, vec![rows], op, &[logits]))
     }
 }

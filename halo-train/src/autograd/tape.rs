@@ -1,22 +1,14 @@
 //! The tape: a flat list of nodes in creation order (a topological order by construction), and
 //! the reverse sweep over it.
 
-use std::ops::Deref;
-
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::cpu::attention::{attention_backward, AttentionShape};
-use super::cpu::elementwise::{accumulate, accumulate_product, accumulate_scaled, bias_backward};
-use super::cpu::embedding::embedding_backward;
-use super::cpu::gelu::gelu_backward;
-use super::cpu::layernorm::layernorm_backward;
-use super::cpu::matmul::linear_backward;
-use super::pool::Buffer;
-use halo_kernels::cpu::SavedLse;
+use super::cpu::attention::AttentionShape;
+use super::device_ops::{self as dev_ops, SavedIds, SavedLabels};
+use super::storage::{Device, Storage, StorageRef};
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::IGNORE_INDEX;
 
 /// A handle to a value on a [`Tape`] (an index; cheap to copy). Only meaningful on the tape that
 /// made it.
@@ -43,7 +35,7 @@ pub(crate) enum Op {
     },
     Embedding {
         table: Var,
-        ids: Vec<u32>,
+        ids: SavedIds,
     },
     /// `x·w (+ b)`; `w` is `[in, out]`, or `[out, in]` when `transpose_w`.
     Linear {
@@ -71,8 +63,8 @@ pub(crate) enum Op {
         x: Var,
         gamma: Var,
         beta: Var,
-        mean: Buffer,
-        rstd: Buffer,
+        mean: Storage,
+        rstd: Storage,
     },
     Gelu {
         x: Var,
@@ -80,17 +72,17 @@ pub(crate) enum Op {
     Attention {
         qkv: Var,
         shape: AttentionShape,
-        probs: Buffer,
+        probs: Storage,
     },
     Dropout {
         x: Var,
-        mask: Buffer,
+        mask: Storage,
     },
     TokenLogprobs {
         logits: Var,
-        labels: Vec<i32>,
-        lse: Buffer,
-        lse_residual: Buffer,
+        labels: SavedLabels,
+        lse: Storage,
+        lse_residual: Storage,
         vocab: usize,
     },
     /// The fused LM head (`halo_kernels::fused_head`): per-token log-probs of `hidden · weightᵀ`
@@ -98,65 +90,53 @@ pub(crate) enum Op {
     FusedHeadTokenLogprobs {
         hidden: Var,
         weight: Var,
-        labels: Vec<i32>,
-        row_max: Buffer,
-        ln_sum: Buffer,
+        labels: SavedLabels,
+        row_max: Storage,
+        ln_sum: Storage,
         vocab: usize,
     },
     /// Left behind once the backward has used a node.
     Consumed,
 }
 
-/// A node's value: an activation (owned, from the [`pool`](super::pool)) or a parameter
-/// (borrowed from the model: never copied).
+/// A node's value: an activation (owned, on the tape's device) or a parameter (borrowed from
+/// the model: never copied).
 #[derive(Debug)]
 pub(crate) enum Value<'a> {
-    Owned(Buffer),
-    Borrowed(&'a [f32]),
+    Owned(Storage),
+    Borrowed(StorageRef<'a>),
 }
 
 impl Default for Value<'_> {
     fn default() -> Self {
-        Self::Owned(Buffer::default())
+        Self::Owned(Storage::default())
     }
 }
 
-impl Deref for Value<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl From<Storage> for Value<'_> {
+    fn from(s: Storage) -> Self {
+        Self::Owned(s)
+    }
+}
+
+impl<'a> Value<'a> {
+    /// A borrowed view of the values, wherever they live.
+    pub(crate) fn as_ref(&self) -> StorageRef<'_> {
         match self {
-            Self::Owned(b) => b,
-            Self::Borrowed(s) => s,
-        }
-    }
-}
-
-impl From<Buffer> for Value<'_> {
-    fn from(b: Buffer) -> Self {
-        Self::Owned(b)
-    }
-}
-
-impl From<Vec<f32>> for Value<'_> {
-    fn from(v: Vec<f32>) -> Self {
-        Self::Owned(v.into())
-    }
-}
-
-impl Value<'_> {
-    /// The values as a plain vector (a copy only for a borrowed parameter).
-    pub(crate) fn into_vec(self) -> Vec<f32> {
-        match self {
-            Self::Owned(b) => b.into_vec(),
-            Self::Borrowed(s) => s.to_vec(),
+            Self::Owned(s) => s.as_ref(),
+            Self::Borrowed(s) => *s,
         }
     }
 
-    /// The owned buffer, or a copy of a borrowed parameter.
-    fn into_buffer(self) -> Buffer {
+    pub(crate) fn len(&self) -> usize {
+        self.as_ref().len()
+    }
+
+    /// The owned storage, or a copy of a borrowed parameter.
+    fn into_storage(self, device: &Device) -> Result<Storage> {
         match self {
-            Self::Owned(b) => b,
-            Self::Borrowed(s) => Buffer::copied(s),
+            Self::Owned(s) => Ok(s),
+            Self::Borrowed(s) => device.copy(s),
         }
     }
 }
@@ -183,6 +163,7 @@ pub struct Tape<'a> {
     pub(crate) rng: ChaCha8Rng,
     pub(crate) training: bool,
     consumed: bool,
+    pub(crate) device: Device,
 }
 
 impl Default for Tape<'_> {
@@ -204,7 +185,21 @@ impl<'a> Tape<'a> {
             rng: ChaCha8Rng::seed_from_u64(seed),
             training: true,
             consumed: false,
+            device: Device::Cpu,
         }
+    }
+
+    /// This tape computing on `device` instead ([`Device::Cpu`] for the constructors above):
+    /// every value recorded on it must live there (parameters of a model moved with
+    /// [`Gpt::to_device`](crate::model::Gpt::to_device), constants are copied there).
+    pub fn on(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The device this tape computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// A tape with dropout off (evaluation, the frozen reference model, generation).
@@ -235,10 +230,32 @@ impl<'a> Tape<'a> {
         self.consumed
     }
 
-    /// The value of `v` (row-major). After [`backward`](Tape::backward) only the output's value
-    /// is kept; every other value has been freed and reads as an empty slice.
+    /// The value of `v` (row-major) on a CPU tape. After [`backward`](Tape::backward) only the
+    /// output's value is kept; every other value has been freed and reads as an empty slice. A
+    /// value on a CUDA device also reads as empty here: read it with [`Tape::to_host`].
     pub fn value(&self, v: Var) -> &[f32] {
-        &self.nodes[v.0].value
+        self.nodes[v.0].value.as_ref().host().unwrap_or(&[])
+    }
+
+    /// The value of `v` wherever it lives (a device buffer on a CUDA tape).
+    pub fn storage(&self, v: Var) -> StorageRef<'_> {
+        self.nodes[v.0].value.as_ref()
+    }
+
+    /// A host copy of the value of `v` (waits for the device on a CUDA tape).
+    pub fn to_host(&self, v: Var) -> Result<Vec<f32>> {
+        self.check_index(v, "value")?;
+        self.device.to_host(self.storage(v))
+    }
+
+    /// Takes the value of `v` off the tape into a host vector (an inference tape's output): no
+    /// copy on the CPU, a device→host copy on a CUDA tape. The node then reads as empty.
+    pub fn take_to_host(&mut self, v: Var) -> Result<Vec<f32>> {
+        self.check_index(v, "value")?;
+        match std::mem::take(&mut self.nodes[v.0].value) {
+            Value::Owned(Storage::Host(b)) => Ok(b.into_vec()),
+            other => self.device.to_host(other.as_ref()),
+        }
     }
 
     /// The shape of `v`.
@@ -246,7 +263,7 @@ impl<'a> Tape<'a> {
         &self.nodes[v.0].shape
     }
 
-    pub(crate) fn check(&self, v: Var, what: &str) -> Result<()> {
+    fn check_index(&self, v: Var, what: &str) -> Result<()> {
         if v.0 >= self.nodes.len() {
             return Err(HaloError::Autograd(format!(
                 "`{what}` (node {}) is not on this tape ({} nodes)",
@@ -254,6 +271,11 @@ impl<'a> Tape<'a> {
                 self.nodes.len()
             )));
         }
+        Ok(())
+    }
+
+    pub(crate) fn check(&self, v: Var, what: &str) -> Result<()> {
+        self.check_index(v, what)?;
         if self.consumed {
             return Err(HaloError::Autograd(
                 "the tape has already been through backward; record a new one".into(),
@@ -306,8 +328,20 @@ impl<'a> Tape<'a> {
     /// [`backward`](Tape::backward) from several outputs at once (e.g. two forwards recorded on
     /// one tape), each with its own upstream gradient: the result is the sum of their gradients.
     pub fn backward_many(&mut self, seeds: &[(Var, &[f32])]) -> Result<Gradients> {
+        let uploaded: Vec<(Var, Storage)> = seeds
+            .iter()
+            .map(|&(v, g)| Ok((v, self.device.upload(g)?)))
+            .collect::<Result<_>>()?;
+        let seeds: Vec<(Var, StorageRef<'_>)> =
+            uploaded.iter().map(|(v, g)| (*v, g.as_ref())).collect();
+        self.backward_from(&seeds)
+    }
+
+    /// [`backward_many`](Tape::backward_many) with the upstream gradients already on the tape's
+    /// device (e.g. a loss's per-token gradient computed there): nothing is copied from the host.
+    pub fn backward_from(&mut self, seeds: &[(Var, StorageRef<'_>)]) -> Result<Gradients> {
         let Some(last) = seeds.iter().map(|(v, _)| v.0).max() else {
-            return Ok(Gradients::default());
+            return Ok(Gradients::on(self.device.clone()));
         };
         for &(output, upstream) in seeds {
             self.check(output, "output")?;
@@ -319,20 +353,28 @@ impl<'a> Tape<'a> {
                     got: upstream.len(),
                 });
             }
-        }
-        self.consumed = true;
-        let mut grads: Vec<Option<Buffer>> = (0..=last).map(|_| None).collect();
-        for &(output, upstream) in seeds {
-            if self.nodes[output.0].requires_grad {
-                put_grad(&mut grads, output, Some(Buffer::copied(upstream)));
+            let on_device = matches!(
+                (&self.device, upstream),
+                (Device::Cpu, StorageRef::Host(_)) | (Device::Cuda(_), StorageRef::Cuda(_))
+            );
+            if !on_device {
+                return Err(self.device.mismatch(upstream, "upstream gradient"));
             }
         }
-        let mut result = Gradients::default();
+        self.consumed = true;
+        let device = self.device.clone();
+        let mut grads: Vec<Option<Storage>> = (0..=last).map(|_| None).collect();
+        for &(output, upstream) in seeds {
+            if self.nodes[output.0].requires_grad {
+                put_grad(&device, &mut grads, output, Some(device.copy(upstream)?))?;
+            }
+        }
+        let mut result = Gradients::on(device.clone());
         for i in (0..=last).rev() {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Consumed);
             if let Some(dy) = grads[i].take() {
                 match op {
-                    Op::Leaf { param: Some(p) } => result.add_buffer(p, dy),
+                    Op::Leaf { param: Some(p) } => result.add_storage(p, dy)?,
                     Op::TokenLogprobs {
                         logits,
                         labels,
@@ -346,19 +388,20 @@ impl<'a> Tape<'a> {
                         // Nothing else reads the logits, and their producer's backward needs only
                         // its inputs: overwrite them with their gradient instead of allocating a
                         // second [rows, vocab] buffer (Liger-Kernel's trick).
-                        let mut z = std::mem::take(&mut self.nodes[logits.0].value).into_buffer();
-                        halo_kernels::cpu::token_logprobs_backward_inplace(
+                        let mut z = std::mem::take(&mut self.nodes[logits.0].value)
+                            .into_storage(&device)?;
+                        dev_ops::token_logprobs_bwd_inplace(
+                            &device,
                             &mut z,
                             &labels,
-                            SavedLse::new(&lse, &lse_residual),
-                            &dy,
+                            (lse.as_ref(), lse_residual.as_ref()),
+                            dy.as_ref(),
                             vocab,
-                            IGNORE_INDEX,
                         )?;
-                        put_grad(&mut grads, logits, Some(z));
+                        put_grad(&device, &mut grads, logits, Some(z))?;
                     }
                     // Dropping `op` and `dy` here gives their buffers back to the pool.
-                    op => backward_op(&self.nodes, &mut grads, op, &dy, i)?,
+                    op => backward_op(&device, &self.nodes, &mut grads, op, dy.as_ref(), i)?,
                 }
             }
             if !seeds.iter().any(|(v, _)| v.0 == i) {
@@ -370,57 +413,79 @@ impl<'a> Tape<'a> {
 }
 
 /// Takes the gradient buffer of `v` out of `grads` (zeros if none yet) when `v` needs one.
-fn take_grad(nodes: &[Node<'_>], grads: &mut [Option<Buffer>], v: Var) -> Option<Buffer> {
+fn take_grad(
+    device: &Device,
+    nodes: &[Node<'_>],
+    grads: &mut [Option<Storage>],
+    v: Var,
+) -> Result<Option<Storage>> {
     if !nodes[v.0].requires_grad {
-        return None;
+        return Ok(None);
     }
-    Some(
-        grads[v.0]
-            .take()
-            .unwrap_or_else(|| Buffer::zeroed(nodes[v.0].value.len())),
-    )
+    match grads[v.0].take() {
+        Some(g) => Ok(Some(g)),
+        None => Ok(Some(device.zeros(nodes[v.0].value.len())?)),
+    }
 }
 
 /// Puts a buffer from [`take_grad`] back, summing with anything stored meanwhile (an op whose two
 /// inputs are the same variable takes the slot twice).
-fn put_grad(grads: &mut [Option<Buffer>], v: Var, g: Option<Buffer>) {
-    let Some(g) = g else { return };
+fn put_grad(
+    device: &Device,
+    grads: &mut [Option<Storage>],
+    v: Var,
+    g: Option<Storage>,
+) -> Result<()> {
+    let Some(g) = g else { return Ok(()) };
     match &mut grads[v.0] {
-        Some(existing) => accumulate(existing, &g),
-        slot => *slot = Some(g),
+        Some(existing) => dev_ops::accumulate(device, existing, g.as_ref()),
+        slot => {
+            *slot = Some(g);
+            Ok(())
+        }
     }
 }
 
 /// `∂L/∂v += dy` for an op whose local derivative is the identity: copies `dy` into an empty slot
 /// instead of zero-filling and adding.
-fn add_grad(nodes: &[Node<'_>], grads: &mut [Option<Buffer>], v: Var, dy: &[f32]) {
+fn add_grad(
+    device: &Device,
+    nodes: &[Node<'_>],
+    grads: &mut [Option<Storage>],
+    v: Var,
+    dy: StorageRef<'_>,
+) -> Result<()> {
     if !nodes[v.0].requires_grad {
-        return;
+        return Ok(());
     }
     match &mut grads[v.0] {
-        Some(existing) => accumulate(existing, dy),
-        slot => *slot = Some(Buffer::copied(dy)),
+        Some(existing) => dev_ops::accumulate(device, existing, dy),
+        slot => {
+            *slot = Some(device.copy(dy)?);
+            Ok(())
+        }
     }
 }
 
 /// Applies one node's backward: reads `dy = ∂L/∂node`, accumulates into its inputs' gradients.
 fn backward_op(
+    device: &Device,
     nodes: &[Node<'_>],
-    grads: &mut [Option<Buffer>],
+    grads: &mut [Option<Storage>],
     op: Op,
-    dy: &[f32],
+    dy: StorageRef<'_>,
     index: usize,
 ) -> Result<()> {
-    let value = |v: Var| &*nodes[v.0].value;
+    let value = |v: Var| nodes[v.0].value.as_ref();
     let cols = |v: Var| *nodes[v.0].shape.last().unwrap_or(&1);
     match op {
         Op::Leaf { .. } | Op::Consumed => {}
         Op::Embedding { table, ids } => {
-            let mut dt = take_grad(nodes, grads, table);
+            let mut dt = take_grad(device, nodes, grads, table)?;
             if let Some(dt) = dt.as_mut() {
-                embedding_backward(dy, &ids, cols(table), dt);
+                dev_ops::embedding_bwd(device, dy, &ids, cols(table), dt)?;
             }
-            put_grad(grads, table, dt);
+            put_grad(device, grads, table, dt)?;
         }
         Op::Linear {
             x,
@@ -431,10 +496,14 @@ fn backward_op(
             let k = cols(x);
             let n = value(x).len() / k.max(1);
             let m = cols(Var(index));
-            let mut dx = take_grad(nodes, grads, x);
-            let mut dw = take_grad(nodes, grads, w);
-            let mut db = b.and_then(|b| take_grad(nodes, grads, b));
-            linear_backward(
+            let mut dx = take_grad(device, nodes, grads, x)?;
+            let mut dw = take_grad(device, nodes, grads, w)?;
+            let mut db = match b {
+                Some(b) => take_grad(device, nodes, grads, b)?,
+                None => None,
+            };
+            dev_ops::linear_bwd(
+                device,
                 value(x),
                 value(w),
                 dy,
@@ -442,41 +511,41 @@ fn backward_op(
                 k,
                 m,
                 transpose_w,
-                dx.as_deref_mut(),
-                dw.as_deref_mut(),
-                db.as_deref_mut(),
-            );
-            put_grad(grads, x, dx);
-            put_grad(grads, w, dw);
+                dx.as_mut(),
+                dw.as_mut(),
+                db.as_mut(),
+            )?;
+            put_grad(device, grads, x, dx)?;
+            put_grad(device, grads, w, dw)?;
             if let Some(b) = b {
-                put_grad(grads, b, db);
+                put_grad(device, grads, b, db)?;
             }
         }
         Op::AddBias { x, b } => {
-            add_grad(nodes, grads, x, dy);
-            let mut db = take_grad(nodes, grads, b);
+            add_grad(device, nodes, grads, x, dy)?;
+            let mut db = take_grad(device, nodes, grads, b)?;
             if let Some(db) = db.as_mut() {
-                bias_backward(dy, db);
+                dev_ops::bias_bwd(device, dy, db)?;
             }
-            put_grad(grads, b, db);
+            put_grad(device, grads, b, db)?;
         }
         Op::Add { a, b } => {
-            add_grad(nodes, grads, a, dy);
-            add_grad(nodes, grads, b, dy);
+            add_grad(device, nodes, grads, a, dy)?;
+            add_grad(device, nodes, grads, b, dy)?;
         }
         Op::Scale { x, factor } => {
-            let mut dx = take_grad(nodes, grads, x);
+            let mut dx = take_grad(device, nodes, grads, x)?;
             if let Some(dx) = dx.as_mut() {
-                accumulate_scaled(dx, dy, factor);
+                dev_ops::accumulate_scaled(device, dx, dy, factor)?;
             }
-            put_grad(grads, x, dx);
+            put_grad(device, grads, x, dx)?;
         }
         Op::Sum { x } => {
-            let mut dx = take_grad(nodes, grads, x);
+            let mut dx = take_grad(device, nodes, grads, x)?;
             if let Some(dx) = dx.as_mut() {
-                dx.iter_mut().for_each(|d| *d += dy[0]);
+                dev_ops::sum_bwd(device, dy, dx)?;
             }
-            put_grad(grads, x, dx);
+            put_grad(device, grads, x, dx)?;
         }
         Op::LayerNorm {
             x,
@@ -485,43 +554,44 @@ fn backward_op(
             mean,
             rstd,
         } => {
-            let mut dx = take_grad(nodes, grads, x);
-            let mut dg = take_grad(nodes, grads, gamma);
-            let mut db = take_grad(nodes, grads, beta);
-            layernorm_backward(
+            let mut dx = take_grad(device, nodes, grads, x)?;
+            let mut dg = take_grad(device, nodes, grads, gamma)?;
+            let mut db = take_grad(device, nodes, grads, beta)?;
+            dev_ops::layernorm_bwd(
+                device,
                 value(x),
                 value(gamma),
-                &mean,
-                &rstd,
+                mean.as_ref(),
+                rstd.as_ref(),
                 dy,
-                dx.as_deref_mut(),
-                dg.as_deref_mut(),
-                db.as_deref_mut(),
-            );
-            put_grad(grads, x, dx);
-            put_grad(grads, gamma, dg);
-            put_grad(grads, beta, db);
+                dx.as_mut(),
+                dg.as_mut(),
+                db.as_mut(),
+            )?;
+            put_grad(device, grads, x, dx)?;
+            put_grad(device, grads, gamma, dg)?;
+            put_grad(device, grads, beta, db)?;
         }
         Op::Gelu { x } => {
-            let mut dx = take_grad(nodes, grads, x);
+            let mut dx = take_grad(device, nodes, grads, x)?;
             if let Some(dx) = dx.as_mut() {
-                gelu_backward(value(x), dy, dx);
+                dev_ops::gelu_bwd(device, value(x), dy, dx)?;
             }
-            put_grad(grads, x, dx);
+            put_grad(device, grads, x, dx)?;
         }
         Op::Attention { qkv, shape, probs } => {
-            let mut dq = take_grad(nodes, grads, qkv);
+            let mut dq = take_grad(device, nodes, grads, qkv)?;
             if let Some(dq) = dq.as_mut() {
-                attention_backward(value(qkv), &probs, dy, shape, dq);
+                dev_ops::attention_bwd(device, value(qkv), probs.as_ref(), dy, shape, dq)?;
             }
-            put_grad(grads, qkv, dq);
+            put_grad(device, grads, qkv, dq)?;
         }
         Op::Dropout { x, mask } => {
-            let mut dx = take_grad(nodes, grads, x);
+            let mut dx = take_grad(device, nodes, grads, x)?;
             if let Some(dx) = dx.as_mut() {
-                accumulate_product(dx, dy, &mask);
+                dev_ops::accumulate_product(device, dx, dy, mask.as_ref())?;
             }
-            put_grad(grads, x, dx);
+            put_grad(device, grads, x, dx)?;
         }
         Op::FusedHeadTokenLogprobs {
             hidden,
@@ -532,27 +602,21 @@ fn backward_op(
             vocab,
         } => {
             let hidden_size = nodes[hidden.0].shape.last().copied().unwrap_or(0);
-            let head = halo_kernels::fused_head::LmHead {
-                weight: value(weight),
-                bias: None,
+            let (dh, dw) = dev_ops::fused_head_bwd(
+                device,
+                value(hidden),
+                value(weight),
+                &labels,
+                (row_max.as_ref(), ln_sum.as_ref()),
+                dy,
                 vocab,
                 hidden_size,
-            };
-            let g = halo_kernels::fused_head::fused_linear_token_logprobs_backward(
-                value(hidden),
-                &head,
-                &labels,
-                IGNORE_INDEX,
-                &row_max,
-                &ln_sum,
-                dy,
-                None,
             )?;
             if nodes[hidden.0].requires_grad {
-                put_grad(grads, hidden, Some(g.hidden.into()));
+                put_grad(device, grads, hidden, Some(dh))?;
             }
             if nodes[weight.0].requires_grad {
-                put_grad(grads, weight, Some(g.weight.into()));
+                put_grad(device, grads, weight, Some(dw))?;
             }
         }
         Op::TokenLogprobs {
@@ -563,17 +627,15 @@ fn backward_op(
             vocab,
         } => {
             if nodes[logits.0].requires_grad {
-                let mut dz = Buffer::zeroed(value(logits).len());
-                halo_kernels::cpu::token_logprobs_backward(
+                let dz = dev_ops::token_logprobs_bwd(
+                    device,
                     value(logits),
                     &labels,
-                    SavedLse::new(&lse, &lse_residual),
+                    (lse.as_ref(), lse_residual.as_ref()),
                     dy,
                     vocab,
-                    IGNORE_INDEX,
-                    &mut dz,
                 )?;
-                put_grad(grads, logits, Some(dz));
+                put_grad(device, grads, logits, Some(dz))?;
             }
         }
     }
@@ -581,70 +643,134 @@ fn backward_op(
 }
 
 /// Gradients of the parameters, indexed by the parameter index given to [`Tape::param`]
-/// (for [`crate::model::Gpt`]: the position in [`crate::model::Gpt::parameter_names`]).
+/// (for [`crate::model::Gpt`]: the position in [`crate::model::Gpt::parameter_names`]), on the
+/// device of the tape that computed them.
 ///
-/// The buffers come from the [`pool`](super::pool) and go back to it when this is dropped, so the
-/// next step's backward allocates none.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Host buffers come from the [`pool`](super::pool) and go back to it when this is dropped, so the
+/// next step's backward allocates none. The slice accessors ([`get`](Self::get),
+/// [`iter`](Self::iter), …) see host gradients; [`to_host`](Self::to_host) copies device ones.
+#[derive(Debug, Default)]
 pub struct Gradients {
-    grads: Vec<Option<Buffer>>,
+    grads: Vec<Option<Storage>>,
+    device: Device,
 }
 
 impl Gradients {
-    /// An empty set (every gradient absent, i.e. zero).
+    /// An empty set on the CPU (every gradient absent, i.e. zero).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Adds `g` to the gradient of parameter `param` (creating it if absent).
-    pub fn add(&mut self, param: usize, g: Vec<f32>) {
-        self.add_buffer(param, g.into());
+    /// An empty set on `device`.
+    pub fn on(device: Device) -> Self {
+        Self {
+            grads: Vec::new(),
+            device,
+        }
     }
 
-    fn add_buffer(&mut self, param: usize, g: Buffer) {
+    /// The device the gradients live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Adds `g` (host values) to the gradient of parameter `param` (creating it if absent).
+    pub fn add(&mut self, param: usize, g: Vec<f32>) {
+        // Host values into a host set cannot fail; a device set takes a copy.
+        let storage = match &self.device {
+            Device::Cpu => Ok(Storage::from(g)),
+            device => device.upload(&g),
+        };
+        if let Ok(storage) = storage {
+            let _ = self.add_storage(param, storage);
+        }
+    }
+
+    /// Adds `g` (on this set's device) to the gradient of parameter `param`.
+    pub(crate) fn add_storage(&mut self, param: usize, g: Storage) -> Result<()> {
         if self.grads.len() <= param {
             self.grads.resize_with(param + 1, || None);
         }
         match &mut self.grads[param] {
-            Some(existing) => accumulate(existing, &g),
-            slot => *slot = Some(g),
+            Some(existing) => dev_ops::accumulate(&self.device, existing, g.as_ref()),
+            slot => {
+                *slot = Some(g);
+                Ok(())
+            }
         }
     }
 
-    /// `self += other` (gradient accumulation over micro-batches).
-    pub fn accumulate(&mut self, other: &Gradients) {
-        for (p, g) in other.iter() {
-            self.add_buffer(p, Buffer::copied(g));
+    /// `self += other` (gradient accumulation over micro-batches); both on the same device.
+    pub fn accumulate(&mut self, other: &Gradients) -> Result<()> {
+        for (p, g) in other.storages() {
+            let copy = self.device.copy(g)?;
+            self.add_storage(p, copy)?;
         }
+        Ok(())
     }
 
-    /// The gradient of parameter `param`, or `None` when the output did not depend on it.
+    /// The gradient of parameter `param`, or `None` when the output did not depend on it (or it
+    /// lives on a CUDA device: see [`get_storage`](Self::get_storage)).
     pub fn get(&self, param: usize) -> Option<&[f32]> {
-        self.grads.get(param).and_then(|g| g.as_deref())
+        self.grads
+            .get(param)
+            .and_then(|g| g.as_ref())
+            .and_then(|g| g.host())
     }
 
-    /// Mutable access to the gradient of parameter `param`, or `None` when it is absent.
+    /// The gradient of parameter `param` wherever it lives.
+    pub fn get_storage(&self, param: usize) -> Option<StorageRef<'_>> {
+        self.grads
+            .get(param)
+            .and_then(|g| g.as_ref())
+            .map(|g| g.as_ref())
+    }
+
+    /// Mutable access to the gradient of parameter `param`, or `None` when it is absent (or on a
+    /// device).
     pub fn get_mut(&mut self, param: usize) -> Option<&mut [f32]> {
-        self.grads.get_mut(param).and_then(|g| g.as_deref_mut())
+        self.grads
+            .get_mut(param)
+            .and_then(|g| g.as_mut())
+            .and_then(|g| g.host_mut().ok())
     }
 
-    /// `(parameter index, gradient)` for every present gradient, in index order.
+    /// `(parameter index, gradient)` for every present host gradient, in index order.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &[f32])> {
         self.grads
             .iter()
             .enumerate()
-            .filter_map(|(i, g)| g.as_deref().map(|g| (i, g)))
+            .filter_map(|(i, g)| g.as_ref().and_then(|g| g.host()).map(|g| (i, g)))
     }
 
-    /// Multiplies every gradient by `factor`.
+    /// `(parameter index, gradient)` for every present gradient wherever it lives.
+    pub fn storages(&self) -> impl Iterator<Item = (usize, StorageRef<'_>)> {
+        self.grads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.as_ref().map(|g| (i, g.as_ref())))
+    }
+
+    /// A host copy (waits for the device when the gradients live on one).
+    pub fn to_host(&self) -> Result<Gradients> {
+        let mut out = Gradients::new();
+        for (p, g) in self.storages() {
+            out.add_storage(p, Storage::from(self.device.to_host(g)?))?;
+        }
+        Ok(out)
+    }
+
+    /// Multiplies every host gradient by `factor`.
     pub fn scale(&mut self, factor: f32) {
         for g in self.grads.iter_mut().flatten() {
-            g.par_chunks_mut(1 << 14)
-                .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+            if let Ok(g) = g.host_mut() {
+                g.par_chunks_mut(1 << 14)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+            }
         }
     }
 
-    /// The L2 norm of all gradients together (accumulated in f64).
+    /// The L2 norm of all host gradients together (accumulated in f64).
     pub fn global_norm(&self) -> f32 {
         self.iter()
             .flat_map(|(_, g)| g.iter())

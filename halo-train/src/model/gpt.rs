@@ -4,9 +4,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::GptConfig;
-use crate::autograd::{Tape, Var};
-use halo_kernels::error::{HaloError, Result};
-use halo_kernels::IGNORE_INDEX;
+use super::forward::{self, GptWeights};
+use crate::autograd::{Device, StorageRef, Tape, Var};
+use halo_kernels::error::Result;
 
 /// GPT-2's layer-norm epsilon (`layer_norm_epsilon`); hard-coded, so a `config.json` with
 /// another value is refused ([`GptConfig::from_hf_config`]).
@@ -44,8 +44,24 @@ impl Parameter {
     }
 }
 
+impl GptWeights for Gpt {
+    fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// By reference (no copy).
+    fn record<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var> {
+        let p = &self.params[index];
+        tape.param_storage(index, StorageRef::Host(&p.data), &p.shape)
+    }
+}
+
 /// Parameter slots of one transformer block, in Hugging Face `state_dict` order.
-const BLOCK_PARAMS: [&str; 12] = [
+pub(crate) const BLOCK_PARAMS: [&str; 12] = [
     "ln_1.weight",
     "ln_1.bias",
     "attn.c_attn.weight",
@@ -59,9 +75,9 @@ const BLOCK_PARAMS: [&str; 12] = [
     "mlp.c_proj.weight",
     "mlp.c_proj.bias",
 ];
-const WTE: usize = 0;
-const WPE: usize = 1;
-const FIRST_BLOCK: usize = 2;
+pub(crate) const WTE: usize = 0;
+pub(crate) const WPE: usize = 1;
+pub(crate) const FIRST_BLOCK: usize = 2;
 
 /// A GPT-2 model: its config and parameters (owned `f32` tensors). `Clone` gives an independent
 /// copy, e.g. the frozen reference model of KTO/DPO.
@@ -175,44 +191,6 @@ impl Gpt {
             .position(|p| p.name == name || p.name.strip_prefix("transformer.") == Some(name))
     }
 
-    /// Records parameter `index` on `tape` by reference (no copy).
-    fn put<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var> {
-        let p = &self.params[index];
-        tape.param(index, &p.data, &p.shape)
-    }
-
-    fn check_tokens(&self, input_ids: &[u32], batch: usize, seq: usize) -> Result<()> {
-        let n = tokens_len(batch, seq)?;
-        if batch == 0 || seq == 0 {
-            return Err(HaloError::InvalidShape(format!(
-                "batch ({batch}) and seq ({seq}) must both be at least 1"
-            )));
-        }
-        if seq > self.config.n_ctx {
-            return Err(HaloError::InvalidShape(format!(
-                "seq {seq} is longer than the model's context n_ctx = {}",
-                self.config.n_ctx
-            )));
-        }
-        if input_ids.len() != n {
-            return Err(HaloError::LengthMismatch {
-                what: "input_ids",
-                expected: n,
-                got: input_ids.len(),
-            });
-        }
-        if let Some(pos) = input_ids
-            .iter()
-            .position(|&t| t as usize >= self.config.vocab_size)
-        {
-            return Err(HaloError::InvalidShape(format!(
-                "input_ids[{pos}] = {} is outside the vocabulary 0..{}",
-                input_ids[pos], self.config.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
     /// Records the forward pass up to the LM head: the final layer norm's output `[batch·seq,
     /// n_embd]` and the (tied) unembedding weight `wte` `[vocab, n_embd]`.
     pub fn final_hidden<'a>(
@@ -222,40 +200,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<(Var, Var)> {
-        self.check_tokens(input_ids, batch, seq)?;
-        let cfg = self.config;
-        let positions: Vec<u32> = (0..batch).flat_map(|_| 0..seq as u32).collect();
-        let wte = self.put(tape, WTE)?;
-        let wpe = self.put(tape, WPE)?;
-        let tok = tape.embedding(wte, input_ids)?;
-        let pos = tape.embedding(wpe, &positions)?;
-        let mut x = tape.add(tok, pos)?;
-        x = tape.dropout(x, cfg.dropout)?;
-        for layer in 0..cfg.n_layer {
-            let base = FIRST_BLOCK + layer * BLOCK_PARAMS.len();
-            let p: Vec<Var> = (0..BLOCK_PARAMS.len())
-                .map(|i| self.put(tape, base + i))
-                .collect::<Result<_>>()?;
-            // Attention branch.
-            let h = tape.layernorm(x, p[0], p[1], LAYER_NORM_EPS)?;
-            let qkv = tape.linear(h, p[2], Some(p[3]))?;
-            let a = tape.causal_self_attention(qkv, batch, seq, cfg.n_head)?;
-            let a = tape.linear(a, p[4], Some(p[5]))?;
-            let a = tape.dropout(a, cfg.dropout)?;
-            x = tape.add(x, a)?;
-            // MLP branch.
-            let h = tape.layernorm(x, p[6], p[7], LAYER_NORM_EPS)?;
-            let f = tape.linear(h, p[8], Some(p[9]))?;
-            let f = tape.gelu(f)?;
-            let f = tape.linear(f, p[10], Some(p[11]))?;
-            let f = tape.dropout(f, cfg.dropout)?;
-            x = tape.add(x, f)?;
-        }
-        let ln_f = self.params.len() - 2;
-        let gamma = self.put(tape, ln_f)?;
-        let beta = self.put(tape, ln_f + 1)?;
-        let h = tape.layernorm(x, gamma, beta, LAYER_NORM_EPS)?;
-        Ok((h, wte))
+        forward::final_hidden(self, tape, input_ids, batch, seq)
     }
 
     /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]`.
@@ -267,9 +212,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        let (h, wte) = self.final_hidden(tape, input_ids, batch, seq)?;
-        // Tied unembedding: the same `wte` leaf, so both uses add into one gradient.
-        tape.linear_transposed(h, wte, None)
+        forward::logits(self, tape, input_ids, batch, seq)
     }
 
     /// Per-token `log p(targets[t] | input_ids[..=t])`, shape `[batch·seq]`, 0 where
@@ -283,9 +226,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        check_targets(targets, batch, seq)?;
-        let logits = self.logits(tape, input_ids, batch, seq)?;
-        tape.token_logprobs(logits, targets)
+        forward::token_logprobs(self, tape, input_ids, targets, batch, seq)
     }
 
     /// [`token_logprobs`](Gpt::token_logprobs) through the fused LM head: the same values (to f32
@@ -299,9 +240,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        check_targets(targets, batch, seq)?;
-        let (h, wte) = self.final_hidden(tape, input_ids, batch, seq)?;
-        tape.fused_head_token_logprobs(h, wte, targets)
+        forward::token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
     }
 
     /// Mean negative log-likelihood over the non-ignored targets, a scalar `[1]` (PyTorch
@@ -314,13 +253,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Var> {
-        let counted = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-        if counted == 0 {
-            return Err(HaloError::EmptyBatch("targets (all ignored)"));
-        }
-        let logp = self.token_logprobs(tape, input_ids, targets, batch, seq)?;
-        let total = tape.sum(logp)?;
-        tape.scale(total, -1.0 / counted as f32)
+        forward::nll(self, tape, input_ids, targets, batch, seq)
     }
 
     /// [`token_logprobs`](Gpt::token_logprobs) without gradients or dropout (the frozen
@@ -332,14 +265,12 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Vec<f32>> {
-        let mut tape = Tape::inference();
-        let v = self.token_logprobs(&mut tape, input_ids, targets, batch, seq)?;
-        Ok(std::mem::take(&mut tape.nodes[v.0].value).into_vec())
+        forward::token_logprobs_inference(self, input_ids, targets, batch, seq)
     }
 
     /// Logits `[batch·seq, vocab]` without gradients or dropout.
     ///
-    /// Errors as [`logits`](Gpt::logits), and [`HaloError::NonFinite`] (`what: "logits"`, `row`:
+    /// Errors as [`logits`](Gpt::logits), and [`HaloError::NonFinite`](halo_kernels::error::HaloError::NonFinite) (`what: "logits"`, `row`:
     /// the first bad row) when finite but huge weights overflow f32 somewhere in the forward.
     pub fn logits_inference(
         &self,
@@ -347,16 +278,7 @@ impl Gpt {
         batch: usize,
         seq: usize,
     ) -> Result<Vec<f32>> {
-        let mut tape = Tape::inference();
-        let v = self.logits(&mut tape, input_ids, batch, seq)?;
-        let logits = std::mem::take(&mut tape.nodes[v.0].value).into_vec();
-        if let Some(index) = logits.iter().position(|z| !z.is_finite()) {
-            return Err(HaloError::NonFinite {
-                what: "logits",
-                row: index / self.config.vocab_size.max(1),
-            });
-        }
-        Ok(logits)
+        forward::logits_inference(self, input_ids, batch, seq)
     }
 
     pub(crate) fn params_mut(&mut self) -> &mut [Parameter] {
@@ -366,26 +288,6 @@ impl Gpt {
     pub(crate) fn from_parts(config: GptConfig, params: Vec<Parameter>) -> Self {
         Self { config, params }
     }
-}
-
-/// One target per token of the `[batch, seq]` input.
-fn check_targets(targets: &[i32], batch: usize, seq: usize) -> Result<()> {
-    let n = tokens_len(batch, seq)?;
-    if targets.len() != n {
-        return Err(HaloError::LengthMismatch {
-            what: "targets",
-            expected: n,
-            got: targets.len(),
-        });
-    }
-    Ok(())
-}
-
-/// `batch · seq`, or an error if the product overflows `usize` (sizes come from callers).
-fn tokens_len(batch: usize, seq: usize) -> Result<usize> {
-    batch.checked_mul(seq).ok_or_else(|| {
-        HaloError::InvalidShape(format!("batch ({batch}) · seq ({seq}) overflows usize"))
-    })
 }
 
 /// One `N(0, 1)` draw (Box–Muller; `rand` 0.8 has no normal distribution without `rand_distr`).

@@ -8,7 +8,9 @@
 //! (`transformer.h.{i}.attn.c_attn.weight` in Conv1D `[in, out]` layout, ...), so GPT-2
 //! safetensors checkpoints load directly and ours load in `transformers`.
 //!
-//! Files: `gpt` ([`Gpt`]: parameters, forward, per-token log-probs with and without a tape),
+//! Files: `gpt` ([`Gpt`]: parameters, per-token log-probs with and without a tape), `forward`
+//! (the forward pass, written once over [`GptWeights`]), `device_model` ([`GptOnDevice`]: the
+//! parameters resident on a CUDA device),
 //! `config` ([`GptConfig`]), `generate` (greedy / top-k [`Sampling`]), `checkpoint`
 //! (safetensors save/load, [`DTypeOnDisk`]), `optim` (AdamW, gradient clipping, LR schedules), `atomic_file` (temp file, fsync,
 //! rename), `safetensors_bytes` (a deterministic safetensors writer).
@@ -16,6 +18,8 @@
 pub mod atomic_file;
 pub mod checkpoint;
 pub mod config;
+pub mod device_model;
+pub mod forward;
 pub mod generate;
 pub mod gpt;
 pub mod optim;
@@ -23,5 +27,7 @@ pub mod safetensors_bytes;
 
 pub use checkpoint::DTypeOnDisk;
 pub use config::GptConfig;
+pub use device_model::{GptOnDevice, ModelRef};
+pub use forward::GptWeights;
 pub use generate::Sampling;
 pub use gpt::Gpt;

@@ -130,6 +130,13 @@ impl AdamW {
     /// One update with learning rate `lr` (from a schedule; `config.lr` is only the default
     /// for callers without one). Errors if `grads` does not fit the model.
     pub fn step(&mut self, model: &mut Gpt, grads: &Gradients, lr: f32) -> Result<()> {
+        if !grads.device().is_cpu() {
+            return Err(HaloError::Autograd(
+                "AdamW::step updates a host model from host gradients; these live on a CUDA \
+                 device (use the device optimizer)"
+                    .into(),
+            ));
+        }
         let params = model.params_mut();
         if params.len() != self.m.len() {
             return Err(HaloError::LengthMismatch {
@@ -190,7 +197,8 @@ impl AdamW {
 
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. Same rule as `torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`
-/// applied only when it is below 1.
+/// applied only when it is below 1. Host gradients (a CUDA tape's are clipped on the device by
+/// the device optimizer; [`AdamW::step`] refuses them).
 pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f32) -> f32 {
     let norm = grads.global_norm();
     let factor = max_norm / (norm + 1e-6);

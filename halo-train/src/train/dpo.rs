@@ -8,7 +8,7 @@ use super::batching::TokenBatch;
 use super::kto::sequence_logps_inference;
 use super::stage::StepOutput;
 use crate::autograd::Tape;
-use crate::model::Gpt;
+use crate::model::{forward, GptWeights};
 use halo_kernels::cpu::SequenceLayout;
 use halo_kernels::error::Result;
 use halo_kernels::losses::DpoConfig;
@@ -17,9 +17,9 @@ use halo_kernels::IGNORE_INDEX;
 
 /// Loss, gradients and TRL metrics of one DPO step on a batch from
 /// [`dpo_batch`](super::batching::dpo_batch).
-pub fn dpo_step(
-    policy: &Gpt,
-    reference: &Gpt,
+pub fn dpo_step<P: GptWeights, R: GptWeights>(
+    policy: &P,
+    reference: &R,
     batch: &TokenBatch,
     config: &DpoConfig,
 ) -> Result<StepOutput> {
@@ -28,8 +28,9 @@ pub fn dpo_step(
         batch: batch.batch,
         seq: batch.seq,
     };
-    let mut tape = Tape::new();
-    let token_logp = policy.token_logprobs_fused_head(
+    let mut tape = Tape::new().on(policy.device());
+    let token_logp = forward::token_logprobs_fused_head(
+        policy,
         &mut tape,
         &batch.input_ids,
         &batch.targets,
@@ -37,10 +38,11 @@ pub fn dpo_step(
         batch.seq,
     )?;
     let reference_logps = sequence_logps_inference(reference, batch)?;
+    let token_logps = tape.to_host(token_logp)?;
     let step = dpo_step_tokens(
         config,
         &TokenLogps {
-            logps: tape.value(token_logp),
+            logps: &token_logps,
             labels: &batch.targets,
             ignore_index: IGNORE_INDEX,
             layout,

@@ -11,7 +11,7 @@ use super::batching::{token_batch, KtoBatch, TargetSpan, TokenBatch};
 use super::stage::StepOutput;
 use super::tokenizer::TextTokenizer;
 use crate::autograd::Tape;
-use crate::model::Gpt;
+use crate::model::{forward, GptWeights};
 use halo_kernels::cpu::{sequence_sums, SequenceLayout};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::losses::{KlInput, KtoConfig};
@@ -26,9 +26,14 @@ fn layout(batch: &TokenBatch) -> SequenceLayout<'static> {
 }
 
 /// Summed completion log-probs of `batch` under `model`, without gradient.
-pub fn sequence_logps_inference(model: &Gpt, batch: &TokenBatch) -> Result<Vec<f32>> {
-    let tokens =
-        model.token_logprobs_inference(&batch.input_ids, &batch.targets, batch.batch, batch.seq)?;
+pub fn sequence_logps_inference<W: GptWeights>(model: &W, batch: &TokenBatch) -> Result<Vec<f32>> {
+    let tokens = forward::token_logprobs_inference(
+        model,
+        &batch.input_ids,
+        &batch.targets,
+        batch.batch,
+        batch.seq,
+    )?;
     Ok(sequence_sums(&tokens, &batch.targets, IGNORE_INDEX, layout(batch))?.sums)
 }
 
@@ -39,8 +44,8 @@ const PRECOMPUTE_CHUNK: usize = 256;
 /// one pass before training (TRL's `precompute_ref_log_probs`): the reference forward then drops
 /// out of every step. The KL pairs are still scored per step, because their completions are
 /// rotated inside each batch and so change with the batch order.
-pub fn precompute_reference_logps(
-    reference: &Gpt,
+pub fn precompute_reference_logps<W: GptWeights>(
+    reference: &W,
     tok: &TextTokenizer,
     rows: &[(&str, &str)],
     max_len: usize,
@@ -53,16 +58,19 @@ pub fn precompute_reference_logps(
     Ok(out)
 }
 
-/// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step.
-pub fn kto_step(
-    policy: &Gpt,
-    reference: &Gpt,
+/// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step, on the device of
+/// the policy's weights (the reference's may live elsewhere: only its log-probs are read). The
+/// loss itself is the core's host step (`kto_step_tokens`) on the token log-probs read back.
+pub fn kto_step<P: GptWeights, R: GptWeights>(
+    policy: &P,
+    reference: &R,
     batch: &KtoBatch,
     config: &KtoConfig,
 ) -> Result<StepOutput> {
     let examples = &batch.examples;
-    let mut tape = Tape::new();
-    let token_logp = policy.token_logprobs_fused_head(
+    let mut tape = Tape::new().on(policy.device());
+    let token_logp = forward::token_logprobs_fused_head(
+        policy,
         &mut tape,
         &examples.input_ids,
         &examples.targets,
@@ -84,10 +92,11 @@ pub fn kto_step(
     let kl_policy = sequence_logps_inference(policy, &batch.kl_pairs)?;
     let kl_reference = sequence_logps_inference(reference, &batch.kl_pairs)?;
 
+    let token_logps = tape.to_host(token_logp)?;
     let step = kto_step_tokens(
         config,
         &TokenLogps {
-            logps: tape.value(token_logp),
+            logps: &token_logps,
             labels: &examples.targets,
             ignore_index: IGNORE_INDEX,
             layout: layout(examples),

@@ -5,20 +5,21 @@
 use super::batching::TokenBatch;
 use super::stage::StepOutput;
 use crate::autograd::Tape;
-use crate::model::Gpt;
+use crate::model::{forward, GptWeights};
 use halo_kernels::error::Result;
 
-/// Loss and gradients of one NLL step.
-pub fn nll_step(model: &Gpt, batch: &TokenBatch) -> Result<StepOutput> {
-    let mut tape = Tape::new();
-    let loss = model.nll(
+/// Loss and gradients of one NLL step, on the device of `model`'s weights.
+pub fn nll_step<W: GptWeights>(model: &W, batch: &TokenBatch) -> Result<StepOutput> {
+    let mut tape = Tape::new().on(model.device());
+    let loss = forward::nll(
+        model,
         &mut tape,
         &batch.input_ids,
         &batch.targets,
         batch.batch,
         batch.seq,
     )?;
-    let value = tape.value(loss)[0] as f64;
+    let value = tape.to_host(loss)?[0] as f64;
     let grads = tape.backward_scalar(loss)?;
     Ok(StepOutput {
         loss: value,

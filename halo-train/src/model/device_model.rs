@@ -1,0 +1,214 @@
+//! [`GptOnDevice`]: a [`Gpt`]'s parameters resident on a [`Device`] (a CUDA GPU, or the emulated
+//! one in tests), read in place by every forward on a tape of that device and updated there by
+//! the device optimizer. Checkpoints, generation and evaluation use
+//! the host [`Gpt`]: [`GptOnDevice::to_host`] copies the weights back (the same files whichever
+//! device trained them).
+
+use super::config::GptConfig;
+use super::forward::{self, GptWeights};
+use super::gpt::{Gpt, Parameter};
+use crate::autograd::{Device, Storage, Tape, Var};
+use halo_kernels::error::{HaloError, Result};
+
+/// The shape and the decay rule of one parameter; its values live on the device.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ParamInfo {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+}
+
+/// A GPT-2 model whose parameters live on a device (see the module docs).
+#[derive(Debug)]
+pub struct GptOnDevice {
+    config: GptConfig,
+    info: Vec<ParamInfo>,
+    weights: Vec<Storage>,
+    device: Device,
+}
+
+impl Gpt {
+    /// A copy of this model's parameters on `device` (one host→device copy per parameter).
+    pub fn to_device(&self, device: &Device) -> Result<GptOnDevice> {
+        let mut info = Vec::with_capacity(self.parameters().len());
+        let mut weights = Vec::with_capacity(self.parameters().len());
+        for p in self.parameters() {
+            info.push(ParamInfo {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+            });
+            weights.push(device.upload(&p.data)?);
+        }
+        Ok(GptOnDevice {
+            config: *self.config(),
+            info,
+            weights,
+            device: device.clone(),
+        })
+    }
+}
+
+impl GptWeights for GptOnDevice {
+    fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn record<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var> {
+        let (Some(info), Some(w)) = (self.info.get(index), self.weights.get(index)) else {
+            return Err(HaloError::Autograd(format!(
+                "parameter {index} of a model with {} parameters",
+                self.weights.len()
+            )));
+        };
+        tape.param_storage(index, w.as_ref(), &info.shape)
+    }
+}
+
+impl GptOnDevice {
+    /// The hyper-parameters.
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of parameter tensors.
+    pub fn num_tensors(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// A host [`Gpt`] with these weights (waits for the device): what checkpoints, generation and
+    /// evaluation read.
+    pub fn to_host(&self) -> Result<Gpt> {
+        let params = self
+            .info
+            .iter()
+            .zip(&self.weights)
+            .map(|(info, w)| {
+                Ok(Parameter {
+                    name: info.name.clone(),
+                    shape: info.shape.clone(),
+                    data: self.device.to_host(w.as_ref())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Gpt::from_parts(self.config, params))
+    }
+
+    /// See [`Gpt::final_hidden`].
+    pub fn final_hidden<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Var, Var)> {
+        forward::final_hidden(self, tape, input_ids, batch, seq)
+    }
+
+    /// See [`Gpt::logits`].
+    pub fn logits<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        forward::logits(self, tape, input_ids, batch, seq)
+    }
+
+    /// See [`Gpt::token_logprobs`].
+    pub fn token_logprobs<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        forward::token_logprobs(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// See [`Gpt::token_logprobs_fused_head`].
+    pub fn token_logprobs_fused_head<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        forward::token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// See [`Gpt::nll`].
+    pub fn nll<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var> {
+        forward::nll(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// See [`Gpt::token_logprobs_inference`].
+    pub fn token_logprobs_inference(
+        &self,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<f32>> {
+        forward::token_logprobs_inference(self, input_ids, targets, batch, seq)
+    }
+
+    /// See [`Gpt::logits_inference`].
+    pub fn logits_inference(
+        &self,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<f32>> {
+        forward::logits_inference(self, input_ids, batch, seq)
+    }
+}
+
+/// A model wherever its weights live, for code that runs on either (the training steps).
+#[derive(Clone, Copy, Debug)]
+pub enum ModelRef<'m> {
+    /// Host weights (the CPU).
+    Host(&'m Gpt),
+    /// Weights resident on a device.
+    Device(&'m GptOnDevice),
+}
+
+impl GptWeights for ModelRef<'_> {
+    fn config(&self) -> &GptConfig {
+        match self {
+            Self::Host(m) => m.config(),
+            Self::Device(m) => m.config(),
+        }
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Self::Host(m) => GptWeights::device(*m),
+            Self::Device(m) => GptWeights::device(*m),
+        }
+    }
+
+    fn record<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var> {
+        match self {
+            Self::Host(m) => m.record(tape, index),
+            Self::Device(m) => m.record(tape, index),
+        }
+    }
+}
