@@ -2,7 +2,7 @@
 //! host memory or in CUDA device memory.
 //!
 //! The tape and the model never look inside a [`Storage`]: they pass it to the ops of
-//! [`device_ops`](super::device_ops), which run the CPU kernel ([`cpu`](super::cpu)) or the CUDA
+//! `device_ops`, which run the CPU kernel ([`cpu`](super::cpu)) or the CUDA
 //! one (`halo_kernels::cuda::CudaBackend`) for the device that holds it — candle's design (one
 //! storage enum, one match per op), which keeps every layer above the ops device-free.
 

@@ -1,5 +1,5 @@
-//! The GPT-2 forward pass, written once for every place the weights can live: a host [`Gpt`]
-//! (`super::Gpt`) or a [`GptOnDevice`](super::GptOnDevice) on a CUDA device. Both implement
+//! The GPT-2 forward pass, written once for every place the weights can live: a host [`Gpt`](super::Gpt)
+//! or a [`GptOnDevice`](super::GptOnDevice) on a CUDA device. Both implement
 //! [`GptWeights`] (the config, the device, and how to record parameter `i` on a tape by
 //! reference); everything else here is device-free: the tape's ops pick the kernels.
 
