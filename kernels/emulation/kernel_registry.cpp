@@ -19,6 +19,8 @@
 #include "../dpo_loss.cu"
 #include "../naive_baseline.cu"
 #include "../fused_head_tiles.cu"
+#include "../nn_adamw.cu"
+#include "../nn_grad_norm.cu"
 
 #include "emulated_driver.h"
 
@@ -101,6 +103,11 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(fused_head_widen_f16),
         HALO_KERNEL(fused_head_scatter_rows),
         HALO_KERNEL(fused_head_first_nonfinite),
+        HALO_KERNEL(nn_adamw_step_f32),
+        HALO_KERNEL(nn_adamw_step_clipped_f32),
+        HALO_KERNEL(nn_adamw_step_clipped_write_back_f32),
+        HALO_KERNEL(nn_grad_sum_squares_f32),
+        HALO_KERNEL(nn_grad_norm_finish_f32),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),

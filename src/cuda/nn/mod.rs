@@ -14,3 +14,8 @@ mod embedding;
 mod gelu;
 mod grad_norm;
 mod layernorm;
+
+pub use adamw::AdamWScalars;
+pub use grad_norm::{
+    CudaGradNorm, GRAD_NORM_OUT_CLIP_FACTOR, GRAD_NORM_OUT_LEN, GRAD_NORM_OUT_NORM,
+};
