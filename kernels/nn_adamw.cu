@@ -39,6 +39,9 @@ __device__ __forceinline__ void adamw_step(float* __restrict__ param, const floa
                                            float bias_correction2, float eps, float decay) {
     const float clip = CLIP ? clip_factor[0] : 1.0f;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    // Not unrolled: the three IEEE divisions' slow-path calls of an unrolled body spill on sm_90
+    // (the loop is bound by memory; a grid of up to 4096 blocks leaves few iterations per thread).
+#pragma unroll 1
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         float g = grad[i];
         if (CLIP) {

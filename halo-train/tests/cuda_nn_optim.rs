@@ -1,11 +1,12 @@
 //! The CUDA AdamW step, global gradient norm and clip factor (`halo_kernels::cuda::nn`: kernels
-//! `kernels/nn_adamw.cu`, `kernels/nn_grad_norm.cu`) on the emulated device, against their CPU
+//! `kernels/nn_adamw.cu`, `kernels/nn_grad_norm.cu`) on the emulated device (or a GPU: see
+//! [`backend`]), against their CPU
 //! definitions (`model::optim::AdamW::step`, `clip_grad_norm`, `Gradients::global_norm`) and
 //! against plain f64 transcriptions of `torch.optim.AdamW` / `clip_grad_norm_` written here.
 //!
 //! Tolerances: the device AdamW rounds every operation as the CPU does, so parameters, moments and
 //! written-back gradients are compared with the CPU **bitwise**; against the f64 reference
-//! `|got − ref| ≤ 1e-6 · (|ref| + lr)` (parameters start at 0 for biases). The norm is compared
+//! `|got − ref| ≤ 1e-6 · (|ref| + lr)` (the `lr` for a parameter that passes near 0). The norm is compared
 //! with the CPU's and the f64 norm within 1e-6 relative; the clip factor with the f64 factor of
 //! the device norm within 1e-6 relative.
 
@@ -19,8 +20,21 @@ use halo_train::model::{Gpt, GptConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The real GPU when there is one (and `HALO_CUDA_EMULATED` is unset), else the emulated device,
+/// as the core's device tests choose (`tests/device_support`): on a GPU the bitwise comparisons
+/// also check that nvcc contracted nothing. With `HALO_REQUIRE_GPU=1` a missing GPU fails the test.
+/// No backend at all fails the test (the emulated device is always built for the tests).
 fn backend() -> CudaBackend {
-    CudaBackend::emulated().expect("the emulated CUDA device must be available")
+    let require_gpu = std::env::var("HALO_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    CudaBackend::new()
+        .or_else(|real| {
+            if require_gpu {
+                return Err(format!("HALO_REQUIRE_GPU=1 but no GPU: {real}"));
+            }
+            CudaBackend::emulated()
+                .map_err(|emulated| format!("no GPU ({real}) and no emulated device ({emulated})"))
+        })
+        .unwrap_or_else(|e| panic!("no CUDA backend: {e}"))
 }
 
 /// Parameters of sizes 1, 3, 4, 1000 (wpe) and 65537 (wte) among others (`n_embd` 1), or 7, 147,
@@ -124,8 +138,9 @@ impl DeviceOptimizer {
         write_back: bool,
     ) {
         self.step += 1;
-        for i in 0..self.params.len() {
-            let Some(g) = grads[i].as_mut() else { continue };
+        assert_eq!(grads.len(), self.params.len());
+        for (i, g) in grads.iter_mut().enumerate() {
+            let Some(g) = g.as_mut() else { continue };
             let s = self.scalars(i, lr);
             let (p, m, v) = (&mut self.params[i], &mut self.m[i], &mut self.v[i]);
             match (clip, write_back) {
@@ -177,7 +192,8 @@ impl RefState {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    // One index over the parallel arrays p, m, v, g: clearer than zipped iterators.
+    #[allow(clippy::needless_range_loop)]
     fn step(&mut self, g: &[f64], lr: f64, cfg: &AdamWConfig, decays: bool, t: i32) {
         let (b1, b2) = (cfg.betas.0 as f64, cfg.betas.1 as f64);
         let wd = if decays { cfg.weight_decay as f64 } else { 0.0 };
@@ -570,4 +586,45 @@ fn refusals() {
         .grad_norm_clip(&mut plan, &[None, Some(&view)], Some(1.0), &mut out)
         .unwrap();
     assert_eq!(view.len(), 3);
+}
+
+#[test]
+fn nonfinite_gradient_gives_the_cpus_norm_and_factor() {
+    let backend = backend();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let lens = [5usize, 300];
+        let mut host: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.5; n]).collect();
+        host[1][123] = bad;
+        let mut cpu = Gradients::new();
+        for (i, h) in host.iter().enumerate() {
+            cpu.add(i, h.clone());
+        }
+        let cpu_norm = clip_grad_norm(&mut cpu, 1.0);
+        let device: Vec<CudaSlice<f32>> = host.iter().map(|h| backend.htod(h).unwrap()).collect();
+        let refs: Vec<Option<&CudaSlice<f32>>> = device.iter().map(Some).collect();
+        let mut plan = backend.grad_norm_plan(&lens).unwrap();
+        let mut out = backend.alloc_zeros::<f32>(2).unwrap();
+        backend
+            .grad_norm_clip(&mut plan, &refs, Some(1.0), &mut out)
+            .unwrap();
+        let out = backend.dtoh(&out).unwrap();
+        // NaN: the CPU's factor is NaN, which is not < 1, so it scales nothing; +inf: the factor
+        // max_norm / inf = 0 is < 1, so the CPU scales by 0. The device's factor must be the same.
+        assert_eq!(
+            out[0].is_nan(),
+            cpu_norm.is_nan(),
+            "norm {} vs CPU {cpu_norm}",
+            out[0]
+        );
+        if !cpu_norm.is_nan() {
+            assert_eq!(out[0], cpu_norm);
+        }
+        let cpu_factor = 1.0 / (cpu_norm + 1e-6);
+        let want = if cpu_factor < 1.0 { cpu_factor } else { 1.0 };
+        assert_eq!(
+            out[1].to_bits(),
+            want.to_bits(),
+            "factor for a {bad} gradient"
+        );
+    }
 }
