@@ -19,6 +19,7 @@
 #include "../dpo_loss.cu"
 #include "../naive_baseline.cu"
 #include "../fused_head_tiles.cu"
+#include "../nn_attention.cu"
 
 #include "emulated_driver.h"
 
@@ -101,6 +102,9 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(fused_head_widen_f16),
         HALO_KERNEL(fused_head_scatter_rows),
         HALO_KERNEL(fused_head_first_nonfinite),
+        HALO_KERNEL(attention_forward_f32),
+        HALO_KERNEL(attention_backward_query_f32),
+        HALO_KERNEL(attention_backward_key_f32),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),
