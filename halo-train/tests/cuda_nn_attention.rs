@@ -160,9 +160,9 @@ fn reference_backward(qkv: &[f32], probs: &[f64], dout: &[f32], d: AttentionDims
                     })
                     .collect();
                 let dot: f64 = (0..=i).map(|j| dp[j] * p(i, j)).sum();
-                for j in 0..=i {
+                for (j, &dp_ij) in dp.iter().enumerate() {
                     let tj = b * d.seq + j;
-                    let ds = p(i, j) * (dp[j] - dot);
+                    let ds = p(i, j) * (dp_ij - dot);
                     for c in 0..hd {
                         dqkv[qkv_index(d, ti, 0, h, c)] += ds * x(tj, 1, h, c) * scale;
                         dqkv[qkv_index(d, tj, 1, h, c)] += ds * x(ti, 0, h, c) * scale;
