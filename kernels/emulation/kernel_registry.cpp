@@ -21,6 +21,7 @@
 #include "../fused_head_tiles.cu"
 #include "../nn_adamw.cu"
 #include "../nn_grad_norm.cu"
+#include "../nn_attention.cu"
 
 #include "emulated_driver.h"
 
@@ -108,6 +109,9 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(nn_adamw_step_clipped_write_back_f32),
         HALO_KERNEL(nn_grad_sum_squares_f32),
         HALO_KERNEL(nn_grad_norm_finish_f32),
+        HALO_KERNEL(attention_forward_f32),
+        HALO_KERNEL(attention_backward_query_f32),
+        HALO_KERNEL(attention_backward_key_f32),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),

@@ -19,3 +19,4 @@ pub use adamw::AdamWScalars;
 pub use grad_norm::{
     CudaGradNorm, GRAD_NORM_OUT_CLIP_FACTOR, GRAD_NORM_OUT_LEN, GRAD_NORM_OUT_NORM,
 };
+pub use attention::AttentionDims;
