@@ -19,6 +19,10 @@
 #include "../dpo_loss.cu"
 #include "../naive_baseline.cu"
 #include "../fused_head_tiles.cu"
+#include "../nn_layernorm.cu"
+#include "../nn_gelu.cu"
+#include "../nn_elementwise.cu"
+#include "../nn_embedding.cu"
 
 #include "emulated_driver.h"
 
@@ -101,6 +105,25 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(fused_head_widen_f16),
         HALO_KERNEL(fused_head_scatter_rows),
         HALO_KERNEL(fused_head_first_nonfinite),
+        HALO_KERNEL(nn_layernorm_forward),
+        HALO_KERNEL(nn_layernorm_backward_dx),
+        HALO_KERNEL(nn_ln_param_partials),
+        HALO_KERNEL(nn_gelu_forward),
+        HALO_KERNEL(nn_gelu_backward),
+        HALO_KERNEL(nn_accumulate),
+        HALO_KERNEL(nn_accumulate_scaled),
+        HALO_KERNEL(nn_accumulate_broadcast),
+        HALO_KERNEL(nn_accumulate_product),
+        HALO_KERNEL(nn_add),
+        HALO_KERNEL(nn_scale),
+        HALO_KERNEL(nn_multiply),
+        HALO_KERNEL(nn_add_bias_forward),
+        HALO_KERNEL(nn_column_sum_partials),
+        HALO_KERNEL(nn_column_sums_finish),
+        HALO_KERNEL(nn_sum_partials),
+        HALO_KERNEL(nn_sum_finish),
+        HALO_KERNEL(nn_embedding_forward),
+        HALO_KERNEL(nn_embedding_backward),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),

@@ -14,3 +14,5 @@ mod embedding;
 mod gelu;
 mod grad_norm;
 mod layernorm;
+
+pub use embedding::CudaTokenIds;
