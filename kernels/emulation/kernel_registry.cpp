@@ -22,6 +22,10 @@
 #include "../nn_adamw.cu"
 #include "../nn_grad_norm.cu"
 #include "../nn_attention.cu"
+#include "../nn_layernorm.cu"
+#include "../nn_gelu.cu"
+#include "../nn_elementwise.cu"
+#include "../nn_embedding.cu"
 
 #include "emulated_driver.h"
 
@@ -112,6 +116,25 @@ const std::vector<KernelEntry>& all_kernels() {
         HALO_KERNEL(attention_forward_f32),
         HALO_KERNEL(attention_backward_query_f32),
         HALO_KERNEL(attention_backward_key_f32),
+        HALO_KERNEL(nn_layernorm_forward),
+        HALO_KERNEL(nn_layernorm_backward_dx),
+        HALO_KERNEL(nn_ln_param_partials),
+        HALO_KERNEL(nn_gelu_forward),
+        HALO_KERNEL(nn_gelu_backward),
+        HALO_KERNEL(nn_accumulate),
+        HALO_KERNEL(nn_accumulate_scaled),
+        HALO_KERNEL(nn_accumulate_broadcast),
+        HALO_KERNEL(nn_accumulate_product),
+        HALO_KERNEL(nn_add),
+        HALO_KERNEL(nn_scale),
+        HALO_KERNEL(nn_multiply),
+        HALO_KERNEL(nn_add_bias_forward),
+        HALO_KERNEL(nn_column_sum_partials),
+        HALO_KERNEL(nn_column_sums_finish),
+        HALO_KERNEL(nn_sum_partials),
+        HALO_KERNEL(nn_sum_finish),
+        HALO_KERNEL(nn_embedding_forward),
+        HALO_KERNEL(nn_embedding_backward),
         HALO_KERNEL(halo_selftest_write_at),
         HALO_KERNEL(halo_selftest_read_at),
         HALO_KERNEL(halo_selftest_vector_load_at),

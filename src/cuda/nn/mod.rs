@@ -20,3 +20,4 @@ pub use grad_norm::{
     CudaGradNorm, GRAD_NORM_OUT_CLIP_FACTOR, GRAD_NORM_OUT_LEN, GRAD_NORM_OUT_NORM,
 };
 pub use attention::AttentionDims;
+pub use embedding::CudaTokenIds;
