@@ -192,10 +192,10 @@ fn layernorm_forward_matches_cpu_twin_and_f64() {
 
 #[test]
 fn layernorm_forward_more_rows_than_blocks() {
-    // 65 535 blocks at most: the last rows are taken grid-stride.
+    // 4096 blocks at most: the last rows are taken grid-stride.
     let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let (rows, dim) = (65_540, 3);
+    let (rows, dim) = (4096 + 37, 3);
     let c = ln_case(&mut rng, rows, dim);
     let (x, g, b) = (
         gpu.htod(&c.x).unwrap(),
@@ -675,8 +675,35 @@ fn gelu_refusals() {
 
 // ---- element-wise ----------------------------------------------------------------------------
 
-/// Awkward flat lengths: one element, below and across a block, several grid-stride trips.
-const FLAT_SIZES: [usize; 4] = [1, 33, 1000, 4096 * 256 + 3];
+/// Awkward flat lengths: one element, below and across a block, many blocks (the grid-stride
+/// beyond 4096 blocks: `accumulate_beyond_one_grid_of_blocks`, `gelu_beyond_one_grid_of_blocks`).
+const FLAT_SIZES: [usize; 4] = [1, 33, 1000, 70_001];
+
+#[test]
+fn accumulate_beyond_one_grid_of_blocks() {
+    // 4096 blocks × 256 threads at most (the loop every flat element-wise kernel shares).
+    let gpu = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let n = 4096 * 256 + 3;
+    let (d0, src) = (
+        random(&mut rng, n, -3.0, 3.0),
+        random(&mut rng, n, -3.0, 3.0),
+    );
+    let mut dst = gpu.htod(&d0).unwrap();
+    gpu.accumulate_scaled(&mut dst, &gpu.htod(&src).unwrap(), 0.5)
+        .unwrap();
+    let want: Vec<f64> = d0
+        .iter()
+        .zip(&src)
+        .map(|(&d, &s)| d as f64 + 0.5 * s as f64)
+        .collect();
+    assert_close(
+        "accumulate_scaled big vs f64",
+        &host(&gpu, &dst),
+        &want,
+        VS_F64,
+    );
+}
 
 #[test]
 fn flat_elementwise_ops_match_cpu_twins_and_f64() {
@@ -783,7 +810,7 @@ fn flat_elementwise_ops_match_cpu_twins_and_f64() {
 fn sum_matches_f64_and_reruns_bit_equal() {
     let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    for n in [0usize, 1, 255, 2049, 100_003, 3_000_001] {
+    for n in [0usize, 1, 255, 2049, 100_003, 700_001] {
         let x = random(&mut rng, n, -1.0, 2.0);
         let xd = gpu.htod(&x).unwrap();
         let run = || {

@@ -21,7 +21,8 @@ const FLAT_THREADS: u32 = 256;
 /// Most blocks of a grid-stride launch (a flat op's result does not depend on the grid).
 const FLAT_MAX_BLOCKS: usize = 4096;
 /// Most blocks of a row kernel; more rows are taken grid-stride (one block per row at a time).
-const ROW_MAX_BLOCKS: usize = 65_535;
+/// Several waves of a large GPU's resident blocks (an H200 holds ~1000 blocks of 256 threads).
+const ROW_MAX_BLOCKS: usize = 4096;
 /// Most threads of a row kernel (`__launch_bounds__` of the row kernels).
 const ROW_MAX_THREADS: usize = 256;
 /// Rows per chunk of the column sums at least: chunks = ⌈rows / rows_per_chunk⌉ ≤ 512.
