@@ -370,7 +370,7 @@ fn clipped_step_matches_cpu_clip_then_step() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for lr in [1e-2f32, 3e-3] {
             let mut grads = random_grads(&model, &mut rng, Some(4), 0.3);
-            let host_grads = grads.clone();
+            let host_grads = grads.try_clone().unwrap();
             let mut dgrads = upload_grads(&backend, &model, &grads);
             {
                 let refs: Vec<Option<&CudaSlice<f32>>> =

@@ -16,14 +16,10 @@ use super::cpu::matmul::{linear_backward, linear_forward};
 use super::pool::Buffer;
 use super::storage::{Device, Storage, StorageRef};
 use halo_kernels::cpu::SavedLse;
+use halo_kernels::cuda::nn::{AttentionDims, CudaTokenIds};
 use halo_kernels::cuda::{CudaBackend, CudaSlice, GemmShape};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
-
-/// An op the CUDA device cannot run yet: a clear error instead of a wrong answer.
-fn cuda_missing(op: &str) -> HaloError {
-    HaloError::CudaUnavailable(format!("the CUDA autograd has no `{op}` kernel yet"))
-}
 
 /// `(host input, …)` or the error for a device/host mix.
 fn host(s: StorageRef<'_>) -> Result<&[f32]> {
@@ -34,18 +30,30 @@ fn host_opt(s: Option<&mut Storage>) -> Result<Option<&mut [f32]>> {
     s.map(|s| s.host_mut()).transpose()
 }
 
+fn cuda_opt(s: Option<&mut Storage>) -> Result<Option<&mut CudaSlice<f32>>> {
+    s.map(|s| s.cuda_mut()).transpose()
+}
+
 /// Token ids on the device that will read them (the embedding's input), validated by the tape.
 #[derive(Debug)]
 pub(crate) enum SavedIds {
     Host(Vec<u32>),
-    Cuda(Vec<u32>),
+    /// Uploaded once, with the grouping the deterministic backward needs.
+    Cuda(CudaTokenIds),
 }
 
 impl SavedIds {
-    pub(crate) fn new(dev: &Device, ids: &[u32]) -> Self {
+    pub(crate) fn new(dev: &Device, ids: &[u32], table_rows: usize) -> Result<Self> {
         match dev {
-            Device::Cpu => Self::Host(ids.to_vec()),
-            Device::Cuda(_) => Self::Cuda(ids.to_vec()),
+            Device::Cpu => Ok(Self::Host(ids.to_vec())),
+            Device::Cuda(gpu) => Ok(Self::Cuda(gpu.upload_token_ids(ids, table_rows)?)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Host(v) => v.len(),
+            Self::Cuda(ids) => ids.len(),
         }
     }
 }
@@ -88,20 +96,21 @@ pub(crate) fn embedding_fwd(
     ids: &SavedIds,
     dim: usize,
 ) -> Result<Storage> {
-    let mut y = dev.for_overwrite(ids_len(ids) * dim)?;
+    let mut y = dev.for_overwrite(ids.len() * dim)?;
     match (dev, ids) {
         (Device::Cpu, SavedIds::Host(ids)) => {
             embedding_forward(host(table)?, ids, dim, y.host_mut()?);
         }
-        _ => return Err(cuda_missing("embedding")),
+        (Device::Cuda(gpu), SavedIds::Cuda(ids)) => {
+            gpu.embedding_forward(table.cuda_or_err()?, ids, dim, y.cuda_mut()?)?
+        }
+        _ => return Err(ids_mismatch()),
     }
     Ok(y)
 }
 
-fn ids_len(ids: &SavedIds) -> usize {
-    match ids {
-        SavedIds::Host(v) | SavedIds::Cuda(v) => v.len(),
-    }
+fn ids_mismatch() -> HaloError {
+    HaloError::Autograd("token ids saved on another device than the tape's".into())
 }
 
 pub(crate) fn embedding_bwd(
@@ -116,7 +125,10 @@ pub(crate) fn embedding_bwd(
             embedding_backward(host(dy)?, ids, dim, dtable.host_mut()?);
             Ok(())
         }
-        _ => Err(cuda_missing("embedding backward")),
+        (Device::Cuda(gpu), SavedIds::Cuda(ids)) => {
+            gpu.embedding_backward(dy.cuda_or_err()?, ids, dim, dtable.cuda_mut()?)
+        }
+        _ => Err(ids_mismatch()),
     }
 }
 
@@ -215,10 +227,7 @@ pub(crate) fn linear_bwd(
                 }
             }
             if let Some(db) = db {
-                // db[1, m] += 1ₙᵀ · dy (a fixed-order GEMM, not atomics).
-                let ones = ones(gpu, n)?;
-                let shape = GemmShape::packed(1, m, n, false, false);
-                gemm.gemm(&shape, 1.0, &ones, dy, 1.0, db.cuda_mut()?)?;
+                gpu.bias_backward(dy, db.cuda_mut()?)?;
             }
             Ok(())
         }
@@ -230,7 +239,9 @@ pub(crate) fn add_bias_fwd(dev: &Device, x: StorageRef<'_>, b: StorageRef<'_>) -
     let mut y = dev.for_overwrite(x.len())?;
     match dev {
         Device::Cpu => ew::add_bias_forward(host(x)?, host(b)?, y.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("add_bias")),
+        Device::Cuda(gpu) => {
+            gpu.add_bias_forward(x.cuda_or_err()?, b.cuda_or_err()?, y.cuda_mut()?)?
+        }
     }
     Ok(y)
 }
@@ -239,7 +250,7 @@ pub(crate) fn add_bias_fwd(dev: &Device, x: StorageRef<'_>, b: StorageRef<'_>) -
 pub(crate) fn bias_bwd(dev: &Device, dy: StorageRef<'_>, db: &mut Storage) -> Result<()> {
     match dev {
         Device::Cpu => ew::bias_backward(host(dy)?, db.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("bias backward")),
+        Device::Cuda(gpu) => gpu.bias_backward(dy.cuda_or_err()?, db.cuda_mut()?)?,
     }
     Ok(())
 }
@@ -253,7 +264,7 @@ pub(crate) fn add_fwd(dev: &Device, a: StorageRef<'_>, b: StorageRef<'_>) -> Res
                 *o = x + z;
             }
         }
-        Device::Cuda(_) => return Err(cuda_missing("add")),
+        Device::Cuda(gpu) => gpu.add(a.cuda_or_err()?, b.cuda_or_err()?, y.cuda_mut()?)?,
     }
     Ok(y)
 }
@@ -267,12 +278,12 @@ pub(crate) fn scale_fwd(dev: &Device, x: StorageRef<'_>, factor: f32) -> Result<
                 *o = v * factor;
             }
         }
-        Device::Cuda(_) => return Err(cuda_missing("scale")),
+        Device::Cuda(gpu) => gpu.scale(x.cuda_or_err()?, factor, y.cuda_mut()?)?,
     }
     Ok(y)
 }
 
-/// The sum of all elements, one element (f64 on the CPU; an f32 cuBLAS reduction on CUDA).
+/// The sum of all elements, one element (f64 on the CPU; a fixed-order reduction on CUDA).
 pub(crate) fn sum_fwd(dev: &Device, x: StorageRef<'_>) -> Result<Storage> {
     match dev {
         Device::Cpu => {
@@ -281,11 +292,7 @@ pub(crate) fn sum_fwd(dev: &Device, x: StorageRef<'_>) -> Result<Storage> {
         }
         Device::Cuda(gpu) => {
             let mut y = dev.zeros(1)?;
-            let ones = ones(gpu, x.len())?;
-            // [1, 1] = 1ᵀ[1, n] · x[n, 1]
-            let shape = GemmShape::packed(1, 1, x.len(), false, false);
-            gpu.gemm()?
-                .gemm(&shape, 1.0, &ones, x.cuda_or_err()?, 0.0, y.cuda_mut()?)?;
+            gpu.sum(x.cuda_or_err()?, y.cuda_mut()?)?;
             Ok(y)
         }
     }
@@ -298,14 +305,8 @@ pub(crate) fn sum_bwd(dev: &Device, dy: StorageRef<'_>, dx: &mut Storage) -> Res
             let g = host(dy)?[0];
             dx.host_mut()?.iter_mut().for_each(|d| *d += g);
         }
-        Device::Cuda(gpu) => {
-            let n = dx.len();
-            let ones = ones(gpu, n)?;
-            // dx[n, 1] += 1[n, 1] · dy[1, 1]: the scalar broadcast without reading it back.
-            let shape = GemmShape::packed(n, 1, 1, false, false);
-            gpu.gemm()?
-                .gemm(&shape, 1.0, &ones, dy.cuda_or_err()?, 1.0, dx.cuda_mut()?)?;
-        }
+        // The scalar broadcast on the device: no read back.
+        Device::Cuda(gpu) => gpu.accumulate_broadcast(dx.cuda_mut()?, dy.cuda_or_err()?)?,
     }
     Ok(())
 }
@@ -314,7 +315,7 @@ pub(crate) fn sum_bwd(dev: &Device, dy: StorageRef<'_>, dx: &mut Storage) -> Res
 pub(crate) fn accumulate(dev: &Device, dst: &mut Storage, src: StorageRef<'_>) -> Result<()> {
     match dev {
         Device::Cpu => ew::accumulate(dst.host_mut()?, host(src)?),
-        Device::Cuda(_) => return Err(cuda_missing("accumulate")),
+        Device::Cuda(gpu) => gpu.accumulate(dst.cuda_mut()?, src.cuda_or_err()?)?,
     }
     Ok(())
 }
@@ -328,7 +329,7 @@ pub(crate) fn accumulate_scaled(
 ) -> Result<()> {
     match dev {
         Device::Cpu => ew::accumulate_scaled(dst.host_mut()?, host(src)?, factor),
-        Device::Cuda(_) => return Err(cuda_missing("accumulate_scaled")),
+        Device::Cuda(gpu) => gpu.accumulate_scaled(dst.cuda_mut()?, src.cuda_or_err()?, factor)?,
     }
     Ok(())
 }
@@ -355,7 +356,15 @@ pub(crate) fn layernorm_fwd(
             mean.host_mut()?,
             rstd.host_mut()?,
         ),
-        Device::Cuda(_) => return Err(cuda_missing("layernorm")),
+        Device::Cuda(gpu) => gpu.layernorm_forward(
+            x.cuda_or_err()?,
+            gamma.cuda_or_err()?,
+            beta.cuda_or_err()?,
+            eps,
+            y.cuda_mut()?,
+            mean.cuda_mut()?,
+            rstd.cuda_mut()?,
+        )?,
     }
     Ok((y, mean, rstd))
 }
@@ -384,7 +393,16 @@ pub(crate) fn layernorm_bwd(
             host_opt(dgamma)?,
             host_opt(dbeta)?,
         ),
-        Device::Cuda(_) => return Err(cuda_missing("layernorm backward")),
+        Device::Cuda(gpu) => gpu.layernorm_backward(
+            x.cuda_or_err()?,
+            gamma.cuda_or_err()?,
+            mean.cuda_or_err()?,
+            rstd.cuda_or_err()?,
+            dy.cuda_or_err()?,
+            cuda_opt(dx)?,
+            cuda_opt(dgamma)?,
+            cuda_opt(dbeta)?,
+        )?,
     }
     Ok(())
 }
@@ -394,7 +412,7 @@ pub(crate) fn gelu_fwd(dev: &Device, x: StorageRef<'_>) -> Result<Storage> {
     let mut y = dev.for_overwrite(x.len())?;
     match dev {
         Device::Cpu => gelu_forward(host(x)?, y.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("gelu")),
+        Device::Cuda(gpu) => gpu.gelu_forward(x.cuda_or_err()?, y.cuda_mut()?)?,
     }
     Ok(y)
 }
@@ -408,9 +426,21 @@ pub(crate) fn gelu_bwd(
 ) -> Result<()> {
     match dev {
         Device::Cpu => gelu_backward(host(x)?, host(dy)?, dx.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("gelu backward")),
+        Device::Cuda(gpu) => {
+            gpu.gelu_backward(x.cuda_or_err()?, dy.cuda_or_err()?, dx.cuda_mut()?)?
+        }
     }
     Ok(())
+}
+
+/// The core's twin of [`AttentionShape`].
+fn dims(shape: AttentionShape) -> AttentionDims {
+    AttentionDims {
+        batch: shape.batch,
+        seq: shape.seq,
+        n_head: shape.n_head,
+        dim: shape.dim,
+    }
 }
 
 /// Causal self-attention: `(out, probs)`.
@@ -429,7 +459,12 @@ pub(crate) fn attention_fwd(
     let mut probs = dev.for_overwrite(batch * n_head * seq * seq)?;
     match dev {
         Device::Cpu => attention_forward(host(qkv)?, shape, out.host_mut()?, probs.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("attention")),
+        Device::Cuda(gpu) => gpu.attention_forward(
+            qkv.cuda_or_err()?,
+            dims(shape),
+            out.cuda_mut()?,
+            probs.cuda_mut()?,
+        )?,
     }
     Ok((out, probs))
 }
@@ -451,7 +486,13 @@ pub(crate) fn attention_bwd(
             shape,
             dqkv.host_mut()?,
         ),
-        Device::Cuda(_) => return Err(cuda_missing("attention backward")),
+        Device::Cuda(gpu) => gpu.attention_backward(
+            qkv.cuda_or_err()?,
+            probs.cuda_or_err()?,
+            dout.cuda_or_err()?,
+            dims(shape),
+            dqkv.cuda_mut()?,
+        )?,
     }
     Ok(())
 }
@@ -461,7 +502,7 @@ pub(crate) fn multiply(dev: &Device, x: StorageRef<'_>, m: StorageRef<'_>) -> Re
     let mut y = dev.for_overwrite(x.len())?;
     match dev {
         Device::Cpu => ew::multiply(host(x)?, host(m)?, y.host_mut()?),
-        Device::Cuda(_) => return Err(cuda_missing("multiply")),
+        Device::Cuda(gpu) => gpu.multiply(x.cuda_or_err()?, m.cuda_or_err()?, y.cuda_mut()?)?,
     }
     Ok(y)
 }
@@ -475,7 +516,9 @@ pub(crate) fn accumulate_product(
 ) -> Result<()> {
     match dev {
         Device::Cpu => ew::accumulate_product(dst.host_mut()?, host(a)?, host(b)?),
-        Device::Cuda(_) => return Err(cuda_missing("accumulate_product")),
+        Device::Cuda(gpu) => {
+            gpu.accumulate_product(dst.cuda_mut()?, a.cuda_or_err()?, b.cuda_or_err()?)?
+        }
     }
     Ok(())
 }

@@ -98,7 +98,7 @@ impl<'a> Tape<'a> {
                 ids[pos]
             )));
         }
-        let saved = SavedIds::new(&self.device, ids);
+        let saved = SavedIds::new(&self.device, ids, vocab)?;
         let y = dev_ops::embedding_fwd(&self.device, self.storage(table), &saved, dim)?;
         let op = Op::Embedding { table, ids: saved };
         Ok(self.record(y, vec![ids.len(), dim], op, &[table]))

@@ -751,6 +751,15 @@ impl Gradients {
             .filter_map(|(i, g)| g.as_ref().map(|g| (i, g.as_ref())))
     }
 
+    /// An independent copy on the same device (`Gradients` is not `Clone`: a device copy can fail).
+    pub fn try_clone(&self) -> Result<Gradients> {
+        let mut out = Gradients::on(self.device.clone());
+        for (p, g) in self.storages() {
+            out.add_storage(p, self.device.copy(g)?)?;
+        }
+        Ok(out)
+    }
+
     /// A host copy (waits for the device when the gradients live on one).
     pub fn to_host(&self) -> Result<Gradients> {
         let mut out = Gradients::new();

@@ -1,6 +1,6 @@
 //! [`GptOnDevice`]: a [`Gpt`]'s parameters resident on a [`Device`] (a CUDA GPU, or the emulated
 //! one in tests), read in place by every forward on a tape of that device and updated there by
-//! the device optimizer. Checkpoints, generation and evaluation use
+//! [`DeviceAdamW`](super::DeviceAdamW). Checkpoints, generation and evaluation use
 //! the host [`Gpt`]: [`GptOnDevice::to_host`] copies the weights back (the same files whichever
 //! device trained them).
 
@@ -81,6 +81,21 @@ impl GptOnDevice {
     /// Number of parameter tensors.
     pub fn num_tensors(&self) -> usize {
         self.weights.len()
+    }
+
+    /// Elements of each parameter, in index order.
+    pub fn parameter_lens(&self) -> Vec<usize> {
+        self.weights.iter().map(|w| w.len()).collect()
+    }
+
+    /// Whether AdamW decays each parameter (matrices yes, vectors no: [`Parameter::decays`]).
+    pub fn parameter_decays(&self) -> Vec<bool> {
+        self.info.iter().map(|i| i.shape.len() >= 2).collect()
+    }
+
+    /// The weights, for the device optimizer.
+    pub(crate) fn weights_mut(&mut self) -> &mut [Storage] {
+        &mut self.weights
     }
 
     /// A host [`Gpt`] with these weights (waits for the device): what checkpoints, generation and

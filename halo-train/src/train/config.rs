@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::losses::{DpoConfig, DpoLossType, KtoConfig, KtoLossType};
 
+use crate::autograd::Device;
 use crate::model::GptConfig;
 use crate::train::arithmetic_task::ArithmeticTask;
 use crate::train::pipeline::N_CTX;
@@ -80,6 +81,30 @@ pub enum KtoData {
     AllSamples,
 }
 
+/// Where the training steps run (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainDevice {
+    /// The CPU (rayon across the cores).
+    Cpu,
+    /// CUDA GPU 0 through the crate's kernels and cuBLAS (or the emulated device when
+    /// `HALO_CUDA_EMULATED=1` and the `emulation` feature is built in).
+    Cuda,
+    /// The emulated CUDA device (the `emulation` feature): the CUDA path on a machine without a
+    /// GPU, for tests; slow.
+    CudaEmulated,
+}
+
+impl TrainDevice {
+    /// Opens the device: an error (never a panic) when there is no GPU or no emulated driver.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda => Device::cuda(),
+            Self::CudaEmulated => Device::cuda_emulated(),
+        }
+    }
+}
+
 /// Train a small GPT from scratch on the built-in arithmetic task (pretrain → SFT → KTO, optionally
 /// DPO) and report how often the judge accepts its greedy answers on held-out prompts.
 #[derive(Debug, Clone, Parser)]
@@ -113,6 +138,12 @@ pub struct TrainArgs {
     /// default model takes a few milliseconds.
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,
+    /// Where the training steps run: forward, backward, gradient clipping and AdamW. Evaluation,
+    /// sampling and checkpoints read the host copy of the model (synced when they need it); the
+    /// checkpoints are the same files whichever device trained them, and a run can be resumed
+    /// on another device.
+    #[arg(long, value_enum, default_value_t = TrainDevice::Cpu)]
+    pub device: TrainDevice,
 
     // ---- alignment stage ----
     /// Unpaired loss of the alignment stage.

@@ -25,9 +25,10 @@ use super::run_dir::RunDir;
 use super::stage::{run_stage, PeriodicCheckpoints, StageContext, StageSpec};
 use super::stage_checkpoint::StageCheckpoint;
 use super::tokenizer::TextTokenizer;
+use crate::autograd::Device;
 use crate::model::atomic_file::{write_atomically, write_bytes_atomically};
 use crate::model::optim::{AdamWConfig, LrSchedule};
-use crate::model::{DTypeOnDisk, Gpt, GptConfig};
+use crate::model::{DTypeOnDisk, Gpt, GptConfig, ModelRef};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::losses::{DpoConfig, KtoConfig};
 
@@ -116,6 +117,8 @@ fn write_rows(path: &Path, rows: &[PreferenceRow]) -> Result<()> {
 pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     let started = Instant::now();
     args.validate()?;
+    // First: a missing GPU is an error before any work (or file) is made.
+    let device = args.device.open()?;
     let tok = TextTokenizer::from_flags(args.tokenizer.as_deref(), args.eos_token.as_deref())?;
     let out_dir = args.resolved_output_dir();
     let mut run_dir = RunDir::open(&out_dir, args)?;
@@ -186,6 +189,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             every: args.checkpoint_every,
         }),
         resume_from: pending.map(|c| (resume_path.clone(), c)),
+        device: device.clone(),
     };
     let adamw = |lr: f32, weight_decay: f32| AdamWConfig {
         lr,
@@ -231,7 +235,10 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .iter()
                 .map(|&i| (data.pretrain[i].0.as_str(), data.pretrain[i].1.as_str()))
                 .collect();
-            nll_step(m, &token_batch(&tok, &rows, TargetSpan::Everything, N_CTX)?)
+            nll_step(
+                &m,
+                &token_batch(&tok, &rows, TargetSpan::Everything, N_CTX)?,
+            )
         })?
         .final_eval
     };
@@ -273,7 +280,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                     .map(|&i| (sft_examples[i].0.as_str(), sft_examples[i].1.as_str()))
                     .collect();
                 nll_step(
-                    m,
+                    &m,
                     &token_batch(&tok, &rows, TargetSpan::CompletionOnly, N_CTX)?,
                 )
             })?;
@@ -362,6 +369,14 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // ---- KTO against a frozen copy of the starting model ----
     let start = model.clone();
     let reference = start.clone();
+    // The frozen reference scores every step's batch: on the steps' device with them.
+    let reference_on_device = match &device {
+        Device::Cpu => None,
+        cuda => Some(reference.to_device(cuda)?),
+    };
+    let reference_ref = reference_on_device
+        .as_ref()
+        .map_or(ModelRef::Host(&reference), ModelRef::Device);
     let align_schedule = LrSchedule::linear(args.lr, 0.0, args.kto_steps / 10, args.kto_steps);
     let mut sampler = EpochSampler::new(kto_examples.len(), args.seed ^ 3)?;
     let spec = StageSpec {
@@ -381,7 +396,12 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
                 .iter()
                 .map(|e| (e.prompt.as_str(), e.completion.as_str()))
                 .collect();
-            Some(precompute_reference_logps(&reference, &tok, &rows, N_CTX)?)
+            Some(precompute_reference_logps(
+                &reference_ref,
+                &tok,
+                &rows,
+                N_CTX,
+            )?)
         } else {
             None
         };
@@ -392,7 +412,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             if let Some(all) = &precomputed_reference {
                 batch.reference_logps = Some(indices.iter().map(|&i| all[i]).collect());
             }
-            kto_step(m, &reference, &batch, &kto_config)
+            kto_step(&m, &reference_ref, &batch, &kto_config)
         })?;
         complete_stage(&mut run_dir, ctx.log, &policy, "kto")?;
         kto.final_eval
@@ -423,7 +443,12 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
             let mut policy = start.clone();
             let result = run_stage(&spec, &mut policy, &mut ctx, &mut sampler, |m, indices| {
                 let batch: Vec<_> = indices.iter().map(|&i| &pairs[i]).collect();
-                dpo_step(m, &reference, &dpo_batch(&tok, &batch, N_CTX)?, &dpo_config)
+                dpo_step(
+                    &m,
+                    &reference_ref,
+                    &dpo_batch(&tok, &batch, N_CTX)?,
+                    &dpo_config,
+                )
             })?;
             complete_stage(&mut run_dir, ctx.log, &policy, "dpo")?;
             result.final_eval

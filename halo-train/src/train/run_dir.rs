@@ -124,6 +124,8 @@ pub fn flags_fingerprint(args: &TrainArgs) -> String {
     args.resume = false;
     args.overwrite = false;
     args.checkpoint_every = 0;
+    // The device changes where the steps run, not what the run is: a run resumes on another.
+    args.device = crate::train::config::TrainDevice::Cpu;
     format!("{args:#?}")
 }
 

@@ -14,9 +14,10 @@ use super::evaluate::{evaluate, EvalReport};
 use super::metrics_log::{MetricRecord, MetricsLog};
 use super::stage_checkpoint::StageCheckpoint;
 use super::tokenizer::TextTokenizer;
-use crate::autograd::Gradients;
-use crate::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::model::Gpt;
+use super::trainee::Trainee;
+use crate::autograd::{Device, Gradients};
+use crate::model::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::model::{Gpt, ModelRef};
 use halo_kernels::error::Result;
 
 /// Largest global gradient norm; larger gradients are scaled down (TRL's `max_grad_norm`).
@@ -50,6 +51,9 @@ pub struct StageContext<'a> {
     pub checkpoints: Option<PeriodicCheckpoints>,
     /// A saved state to continue from: taken by the stage it belongs to.
     pub resume_from: Option<(PathBuf, StageCheckpoint)>,
+    /// Where the steps run (forward, backward, clipping, AdamW); evaluation and checkpoints read
+    /// the host model, synced from the device when they need it.
+    pub device: Device,
 }
 
 /// Periodic checkpoints inside a stage.
@@ -103,12 +107,12 @@ pub fn run_stage(
     model: &mut Gpt,
     ctx: &mut StageContext<'_>,
     sampler: &mut EpochSampler,
-    mut step_fn: impl FnMut(&Gpt, &[usize]) -> Result<StepOutput>,
+    mut step_fn: impl FnMut(ModelRef<'_>, &[usize]) -> Result<StepOutput>,
 ) -> Result<StageResult> {
     let resume = ctx
         .resume_from
         .take_if(|(_, checkpoint)| checkpoint.stage() == spec.name);
-    let (mut optimizer, first_step, mut losses) = match resume {
+    let (optimizer, first_step, mut losses) = match resume {
         Some((path, checkpoint)) => checkpoint.restore(&path, spec, model)?,
         None => (
             AdamW::new(model, spec.optimizer),
@@ -116,6 +120,7 @@ pub fn run_stage(
             Vec::with_capacity(spec.steps),
         ),
     };
+    let mut trainee = Trainee::new(model, optimizer, &ctx.device)?;
     // The sampler's position and RNG are a function of the batches drawn: replay them.
     for _ in 0..first_step {
         sampler.next_batch(spec.batch_size);
@@ -135,10 +140,9 @@ pub fn run_stage(
     }
     for step in first_step..spec.steps {
         let indices = sampler.next_batch(spec.batch_size);
-        let mut out = step_fn(model, &indices)?;
-        let grad_norm = clip_grad_norm(&mut out.grads, MAX_GRAD_NORM);
+        let mut out = step_fn(trainee.model(model), &indices)?;
         let lr = spec.schedule.lr_at(step);
-        optimizer.step(model, &out.grads, lr)?;
+        let grad_norm = trainee.clip_and_step(model, &mut out.grads, MAX_GRAD_NORM, lr)?;
         losses.push(out.loss);
 
         let mut values = vec![
@@ -158,16 +162,22 @@ pub fn run_stage(
             recent.pop_front();
         }
         let last = step + 1 == spec.steps;
-        if last || (step + 1) % eval_every == 0 {
+        let checkpoint_now = checkpoint_every > 0 && (step + 1) % checkpoint_every == 0 && !last;
+        let eval_now = last || (step + 1) % eval_every == 0;
+        if eval_now || checkpoint_now {
+            trainee.sync_host(model)?;
+        }
+        if eval_now {
             last_eval = Some(log_eval(spec, model, ctx, step + 1)?);
         }
         let last_rate = last_eval.as_ref().map_or(f64::NAN, |e| e.desirable_rate);
         bar.set_message(progress_message(&recent, last_rate));
         bar.inc(1);
-        if checkpoint_every > 0 && (step + 1) % checkpoint_every == 0 && !last {
+        if checkpoint_now {
             if let Some(periodic) = &ctx.checkpoints {
                 // The records the checkpoint follows must be on disk before it is.
                 ctx.log.sync()?;
+                let optimizer = trainee.host_optimizer(model)?;
                 StageCheckpoint::save(
                     &periodic.path,
                     spec,
@@ -181,6 +191,7 @@ pub fn run_stage(
         }
     }
     bar.finish();
+    trainee.sync_host(model)?;
     ctx.log.flush()?;
     // The last step always evaluates, so only a stage of zero steps gets here without a report.
     let final_eval = match last_eval {

@@ -16,8 +16,8 @@ mod grad_norm;
 mod layernorm;
 
 pub use adamw::AdamWScalars;
+pub use attention::AttentionDims;
+pub use embedding::CudaTokenIds;
 pub use grad_norm::{
     CudaGradNorm, GRAD_NORM_OUT_CLIP_FACTOR, GRAD_NORM_OUT_LEN, GRAD_NORM_OUT_NORM,
 };
-pub use attention::AttentionDims;
-pub use embedding::CudaTokenIds;

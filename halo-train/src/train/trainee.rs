@@ -1,0 +1,89 @@
+//! The model a stage trains and its optimizer, on the run's device: on the CPU the host [`Gpt`]
+//! and [`AdamW`]; on a CUDA device a [`GptOnDevice`] and a [`DeviceAdamW`], with the host model
+//! brought up to date ([`Trainee::sync_host`]) only when something on the host reads it
+//! (evaluation, checkpoints, the end of the stage).
+
+use std::borrow::Cow;
+
+use crate::autograd::{Device, Gradients};
+use crate::model::optim::{clip_grad_norm, AdamW};
+use crate::model::{DeviceAdamW, Gpt, GptOnDevice, ModelRef};
+use halo_kernels::error::Result;
+
+/// A stage's model and optimizer on its device (see the module docs).
+#[derive(Debug)]
+pub enum Trainee {
+    /// The host model (passed to each call) and the host optimizer.
+    Host(AdamW),
+    /// Weights and optimizer state on a CUDA device.
+    Device(Box<OnDevice>),
+}
+
+/// The device half of [`Trainee::Device`].
+#[derive(Debug)]
+pub struct OnDevice {
+    /// The weights the steps read and update.
+    pub model: GptOnDevice,
+    /// The optimizer state.
+    pub optimizer: DeviceAdamW,
+}
+
+impl Trainee {
+    /// `model` and `optimizer` on `device` (copies them there for a CUDA device).
+    pub fn new(model: &Gpt, optimizer: AdamW, device: &Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Self::Host(optimizer)),
+            Device::Cuda(_) => {
+                let on_device = model.to_device(device)?;
+                let optimizer = DeviceAdamW::from_host(&optimizer, &on_device)?;
+                Ok(Self::Device(Box::new(OnDevice {
+                    model: on_device,
+                    optimizer,
+                })))
+            }
+        }
+    }
+
+    /// The weights a step reads (`host` on the CPU).
+    pub fn model<'m>(&'m self, host: &'m Gpt) -> ModelRef<'m> {
+        match self {
+            Self::Host(_) => ModelRef::Host(host),
+            Self::Device(d) => ModelRef::Device(&d.model),
+        }
+    }
+
+    /// Clips `grads` to global norm `max_norm` and takes one AdamW step with learning rate
+    /// `lr`; returns the norm before clipping.
+    pub fn clip_and_step(
+        &mut self,
+        host: &mut Gpt,
+        grads: &mut Gradients,
+        max_norm: f32,
+        lr: f32,
+    ) -> Result<f32> {
+        match self {
+            Self::Host(optimizer) => {
+                let norm = clip_grad_norm(grads, max_norm);
+                optimizer.step(host, grads, lr)?;
+                Ok(norm)
+            }
+            Self::Device(d) => d.optimizer.clip_and_step(&mut d.model, grads, max_norm, lr),
+        }
+    }
+
+    /// Copies the device weights into `host` (nothing to do on the CPU).
+    pub fn sync_host(&self, host: &mut Gpt) -> Result<()> {
+        if let Self::Device(d) = self {
+            *host = d.model.to_host()?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer state as a host [`AdamW`] for `host` (its weights must be synced).
+    pub fn host_optimizer(&self, host: &Gpt) -> Result<Cow<'_, AdamW>> {
+        match self {
+            Self::Host(optimizer) => Ok(Cow::Borrowed(optimizer)),
+            Self::Device(d) => Ok(Cow::Owned(d.optimizer.to_host(host)?)),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Training on the emulated CUDA device against the same training on the CPU (issue 13): the GPT's
+//! forward and backward, AdamW steps with clipping, a KTO step, and a short pretrain → SFT → KTO
+//! → DPO run of the training example with `--device cuda-emulated`. The CPU run is the reference;
+//! both are f32 with different summation orders, so losses and weights agree to 1e-4 relative,
+//! not bitwise.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use halo_kernels::losses::KtoConfig;
+use halo_train::autograd::{Device, Tape};
+use halo_train::model::optim::{AdamW, AdamWConfig};
+use halo_train::model::{Gpt, GptConfig, ModelRef};
+use halo_train::train::trainee::Trainee;
+use halo_train::train::{
+    kto::kto_step, kto_batch, nll::nll_step, run, TextTokenizer, TokenBatch, TrainArgs,
+    UnpairedExample,
+};
+
+fn emulated() -> Device {
+    Device::cuda_emulated().expect("the emulated CUDA device (feature `emulation`) must load")
+}
+
+fn config() -> GptConfig {
+    GptConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 24,
+        vocab_size: 37,
+        n_ctx: 9,
+        dropout: 0.1,
+    }
+}
+
+/// Relative closeness of two tensors: max |a − b| ≤ rel · max |b| (+ a tiny floor).
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= rel * scale,
+        "{what}: max |diff| {worst} > {rel} · {scale}"
+    );
+}
+
+/// Relative L2 distance of two tensors: ‖a − b‖ ≤ rel · ‖b‖. For weights after AdamW steps: Adam
+/// divides each gradient by its own running RMS, so a gradient entry near 0 (a bias) moves its
+/// weight by about ±lr whatever its last bits; a per-element relative bound would measure that
+/// sign noise, the norm measures the model.
+fn assert_close_l2(what: &str, got: &[f32], want: &[f32], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(
+        diff <= rel * norm.max(1e-6),
+        "{what}: ‖diff‖ {diff} > {rel} · ‖want‖ {norm}"
+    );
+}
+
+/// A `[batch, seq]` batch of ids and next-token targets, some ignored.
+fn batch(batch: usize, seq: usize, vocab: usize, seed: usize) -> TokenBatch {
+    let input_ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7 + seed * 13 + 3) % vocab) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..batch * seq)
+        .map(|i| {
+            if (i + seed) % 5 == 4 {
+                -100
+            } else {
+                ((i * 11 + seed * 5 + 1) % vocab) as i32
+            }
+        })
+        .collect();
+    TokenBatch {
+        input_ids,
+        targets,
+        batch,
+        seq,
+    }
+}
+
+/// The forward (NLL through the materialized logits, fused-head log-probs) and every parameter's
+/// gradient, dropout on: the masks come from the same host RNG on both devices.
+#[test]
+fn gpt_forward_and_backward_match_the_cpu() {
+    let gpu = emulated();
+    let model = Gpt::new(config(), 7).unwrap();
+    let on_gpu = model.to_device(&gpu).unwrap();
+    let b = batch(3, 9, 37, 1);
+    let cpu = nll_step(&model, &b).unwrap();
+    let cuda = nll_step(&on_gpu, &b).unwrap();
+    assert!(
+        ((cuda.loss - cpu.loss) / cpu.loss).abs() < 1e-5,
+        "{} vs {}",
+        cuda.loss,
+        cpu.loss
+    );
+    let cuda_grads = cuda.grads.to_host().unwrap();
+    let names = model.parameter_names();
+    for (i, name) in names.iter().enumerate() {
+        let want = cpu
+            .grads
+            .get(i)
+            .unwrap_or_else(|| panic!("cpu grad {name}"));
+        let got = cuda_grads
+            .get(i)
+            .unwrap_or_else(|| panic!("cuda grad {name}"));
+        assert_close(name, got, want, 1e-4);
+    }
+    // The fused LM head's per-token log-probs, on an inference tape.
+    let mut tape = Tape::inference().on(gpu.clone());
+    let v = on_gpu
+        .token_logprobs_fused_head(&mut tape, &b.input_ids, &b.targets, 3, 9)
+        .unwrap();
+    let fused = tape.to_host(v).unwrap();
+    let plain = model
+        .token_logprobs_inference(&b.input_ids, &b.targets, 3, 9)
+        .unwrap();
+    assert_close("fused-head logp", &fused, &plain, 1e-5);
+}
+
+/// Steps of NLL then KTO through [`Trainee`] (clipping + AdamW on the device): the loss of every
+/// step and the weights after the last one agree with the CPU run.
+#[test]
+fn training_steps_match_the_cpu_step_by_step() {
+    let gpu = emulated();
+    let start = Gpt::new(config(), 11).unwrap();
+    let adamw = AdamWConfig {
+        lr: 3e-3,
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let examples: Vec<UnpairedExample> = (0..4)
+        .map(|i| UnpairedExample {
+            prompt: format!("{i}+{}=", i + 1),
+            completion: format!("{}", 2 * i + 1),
+            desirable: i % 2 == 0,
+        })
+        .collect();
+    let run_on = |device: &Device| -> (Vec<f64>, Gpt) {
+        let mut host = start.clone();
+        let mut trainee = Trainee::new(&host, AdamW::new(&host, adamw), device).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            let b = batch(2, 9, 37, step);
+            let mut out = nll_step(&trainee.model(&host), &b).unwrap();
+            losses.push(out.loss);
+            // A max norm below the gradients' norm: clipping is exercised.
+            trainee
+                .clip_and_step(&mut host, &mut out.grads, 0.5, 3e-3)
+                .unwrap();
+        }
+        trainee.sync_host(&mut host).unwrap();
+        (losses, host)
+    };
+    let (cpu_losses, cpu_model) = run_on(&Device::Cpu);
+    let (gpu_losses, gpu_model) = run_on(&gpu);
+    for (step, (g, c)) in gpu_losses.iter().zip(&cpu_losses).enumerate() {
+        assert!(((g - c) / c).abs() < 1e-4, "step {step}: {g} vs {c}");
+    }
+    for (p, q) in gpu_model.parameters().iter().zip(cpu_model.parameters()) {
+        assert_close_l2(&p.name, &p.data, &q.data, 1e-4);
+    }
+    // One KTO step from there: policy on the device, reference on the device too.
+    let tokenizer = TextTokenizer::Byte;
+    let big = Gpt::new(
+        GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            ..config()
+        },
+        5,
+    )
+    .unwrap();
+    let refs: Vec<&UnpairedExample> = examples.iter().collect();
+    let kb = kto_batch(&tokenizer, &refs, 9).unwrap();
+    let kto = KtoConfig::default();
+    let cpu = kto_step(&big, &big, &kb, &kto).unwrap();
+    let big_gpu = big.to_device(&gpu).unwrap();
+    let cuda = kto_step(
+        &ModelRef::Device(&big_gpu),
+        &ModelRef::Device(&big_gpu),
+        &kb,
+        &kto,
+    )
+    .unwrap();
+    assert!(
+        (cuda.loss - cpu.loss).abs() <= 1e-4 * cpu.loss.abs().max(1e-3),
+        "kto loss {} vs {}",
+        cuda.loss,
+        cpu.loss
+    );
+    let cuda_grads = cuda.grads.to_host().unwrap();
+    for (i, name) in big.parameter_names().iter().enumerate() {
+        if let (Some(g), Some(c)) = (cuda_grads.get(i), cpu.grads.get(i)) {
+            assert_close(name, g, c, 1e-3);
+        }
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("halo-device-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn tiny_args(dir: &Path, device: &str) -> TrainArgs {
+    let flags = [
+        "--operand-limit",
+        "20",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--pretrain-steps",
+        "12",
+        "--sft-steps",
+        "4",
+        "--kto-steps",
+        "4",
+        "--pretrain-lines",
+        "400",
+        "--sft-lines",
+        "40",
+        "--n-eval",
+        "8",
+        "--evals-per-stage",
+        "1",
+        "--pretrain-batch-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--preference-data",
+        "synthetic",
+        "--run-dpo",
+        "--checkpoint-every",
+        "5",
+        "--device",
+        device,
+        "--output-dir",
+    ];
+    let mut all: Vec<String> = std::iter::once("train_kto")
+        .chain(flags)
+        .map(String::from)
+        .collect();
+    all.push(dir.display().to_string());
+    TrainArgs::parse_from(all)
+}
+
+fn losses(dir: &Path, stage: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["stage"] == stage)
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+/// The training example end to end on the emulated device: every stage runs, the checkpoints
+/// load, and the losses follow the CPU run's.
+#[test]
+fn the_training_example_runs_on_the_emulated_device() {
+    let cpu_dir = temp_dir("cpu");
+    let gpu_dir = temp_dir("gpu");
+    run(&tiny_args(&cpu_dir, "cpu"), false).unwrap();
+    run(&tiny_args(&gpu_dir, "cuda-emulated"), false).unwrap();
+    for stage in ["pretrain", "sft", "kto", "dpo"] {
+        let (c, g) = (losses(&cpu_dir, stage), losses(&gpu_dir, stage));
+        assert!(
+            !c.is_empty() && c.len() == g.len(),
+            "{stage}: {c:?} vs {g:?}"
+        );
+        for (step, (a, b)) in g.iter().zip(&c).enumerate() {
+            assert!(
+                ((a - b) / b).abs() < 1e-3,
+                "{stage} step {step}: {a} vs {b}"
+            );
+        }
+    }
+    for file in ["base", "sft", "kto", "dpo"] {
+        let path = gpu_dir.join(format!("{file}.safetensors"));
+        Gpt::load_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    let _ = std::fs::remove_dir_all(&cpu_dir);
+    let _ = std::fs::remove_dir_all(&gpu_dir);
+}
