@@ -99,7 +99,7 @@ pub(crate) fn exp_term<const FMA: bool, const CLAMP_HIGH: bool, const SHORT_CHAI
 #[inline(always)]
 pub(crate) fn exp_term_in_range<const FMA: bool, const SHORT_CHAIN: bool>(d: f32) -> f32 {
     if FMA && SHORT_CHAIN {
-        return ScaledTerm::CONSTS.exp_in_range(d);
+        return exp_term_scaled(d);
     }
     let shifted = madd::<FMA>(d, LOG2_E, ROUND_MAGIC);
     let n = shifted - ROUND_MAGIC;
@@ -130,57 +130,25 @@ pub(crate) fn exp_term_in_range<const FMA: bool, const SHORT_CHAIN: bool>(d: f32
 /// (2^n's exponent field) in the low 9 bits.
 const ROUND_MAGIC_BIASED: f32 = 12_583_039.0;
 
-/// [`exp_term`]'s FMA build with `SHORT_CHAIN`, its constants as values. Estrin's scheme,
+/// [`exp_term_in_range`]'s FMA build with `SHORT_CHAIN`. Estrin's scheme,
 /// `q = (C2 + C3·r) + r²·(C4 + C5·r)`, then `t = r + r²·q` and `e = 2^n + 2^n·t` in one
 /// multiply-add: `2^n` is one shift of `shifted`'s bits (the biased rounding constant already
 /// holds the exponent bias), so the `+ 1` and the exponent add of Horner's form become that
 /// multiply-add, one operation and one constant fewer for the same value (scaling by 2^n is exact
 /// where the result is normal: `fl(2^n·(1 + t)) = 2^n·fl(1 + t)`); 4 dependent steps from `r`.
-#[derive(Clone, Copy)]
-pub(crate) struct ScaledTerm {
-    low: f32,
-    high: f32,
-    log2_e: f32,
-    magic: f32,
-    ln_2: f32,
-    c2: f32,
-    c3: f32,
-    c4: f32,
-    c5: f32,
-}
-
-impl ScaledTerm {
-    /// The constants.
-    pub(crate) const CONSTS: Self = Self {
-        low: TERM_LOW,
-        high: TERM_HIGH,
-        log2_e: LOG2_E,
-        magic: ROUND_MAGIC_BIASED,
-        ln_2: std::f32::consts::LN_2,
-        c2: C2,
-        c3: C3,
-        c4: C4,
-        c5: C5,
-    };
-
-    /// Without the clamps: `d` in `[TERM_LOW, 88]`.
-    #[inline(always)]
-    pub(crate) fn exp_in_range(&self, d: f32) -> f32 {
-        let shifted = madd::<true>(d, self.log2_e, self.magic);
-        let n = shifted - self.magic;
-        let r = madd::<true>(-n, self.ln_2, d);
-        let r2 = r * r;
-        let q = madd::<true>(
-            madd::<true>(self.c5, r, self.c4),
-            r2,
-            madd::<true>(self.c3, r, self.c2),
-        );
-        let t = madd::<true>(q, r2, r);
-        // The low 9 bits of `shifted` are n + 127 ∈ [3, 254] (n ∈ [−124, 127]): shifted into the
-        // exponent field they are 2^n, a normal f32; the bits above them shift out.
-        let scale = f32::from_bits(shifted.to_bits() << 23);
-        madd::<true>(t, scale, scale)
-    }
+#[allow(clippy::excessive_precision)]
+#[inline(always)]
+fn exp_term_scaled(d: f32) -> f32 {
+    let shifted = madd::<true>(d, LOG2_E, ROUND_MAGIC_BIASED);
+    let n = shifted - ROUND_MAGIC_BIASED;
+    let r = madd::<true>(-n, std::f32::consts::LN_2, d);
+    let r2 = r * r;
+    let q = madd::<true>(madd::<true>(C5, r, C4), r2, madd::<true>(C3, r, C2));
+    let t = madd::<true>(q, r2, r);
+    // The low 9 bits of `shifted` are n + 127 ∈ [3, 254] (n ∈ [−124, 127]): shifted into the
+    // exponent field they are 2^n, a normal f32; the bits above them shift out.
+    let scale = f32::from_bits(shifted.to_bits() << 23);
+    madd::<true>(t, scale, scale)
 }
 
 #[cfg(test)]
