@@ -71,10 +71,10 @@ const TERM_HIGH: f32 = 88.0;
 /// fewer operations than [`fast_exp_with`]: a degree-5 polynomial (relative error ≤ 3e-7 with
 /// its rounding; tested against f64), 2^n added to the exponent bits instead of multiplied, and
 /// the upper clamp only where `d` may be positive (`CLAMP_HIGH`; the forward's `d` never is).
-/// `SHORT_CHAIN` (FMA builds only) evaluates the polynomial by Estrin's scheme instead of Horner's:
-/// one operation more and a shorter dependency chain, which pays where the loop is bound by that
-/// chain (the backward, measured: 1.92 → 1.80 cycles per bf16 logit) and costs where it is bound by
-/// throughput (the forward's exp pass). `d` is clamped below at -86 (≈ 4e-38 instead of smaller
+/// `SHORT_CHAIN` (FMA builds only) evaluates the polynomial by Estrin's scheme and scales by 2^n
+/// in the last multiply-add instead ([`exp_term_scaled`]): a shorter dependency chain, which pays
+/// where the loop is bound by that chain (the backward) and costs where it is bound by throughput
+/// (the forward's exp pass, which keeps Horner's form). `d` is clamped below at -86 (≈ 4e-38 instead of smaller
 /// values or 0: harmless in a sum that includes e^0 = 1, and far below what a stored gradient
 /// resolves). Without `CLAMP_HIGH`, `d`
 /// must be ≤ 88; a NaN gives an unspecified value (the row loops refuse such rows by their probe).
@@ -134,7 +134,7 @@ const ROUND_MAGIC_BIASED: f32 = 12_583_039.0;
 /// `q = (C2 + C3·r) + r²·(C4 + C5·r)`, then `e = (2^n·r²)·q + 2^n·(1 + r)`. `2^n` is one shift of
 /// `shifted`'s bits (the biased rounding constant already holds the exponent bias), so Horner's
 /// `+ 1` and exponent add go; `2^n·r²` (exact) and `2^n + 2^n·r` are computed beside `q`, which
-/// leaves 3 dependent steps from `r` (r², q, e) instead of 5: the backward's loop is bound by
+/// leaves 3 dependent steps from `r` (r², q, e) instead of 4 (5 in Horner's form): the backward's loop is bound by
 /// that chain (measured: bf16 in-place backward ≈ 1.17 → 1.10 cycles per logit, hot). Rounding:
 /// `fl(1 + r)` then one more rounding, within [`exp_term`]'s stated 3e-7 (tested).
 #[allow(clippy::excessive_precision)]
