@@ -19,6 +19,9 @@ pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
     fn probe_group<const FMA: bool>(group: &[Self; GROUP], probe: &mut Self::Probe);
     /// Whether the probe saw a NaN or ±inf.
     fn probe_found(probe: Self::Probe) -> bool;
+    /// Whether values stored as this type (8 significant bits) take the backward's coarser exp
+    /// (`fast_exp::exp_term_coarse`, 6e-6) in the FMA builds.
+    const COARSE_EXP: bool = false;
     /// The value as f32 (exact).
     fn widen(self) -> f32;
     /// A group of [`GROUP`] values as f32, in the lane order of [`group_lane`] (how the type's
@@ -94,6 +97,7 @@ impl RowElement for bf16 {
     /// values and one register, against a multiply-add per 8 values and two registers in f32.
     type Probe = [u16; GROUP];
     const PROBE_CLEAN: Self::Probe = [0; GROUP];
+    const COARSE_EXP: bool = true;
     #[inline(always)]
     fn probe_group<const FMA: bool>(group: &[Self; GROUP], probe: &mut Self::Probe) {
         let bits: [u16; GROUP] = bytemuck::cast(*group);

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::fast_exp::exp_term;
+use super::fast_exp::{exp_term, exp_term_coarse};
 use super::isa::{isa, madd, Isa};
 use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{lse_fits_row, SavedLse};
@@ -443,7 +443,11 @@ impl<E: RowElement> Lanes<E> {
         let x = E::widen_group(group);
         let mut w = [0.0f32; LANES];
         for k in 0..LANES {
-            let e = exp_term::<FMA, true, true>(x[k] - self.lse);
+            let e = if FMA && E::COARSE_EXP {
+                exp_term_coarse(x[k] - self.lse)
+            } else {
+                exp_term::<FMA, true, true>(x[k] - self.lse)
+            };
             self.sum[k] += e;
             w[k] = self.neg_gc * e;
         }
