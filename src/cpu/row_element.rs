@@ -20,7 +20,7 @@ pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
     /// Whether the probe saw a NaN or ±inf.
     fn probe_found(probe: Self::Probe) -> bool;
     /// Whether values stored as this type (8 significant bits) take the backward's coarser exp
-    /// (`fast_exp::exp_term_coarse`, 6e-6) in the FMA builds.
+    /// (`fast_exp::exp_term_coarse`, 6e-6) in the FMA builds, and its loop's paired lane sums.
     const COARSE_EXP: bool = false;
     /// The value as f32 (exact).
     fn widen(self) -> f32;

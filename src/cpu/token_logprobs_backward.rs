@@ -418,6 +418,9 @@ impl RowAcc {
 struct Lanes<E: RowElement> {
     lse: f32,
     neg_gc: f32,
+    /// Σ exp(z − lse) per lane; for bf16 rows lanes `k` and `k + LANES / 2` together in lane `k`
+    /// (one 256-bit register instead of two: their loop is short of registers; the f32 one, with
+    /// four constants fewer, measured no better that way).
     sum: [f32; LANES],
     probe: E::Probe,
 }
@@ -441,17 +444,24 @@ impl<E: RowElement> Lanes<E> {
     fn grad<const FMA: bool>(&mut self, group: &[E; LANES]) -> [f32; LANES] {
         E::probe_group::<FMA>(group, &mut self.probe);
         let x = E::widen_group(group);
-        let mut w = [0.0f32; LANES];
+        let mut e = [0.0f32; LANES];
         for k in 0..LANES {
-            let e = if FMA && E::COARSE_EXP {
+            e[k] = if FMA && E::COARSE_EXP {
                 exp_term_coarse(x[k] - self.lse)
             } else {
                 exp_term::<FMA, true, true>(x[k] - self.lse)
             };
-            self.sum[k] += e;
-            w[k] = self.neg_gc * e;
         }
-        w
+        if E::COARSE_EXP {
+            for k in 0..LANES / 2 {
+                self.sum[k] += e[k] + e[k + LANES / 2];
+            }
+        } else {
+            for k in 0..LANES {
+                self.sum[k] += e[k];
+            }
+        }
+        e.map(|e| self.neg_gc * e)
     }
 }
 
