@@ -8,7 +8,10 @@
 //! within 8 f32 ulp of itself plus 2^-22·|∂L/∂logp| (the label's `g − g·p` cancels) plus one ulp of
 //! the storage type (a value at a rounding midpoint may round either way). Every build is also held
 //! to an f64 reference. The exp of the row loops is `fast_exp::exp_term` (degree 5, ≤ 3e-7
-//! relative plus 2.7e-9 per unit of |z − max| in the FMA builds), not the public `fast_exp`.
+//! relative plus 2.7e-9 per unit of |z − max| in the FMA builds), not the public `fast_exp`;
+//! the FMA builds' backward of bf16 rows uses `fast_exp::exp_term_coarse` (degree 4, ≤ 6e-6:
+//! a bf16 store rounds by up to 2^-9, so it moves a stored gradient by one ulp at most, and only
+//! where the exact value lies that close to a rounding midpoint; within the bounds above).
 //!
 //! ```
 //! use halo_kernels::cpu::{sequence_sums, token_logprobs, SequenceLayout};

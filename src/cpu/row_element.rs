@@ -6,8 +6,22 @@
 
 use half::bf16;
 
+use super::isa::madd;
+
 /// An element read and written in place by the row loops.
 pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
+    /// A group's running test for NaN and ±inf ([`probe_group`](Self::probe_group)), in lanes
+    /// so that it vectorizes.
+    type Probe: Copy;
+    /// The probe before any value was seen.
+    const PROBE_CLEAN: Self::Probe;
+    /// Adds a group to the probe (from the stored values, before an in-place loop overwrites them).
+    fn probe_group<const FMA: bool>(group: &[Self; GROUP], probe: &mut Self::Probe);
+    /// Whether the probe saw a NaN or ±inf.
+    fn probe_found(probe: Self::Probe) -> bool;
+    /// Whether values stored as this type (8 significant bits) take the backward's coarser exp
+    /// (`fast_exp::exp_term_coarse`, 6e-6) in the FMA builds, and its loop's paired lane sums.
+    const COARSE_EXP: bool = false;
     /// The value as f32 (exact).
     fn widen(self) -> f32;
     /// A group of [`GROUP`] values as f32, in the lane order of [`group_lane`] (how the type's
@@ -31,6 +45,19 @@ pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
 }
 
 impl RowElement for f32 {
+    /// `Σ fma(x, 0, ·)`: 0 while every value is finite, NaN once a NaN or ±inf was seen.
+    type Probe = [f32; GROUP];
+    const PROBE_CLEAN: Self::Probe = [0.0; GROUP];
+    #[inline(always)]
+    fn probe_group<const FMA: bool>(group: &[Self; GROUP], probe: &mut Self::Probe) {
+        for (p, &x) in probe.iter_mut().zip(group) {
+            *p = madd::<FMA>(x, 0.0, *p);
+        }
+    }
+    #[inline(always)]
+    fn probe_found(probe: Self::Probe) -> bool {
+        probe.iter().any(|&p| p != 0.0)
+    }
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -65,6 +92,23 @@ pub(crate) const fn group_lane<E>(k: usize) -> usize {
 }
 
 impl RowElement for bf16 {
+    /// The largest `bits << 1` (as u16: the sign shifted out): at least `0xFF00` exactly when the
+    /// exponent field of some value was all ones (NaN or ±inf). Two integer operations per 16
+    /// values and one register, against a multiply-add per 8 values and two registers in f32.
+    type Probe = [u16; GROUP];
+    const PROBE_CLEAN: Self::Probe = [0; GROUP];
+    const COARSE_EXP: bool = true;
+    #[inline(always)]
+    fn probe_group<const FMA: bool>(group: &[Self; GROUP], probe: &mut Self::Probe) {
+        let bits: [u16; GROUP] = bytemuck::cast(*group);
+        for (p, b) in probe.iter_mut().zip(bits) {
+            *p = (*p).max(b << 1);
+        }
+    }
+    #[inline(always)]
+    fn probe_found(probe: Self::Probe) -> bool {
+        probe.iter().any(|&p| p >= 0xFF00)
+    }
     /// bf16 is f32's top half. (half's `to_f32` also sets the quiet bit of a NaN; a NaN stays a
     /// NaN here too, which is all the ops look at.)
     #[inline(always)]
@@ -131,6 +175,51 @@ mod tests {
             })
             .count();
         assert_eq!(mismatches, 0);
+    }
+
+    #[test]
+    fn probes_find_exactly_the_non_finite_values() {
+        // Every bf16 bit pattern, alone in a group of finite values, in every lane.
+        for b in 0..=u16::MAX {
+            let x = bf16::from_bits(b);
+            for at in [0, 7, 8, GROUP - 1] {
+                let mut group = [bf16::from_f32(-1.5); GROUP];
+                group[at] = x;
+                let mut probe = bf16::PROBE_CLEAN;
+                <bf16 as RowElement>::probe_group::<true>(&group, &mut probe);
+                assert_eq!(bf16::probe_found(probe), !x.is_finite(), "{b:#06x} at {at}");
+            }
+        }
+        for x in [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ] {
+            for bad in [
+                None,
+                Some(f32::NAN),
+                Some(f32::INFINITY),
+                Some(f32::NEG_INFINITY),
+            ] {
+                let mut group = [x; GROUP];
+                if let Some(bad) = bad {
+                    group[GROUP / 2 + 1] = bad;
+                }
+                for fused in [false, true] {
+                    let mut probe = f32::PROBE_CLEAN;
+                    if fused {
+                        <f32 as RowElement>::probe_group::<true>(&group, &mut probe);
+                    } else {
+                        <f32 as RowElement>::probe_group::<false>(&group, &mut probe);
+                    }
+                    assert_eq!(f32::probe_found(probe), bad.is_some(), "{x} {bad:?}");
+                }
+            }
+        }
     }
 
     #[test]

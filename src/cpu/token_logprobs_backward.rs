@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::fast_exp::exp_term;
+use super::fast_exp::{exp_term, exp_term_coarse};
 use super::isa::{isa, madd, Isa};
 use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{lse_fits_row, SavedLse};
@@ -241,7 +241,6 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
 ) -> Option<RowFault> {
     let neg_gc = -(r.g * r.c);
     let threshold = overflow_threshold(T::DTYPE);
-    let track_max = threshold.is_some();
     let mut acc = RowAcc::new();
     let out: &mut [T] = match bufs {
         RowBufs::Separate { z, dz } => {
@@ -251,21 +250,19 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
                     bytemuck::cast_slice_mut(dz),
                     r.lse,
                     neg_gc,
-                    track_max,
                 ),
                 DType::BF16 => acc.grad_separate::<bf16, FMA>(
                     bytemuck::cast_slice(z),
                     bytemuck::cast_slice_mut(dz),
                     r.lse,
                     neg_gc,
-                    track_max,
                 ),
                 DType::F16 => {
                     let mut buf = [0.0f32; CHUNK];
                     for (zc, dc) in z.chunks(CHUNK).zip(dz.chunks_mut(CHUNK)) {
                         let buf = &mut buf[..zc.len()];
                         load_f32(zc, buf);
-                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc, track_max);
+                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc);
                         store_f32(buf, dc);
                     }
                 }
@@ -274,24 +271,18 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
         }
         RowBufs::InPlace(z) => {
             match T::DTYPE {
-                DType::F32 => acc.grad_inplace::<f32, FMA>(
-                    bytemuck::cast_slice_mut(z),
-                    r.lse,
-                    neg_gc,
-                    track_max,
-                ),
-                DType::BF16 => acc.grad_inplace::<bf16, FMA>(
-                    bytemuck::cast_slice_mut(z),
-                    r.lse,
-                    neg_gc,
-                    track_max,
-                ),
+                DType::F32 => {
+                    acc.grad_inplace::<f32, FMA>(bytemuck::cast_slice_mut(z), r.lse, neg_gc)
+                }
+                DType::BF16 => {
+                    acc.grad_inplace::<bf16, FMA>(bytemuck::cast_slice_mut(z), r.lse, neg_gc)
+                }
                 DType::F16 => {
                     let mut buf = [0.0f32; CHUNK];
                     for zc in z.chunks_mut(CHUNK) {
                         let buf = &mut buf[..zc.len()];
                         load_f32(zc, buf);
-                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc, track_max);
+                        acc.grad_inplace::<f32, FMA>(buf, r.lse, neg_gc);
                         store_f32(buf, zc);
                     }
                 }
@@ -301,34 +292,52 @@ fn backward_row_body<T: LogitElement, const FMA: bool>(
     };
     // g · (1 − p_y) = g − g·c·e_y, from the label's logit read before the row was written.
     let w_y = madd::<FMA>(neg_gc, exp_term::<FMA, true, true>(r.z_y - r.lse), r.g);
+    let fault = row_fault(&acc, r, neg_gc, w_y, threshold, out);
     out[r.y] = T::from_f32(w_y);
+    fault
+}
 
-    let (prob_sum, probe, max_e) = acc.finish();
-    // |neg_gc · e| rounds monotonically in e: the largest stored |value| is that of the largest e.
-    let max_abs = (neg_gc * max_e).abs();
-    let prob_sum = r.c * prob_sum;
-    if probe != 0.0 {
+/// The first fault of a row whose loop has run (`out` holds the loop's values, the label's
+/// included: its `g − g·p_y` is `w_y`, not written yet).
+#[inline(always)]
+fn row_fault<T: LogitElement>(
+    acc: &RowAcc,
+    r: RowInputs,
+    neg_gc: f32,
+    w_y: f32,
+    threshold: Option<f32>,
+    out: &[T],
+) -> Option<RowFault> {
+    let (e_sum, non_finite) = acc.finish();
+    let prob_sum = r.c * e_sum;
+    if non_finite {
         return Some(RowFault::NonFiniteLogits);
     }
     if !lse_fits_row(r.lse, prob_sum) {
         return Some(RowFault::InconsistentLse);
     }
     let overflow = match threshold {
-        Some(t) => max_abs.max(w_y.abs()) >= t,
+        // A stored value overflows when |neg_gc · e| ≥ t. Every e is at most the f32 sum of all
+        // of them (a sum of non-negative terms never rounds below one of its terms), and the
+        // product rounds monotonically: below `t` at the sum, no value reaches it, and the loop
+        // need not track the largest e. Otherwise (|g| near the dtype's largest value) the
+        // stored values say it: one of them is ±inf exactly when its product reached `t`.
+        Some(t) => {
+            w_y.abs() >= t
+                || ((neg_gc * e_sum).abs() >= t && out.iter().any(|v| !v.to_f32().is_finite()))
+        }
         // f32 stores the values themselves, all bounded by |g|·max(1, Σp).
         None => (r.g.abs() * prob_sum.max(1.0)).is_infinite(),
     };
     overflow.then_some(RowFault::Overflow)
 }
 
-/// A row's running checks, in `LANES` lanes so that the loops vectorize.
+/// A row's running checks: the sum in `LANES` lanes, so that the loops vectorize.
 struct RowAcc {
     /// Σ exp(z − lse).
     sum: [f32; LANES],
-    /// Σ fma(z, 0, ·): 0 while every logit is finite, NaN once a NaN or ±inf was seen.
-    probe: [f32; LANES],
-    /// max exp(z − lse) (f16/bf16 only: the largest stored |value| follows from it).
-    max_e: [f32; LANES],
+    /// Whether a NaN or ±inf logit was seen.
+    non_finite: bool,
 }
 
 impl RowAcc {
@@ -336,37 +345,22 @@ impl RowAcc {
     fn new() -> Self {
         Self {
             sum: [0.0; LANES],
-            probe: [0.0; LANES],
-            max_e: [0.0; LANES],
+            non_finite: false,
         }
     }
 
     /// Overwrites `z` with its gradient.
     #[inline(always)]
-    fn grad_inplace<E: RowElement, const FMA: bool>(
-        &mut self,
-        z: &mut [E],
-        lse: f32,
-        neg_gc: f32,
-        track_max: bool,
-    ) {
-        // `track_max` is known per dtype: the branch folds away, and the loop has none.
+    fn grad_inplace<E: RowElement, const FMA: bool>(&mut self, z: &mut [E], lse: f32, neg_gc: f32) {
         let mut lanes = Lanes::new(lse, neg_gc);
         let (groups, tail) = z.as_chunks_mut::<LANES>();
-        if track_max {
-            for group in groups {
-                let w = lanes.grad::<FMA, true>(&E::widen_group(group));
-                E::narrow_group(w, group);
-            }
-        } else {
-            for group in groups {
-                let w = lanes.grad::<FMA, false>(&E::widen_group(group));
-                E::narrow_group(w, group);
-            }
+        for group in groups {
+            let w = lanes.grad::<FMA>(group);
+            E::narrow_group(w, group);
         }
         self.add(lanes);
         for x in tail {
-            *x = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
+            *x = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc));
         }
     }
 
@@ -378,99 +372,96 @@ impl RowAcc {
         dz: &mut [E],
         lse: f32,
         neg_gc: f32,
-        track_max: bool,
     ) {
         let mut lanes = Lanes::new(lse, neg_gc);
         let groups = z.as_chunks::<LANES>().0.iter();
-        let groups = groups.zip(dz.as_chunks_mut::<LANES>().0);
-        if track_max {
-            for (zg, dg) in groups {
-                let w = lanes.grad::<FMA, true>(&E::widen_group(zg));
-                E::narrow_group(w, dg);
-            }
-        } else {
-            for (zg, dg) in groups {
-                let w = lanes.grad::<FMA, false>(&E::widen_group(zg));
-                E::narrow_group(w, dg);
-            }
+        for (zg, dg) in groups.zip(dz.as_chunks_mut::<LANES>().0) {
+            let w = lanes.grad::<FMA>(zg);
+            E::narrow_group(w, dg);
         }
         self.add(lanes);
         let tail = z.len() - z.len() % LANES;
         for (x, d) in z[tail..].iter().zip(&mut dz[tail..]) {
-            *d = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc, track_max));
+            *d = E::narrow(self.grad_one::<FMA>(x.widen(), lse, neg_gc));
         }
     }
 
     /// Folds a loop's lanes in. Through memory (`black_box`): reduced in registers, LLVM keeps
     /// the accumulators on the stack and scalarizes parts of the loop.
     #[inline(always)]
-    fn add(&mut self, lanes: Lanes) {
+    fn add<E: RowElement>(&mut self, lanes: Lanes<E>) {
         let lanes = std::hint::black_box(lanes);
         for k in 0..LANES {
             self.sum[k] += lanes.sum[k];
-            self.probe[k] += lanes.probe[k];
-            self.max_e[k] = self.max_e[k].max(lanes.max_e[k]);
         }
+        self.non_finite |= E::probe_found(lanes.probe);
     }
 
     /// One element's gradient (a row's tail), accumulated in lane 0.
     #[inline(always)]
-    fn grad_one<const FMA: bool>(&mut self, x: f32, lse: f32, neg_gc: f32, track_max: bool) -> f32 {
+    fn grad_one<const FMA: bool>(&mut self, x: f32, lse: f32, neg_gc: f32) -> f32 {
         let e = exp_term::<FMA, true, true>(x - lse);
         self.sum[0] += e;
-        self.probe[0] = madd::<FMA>(x, 0.0, self.probe[0]);
-        if track_max {
-            self.max_e[0] = self.max_e[0].max(e);
-        }
+        self.non_finite |= !x.is_finite();
         neg_gc * e
     }
 
-    /// (Σ exp(z − lse), probe, max exp(z − lse)).
+    /// (Σ exp(z − lse), whether a NaN or ±inf was seen).
     #[inline(always)]
-    fn finish(&self) -> (f32, f32, f32) {
-        let max_e = self.max_e.iter().copied().fold(0.0f32, f32::max);
-        (self.sum.iter().sum(), self.probe.iter().sum(), max_e)
+    fn finish(&self) -> (f32, bool) {
+        (self.sum.iter().sum(), self.non_finite)
     }
 }
 
 /// One loop's accumulators (as [`RowAcc`]'s), local so that they stay in registers.
 #[derive(Clone, Copy)]
-struct Lanes {
+struct Lanes<E: RowElement> {
     lse: f32,
     neg_gc: f32,
+    /// Σ exp(z − lse) per lane; for bf16 rows lanes `k` and `k + LANES / 2` together in lane `k`
+    /// (one 256-bit register instead of two: their loop is short of registers; the f32 one, with
+    /// four constants fewer, measured no better that way).
     sum: [f32; LANES],
-    probe: [f32; LANES],
-    max_e: [f32; LANES],
+    probe: E::Probe,
 }
 
-impl Lanes {
+impl<E: RowElement> Lanes<E> {
     #[inline(always)]
     fn new(lse: f32, neg_gc: f32) -> Self {
         Self {
             lse,
             neg_gc,
             sum: [0.0; LANES],
-            probe: [0.0; LANES],
-            max_e: [0.0; LANES],
+            probe: E::PROBE_CLEAN,
         }
     }
 
-    /// The gradients `neg_gc · exp(x − lse)` of a group of logits, accumulating the checks.
+    /// The gradients `neg_gc · exp(x − lse)` of a group of logits (in the lane order of
+    /// [`RowElement::widen_group`]), accumulating the checks.
     // One index over the group and the lane arrays: the shape LLVM vectorizes.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    fn grad<const FMA: bool, const TRACK_MAX: bool>(&mut self, x: &[f32; LANES]) -> [f32; LANES] {
-        let mut w = [0.0f32; LANES];
+    fn grad<const FMA: bool>(&mut self, group: &[E; LANES]) -> [f32; LANES] {
+        E::probe_group::<FMA>(group, &mut self.probe);
+        let x = E::widen_group(group);
+        let mut e = [0.0f32; LANES];
         for k in 0..LANES {
-            let e = exp_term::<FMA, true, true>(x[k] - self.lse);
-            self.sum[k] += e;
-            self.probe[k] = madd::<FMA>(x[k], 0.0, self.probe[k]);
-            w[k] = self.neg_gc * e;
-            if TRACK_MAX {
-                self.max_e[k] = if e > self.max_e[k] { e } else { self.max_e[k] };
+            e[k] = if FMA && E::COARSE_EXP {
+                exp_term_coarse(x[k] - self.lse)
+            } else {
+                exp_term::<FMA, true, true>(x[k] - self.lse)
+            };
+        }
+        if E::COARSE_EXP {
+            for k in 0..LANES / 2 {
+                self.sum[k] += e[k] + e[k + LANES / 2];
+            }
+        } else {
+            for k in 0..LANES {
+                self.sum[k] += e[k];
             }
         }
-        w
+        e.map(|e| self.neg_gc * e)
     }
 }
 
@@ -720,5 +711,65 @@ mod tests {
         assert_eq!(run(&z, lse + 1e-5, f32::MAX), None);
         assert_eq!(run16(1.0e5), Some(RowFault::Overflow));
         assert_eq!(run16(6.0e4), None);
+        // |g|·Σp at or past the threshold but every stored value below it (the largest p is
+        // 0.69, the label's): the stored values are scanned and none is infinite.
+        let run_label_max = |g: f32, lse_shift: f32, bf: bool| {
+            let r = |zy: f32| row_of(lse + lse_shift, 0.0, g, 2, zy);
+            if bf {
+                let zb: Vec<bf16> = z.iter().map(|&x| bf16::from_f32(x)).collect();
+                let mut out = vec![bf16::ZERO; z.len()];
+                let row = r(zb[2].to_f32());
+                let got = backward_row(
+                    RowBufs::Separate {
+                        z: &zb,
+                        dz: &mut out,
+                    },
+                    row,
+                );
+                (got, out.iter().all(|v| v.is_finite()))
+            } else {
+                let zh: Vec<f16> = z.iter().map(|&x| f16::from_f32(x)).collect();
+                let mut out = vec![f16::ZERO; z.len()];
+                let row = r(zh[2].to_f32());
+                let got = backward_row(
+                    RowBufs::Separate {
+                        z: &zh,
+                        dz: &mut out,
+                    },
+                    row,
+                );
+                (got, out.iter().all(|v| v.is_finite()))
+            }
+        };
+        assert_eq!(run_label_max(7.0e4, 0.0, false), (None, true));
+        assert_eq!(run_label_max(3.396e38, -1e-4, true), (None, true));
+        // The label's p·g reaching it counts as an overflow, as in the CUDA kernels (the loop
+        // writes g·p there before g − g·p_y replaces it).
+        assert_eq!(run_label_max(9.5e4, 0.0, false).0, Some(RowFault::Overflow));
+        // A dominant logit off the label, with Σp = 1.0001 (within the lse tolerance): its stored
+        // value −g·p is −inf in bf16 while g and g − g·p_y are not; at Σp = 1 it is finite.
+        let zb = [bf16::from_f32(0.0), bf16::from_f32(20.0)];
+        let lse_b = (1.0f64 + 20f64.exp()).ln() as f32;
+        let g = 3.396e38;
+        assert!(g < overflow_threshold(DType::BF16).unwrap());
+        let mut out = [bf16::ZERO; 2];
+        let row = row_of(lse_b - 1e-4, 0.0, g, 0, 0.0);
+        let got = backward_row(
+            RowBufs::Separate {
+                z: &zb,
+                dz: &mut out,
+            },
+            row,
+        );
+        assert_eq!(got, Some(RowFault::Overflow));
+        let row = row_of(lse_b, 0.0, g, 0, 0.0);
+        let got = backward_row(
+            RowBufs::Separate {
+                z: &zb,
+                dz: &mut out,
+            },
+            row,
+        );
+        assert_eq!(got, None);
     }
 }
