@@ -34,6 +34,9 @@ newest_binary() {
 # One test body per op, run on the CPU and on CUDA (here the real GPU: HALO_REQUIRE_GPU=1).
 # The fused LM head's (issue 12) need libcublas on the GPU machine (loaded at run time).
 DEVICE_TESTS="device_token_logprobs device_sequence_sums device_losses device_pipeline cuda_beyond_2_31 cuda_gemm fused_head_cuda fused_head_steps_cuda cuda_split_rows"
+# halo-train's CUDA tests: the model's kernels against their CPU twins, the tape and whole training
+# runs on the GPU against the CPU (each picks the real GPU when there is one).
+TRAIN_TESTS="cuda_nn_layers cuda_nn_attention cuda_nn_optim device_tape device_training"
 
 prepare() {
     set -e
@@ -44,8 +47,10 @@ prepare() {
         --test device_token_logprobs --test device_sequence_sums --test device_losses --test device_pipeline --test cuda_beyond_2_31 \
         --test cuda_gemm --test fused_head_cuda --test fused_head_steps_cuda --test cuda_split_rows
     cargo bench --no-run --bench cuda_ops --bench fused_head
+    cargo test --release --no-run -p halo-train $(printf -- '--test %s ' $TRAIN_TESTS)
+    cargo bench --no-run -p halo-train --bench train_step
     mkdir -p "$BIN_DIR"
-    for name in cuda_kernels cuda_no_gpu cuda_ops fused_head $DEVICE_TESTS; do
+    for name in cuda_kernels cuda_no_gpu cuda_ops fused_head train_step $DEVICE_TESTS $TRAIN_TESTS; do
         local bin
         bin="$(newest_binary "$target_dir" "$name")"
         if [ -z "$bin" ]; then
@@ -145,6 +150,11 @@ run() {
         for name in $DEVICE_TESTS; do
             step "device tests $name (cpu + real GPU)" "$name.log" "$BIN_DIR/$name" --test-threads 4
         done
+        for name in $TRAIN_TESTS; do
+            # The round-trip count needs the emulated device's counters.
+            step "training tests $name (real GPU)" "$name.log" "$BIN_DIR/$name" --test-threads 2 \
+                --skip host_round_trips
+        done
         step "no-gpu tests (on a GPU machine)" no_gpu_tests.log "$BIN_DIR/cuda_no_gpu" --test-threads 1
     fi
 
@@ -178,6 +188,9 @@ run() {
         step "fused head bench" fused_head_bench.log env HALO_FUSED_BENCH_GPU_ONLY=1 \
             HALO_FUSED_BENCH_SUMMARY=1 "$BIN_DIR/fused_head" --bench
         grep -E '^[0-9]+x|GPU' "$out/fused_head_bench.log" >>"$summary" || true
+        step "training step bench (CPU beside GPU)" train_step_bench.log env HALO_BENCH_BEST_ONLY=1 \
+            "$BIN_DIR/train_step" --bench
+        grep -E '^best of|^gpu' "$out/train_step_bench.log" >>"$summary" || true
     fi
 
     echo

@@ -5,6 +5,10 @@
 //!
 //! `cargo bench -p halo-train --bench train_step [-- --quick]`
 //!
+//! With a CUDA GPU the same steps also run there (`--device cuda` of the training example: the
+//! tape on the device, clipping and AdamW on the device, one norm read per step) and print beside
+//! the CPU figures; without one the GPU lines say why they were skipped.
+//!
 //! After criterion's figures (a mean, at the mercy of whatever else runs on the machine) it
 //! prints the best step of a fixed number (`best of N`), the figure to compare before/after on a
 //! shared machine: other processes can only make a step slower, never faster. Beside it, the
@@ -14,9 +18,12 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use halo_train::autograd::Tape;
+use halo_train::autograd::{Device, Tape};
 use halo_train::model::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use halo_train::model::{Gpt, GptConfig};
+use halo_train::train::nll::nll_step;
+use halo_train::train::trainee::Trainee;
+use halo_train::train::TokenBatch;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -147,6 +154,72 @@ fn print_best(setups: &mut [Setup], n: usize) {
     }
 }
 
+/// The same step on a CUDA device: the model and AdamW's moments resident there.
+struct GpuSetup {
+    name: &'static str,
+    host: Gpt,
+    trainee: Trainee,
+    batch: TokenBatch,
+}
+
+impl GpuSetup {
+    fn new(cpu: &Setup, device: &Device) -> halo_kernels::error::Result<Self> {
+        let host = cpu.model.clone();
+        let trainee = Trainee::new(&host, AdamW::new(&host, AdamWConfig::default()), device)?;
+        Ok(Self {
+            name: cpu.name,
+            host,
+            trainee,
+            batch: TokenBatch {
+                input_ids: cpu.ids.clone(),
+                targets: cpu.targets.clone(),
+                batch: BATCH,
+                seq: SEQ,
+            },
+        })
+    }
+
+    /// Forward, backward, clip to norm 1, AdamW, all on the device; the loss and the norm read.
+    fn train_step(&mut self) {
+        let mut out = nll_step(&self.trainee.model(&self.host), &self.batch).unwrap();
+        self.trainee
+            .clip_and_step(&mut self.host, &mut out.grads, 1.0, 1e-4)
+            .unwrap();
+    }
+}
+
+/// Best-of figures on the GPU, or why there are none.
+fn print_gpu(setups: &[Setup], n: usize) {
+    let device = match Device::cuda() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("gpu: skipped (no CUDA device: {e})");
+            return;
+        }
+    };
+    let name = match &device {
+        Device::Cuda(gpu) => gpu.device_name().unwrap_or_else(|_| "CUDA device".into()),
+        Device::Cpu => "CPU".into(),
+    };
+    let tokens = (BATCH * SEQ) as f64;
+    for cpu in setups {
+        let mut s = match GpuSetup::new(cpu, &device) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("gpu {}: skipped ({e})", cpu.name);
+                return;
+            }
+        };
+        let (step, _) = best_of(n, || s.train_step());
+        println!(
+            "best of {n} on {name}: {}  train step {:7.2} ms = {:7.0} tokens/s",
+            s.name,
+            step.as_secs_f64() * 1e3,
+            tokens / step.as_secs_f64(),
+        );
+    }
+}
+
 fn main() {
     let mut setups = [Setup::new("2x128", 2, 128), Setup::new("4x256", 4, 256)];
     let best_only = std::env::var_os("HALO_BENCH_BEST_ONLY").is_some();
@@ -160,4 +233,5 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     print_best(&mut setups, n);
+    print_gpu(&setups, n);
 }

@@ -20,7 +20,10 @@ const BWD_TOL: f64 = 2e-5;
 const FD_TOL: f64 = 2e-3;
 
 fn backend() -> CudaBackend {
-    CudaBackend::emulated().expect("the emulated CUDA device is always available in tests")
+    // The real GPU when there is one (scripts/gpu_check.sh), else the emulated device.
+    CudaBackend::new()
+        .or_else(|_| CudaBackend::emulated())
+        .expect("the emulated CUDA device is always available in tests")
 }
 
 fn dims(batch: usize, seq: usize, n_head: usize, head_dim: usize) -> AttentionDims {

@@ -4,8 +4,12 @@
 
 use halo_train::autograd::{Device, Gradients, Storage, StorageRef, Tape};
 
+/// The real GPU when there is one (scripts/gpu_check.sh runs these tests there; not with
+/// `HALO_CUDA_EMULATED=1`), else the emulated device, which the test build always has.
 fn emulated() -> Device {
-    Device::cuda_emulated().expect("the emulated CUDA device (feature `emulation`) must load")
+    Device::cuda()
+        .or_else(|_| Device::cuda_emulated())
+        .expect("the emulated CUDA device (feature `emulation`) must load")
 }
 
 /// Deterministic values in [-1, 1), never all zero.

@@ -17,8 +17,12 @@ use halo_train::train::{
     UnpairedExample,
 };
 
+/// The real GPU when there is one (scripts/gpu_check.sh runs these tests there; not with
+/// `HALO_CUDA_EMULATED=1`), else the emulated device, which the test build always has.
 fn emulated() -> Device {
-    Device::cuda_emulated().expect("the emulated CUDA device (feature `emulation`) must load")
+    Device::cuda()
+        .or_else(|_| Device::cuda_emulated())
+        .expect("the emulated CUDA device (feature `emulation`) must load")
 }
 
 fn config() -> GptConfig {
@@ -293,4 +297,31 @@ fn the_training_example_runs_on_the_emulated_device() {
     }
     let _ = std::fs::remove_dir_all(&cpu_dir);
     let _ = std::fs::remove_dir_all(&gpu_dir);
+}
+
+/// Host round trips of a training step on the device, counted on the emulated device: the CUDA
+/// ops only queue work; what waits is reading a status word (a token op's label and finiteness
+/// checks), the loss, the log-probs a host loss reads, and the clipped norm for the log.
+#[test]
+fn host_round_trips_per_step() {
+    use halo_kernels::emulation::call_counts;
+    // Counted by the emulated device only (scripts/gpu_check.sh skips this test on a GPU).
+    let gpu = Device::cuda_emulated().expect("the emulated CUDA device");
+    let model = Gpt::new(config(), 3).unwrap();
+    let mut host = model.clone();
+    let mut trainee = Trainee::new(&host, AdamW::new(&host, AdamWConfig::default()), &gpu).unwrap();
+    let b = batch(2, 9, 37, 2);
+    // Warm up (module loads, the cuBLAS handle).
+    let mut out = nll_step(&trainee.model(&host), &b).unwrap();
+    trainee.clip_and_step(&mut host, &mut out.grads, 1.0, 1e-3).unwrap();
+    drop(out);
+    call_counts(true).unwrap();
+    let mut out = nll_step(&trainee.model(&host), &b).unwrap();
+    let step = call_counts(true).unwrap();
+    trainee.clip_and_step(&mut host, &mut out.grads, 1.0, 1e-3).unwrap();
+    let update = call_counts(true).unwrap();
+    eprintln!("NLL step: {step:?}\nclip + AdamW: {update:?}");
+    // The token log-probs' status read and the loss; the norm.
+    assert!(step.host_waits <= 2, "NLL step waits {} times", step.host_waits);
+    assert_eq!(update.host_waits, 1, "clip + AdamW must wait once (the norm)");
 }
