@@ -338,3 +338,49 @@ fn host_round_trips_per_step() {
         "clip + AdamW must wait once (the norm)"
     );
 }
+
+/// Refusals: `--device cuda` without a GPU is an error before the run writes anything; a device
+/// optimizer for a host model, host gradients into it, a model's weights on the wrong device.
+#[test]
+fn device_refusals_are_clear_errors() {
+    use halo_train::model::DeviceAdamW;
+    if Device::cuda().is_err() {
+        let dir = temp_dir("nogpu");
+        let err = run(&tiny_args(&dir, "cuda"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.to_lowercase().contains("cuda"), "{err}");
+        assert!(!dir.exists(), "a refused run created {}", dir.display());
+    }
+    let gpu = emulated();
+    let model = Gpt::new(config(), 1).unwrap();
+    let on_host = model.to_device(&Device::Cpu).unwrap();
+    let err = DeviceAdamW::from_host(&AdamW::new(&model, AdamWConfig::default()), &on_host)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUDA"), "{err}");
+    let mut on_gpu = model.to_device(&gpu).unwrap();
+    let mut opt =
+        DeviceAdamW::from_host(&AdamW::new(&model, AdamWConfig::default()), &on_gpu).unwrap();
+    let host_grads = nll_step(&model, &batch(1, 9, 37, 0)).unwrap().grads;
+    let err = opt
+        .clip_and_step(&mut on_gpu, &host_grads, 1.0, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host gradients"), "{err}");
+    // The host AdamW refuses device gradients instead of skipping them.
+    let device_grads = nll_step(&on_gpu, &batch(1, 9, 37, 0)).unwrap().grads;
+    let mut host_model = model.clone();
+    let err = AdamW::new(&model, AdamWConfig::default())
+        .step(&mut host_model, &device_grads, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUDA device"), "{err}");
+    // A CPU tape cannot record the device model's weights.
+    let mut tape = Tape::new();
+    let err = on_gpu
+        .nll(&mut tape, &[1, 2], &[2, 3], 1, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUDA tensor"), "{err}");
+}
