@@ -10,7 +10,7 @@ use clap::Parser;
 use halo_kernels::losses::KtoConfig;
 use halo_train::autograd::{Device, Tape};
 use halo_train::model::optim::{AdamW, AdamWConfig};
-use halo_train::model::{Gpt, GptConfig, ModelRef};
+use halo_train::model::{Gpt, GptConfig, GptWeights, ModelRef};
 use halo_train::train::trainee::Trainee;
 use halo_train::train::{
     kto::kto_step, kto_batch, nll::nll_step, run, TextTokenizer, TokenBatch, TrainArgs,

@@ -2,10 +2,10 @@
 //! one in tests), read in place by every forward on a tape of that device and updated there by
 //! [`DeviceAdamW`](super::DeviceAdamW). Checkpoints, generation and evaluation use
 //! the host [`Gpt`]: [`GptOnDevice::to_host`] copies the weights back (the same files whichever
-//! device trained them).
+//! device trained them). The forward pass is [`GptWeights`]' (`nll`, `token_logprobs`, …).
 
 use super::config::GptConfig;
-use super::forward::{self, GptWeights};
+use super::forward::GptWeights;
 use super::gpt::{Gpt, Parameter};
 use crate::autograd::{Device, Storage, Tape, Var};
 use halo_kernels::error::{HaloError, Result};
@@ -114,85 +114,6 @@ impl GptOnDevice {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Gpt::from_parts(self.config, params))
-    }
-
-    /// See [`Gpt::final_hidden`].
-    pub fn final_hidden<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<(Var, Var)> {
-        forward::final_hidden(self, tape, input_ids, batch, seq)
-    }
-
-    /// See [`Gpt::logits`].
-    pub fn logits<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::logits(self, tape, input_ids, batch, seq)
-    }
-
-    /// See [`Gpt::token_logprobs`].
-    pub fn token_logprobs<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::token_logprobs(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// See [`Gpt::token_logprobs_fused_head`].
-    pub fn token_logprobs_fused_head<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// See [`Gpt::nll`].
-    pub fn nll<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::nll(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// See [`Gpt::token_logprobs_inference`].
-    pub fn token_logprobs_inference(
-        &self,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Vec<f32>> {
-        forward::token_logprobs_inference(self, input_ids, targets, batch, seq)
-    }
-
-    /// See [`Gpt::logits_inference`].
-    pub fn logits_inference(
-        &self,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Vec<f32>> {
-        forward::logits_inference(self, input_ids, batch, seq)
     }
 }
 

@@ -18,6 +18,101 @@ pub trait GptWeights {
     /// Records parameter `index` (Hugging Face order, [`super::Gpt::parameter_names`]) on
     /// `tape` by reference: never a copy.
     fn record<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var>;
+
+    /// [`final_hidden`] of this model (see [`Gpt::final_hidden`](super::Gpt::final_hidden)).
+    fn final_hidden<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Var, Var)>
+    where
+        Self: Sized,
+    {
+        final_hidden(self, tape, input_ids, batch, seq)
+    }
+
+    /// [`logits`] of this model (see [`Gpt::logits`](super::Gpt::logits)).
+    fn logits<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var>
+    where
+        Self: Sized,
+    {
+        logits(self, tape, input_ids, batch, seq)
+    }
+
+    /// [`token_logprobs`] of this model (see [`Gpt::token_logprobs`](super::Gpt::token_logprobs)).
+    fn token_logprobs<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var>
+    where
+        Self: Sized,
+    {
+        token_logprobs(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// [`token_logprobs_fused_head`] of this model.
+    fn token_logprobs_fused_head<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var>
+    where
+        Self: Sized,
+    {
+        token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// [`nll`] of this model (see [`Gpt::nll`](super::Gpt::nll)).
+    fn nll<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Var>
+    where
+        Self: Sized,
+    {
+        nll(self, tape, input_ids, targets, batch, seq)
+    }
+
+    /// [`token_logprobs_inference`] of this model.
+    fn token_logprobs_inference(
+        &self,
+        input_ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<f32>>
+    where
+        Self: Sized,
+    {
+        token_logprobs_inference(self, input_ids, targets, batch, seq)
+    }
+
+    /// [`logits_inference`] of this model.
+    fn logits_inference(&self, input_ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>>
+    where
+        Self: Sized,
+    {
+        logits_inference(self, input_ids, batch, seq)
+    }
 }
 
 fn check_tokens(config: &GptConfig, input_ids: &[u32], batch: usize, seq: usize) -> Result<()> {
