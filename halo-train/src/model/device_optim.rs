@@ -2,7 +2,7 @@
 //! device: the moments live there, the norm and the clip factor are computed there
 //! (`halo_kernels::cuda::CudaBackend::grad_norm_clip`) and the update reads the factor there
 //! (`adamw_step_clipped`), so a step makes one device→host read (the norm, for the log). Same
-//! arithmetic, in the same order, as the host [`AdamW::step`] after [`clip_grad_norm`](super::optim::clip_grad_norm)
+//! arithmetic, in the same order, as the host [`AdamW::step`] after [`clip_grad_norm`](super::optim::clip_grad_norm):
 //! bitwise the CPU's update for the same gradients.
 
 use std::sync::Arc;
