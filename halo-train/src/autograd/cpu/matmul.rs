@@ -292,10 +292,6 @@ pub fn linear_backward(
         }
     }
     if let Some(db) = db {
-        for row in dy.chunks_exact(m) {
-            for (d, &g) in db.iter_mut().zip(row) {
-                *d += g;
-            }
-        }
+        super::elementwise::bias_backward(dy, db);
     }
 }
