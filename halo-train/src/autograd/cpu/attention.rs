@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{gemm, MatMut, MatRef};
+use super::simd::{avx2_twin, sum_zip};
 use halo_kernels::cpu::fast_exp::fast_exp;
 
 /// Shapes of one attention call.
@@ -76,9 +77,7 @@ pub fn attention_forward(qkv: &[f32], shape: AttentionShape, out: &mut [f32], pr
                 let q = shape.qkv_view(qkv_b, 0, h);
                 let k = shape.qkv_view(qkv_b, 1, h);
                 gemm(scale, q, k.t(), 0.0, MatMut::row_major(p, seq, seq));
-                for (i, row) in p.chunks_exact_mut(seq).enumerate() {
-                    causal_softmax_row(row, i);
-                }
+                causal_softmax(p, seq);
                 let v = shape.qkv_view(qkv_b, 2, h);
                 let o = head_view_mut(out_b, h * hd, seq, hd, dim);
                 gemm(1.0, MatRef::row_major(p, seq, seq), v, 0.0, o);
@@ -86,7 +85,30 @@ pub fn attention_forward(qkv: &[f32], shape: AttentionShape, out: &mut [f32], pr
         });
 }
 
+avx2_twin! {
+    /// Causal softmax of every row of the `seq × seq` scores `p`, in place.
+    fn causal_softmax(p: &mut [f32], seq: usize) {
+        for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+            causal_softmax_row(row, i);
+        }
+    }
+}
+
+avx2_twin! {
+    /// `dS = P ⊙ (dP − rowsum(dP ⊙ P))` in place of `dp`; masked entries have p = 0 and so get
+    /// dS = 0.
+    fn softmax_backward(p: &[f32], dp: &mut [f32], seq: usize) {
+        for (dp_row, p_row) in dp.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
+            let dot = sum_zip(dp_row, p_row, |a, b| a * b);
+            for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                *d = pv * (*d - dot);
+            }
+        }
+    }
+}
+
 /// Softmax over `row[..=i]` (the keys query `i` may see); `row[i+1..]` becomes 0.
+#[inline(always)]
 fn causal_softmax_row(row: &mut [f32], i: usize) {
     let (visible, future) = row.split_at_mut(i + 1);
     let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -139,13 +161,7 @@ pub fn attention_backward(
                 gemm(1.0, d_o, v.t(), 0.0, MatMut::row_major(&mut dp, seq, seq));
                 let dv = head_view_mut(dqkv_b, 2 * dim + h * hd, seq, hd, 3 * dim);
                 gemm(1.0, p_mat.t(), d_o, 1.0, dv);
-                // Softmax backward, row by row; masked entries have p = 0 and so get dS = 0.
-                for (dp_row, p_row) in dp.chunks_exact_mut(seq).zip(p.chunks_exact(seq)) {
-                    let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
-                    for (d, &pv) in dp_row.iter_mut().zip(p_row) {
-                        *d = pv * (*d - dot);
-                    }
-                }
+                softmax_backward(p, &mut dp, seq);
                 let ds = MatRef::row_major(&dp, seq, seq);
                 let q = shape.qkv_view(qkv_b, 0, h);
                 let k = shape.qkv_view(qkv_b, 1, h);

@@ -116,6 +116,18 @@ const PARALLEL_MIN_SPAN: usize = 32;
 /// others (all of `b` for a cut by rows, all of `a` by columns), so the cut goes across the
 /// longer side of the output, where the shared operand is the smaller one.
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    gemm_in_tasks(alpha, a, b, beta, c, rayon::current_num_threads());
+}
+
+/// [`gemm`] cut into at most `max_tasks` rayon tasks (1: one sgemm on the calling thread).
+fn gemm_in_tasks(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: MatMut<'_>,
+    max_tasks: usize,
+) {
     assert_eq!(a.cols, b.rows, "gemm: inner dimensions differ");
     assert_eq!(
         (a.rows, b.cols),
@@ -135,7 +147,7 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) 
     // Tasks may only share `c` if no two elements of the view are the same memory.
     let rows_disjoint = rsc >= n.saturating_mul(csc) && csc >= 1;
     let cols_disjoint = csc >= m.saturating_mul(rsc) && rsc >= 1;
-    let threads = rayon::current_num_threads();
+    let threads = max_tasks;
     let macs = m.saturating_mul(a.cols).saturating_mul(n);
     let by_columns = n > m;
     let span = if by_columns { n } else { m };
@@ -279,23 +291,39 @@ pub fn linear_backward(
     db: Option<&mut [f32]>,
 ) {
     let dyv = MatRef::row_major(dy, n, m);
-    if let Some(dx) = dx {
+    let input_grad = |dx: &mut [f32], tasks: usize| {
         let wv = weight_view(w, k, m, transpose_w);
-        gemm(1.0, dyv, wv.t(), 1.0, MatMut::row_major(dx, n, k));
-    }
-    if let Some(dw) = dw {
+        gemm_in_tasks(1.0, dyv, wv.t(), 1.0, MatMut::row_major(dx, n, k), tasks);
+    };
+    let weight_grad = |dw: &mut [f32], tasks: usize| {
         let xv = MatRef::row_major(x, n, k);
         if transpose_w {
-            gemm(1.0, dyv.t(), xv, 1.0, MatMut::row_major(dw, m, k));
+            gemm_in_tasks(1.0, dyv.t(), xv, 1.0, MatMut::row_major(dw, m, k), tasks);
         } else {
-            gemm(1.0, xv.t(), dyv, 1.0, MatMut::row_major(dw, k, m));
+            gemm_in_tasks(1.0, xv.t(), dyv, 1.0, MatMut::row_major(dw, k, m), tasks);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    match (dx, dw) {
+        // Both products have n·k·m multiply-adds: run them side by side, each on half the
+        // threads, rather than one after the other each cut across all of them. Fewer, larger
+        // tasks: no operand is packed by two tasks, and one fork-join instead of two.
+        (Some(dx), Some(dw)) if threads >= 2 && n * k * m >= PARALLEL_MIN_MACS => {
+            rayon::join(
+                || input_grad(dx, threads / 2),
+                || weight_grad(dw, threads - threads / 2),
+            );
+        }
+        (dx, dw) => {
+            if let Some(dx) = dx {
+                input_grad(dx, threads);
+            }
+            if let Some(dw) = dw {
+                weight_grad(dw, threads);
+            }
         }
     }
     if let Some(db) = db {
-        for row in dy.chunks_exact(m) {
-            for (d, &g) in db.iter_mut().zip(row) {
-                *d += g;
-            }
-        }
+        super::elementwise::bias_backward(dy, db);
     }
 }
