@@ -27,16 +27,35 @@ __device__ __forceinline__ float adamw_div(float a, float b) { return __fdiv_rn(
 __device__ __forceinline__ float adamw_sqrt(float a) { return __fsqrt_rn(a); }
 #endif
 
+// `gate` (clipped variants; null when `gate_len` is 0): status entries of the kernels that computed
+// the gradients (a training step's, gathered on the device). Any entry that is not HALO_STATUS_OK
+// means the gradients are garbage (a failed check the host reads later, with the step's loss), so the
+// step leaves the parameters and moments as they are: no host wait is needed before the update.
+// Thread 0 of each block reads the entries once; the block then agrees through shared memory.
+__device__ __forceinline__ bool adamw_gate_open(const int32_t* __restrict__ gate, int64_t gate_len) {
+    __shared__ int open;
+    if (threadIdx.x == 0) {
+        int ok = 1;
+        for (int64_t i = 0; i < gate_len; ++i) ok &= (gate[i] == HALO_STATUS_OK);
+        open = ok;
+    }
+    __syncthreads();
+    return open != 0;
+}
+
 // CLIP: multiply the gradient by *clip_factor first; WRITE_BACK: also store the scaled gradient
 // (the CPU's clip_grad_norm leaves the gradients scaled). `grad_out` is `grad` itself (read, then
 // overwritten by the same thread), hence no __restrict__ on either.
 template <bool CLIP, bool WRITE_BACK>
 __device__ __forceinline__ void adamw_step(float* __restrict__ param, const float* grad, float* grad_out,
                                            float* __restrict__ m, float* __restrict__ v,
-                                           const float* __restrict__ clip_factor, int64_t n, float lr,
+                                           const float* __restrict__ clip_factor,
+                                           const int32_t* __restrict__ gate, int64_t gate_len,
+                                           int64_t n, float lr,
                                            float beta1, float beta2, float one_minus_beta1,
                                            float one_minus_beta2, float bias_correction1,
                                            float bias_correction2, float eps, float decay) {
+    if (CLIP && gate_len > 0 && !adamw_gate_open(gate, gate_len)) return;
     const float clip = CLIP ? clip_factor[0] : 1.0f;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     // Not unrolled: the three IEEE divisions' slow-path calls of an unrolled body spill on sm_90
@@ -65,26 +84,28 @@ extern "C" __global__ void __launch_bounds__(HALO_ADAMW_THREADS)
                       float* __restrict__ v, int64_t n, float lr, float beta1, float beta2,
                       float one_minus_beta1, float one_minus_beta2, float bias_correction1,
                       float bias_correction2, float eps, float decay) {
-    adamw_step<false, false>(param, grad, nullptr, m, v, nullptr, n, lr, beta1, beta2, one_minus_beta1,
+    adamw_step<false, false>(param, grad, nullptr, m, v, nullptr, nullptr, 0, n, lr, beta1, beta2, one_minus_beta1,
                              one_minus_beta2, bias_correction1, bias_correction2, eps, decay);
 }
 
 extern "C" __global__ void __launch_bounds__(HALO_ADAMW_THREADS)
     nn_adamw_step_clipped_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
-                              float* __restrict__ v, const float* __restrict__ clip_factor, int64_t n,
+                              float* __restrict__ v, const float* __restrict__ clip_factor,
+                              const int32_t* __restrict__ gate, int64_t gate_len, int64_t n,
                               float lr, float beta1, float beta2, float one_minus_beta1,
                               float one_minus_beta2, float bias_correction1, float bias_correction2, float eps,
                               float decay) {
-    adamw_step<true, false>(param, grad, nullptr, m, v, clip_factor, n, lr, beta1, beta2, one_minus_beta1,
+    adamw_step<true, false>(param, grad, nullptr, m, v, clip_factor, gate, gate_len, n, lr, beta1, beta2, one_minus_beta1,
                             one_minus_beta2, bias_correction1, bias_correction2, eps, decay);
 }
 
 extern "C" __global__ void __launch_bounds__(HALO_ADAMW_THREADS)
     nn_adamw_step_clipped_write_back_f32(float* __restrict__ param, float* grad, float* __restrict__ m,
                                          float* __restrict__ v, const float* __restrict__ clip_factor,
-                                         int64_t n, float lr, float beta1, float beta2, float one_minus_beta1,
+                                         const int32_t* __restrict__ gate, int64_t gate_len, int64_t n,
+                                         float lr, float beta1, float beta2, float one_minus_beta1,
                                          float one_minus_beta2, float bias_correction1,
                                          float bias_correction2, float eps, float decay) {
-    adamw_step<true, true>(param, grad, grad, m, v, clip_factor, n, lr, beta1, beta2, one_minus_beta1,
+    adamw_step<true, true>(param, grad, grad, m, v, clip_factor, gate, gate_len, n, lr, beta1, beta2, one_minus_beta1,
                            one_minus_beta2, bias_correction1, bias_correction2, eps, decay);
 }

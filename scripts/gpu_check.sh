@@ -48,9 +48,9 @@ prepare() {
         --test cuda_gemm --test fused_head_cuda --test fused_head_steps_cuda --test cuda_split_rows
     cargo bench --no-run --bench cuda_ops --bench fused_head
     cargo test --release --no-run -p halo-train $(printf -- '--test %s ' $TRAIN_TESTS)
-    cargo bench --no-run -p halo-train --bench train_step
+    cargo bench --no-run -p halo-train --bench train_step --bench gpt2_kto_step
     mkdir -p "$BIN_DIR"
-    for name in cuda_kernels cuda_no_gpu cuda_ops fused_head train_step $DEVICE_TESTS $TRAIN_TESTS; do
+    for name in cuda_kernels cuda_no_gpu cuda_ops fused_head train_step gpt2_kto_step $DEVICE_TESTS $TRAIN_TESTS; do
         local bin
         bin="$(newest_binary "$target_dir" "$name")"
         if [ -z "$bin" ]; then
@@ -191,6 +191,9 @@ run() {
         step "training step bench (CPU beside GPU)" train_step_bench.log env HALO_BENCH_BEST_ONLY=1 \
             "$BIN_DIR/train_step" --bench
         grep -E '^best of|^gpu' "$out/train_step_bench.log" >>"$summary" || true
+        # GPT-2 124M KTO step (issue 13's 2×-of-PyTorch goal): ms and tokens/s per step.
+        step "GPT-2 124M KTO step" gpt2_kto_step.log "$BIN_DIR/gpt2_kto_step"
+        grep -E '^gpt2_kto_step' "$out/gpt2_kto_step.log" >>"$summary" || true
     fi
 
     echo

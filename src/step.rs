@@ -266,8 +266,9 @@ fn from_logits<T: LogitElement, L>(
     })
 }
 
-/// A DPO batch holds `2n` sequences: `n` chosen then `n` rejected.
-pub(crate) fn pair_count(sequences: usize) -> Result<usize> {
+/// The `n` of a DPO batch of `sequences` sequences: `n` chosen then `n` rejected (an odd count is
+/// an error).
+pub fn pair_count(sequences: usize) -> Result<usize> {
     if !sequences.is_multiple_of(2) {
         return Err(HaloError::InvalidShape(format!(
             "a DPO batch holds 2n sequences (n chosen, then n rejected), got {sequences}"

@@ -243,7 +243,7 @@ fn grads(model: &Gpt, k: f32) -> Gradients {
         let values: Vec<f32> = (0..p.data.len())
             .map(|j| ((j as f32 + k) * 0.37).sin())
             .collect();
-        g.add(i, values);
+        g.add(i, values).unwrap();
     }
     g
 }

@@ -70,12 +70,14 @@ fn random_grads(
     let mut grads = Gradients::new();
     for (i, p) in model.parameters().iter().enumerate() {
         if Some(i) != skipped {
-            grads.add(
-                i,
-                (0..p.data.len())
-                    .map(|_| scale * rng.gen_range(-1.0f32..1.0))
-                    .collect(),
-            );
+            grads
+                .add(
+                    i,
+                    (0..p.data.len())
+                        .map(|_| scale * rng.gen_range(-1.0f32..1.0))
+                        .collect(),
+                )
+                .unwrap();
         }
     }
     grads
@@ -290,7 +292,7 @@ fn norm_over_many_buffers_matches_cpu_and_f64() {
     let mut cpu = Gradients::new();
     for (i, h) in host.iter().enumerate() {
         if i != absent {
-            cpu.add(i, h.clone());
+            cpu.add(i, h.clone()).unwrap();
         }
     }
     let device: Vec<CudaSlice<f32>> = host.iter().map(|h| backend.htod(h).unwrap()).collect();
@@ -597,7 +599,7 @@ fn nonfinite_gradient_gives_the_cpus_norm_and_factor() {
         host[1][123] = bad;
         let mut cpu = Gradients::new();
         for (i, h) in host.iter().enumerate() {
-            cpu.add(i, h.clone());
+            cpu.add(i, h.clone()).unwrap();
         }
         let cpu_norm = clip_grad_norm(&mut cpu, 1.0);
         let device: Vec<CudaSlice<f32>> = host.iter().map(|h| backend.htod(h).unwrap()).collect();

@@ -36,6 +36,17 @@ fn config() -> GptConfig {
     }
 }
 
+/// `n` KTO examples, alternately desirable and undesirable.
+fn unpaired(n: usize) -> Vec<UnpairedExample> {
+    (0..n)
+        .map(|i| UnpairedExample {
+            prompt: format!("{i}+{}=", i + 1),
+            completion: format!("{}", 2 * i + 1),
+            desirable: i % 2 == 0,
+        })
+        .collect()
+}
+
 /// Relative closeness of two tensors: max |a − b| ≤ rel · max |b| (+ a tiny floor).
 fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -100,19 +111,18 @@ fn gpt_forward_and_backward_match_the_cpu() {
     let model = Gpt::new(config(), 7).unwrap();
     let on_gpu = model.to_device(&gpu).unwrap();
     let b = batch(3, 9, 37, 1);
-    let cpu = nll_step(&model, &b).unwrap();
-    let cuda = nll_step(&on_gpu, &b).unwrap();
+    let (cpu, cpu_grads) = nll_step(&model, &b).unwrap().read().unwrap();
+    let (cuda, cuda_grads) = nll_step(&on_gpu, &b).unwrap().read().unwrap();
     assert!(
         ((cuda.loss - cpu.loss) / cpu.loss).abs() < 1e-5,
         "{} vs {}",
         cuda.loss,
         cpu.loss
     );
-    let cuda_grads = cuda.grads.to_host().unwrap();
+    let cuda_grads = cuda_grads.to_host().unwrap();
     let names = model.parameter_names();
     for (i, name) in names.iter().enumerate() {
-        let want = cpu
-            .grads
+        let want = cpu_grads
             .get(i)
             .unwrap_or_else(|| panic!("cpu grad {name}"));
         let got = cuda_grads
@@ -143,25 +153,17 @@ fn training_steps_match_the_cpu_step_by_step() {
         weight_decay: 0.01,
         ..AdamWConfig::default()
     };
-    let examples: Vec<UnpairedExample> = (0..4)
-        .map(|i| UnpairedExample {
-            prompt: format!("{i}+{}=", i + 1),
-            completion: format!("{}", 2 * i + 1),
-            desirable: i % 2 == 0,
-        })
-        .collect();
+    let examples = unpaired(4);
     let run_on = |device: &Device| -> (Vec<f64>, Gpt) {
         let mut host = start.clone();
         let mut trainee = Trainee::new(&host, AdamW::new(&host, adamw), device).unwrap();
         let mut losses = Vec::new();
         for step in 0..3 {
             let b = batch(2, 9, 37, step);
-            let mut out = nll_step(&trainee.model(&host), &b).unwrap();
-            losses.push(out.loss);
+            let out = nll_step(&trainee.model(&host), &b).unwrap();
             // A max norm below the gradients' norm: clipping is exercised.
-            trainee
-                .clip_and_step(&mut host, &mut out.grads, 0.5, 3e-3)
-                .unwrap();
+            let report = trainee.step(&mut host, out, 0.5, 3e-3).unwrap();
+            losses.push(report.metrics.loss);
         }
         trainee.sync_host(&mut host).unwrap();
         (losses, host)
@@ -187,14 +189,16 @@ fn training_steps_match_the_cpu_step_by_step() {
     let refs: Vec<&UnpairedExample> = examples.iter().collect();
     let kb = kto_batch(&tokenizer, &refs, 9).unwrap();
     let kto = KtoConfig::default();
-    let cpu = kto_step(&big, &big, &kb, &kto).unwrap();
+    let (cpu, cpu_grads) = kto_step(&big, &big, &kb, &kto).unwrap().read().unwrap();
     let big_gpu = big.to_device(&gpu).unwrap();
-    let cuda = kto_step(
+    let (cuda, cuda_grads) = kto_step(
         &ModelRef::Device(&big_gpu),
         &ModelRef::Device(&big_gpu),
         &kb,
         &kto,
     )
+    .unwrap()
+    .read()
     .unwrap();
     assert!(
         (cuda.loss - cpu.loss).abs() <= 1e-4 * cpu.loss.abs().max(1e-3),
@@ -202,9 +206,9 @@ fn training_steps_match_the_cpu_step_by_step() {
         cuda.loss,
         cpu.loss
     );
-    let cuda_grads = cuda.grads.to_host().unwrap();
+    let cuda_grads = cuda_grads.to_host().unwrap();
     for (i, name) in big.parameter_names().iter().enumerate() {
-        if let (Some(g), Some(c)) = (cuda_grads.get(i), cpu.grads.get(i)) {
+        if let (Some(g), Some(c)) = (cuda_grads.get(i), cpu_grads.get(i)) {
             assert_close(name, g, c, 1e-3);
         }
     }
@@ -300,10 +304,9 @@ fn the_training_example_runs_on_the_emulated_device() {
 }
 
 /// Host round trips of a training step on the device, counted on the emulated device: the CUDA
-/// ops only queue work; what waits is reading a status word (the token log-probs' label and
-/// finiteness checks, forward and backward: one read each), the loss, and the clipped norm for
-/// the log. Issue 13 asks for one status read and one loss read per step: today an NLL step makes
-/// three reads and the update one (the bound below guards against more; see the README).
+/// ops only queue work, the token ops' checks stay on the device, and the update reads the checks,
+/// the loss and the norm together (issue 13: one status read and one loss read per step at most).
+/// An NLL step (forward, backward, clip, AdamW) waits once in all.
 #[test]
 fn host_round_trips_per_step() {
     use halo_kernels::emulation::call_counts;
@@ -314,29 +317,205 @@ fn host_round_trips_per_step() {
     let mut trainee = Trainee::new(&host, AdamW::new(&host, AdamWConfig::default()), &gpu).unwrap();
     let b = batch(2, 9, 37, 2);
     // Warm up (module loads, the cuBLAS handle).
-    let mut out = nll_step(&trainee.model(&host), &b).unwrap();
-    trainee
-        .clip_and_step(&mut host, &mut out.grads, 1.0, 1e-3)
-        .unwrap();
-    drop(out);
+    let out = nll_step(&trainee.model(&host), &b).unwrap();
+    trainee.step(&mut host, out, 1.0, 1e-3).unwrap();
     call_counts(true).unwrap();
-    let mut out = nll_step(&trainee.model(&host), &b).unwrap();
-    let step = call_counts(true).unwrap();
-    trainee
-        .clip_and_step(&mut host, &mut out.grads, 1.0, 1e-3)
-        .unwrap();
+    let out = nll_step(&trainee.model(&host), &b).unwrap();
+    let forward_backward = call_counts(true).unwrap();
+    let report = trainee.step(&mut host, out, 1.0, 1e-3).unwrap();
     let update = call_counts(true).unwrap();
-    eprintln!("NLL step: {step:?}\nclip + AdamW: {update:?}");
-    // The token log-probs' forward and backward status reads and the loss; then the norm.
-    assert!(
-        step.host_waits <= 3,
-        "NLL step waits {} times",
-        step.host_waits
+    eprintln!("NLL forward + backward: {forward_backward:?}\nclip + AdamW + read: {update:?}");
+    assert!(report.metrics.loss.is_finite() && report.grad_norm > 0.0);
+    assert_eq!(
+        forward_backward.host_waits, 0,
+        "the forward and backward must only queue work"
     );
     assert_eq!(
         update.host_waits, 1,
-        "clip + AdamW must wait once (the norm)"
+        "the update must wait once (checks, loss and norm together)"
     );
+}
+
+/// The same for a KTO step (policy forward through the fused head, the reference's and the KL
+/// pairs' inference forwards, the queued loss, the backward) and a DPO step: nothing waits until
+/// the update, which waits once.
+#[test]
+fn kto_and_dpo_steps_wait_once() {
+    use halo_kernels::emulation::call_counts;
+    use halo_kernels::losses::DpoConfig;
+    use halo_train::train::{batching::dpo_batch, dpo::dpo_step, PairedExample};
+    let gpu = Device::cuda_emulated().expect("the emulated CUDA device");
+    let tokenizer = TextTokenizer::Byte;
+    let start = Gpt::new(
+        GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            ..config()
+        },
+        6,
+    )
+    .unwrap();
+    let reference = start.to_device(&gpu).unwrap();
+    let examples = unpaired(4);
+    let refs: Vec<&UnpairedExample> = examples.iter().collect();
+    let kb = kto_batch(&tokenizer, &refs, 9).unwrap();
+    let pairs: Vec<PairedExample> = (0..2)
+        .map(|i| PairedExample {
+            prompt: format!("{i}+1="),
+            chosen: format!("{}", i + 1),
+            rejected: format!("{}", i + 2),
+        })
+        .collect();
+    let pair_refs: Vec<&PairedExample> = pairs.iter().collect();
+    let db = dpo_batch(&tokenizer, &pair_refs, 9).unwrap();
+    let mut host = start.clone();
+    let mut trainee = Trainee::new(&host, AdamW::new(&host, AdamWConfig::default()), &gpu).unwrap();
+    let reference = ModelRef::Device(&reference);
+    for round in 0..2 {
+        call_counts(true).unwrap();
+        let out = kto_step(
+            &trainee.model(&host),
+            &reference,
+            &kb,
+            &KtoConfig::default(),
+        )
+        .unwrap();
+        let kto_queued = call_counts(true).unwrap();
+        trainee.step(&mut host, out, 1.0, 1e-3).unwrap();
+        let kto_update = call_counts(true).unwrap();
+        let out = dpo_step(
+            &trainee.model(&host),
+            &reference,
+            &db,
+            &DpoConfig::default(),
+        )
+        .unwrap();
+        let dpo_queued = call_counts(true).unwrap();
+        trainee.step(&mut host, out, 1.0, 1e-3).unwrap();
+        let dpo_update = call_counts(true).unwrap();
+        eprintln!(
+            "round {round}: KTO {} + {} waits, DPO {} + {} waits",
+            kto_queued.host_waits,
+            kto_update.host_waits,
+            dpo_queued.host_waits,
+            dpo_update.host_waits
+        );
+        // Round 0 loads modules and the cuBLAS handle; count from round 1.
+        if round == 1 {
+            assert_eq!(
+                kto_queued.host_waits, 0,
+                "the KTO step must only queue work"
+            );
+            assert_eq!(kto_update.host_waits, 1, "the KTO update must wait once");
+            assert_eq!(
+                dpo_queued.host_waits, 0,
+                "the DPO step must only queue work"
+            );
+            assert_eq!(dpo_update.host_waits, 1, "the DPO update must wait once");
+        }
+    }
+}
+
+/// A DPO step on the device against the CPU's: loss, metrics and every gradient.
+#[test]
+fn dpo_step_matches_the_cpu() {
+    use halo_kernels::losses::DpoConfig;
+    use halo_train::train::{batching::dpo_batch, dpo::dpo_step, PairedExample};
+    let gpu = emulated();
+    let tokenizer = TextTokenizer::Byte;
+    let model = Gpt::new(
+        GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            ..config()
+        },
+        8,
+    )
+    .unwrap();
+    // A reference that differs from the policy, so the log-ratios are not all 0.
+    let reference = Gpt::new(*model.config(), 9).unwrap();
+    let pairs: Vec<PairedExample> = (0..3)
+        .map(|i| PairedExample {
+            prompt: format!("{i}+{}=", 2 * i),
+            chosen: format!("{}", 3 * i),
+            rejected: format!("{}", 3 * i + 1),
+        })
+        .collect();
+    let pair_refs: Vec<&PairedExample> = pairs.iter().collect();
+    let db = dpo_batch(&tokenizer, &pair_refs, 9).unwrap();
+    let config = DpoConfig::default();
+    let (cpu, cpu_grads) = dpo_step(&model, &reference, &db, &config)
+        .unwrap()
+        .read()
+        .unwrap();
+    let (on_gpu, ref_gpu) = (
+        model.to_device(&gpu).unwrap(),
+        reference.to_device(&gpu).unwrap(),
+    );
+    let (cuda, cuda_grads) = dpo_step(&on_gpu, &ref_gpu, &db, &config)
+        .unwrap()
+        .read()
+        .unwrap();
+    assert!(
+        (cuda.loss - cpu.loss).abs() <= 1e-4 * cpu.loss.abs(),
+        "dpo loss {} vs {}",
+        cuda.loss,
+        cpu.loss
+    );
+    assert_eq!(cuda.metrics.len(), cpu.metrics.len());
+    for ((n, a), (m, b)) in cuda.metrics.iter().zip(&cpu.metrics) {
+        assert_eq!(n, m);
+        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{n}: {a} vs {b}");
+    }
+    let cuda_grads = cuda_grads.to_host().unwrap();
+    for (i, name) in model.parameter_names().iter().enumerate() {
+        match (cuda_grads.get(i), cpu_grads.get(i)) {
+            (Some(g), Some(c)) => assert_close(name, g, c, 1e-3),
+            (None, None) => {}
+            _ => panic!("{name}: a gradient on one device only"),
+        }
+    }
+}
+
+/// A step whose device checks fail is an error at the update, and the gated update leaves the
+/// weights and the optimizer as they were: a non-finite weight makes the logits non-finite, which
+/// the token op's status reports (on the CPU the forward itself fails).
+#[test]
+fn a_failed_device_check_is_the_error_and_the_weights_stay() {
+    let gpu = emulated();
+    let mut host = Gpt::new(config(), 4).unwrap();
+    let b = batch(2, 9, 37, 3);
+    let mut poisoned = host.clone();
+    // The final layer norm's bias (the last parameter): every row's logits become NaN.
+    let (_, last) = poisoned.parameters_mut().last().unwrap();
+    last[0] = f32::NAN;
+    let cpu_err = nll_step(&poisoned, &b).unwrap_err().to_string();
+    let mut trainee = Trainee::new(
+        &poisoned,
+        AdamW::new(&poisoned, AdamWConfig::default()),
+        &gpu,
+    )
+    .unwrap();
+    let out = nll_step(&trainee.model(&poisoned), &b).unwrap();
+    let err = trainee
+        .step(&mut poisoned, out, 1.0, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("non-finite") || err.contains("not finite"),
+        "{err}"
+    );
+    assert_eq!(err, cpu_err, "the device's error is the CPU's");
+    let before = poisoned.clone();
+    trainee.sync_host(&mut host).unwrap();
+    for (p, q) in host.parameters().iter().zip(before.parameters()) {
+        let same = p
+            .data
+            .iter()
+            .zip(&q.data)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{} changed by a step whose checks failed", p.name);
+    }
+    let optimizer = trainee.host_optimizer(&host).unwrap();
+    assert_eq!(optimizer.steps(), 0, "the failed step is not counted");
 }
 
 /// Refusals: `--device cuda` without a GPU is an error before the run writes anything; a device

@@ -41,12 +41,14 @@ fn adamw_matches_pytorch_formula() {
         let mut grads = Gradients::new();
         for (i, p) in model.parameters().iter().enumerate() {
             if i != skipped {
-                grads.add(
-                    i,
-                    (0..p.data.len())
-                        .map(|_| rng.gen_range(-1.0..1.0))
-                        .collect(),
-                );
+                grads
+                    .add(
+                        i,
+                        (0..p.data.len())
+                            .map(|_| rng.gen_range(-1.0..1.0))
+                            .collect(),
+                    )
+                    .unwrap();
             }
         }
         opt.step(&mut model, &grads, lr).unwrap();
@@ -89,18 +91,18 @@ fn adamw_rejects_gradients_of_another_shape() {
     let mut model = model();
     let mut opt = AdamW::new(&model, AdamWConfig::default());
     let mut grads = Gradients::new();
-    grads.add(0, vec![1.0; 3]);
+    grads.add(0, vec![1.0; 3]).unwrap();
     assert!(opt.step(&mut model, &grads, 1e-3).is_err());
     let mut grads = Gradients::new();
-    grads.add(1000, vec![1.0; 3]);
+    grads.add(1000, vec![1.0; 3]).unwrap();
     assert!(opt.step(&mut model, &grads, 1e-3).is_err());
 }
 
 #[test]
 fn clipping_scales_to_max_norm_only_when_above() {
     let mut grads = Gradients::new();
-    grads.add(0, vec![3.0, 0.0]);
-    grads.add(2, vec![0.0, 4.0, 0.0]);
+    grads.add(0, vec![3.0, 0.0]).unwrap();
+    grads.add(2, vec![0.0, 4.0, 0.0]).unwrap();
     assert!((grads.global_norm() - 5.0).abs() < 1e-6);
     let before = clip_grad_norm(&mut grads, 10.0);
     assert!((before - 5.0).abs() < 1e-6);

@@ -53,11 +53,11 @@ fn train(
     );
     (0..steps)
         .map(|_| {
-            let mut out = step(model).unwrap();
-            assert!(out.loss.is_finite());
-            clip_grad_norm(&mut out.grads, 1.0);
-            opt.step(model, &out.grads, lr).unwrap();
-            out.loss
+            let (metrics, mut grads) = step(model).unwrap().read().unwrap();
+            assert!(metrics.loss.is_finite());
+            clip_grad_norm(&mut grads, 1.0);
+            opt.step(model, &grads, lr).unwrap();
+            metrics.loss
         })
         .collect()
 }
@@ -102,7 +102,9 @@ fn kto_loss_decreases_from_one_half_and_separates_the_classes() {
     let losses = train(&mut policy, 12, 5e-3, |m| {
         let out = kto_step(m, &reference, &batch, &config)?;
         let get = |name: &str| {
-            out.metrics
+            out.host_metrics()
+                .unwrap()
+                .metrics
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|&(_, v)| v)
@@ -352,10 +354,11 @@ fn precomputed_reference_logps_give_the_same_kto_step_and_are_really_used() {
     };
     let cached = kto_step(&policy, &reference, &precomputed, &config).unwrap();
     assert!(
-        (cached.loss - on_the_fly.loss).abs() < 1e-6,
+        (cached.host_metrics().unwrap().loss - on_the_fly.host_metrics().unwrap().loss).abs()
+            < 1e-6,
         "{} vs {}",
-        cached.loss,
-        on_the_fly.loss
+        cached.host_metrics().unwrap().loss,
+        on_the_fly.host_metrics().unwrap().loss
     );
     for (param, g) in on_the_fly.grads.iter() {
         let h = cached.grads.get(param).unwrap();
@@ -376,7 +379,9 @@ fn precomputed_reference_logps_give_the_same_kto_step_and_are_really_used() {
         ..batch.clone()
     };
     let moved = kto_step(&policy, &reference, &shifted, &config).unwrap();
-    assert!((moved.loss - on_the_fly.loss).abs() > 1e-3);
+    assert!(
+        (moved.host_metrics().unwrap().loss - on_the_fly.host_metrics().unwrap().loss).abs() > 1e-3
+    );
 
     // A cache of the wrong length is an error, not a silent mismatch.
     let short = KtoBatch {

@@ -5,7 +5,11 @@
 //! Every wrapper validates lengths, shapes and hyper-parameters on the host before launching,
 //! and reads back the kernel's status word to return the same [`crate::HaloError`] the CPU op
 //! returns for the same input (bad label, non-finite logits, ...). The `enqueue_*` forms queue the
-//! kernel without waiting and leave the status to the caller (pipelines, benchmarks).
+//! kernel without waiting and leave the status to the caller (pipelines, benchmarks, a training
+//! step that reads every status with its loss in one wait: [`StatusWord`]'s `*_error` methods turn
+//! a word read later into the op's error; [`CudaBackend::enqueue_kto_step_tokens`] and
+//! [`CudaBackend::enqueue_dpo_step_tokens`] queue a loss from per-token log-probs already on the
+//! device).
 //!
 //! Without a GPU (or without nvcc at build time) [`CudaBackend::new`] returns
 //! [`crate::HaloError::CudaUnavailable`]; nothing here panics.
@@ -55,12 +59,13 @@ mod status;
 mod step;
 mod token_logprobs;
 mod token_logprobs_backward;
+mod token_step;
 
 pub use device::{check_available, CudaBackend, HOW_TO_COMPILE_KERNELS};
 pub use dpo::{CudaPairBatch, CudaPairGrads};
 pub use fused_head::{
     CudaFusedHeadGrads, CudaFusedSaved, CudaFusedTokenLogprobs, CudaHeadStep, CudaHiddenBatch,
-    CudaKlSource, CudaKtoHeadInputs, CudaLmHead, CudaReferenceSource,
+    CudaKlSource, CudaKtoHeadInputs, CudaLmHead, CudaReferenceSource, FusedBackwardStatus,
 };
 pub use gemm::{CudaGemm, GemmShape};
 pub use kto::{CudaKlInput, CudaKtoBatch};
@@ -73,6 +78,7 @@ pub use split_rows::{
 pub use status::{KernelStatus, StatusWord};
 pub use step::{CudaKtoStepInputs, CudaLogits, CudaPairReference, CudaStep};
 pub use token_logprobs::CudaTokenLogprobs;
+pub use token_step::{CudaTokenStep, TOKEN_STEP_VALUES};
 
 /// Re-exported so callers name device buffers without depending on cudarc directly.
 pub use cudarc::driver::{

@@ -413,7 +413,7 @@ impl CudaBackend {
         })
     }
 
-    fn alloc_sums(&self, batch: usize) -> Result<CudaSequenceSums> {
+    pub(crate) fn alloc_sums(&self, batch: usize) -> Result<CudaSequenceSums> {
         Ok(CudaSequenceSums {
             sums: self.alloc_output(batch)?,
             counts: self.alloc_output(batch)?,
@@ -422,7 +422,7 @@ impl CudaBackend {
 }
 
 /// Validates `layout` against `rows` with the CPU's errors; returns the number of sequences.
-fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
+pub(crate) fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
     check_rows_fit_status(rows)?;
     // The CPU's own check, without building the `batch`-long list of ranges.
     let batch = layout.check_rows(rows)?;

@@ -5,7 +5,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::device::{cuda_err, CudaBackend};
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{HaloError, Result};
 use crate::kernel_abi::{
     STATUS_BAD_LABEL, STATUS_EMPTY_SEQUENCE, STATUS_LEN, STATUS_NONFINITE, STATUS_NONFINITE_GRAD,
     STATUS_OK,
@@ -16,6 +17,14 @@ use crate::kernel_host::{self, status_row};
 #[derive(Debug)]
 pub struct KernelStatus {
     pub(crate) buf: CudaSlice<i32>,
+}
+
+impl KernelStatus {
+    /// The `STATUS_LEN` entries on the device: for gathering several statuses into one read (a
+    /// training step's), or to gate a later kernel on them (`adamw_step_clipped`).
+    pub fn buffer(&self) -> &CudaSlice<i32> {
+        &self.buf
+    }
 }
 
 /// The status entries after a launch, as host values.
@@ -42,6 +51,102 @@ impl StatusWord {
     pub fn empty_sequence(&self) -> Option<usize> {
         self.row(STATUS_EMPTY_SEQUENCE)
     }
+
+    /// Whether no check failed.
+    pub fn is_ok(&self) -> bool {
+        self.0.iter().all(|&v| v == STATUS_OK)
+    }
+
+    /// The CPU op's error (if any) for the status of a token log-prob *forward* (enqueued with
+    /// [`CudaBackend::enqueue_token_logprobs`]), read later: a bad label (its value from
+    /// `label_at(row)`, e.g. the host copy of the labels), then non-finite logits.
+    pub fn token_forward_error(
+        &self,
+        label_at: impl FnOnce(usize) -> Result<i32>,
+        vocab: usize,
+        ignore_index: i32,
+    ) -> Result<()> {
+        kernel_host::token_status_error(&self.0, label_at, vocab, ignore_index, "logits")
+    }
+
+    /// The CPU op's error (if any) for the status of a token log-prob *backward* of logits of
+    /// `dtype` (`enqueue_token_logprobs_backward*`), read later; `lse_at(row)` fetches a saved lse
+    /// for the error's message (only on the error path).
+    pub fn token_backward_error(
+        &self,
+        label_at: impl FnOnce(usize) -> Result<i32>,
+        lse_at: impl FnOnce(usize) -> Result<f32>,
+        vocab: usize,
+        ignore_index: i32,
+        dtype: DType,
+    ) -> Result<()> {
+        kernel_host::backward_status_error(&self.0, label_at, lse_at, vocab, ignore_index, dtype)
+    }
+
+    /// The error (if any) for the status of a fused head forward read later
+    /// ([`CudaBackend::enqueue_fused_linear_token_logprobs`], same `labels`). Unlike the waiting
+    /// call, which copies the inputs back to name the one that is not finite (as the CPU does),
+    /// this reports the logits of the row: the inputs may be gone by the time it is read.
+    pub fn fused_forward_error(&self, labels: &[i32], ignore_index: i32) -> Result<()> {
+        match self.nonfinite_row() {
+            Some(counted) => Err(HaloError::NonFinite {
+                what: "logits (hidden · weightᵀ + bias)",
+                row: counted_row(labels, ignore_index, counted),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The error (if any) for the `tiles` status of a fused head backward read later
+    /// ([`CudaBackend::enqueue_fused_linear_token_logprobs_backward`], same `labels`): non-finite
+    /// saved values or upstream gradient, then non-finite logits, naming the row rather than the
+    /// input (see [`StatusWord::fused_forward_error`]). Its `grads` status comes next:
+    /// [`StatusWord::fused_gradient_sums_error`].
+    pub fn fused_backward_tiles_error(&self, labels: &[i32], ignore_index: i32) -> Result<()> {
+        let row = |counted| counted_row(labels, ignore_index, counted);
+        if let Some(r) = self.nonfinite_grad_row() {
+            return Err(HaloError::NonFinite {
+                what: "grad_logp, row_max or ln_sum",
+                row: row(r),
+            });
+        }
+        if let Some(r) = self.nonfinite_row() {
+            return Err(HaloError::NonFinite {
+                what: "logits (hidden · weightᵀ + bias)",
+                row: row(r),
+            });
+        }
+        Ok(())
+    }
+
+    /// The error (if any) for the `grads` status of a fused head backward: a gradient (of
+    /// `hidden` or of the weight) that overflowed although its inputs were finite.
+    pub fn fused_gradient_sums_error(&self) -> Result<()> {
+        if let Some(row) = self.nonfinite_row() {
+            return Err(HaloError::NonFinite {
+                what: "grad_hidden",
+                row,
+            });
+        }
+        if let Some(row) = self.nonfinite_grad_row() {
+            return Err(HaloError::NonFinite {
+                what: "grad_weight",
+                row,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The row of `labels` that is the `counted`-th one not ignored (the fused head's kernels number
+/// the counted rows only).
+fn counted_row(labels: &[i32], ignore_index: i32, counted: usize) -> usize {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &y)| y != ignore_index)
+        .nth(counted)
+        .map_or(counted, |(r, _)| r)
 }
 
 impl CudaBackend {

@@ -268,7 +268,7 @@ impl CudaBackend {
 }
 
 /// The KTO loss's inputs: the step's sums and the caller's per-sequence inputs.
-fn kto_batch<'a>(
+pub(super) fn kto_batch<'a>(
     sums: &'a CudaSequenceSums,
     inputs: &'a CudaKtoStepInputs<'_>,
 ) -> CudaKtoBatch<'a> {
@@ -281,7 +281,7 @@ fn kto_batch<'a>(
 }
 
 /// The pair loss's inputs: sequences `0..n` of the step's sums chosen, `n..2n` rejected.
-fn pair_batch<'a>(
+pub(super) fn pair_batch<'a>(
     sums: &'a CudaSequenceSums,
     reference: &'a CudaPairReference<'_>,
 ) -> Result<CudaPairBatch<'a>> {

@@ -3,7 +3,8 @@
 //! `halo_kernels::cuda::nn`, its token ops, cuBLAS through `CudaGemm`). Same arguments and the same
 //! semantics on both: forwards return new buffers on the device, backwards *accumulate* (`+=`)
 //! into the gradients they are given. The CUDA arms only queue work: nothing here waits for the
-//! device except where a status must be read (the token ops' label and finiteness checks).
+//! device: the token ops' label and finiteness checks land in [`DeviceChecks`], which the host
+//! reads once per step with the loss.
 //!
 //! The tape validates every shape before calling in; these functions trust them.
 
@@ -13,11 +14,14 @@ use super::cpu::embedding::{embedding_backward, embedding_forward};
 use super::cpu::gelu::{gelu_backward, gelu_forward};
 use super::cpu::layernorm::{layernorm_backward, layernorm_forward};
 use super::cpu::matmul::{linear_backward, linear_forward};
+use super::device_checks::DeviceChecks;
 use super::pool::Buffer;
 use super::storage::{Device, Storage, StorageRef};
 use halo_kernels::cpu::SavedLse;
 use halo_kernels::cuda::nn::{AttentionDims, CudaTokenIds};
-use halo_kernels::cuda::{CudaBackend, CudaSlice, GemmShape};
+use halo_kernels::cuda::{CudaBackend, CudaSlice, FusedBackwardStatus, GemmShape, KernelStatus};
+use std::sync::Arc;
+
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
@@ -83,11 +87,6 @@ impl SavedLabels {
             .as_ref()
             .ok_or_else(|| HaloError::Autograd("labels were not uploaded to the device".into()))
     }
-}
-
-/// A vector of `len` ones on the device (cuBLAS reductions and broadcasts multiply by it).
-fn ones(gpu: &CudaBackend, len: usize) -> Result<CudaSlice<f32>> {
-    gpu.htod(&vec![1.0f32; len])
 }
 
 pub(crate) fn embedding_fwd(
@@ -158,19 +157,18 @@ pub(crate) fn linear_fwd(
         ),
         Device::Cuda(gpu) => {
             let gemm = gpu.gemm()?;
-            let out = y.cuda_mut()?;
-            let beta = match b {
-                Some(b) => {
-                    // y = 1ₙ · bᵀ (every row the bias), then y += x·w.
-                    let ones = ones(gpu, n)?;
-                    let shape = GemmShape::packed(n, m, 1, false, false);
-                    gemm.gemm(&shape, 1.0, &ones, b.cuda_or_err()?, 0.0, out)?;
-                    1.0
-                }
-                None => 0.0,
-            };
             let shape = GemmShape::packed(n, m, k, false, transpose_w);
-            gemm.gemm(&shape, 1.0, x.cuda_or_err()?, w.cuda_or_err()?, beta, out)?;
+            let (x, w) = (x.cuda_or_err()?, w.cuda_or_err()?);
+            match b {
+                // x·w, then every row plus the bias (the CPU's order: the product rounded, then
+                // the bias added), without a host buffer of ones per call.
+                Some(b) => {
+                    let mut xw = gpu.alloc_zeros::<f32>(n * m)?;
+                    gemm.gemm(&shape, 1.0, x, w, 0.0, &mut xw)?;
+                    gpu.add_bias_forward(&xw, b.cuda_or_err()?, y.cuda_mut()?)?;
+                }
+                None => gemm.gemm(&shape, 1.0, x, w, 0.0, y.cuda_mut()?)?,
+            }
         }
     }
     Ok(y)
@@ -523,12 +521,14 @@ pub(crate) fn accumulate_product(
     Ok(())
 }
 
-/// Per-row log-probs of the labels: `(logp, lse, lse_residual)`.
+/// Per-row log-probs of the labels: `(logp, lse, lse_residual)`. On a CUDA device the kernel's
+/// checks (labels, finite logits) go to `checks`, read with the step's other values.
 pub(crate) fn token_logprobs_fwd(
     dev: &Device,
     logits: StorageRef<'_>,
     labels: &SavedLabels,
     vocab: usize,
+    checks: &mut DeviceChecks,
 ) -> Result<(Storage, Storage, Storage)> {
     match dev {
         Device::Cpu => {
@@ -541,46 +541,106 @@ pub(crate) fn token_logprobs_fwd(
             Ok((out.logp.into(), out.lse.into(), out.lse_residual.into()))
         }
         Device::Cuda(gpu) => {
-            let out =
-                gpu.token_logprobs(logits.cuda_or_err()?, labels.device()?, vocab, IGNORE_INDEX)?;
+            let rows = labels.host.len();
+            let mut status = gpu.new_status()?;
+            let mut out: [CudaSlice<f32>; 3] = [
+                gpu.alloc_zeros(rows)?,
+                gpu.alloc_zeros(rows)?,
+                gpu.alloc_zeros(rows)?,
+            ];
+            let [logp, lse, residual] = &mut out;
+            gpu.enqueue_token_logprobs(
+                logits.cuda_or_err()?,
+                labels.device()?,
+                vocab,
+                IGNORE_INDEX,
+                logp,
+                lse,
+                residual,
+                &mut status,
+            )?;
+            let host_labels = labels.host.clone();
+            checks.push(status, move |word| {
+                word.token_forward_error(|row| Ok(host_labels[row]), vocab, IGNORE_INDEX)
+            });
+            let [logp, lse, residual] = out;
             Ok((
-                Storage::Cuda(out.logp),
-                Storage::Cuda(out.lse),
-                Storage::Cuda(out.lse_residual),
+                Storage::Cuda(logp),
+                Storage::Cuda(lse),
+                Storage::Cuda(residual),
             ))
         }
     }
 }
 
-/// `∂L/∂logits` of [`token_logprobs_fwd`] into a new buffer.
+/// The check of a queued token log-prob backward: its status word turned into the CPU op's error
+/// (the lse, which the error names, read back only then).
+fn push_backward_check(
+    gpu: &Arc<CudaBackend>,
+    checks: &mut DeviceChecks,
+    status: KernelStatus,
+    labels: &SavedLabels,
+    lse: Storage,
+    vocab: usize,
+) -> Result<()> {
+    let Storage::Cuda(lse) = lse else {
+        return Err(dev_mismatch("saved lse"));
+    };
+    let (gpu, host_labels) = (gpu.clone(), labels.host.clone());
+    checks.push(status, move |word| {
+        word.token_backward_error(
+            |row| Ok(host_labels[row]),
+            |row| Ok(gpu.dtoh(&lse.slice(row..row + 1))?[0]),
+            vocab,
+            IGNORE_INDEX,
+            halo_kernels::dtype::DType::F32,
+        )
+    });
+    Ok(())
+}
+
+fn dev_mismatch(what: &str) -> HaloError {
+    HaloError::Autograd(format!("{what}: a host buffer on a CUDA tape"))
+}
+
+/// `∂L/∂logits` of [`token_logprobs_fwd`] into a new buffer (`saved`: its lse and residual).
 pub(crate) fn token_logprobs_bwd(
     dev: &Device,
     logits: StorageRef<'_>,
     labels: &SavedLabels,
-    saved: (StorageRef<'_>, StorageRef<'_>),
+    saved: (Storage, Storage),
     dy: StorageRef<'_>,
     vocab: usize,
+    checks: &mut DeviceChecks,
 ) -> Result<Storage> {
     let mut dz = dev.zeros(logits.len())?;
     match dev {
         Device::Cpu => halo_kernels::cpu::token_logprobs_backward(
             host(logits)?,
             &labels.host,
-            SavedLse::new(host(saved.0)?, host(saved.1)?),
+            SavedLse::new(host(saved.0.as_ref())?, host(saved.1.as_ref())?),
             host(dy)?,
             vocab,
             IGNORE_INDEX,
             dz.host_mut()?,
         )?,
-        Device::Cuda(gpu) => gpu.token_logprobs_backward(
-            logits.cuda_or_err()?,
-            labels.device()?,
-            SavedLse::new(saved.0.cuda_or_err()?, saved.1.cuda_or_err()?),
-            dy.cuda_or_err()?,
-            vocab,
-            IGNORE_INDEX,
-            dz.cuda_mut()?,
-        )?,
+        Device::Cuda(gpu) => {
+            let mut status = gpu.new_status()?;
+            gpu.enqueue_token_logprobs_backward(
+                logits.cuda_or_err()?,
+                labels.device()?,
+                SavedLse::new(
+                    saved.0.as_ref().cuda_or_err()?,
+                    saved.1.as_ref().cuda_or_err()?,
+                ),
+                dy.cuda_or_err()?,
+                vocab,
+                IGNORE_INDEX,
+                dz.cuda_mut()?,
+                &mut status,
+            )?;
+            push_backward_check(gpu, checks, status, labels, saved.0, vocab)?;
+        }
     }
     Ok(dz)
 }
@@ -590,27 +650,36 @@ pub(crate) fn token_logprobs_bwd_inplace(
     dev: &Device,
     logits: &mut Storage,
     labels: &SavedLabels,
-    saved: (StorageRef<'_>, StorageRef<'_>),
+    saved: (Storage, Storage),
     dy: StorageRef<'_>,
     vocab: usize,
+    checks: &mut DeviceChecks,
 ) -> Result<()> {
     match dev {
         Device::Cpu => halo_kernels::cpu::token_logprobs_backward_inplace(
             logits.host_mut()?,
             &labels.host,
-            SavedLse::new(host(saved.0)?, host(saved.1)?),
+            SavedLse::new(host(saved.0.as_ref())?, host(saved.1.as_ref())?),
             host(dy)?,
             vocab,
             IGNORE_INDEX,
         ),
-        Device::Cuda(gpu) => gpu.token_logprobs_backward_inplace(
-            logits.cuda_mut()?,
-            labels.device()?,
-            SavedLse::new(saved.0.cuda_or_err()?, saved.1.cuda_or_err()?),
-            dy.cuda_or_err()?,
-            vocab,
-            IGNORE_INDEX,
-        ),
+        Device::Cuda(gpu) => {
+            let mut status = gpu.new_status()?;
+            gpu.enqueue_token_logprobs_backward_inplace(
+                logits.cuda_mut()?,
+                labels.device()?,
+                SavedLse::new(
+                    saved.0.as_ref().cuda_or_err()?,
+                    saved.1.as_ref().cuda_or_err()?,
+                ),
+                dy.cuda_or_err()?,
+                vocab,
+                IGNORE_INDEX,
+                &mut status,
+            )?;
+            push_backward_check(gpu, checks, status, labels, saved.0, vocab)
+        }
     }
 }
 
@@ -622,6 +691,7 @@ pub(crate) fn fused_head_fwd(
     labels: &SavedLabels,
     vocab: usize,
     hidden_size: usize,
+    checks: &mut DeviceChecks,
 ) -> Result<(Storage, Storage, Storage)> {
     match dev {
         Device::Cpu => {
@@ -647,13 +717,19 @@ pub(crate) fn fused_head_fwd(
                 vocab,
                 hidden_size,
             };
-            let out = gpu.fused_linear_token_logprobs(
+            let mut status = gpu.new_status()?;
+            let out = gpu.enqueue_fused_linear_token_logprobs(
                 hidden.cuda_or_err()?,
                 &head,
                 &labels.host,
                 IGNORE_INDEX,
                 None,
+                &mut status,
             )?;
+            let host_labels = labels.host.clone();
+            checks.push(status, move |word| {
+                word.fused_forward_error(&host_labels, IGNORE_INDEX)
+            });
             Ok((
                 Storage::Cuda(out.logp),
                 Storage::Cuda(out.row_max),
@@ -674,6 +750,7 @@ pub(crate) fn fused_head_bwd(
     dy: StorageRef<'_>,
     vocab: usize,
     hidden_size: usize,
+    checks: &mut DeviceChecks,
 ) -> Result<(Storage, Storage)> {
     match dev {
         Device::Cpu => {
@@ -702,7 +779,8 @@ pub(crate) fn fused_head_bwd(
                 vocab,
                 hidden_size,
             };
-            let g = gpu.fused_linear_token_logprobs_backward(
+            let mut status = gpu.new_fused_backward_status()?;
+            let g = gpu.enqueue_fused_linear_token_logprobs_backward(
                 hidden.cuda_or_err()?,
                 &head,
                 &labels.host,
@@ -713,7 +791,14 @@ pub(crate) fn fused_head_bwd(
                     grad_logp: dy.cuda_or_err()?,
                 },
                 None,
+                &mut status,
             )?;
+            let FusedBackwardStatus { tiles, grads } = status;
+            let host_labels = labels.host.clone();
+            checks.push(tiles, move |word| {
+                word.fused_backward_tiles_error(&host_labels, IGNORE_INDEX)
+            });
+            checks.push(grads, |word| word.fused_gradient_sums_error());
             Ok((Storage::Cuda(g.hidden), Storage::Cuda(g.weight)))
         }
     }

@@ -22,6 +22,7 @@
 //! stay as they are). Parameters are borrowed by the tape ([`Tape::param`]), never copied.
 
 pub mod cpu;
+pub mod device_checks;
 pub(crate) mod device_ops;
 pub mod ops;
 pub mod pool;
@@ -29,5 +30,6 @@ pub mod storage;
 pub mod tape;
 
 pub use cpu::attention::AttentionShape;
+pub use device_checks::{DeviceChecks, StepReadout};
 pub use storage::{Device, Storage, StorageRef};
 pub use tape::{Gradients, Tape, Var};

@@ -358,11 +358,12 @@ impl<'a> Tape<'a> {
         let saved = SavedLabels::new(&self.device, labels)?;
         let (logp, row_max, ln_sum) = dev_ops::fused_head_fwd(
             &self.device,
-            self.storage(hidden),
-            self.storage(weight),
+            self.nodes[hidden.0].value.as_ref(),
+            self.nodes[weight.0].value.as_ref(),
             &saved,
             vocab,
             hidden_size,
+            &mut self.checks,
         )?;
         let op = Op::FusedHeadTokenLogprobs {
             hidden,
@@ -390,8 +391,13 @@ impl<'a> Tape<'a> {
             });
         }
         let saved = SavedLabels::new(&self.device, labels)?;
-        let (logp, lse, lse_residual) =
-            dev_ops::token_logprobs_fwd(&self.device, self.storage(logits), &saved, vocab)?;
+        let (logp, lse, lse_residual) = dev_ops::token_logprobs_fwd(
+            &self.device,
+            self.nodes[logits.0].value.as_ref(),
+            &saved,
+            vocab,
+            &mut self.checks,
+        )?;
         let op = Op::TokenLogprobs {
             logits,
             labels: saved,

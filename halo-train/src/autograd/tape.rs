@@ -6,6 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::cpu::attention::AttentionShape;
+use super::device_checks::DeviceChecks;
 use super::device_ops::{self as dev_ops, SavedIds, SavedLabels};
 use super::storage::{Device, Storage, StorageRef};
 use halo_kernels::error::{HaloError, Result};
@@ -164,6 +165,8 @@ pub struct Tape<'a> {
     pub(crate) training: bool,
     consumed: bool,
     pub(crate) device: Device,
+    /// The checks of the CUDA kernels queued so far, not yet read (see [`DeviceChecks`]).
+    pub(crate) checks: DeviceChecks,
 }
 
 impl Default for Tape<'_> {
@@ -186,6 +189,7 @@ impl<'a> Tape<'a> {
             training: true,
             consumed: false,
             device: Device::Cpu,
+            checks: DeviceChecks::new(),
         }
     }
 
@@ -242,20 +246,55 @@ impl<'a> Tape<'a> {
         self.nodes[v.0].value.as_ref()
     }
 
-    /// A host copy of the value of `v` (waits for the device on a CUDA tape).
+    /// A host copy of the value of `v` (waits for the device on a CUDA tape). On a CUDA tape the
+    /// checks of the kernels queued so far ([`checks`](Self::checks)) are read with it, in the
+    /// same wait: a failed one is the error, as the CPU op's would have been.
     pub fn to_host(&self, v: Var) -> Result<Vec<f32>> {
         self.check_index(v, "value")?;
-        self.device.to_host(self.storage(v))
+        self.checked_to_host(self.storage(v))
     }
 
     /// Takes the value of `v` off the tape into a host vector (an inference tape's output): no
-    /// copy on the CPU, a device→host copy on a CUDA tape. The node then reads as empty.
+    /// copy on the CPU, a device→host copy on a CUDA tape (with the checks, as
+    /// [`to_host`](Self::to_host)). The node then reads as empty.
     pub fn take_to_host(&mut self, v: Var) -> Result<Vec<f32>> {
         self.check_index(v, "value")?;
         match std::mem::take(&mut self.nodes[v.0].value) {
             Value::Owned(Storage::Host(b)) => Ok(b.into_vec()),
-            other => self.device.to_host(other.as_ref()),
+            other => self.checked_to_host(other.as_ref()),
         }
+    }
+
+    /// `value` on the host, read in one wait with the pending checks (run first).
+    fn checked_to_host(&self, value: StorageRef<'_>) -> Result<Vec<f32>> {
+        match (&self.device, value) {
+            (Device::Cuda(gpu), StorageRef::Cuda(v)) => {
+                let mut values = self.checks.gather(gpu, &[v.as_view()], &[])?.read()?;
+                Ok(values.pop().unwrap_or_default())
+            }
+            _ => self.device.to_host(value),
+        }
+    }
+
+    /// The checks of the CUDA kernels queued on this tape, not yet read by the host (empty on a
+    /// CPU tape, whose ops fail as they run). [`backward`](Self::backward) hands them, with the
+    /// backward's own, to the [`Gradients`].
+    pub fn checks(&self) -> &DeviceChecks {
+        &self.checks
+    }
+
+    /// Appends checks of kernels queued elsewhere (e.g. a frozen reference model's inference
+    /// forward on the same device) to this tape's: they are read, in this order, with the
+    /// tape's own, and [`backward`](Self::backward) hands them on to the [`Gradients`].
+    pub fn extend_checks(&mut self, checks: &DeviceChecks) {
+        self.checks.extend(checks);
+    }
+
+    /// Takes the value of `v` off the tape, wherever it lives (e.g. a loss to read with the
+    /// step's other values). The node then reads as empty.
+    pub fn take_storage(&mut self, v: Var) -> Result<Storage> {
+        self.check_index(v, "value")?;
+        std::mem::take(&mut self.nodes[v.0].value).into_storage(&self.device)
     }
 
     /// The shape of `v`.
@@ -341,7 +380,9 @@ impl<'a> Tape<'a> {
     /// device (e.g. a loss's per-token gradient computed there): nothing is copied from the host.
     pub fn backward_from(&mut self, seeds: &[(Var, StorageRef<'_>)]) -> Result<Gradients> {
         let Some(last) = seeds.iter().map(|(v, _)| v.0).max() else {
-            return Ok(Gradients::on(self.device.clone()));
+            let mut none = Gradients::on(self.device.clone());
+            none.checks = std::mem::take(&mut self.checks);
+            return Ok(none);
         };
         for &(output, upstream) in seeds {
             self.check(output, "output")?;
@@ -370,6 +411,7 @@ impl<'a> Tape<'a> {
             }
         }
         let mut result = Gradients::on(device.clone());
+        let mut checks = std::mem::take(&mut self.checks);
         for i in (0..=last).rev() {
             let op = std::mem::replace(&mut self.nodes[i].op, Op::Consumed);
             if let Some(dy) = grads[i].take() {
@@ -394,20 +436,30 @@ impl<'a> Tape<'a> {
                             &device,
                             &mut z,
                             &labels,
-                            (lse.as_ref(), lse_residual.as_ref()),
+                            (lse, lse_residual),
                             dy.as_ref(),
                             vocab,
+                            &mut checks,
                         )?;
                         put_grad(&device, &mut grads, logits, Some(z))?;
                     }
                     // Dropping `op` and `dy` here gives their buffers back to the pool.
-                    op => backward_op(&device, &self.nodes, &mut grads, op, dy.as_ref(), i)?,
+                    op => backward_op(
+                        &device,
+                        &self.nodes,
+                        &mut grads,
+                        &mut checks,
+                        op,
+                        dy.as_ref(),
+                        i,
+                    )?,
                 }
             }
             if !seeds.iter().any(|(v, _)| v.0 == i) {
                 self.nodes[i].value = Value::default();
             }
         }
+        result.checks = checks;
         Ok(result)
     }
 }
@@ -472,6 +524,7 @@ fn backward_op(
     device: &Device,
     nodes: &[Node<'_>],
     grads: &mut [Option<Storage>],
+    checks: &mut DeviceChecks,
     op: Op,
     dy: StorageRef<'_>,
     index: usize,
@@ -611,6 +664,7 @@ fn backward_op(
                 dy,
                 vocab,
                 hidden_size,
+                checks,
             )?;
             if nodes[hidden.0].requires_grad {
                 put_grad(device, grads, hidden, Some(dh))?;
@@ -631,9 +685,10 @@ fn backward_op(
                     device,
                     value(logits),
                     &labels,
-                    (lse.as_ref(), lse_residual.as_ref()),
+                    (lse, lse_residual),
                     dy,
                     vocab,
+                    checks,
                 )?;
                 put_grad(device, grads, logits, Some(dz))?;
             }
@@ -649,10 +704,16 @@ fn backward_op(
 /// Host buffers come from the [`pool`](super::pool) and go back to it when this is dropped, so the
 /// next step's backward allocates none. The slice accessors ([`get`](Self::get),
 /// [`iter`](Self::iter), …) see host gradients; [`to_host`](Self::to_host) copies device ones.
+///
+/// Device gradients come with the [`DeviceChecks`] of the kernels that computed them (a label
+/// outside the vocabulary, non-finite logits, …), not yet read by the host: the values are only
+/// meaningful once those pass. [`to_host`](Self::to_host) and the device optimizer read them
+/// (the optimizer together with the step's loss and norm, in one wait).
 #[derive(Debug, Default)]
 pub struct Gradients {
     grads: Vec<Option<Storage>>,
     device: Device,
+    checks: DeviceChecks,
 }
 
 impl Gradients {
@@ -666,6 +727,7 @@ impl Gradients {
         Self {
             grads: Vec::new(),
             device,
+            checks: DeviceChecks::new(),
         }
     }
 
@@ -674,16 +736,21 @@ impl Gradients {
         &self.device
     }
 
-    /// Adds `g` (host values) to the gradient of parameter `param` (creating it if absent).
-    pub fn add(&mut self, param: usize, g: Vec<f32>) {
-        // Host values into a host set cannot fail; a device set takes a copy.
+    /// The checks of the device kernels that computed these gradients, not yet read (empty on
+    /// the CPU, whose ops fail before they return).
+    pub fn checks(&self) -> &DeviceChecks {
+        &self.checks
+    }
+
+    /// Adds `g` (host values) to the gradient of parameter `param` (creating it if absent); a
+    /// device set takes a copy. Errors: the copy failed, or `g`'s length differs from the
+    /// gradient already there.
+    pub fn add(&mut self, param: usize, g: Vec<f32>) -> Result<()> {
         let storage = match &self.device {
-            Device::Cpu => Ok(Storage::from(g)),
-            device => device.upload(&g),
+            Device::Cpu => Storage::from(g),
+            device => device.upload(&g)?,
         };
-        if let Ok(storage) = storage {
-            let _ = self.add_storage(param, storage);
-        }
+        self.add_storage(param, storage)
     }
 
     /// Adds `g` (on this set's device) to the gradient of parameter `param`.
@@ -692,6 +759,11 @@ impl Gradients {
             self.grads.resize_with(param + 1, || None);
         }
         match &mut self.grads[param] {
+            Some(existing) if existing.len() != g.len() => Err(HaloError::LengthMismatch {
+                what: "gradient to add",
+                expected: existing.len(),
+                got: g.len(),
+            }),
             Some(existing) => dev_ops::accumulate(&self.device, existing, g.as_ref()),
             slot => {
                 *slot = Some(g);
@@ -706,6 +778,7 @@ impl Gradients {
             let copy = self.device.copy(g)?;
             self.add_storage(p, copy)?;
         }
+        self.checks.extend(&other.checks);
         Ok(())
     }
 
@@ -757,11 +830,16 @@ impl Gradients {
         for (p, g) in self.storages() {
             out.add_storage(p, self.device.copy(g)?)?;
         }
+        out.checks = self.checks.clone();
         Ok(out)
     }
 
-    /// A host copy (waits for the device when the gradients live on one).
+    /// A host copy (waits for the device when the gradients live on one). Device gradients'
+    /// [`checks`](Self::checks) are read first: a failed one is the error.
     pub fn to_host(&self) -> Result<Gradients> {
+        if let Device::Cuda(gpu) = &self.device {
+            self.checks.verify(gpu)?;
+        }
         let mut out = Gradients::new();
         for (p, g) in self.storages() {
             out.add_storage(p, Storage::from(self.device.to_host(g)?))?;

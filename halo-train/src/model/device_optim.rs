@@ -1,7 +1,8 @@
 //! [`DeviceAdamW`]: [`AdamW`] and torch's global-norm clipping for a [`GptOnDevice`], on the
 //! device: the moments live there, the norm and the clip factor are computed there
 //! (`halo_kernels::cuda::CudaBackend::grad_norm_clip`) and the update reads the factor there
-//! (`adamw_step_clipped`), so a step makes one device→host read (the norm, for the log). Same
+//! (`adamw_step_clipped_gated`), so a step makes one device→host read: the norm (for the log),
+//! the gradients' pending checks and any values the caller adds (the loss), together. Same
 //! arithmetic, in the same order, as the host [`AdamW::step`] after [`clip_grad_norm`](super::optim::clip_grad_norm):
 //! bitwise the CPU's update for the same gradients.
 
@@ -12,7 +13,7 @@ use super::gpt::Gpt;
 use super::optim::{AdamW, AdamWConfig};
 use crate::autograd::{Device, Gradients, Storage, StorageRef};
 use halo_kernels::cuda::nn::{AdamWScalars, CudaGradNorm, GRAD_NORM_OUT_LEN, GRAD_NORM_OUT_NORM};
-use halo_kernels::cuda::{CudaBackend, CudaSlice};
+use halo_kernels::cuda::{CudaBackend, CudaSlice, CudaView};
 use halo_kernels::error::{HaloError, Result};
 
 /// AdamW with its moments on a CUDA device (see the module docs).
@@ -81,8 +82,10 @@ impl DeviceAdamW {
     }
 
     /// Clips `grads` to global norm `max_norm` (torch's rule) and takes one AdamW step of
-    /// `model` with learning rate `lr`; returns the norm before clipping (the step's one read).
-    /// Parameters without a gradient are left untouched, their moments too.
+    /// `model` with learning rate `lr`; returns the norm before clipping. One host wait: the
+    /// gradients' [`checks`](Gradients::checks) and the norm are read together, after the update
+    /// was queued gated on the checks (a failed one is the error, and the weights and moments are
+    /// left as they were). Parameters without a gradient are left untouched, their moments too.
     pub fn clip_and_step(
         &mut self,
         model: &mut GptOnDevice,
@@ -90,6 +93,21 @@ impl DeviceAdamW {
         max_norm: f32,
         lr: f32,
     ) -> Result<f32> {
+        Ok(self
+            .clip_and_step_reading(model, grads, max_norm, lr, &[])?
+            .0)
+    }
+
+    /// [`DeviceAdamW::clip_and_step`] that also reads `values` (e.g. the step's loss, still on the
+    /// device) in the same wait: returns the norm and their host copies, in order.
+    pub fn clip_and_step_reading(
+        &mut self,
+        model: &mut GptOnDevice,
+        grads: &Gradients,
+        max_norm: f32,
+        lr: f32,
+        values: &[CudaView<'_, f32>],
+    ) -> Result<(f32, Vec<Vec<f32>>)> {
         let n = self.m.len();
         if model.num_tensors() != n {
             return Err(HaloError::LengthMismatch {
@@ -116,39 +134,49 @@ impl DeviceAdamW {
                 }
             }
         }
+        // The checks' statuses and `values` gathered on the device now; the norm after it is
+        // computed; the update gated on the statuses.
+        let mut readout = grads
+            .checks()
+            .gather(&self.gpu, values, &[GRAD_NORM_OUT_LEN])?;
         self.gpu.grad_norm_clip(
             &mut self.norm_plan,
             &device_grads,
             Some(max_norm),
             &mut self.readout,
         )?;
-        self.step += 1;
         let AdamWConfig {
             betas,
             eps,
             weight_decay,
             ..
         } = self.config;
+        let step = self.step + 1;
         let factor = self.readout.slice(1..2);
         for (i, weight) in model.weights_mut().iter_mut().enumerate() {
             let Some(g) = device_grads[i] else { continue };
-            let scalars =
-                AdamWScalars::new(lr, betas, eps, weight_decay, self.decays[i], self.step)?;
+            let scalars = AdamWScalars::new(lr, betas, eps, weight_decay, self.decays[i], step)?;
             let Storage::Cuda(param) = weight else {
                 return Err(HaloError::Autograd(
                     "a host weight in a device model".into(),
                 ));
             };
-            self.gpu.adamw_step_clipped(
+            self.gpu.adamw_step_clipped_gated(
                 param,
                 g,
                 &mut self.m[i],
                 &mut self.v[i],
                 &factor,
+                &readout.gate(),
                 &scalars,
             )?;
         }
-        let readout = self.gpu.dtoh(&self.readout)?;
-        Ok(readout[GRAD_NORM_OUT_NORM])
+        readout.write_later(0, &self.readout.as_view())?;
+        // The step's one wait; a failed check means the gated update wrote nothing, so the step
+        // count stays too.
+        let mut read = readout.read()?;
+        self.step = step;
+        let norm_and_factor = read.pop().unwrap_or_default();
+        Ok((norm_and_factor[GRAD_NORM_OUT_NORM], read))
     }
 }

@@ -5,7 +5,7 @@
 
 use super::config::GptConfig;
 use super::gpt::{BLOCK_PARAMS, FIRST_BLOCK, LAYER_NORM_EPS, WPE, WTE};
-use crate::autograd::{Device, Tape, Var};
+use crate::autograd::{Device, DeviceChecks, Storage, Tape, Var};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::IGNORE_INDEX;
 
@@ -261,6 +261,21 @@ pub fn token_logprobs_inference<W: GptWeights>(
     let mut tape = Tape::inference().on(model.device());
     let v = token_logprobs(model, &mut tape, input_ids, targets, batch, seq)?;
     tape.take_to_host(v)
+}
+
+/// [`token_logprobs_inference`] left where the model lives: the log-probs and the checks of the
+/// kernels that computed them, not read yet (empty on the CPU, whose ops fail as they run).
+pub fn token_logprobs_inference_queued<W: GptWeights>(
+    model: &W,
+    input_ids: &[u32],
+    targets: &[i32],
+    batch: usize,
+    seq: usize,
+) -> Result<(Storage, DeviceChecks)> {
+    let mut tape = Tape::inference().on(model.device());
+    let v = token_logprobs(model, &mut tape, input_ids, targets, batch, seq)?;
+    let value = tape.take_storage(v)?;
+    Ok((value, tape.checks().clone()))
 }
 
 /// [`logits`] on an inference tape, as host values; a non-finite logit is an error.

@@ -8,13 +8,18 @@
 //! constant in the loss.
 
 use super::batching::{token_batch, KtoBatch, TargetSpan, TokenBatch};
-use super::stage::StepOutput;
+use std::sync::Arc;
+
+use super::step_output::{DeviceValues, PendingMetrics, StepMetrics, StepOutput, StepValues};
 use super::tokenizer::TextTokenizer;
-use crate::autograd::Tape;
+use crate::autograd::{Device, DeviceChecks, StorageRef, Tape};
 use crate::model::{forward, GptWeights};
 use halo_kernels::cpu::{sequence_sums, SequenceLayout};
+use halo_kernels::cuda::{
+    CudaBackend, CudaKlInput, CudaKtoStepInputs, CudaSlice, CudaTokenStep, CudaView,
+};
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::losses::{KlInput, KtoConfig};
+use halo_kernels::losses::{KlInput, KtoConfig, KtoOutput};
 use halo_kernels::step::{kto_step_tokens, KtoStepInputs, TokenLogps};
 use halo_kernels::IGNORE_INDEX;
 
@@ -59,9 +64,185 @@ pub fn precompute_reference_logps<W: GptWeights>(
 }
 
 /// Loss, gradients and TRL metrics of one KTO (or APO-zero unpaired) step, on the device of
-/// the policy's weights (the reference's may live elsewhere: only its log-probs are read). The
-/// loss itself is the core's host step (`kto_step_tokens`) on the token log-probs read back.
+/// the policy's weights (the reference's may live elsewhere: only its log-probs are read). On the
+/// CPU the loss is the core's host step (`kto_step_tokens`); on a CUDA device its queued twin
+/// (`enqueue_kto_step_tokens`), so that the step's one host wait is the update's.
 pub fn kto_step<P: GptWeights, R: GptWeights>(
+    policy: &P,
+    reference: &R,
+    batch: &KtoBatch,
+    config: &KtoConfig,
+) -> Result<StepOutput> {
+    check_precomputed(batch)?;
+    match policy.device() {
+        Device::Cuda(gpu) => kto_step_on_device(&gpu, policy, reference, batch, config),
+        Device::Cpu => kto_step_on_host(policy, reference, batch, config),
+    }
+}
+
+/// Precomputed reference log-probs must be one per example.
+fn check_precomputed(batch: &KtoBatch) -> Result<()> {
+    match &batch.reference_logps {
+        Some(precomputed) if precomputed.len() != batch.examples.batch => {
+            Err(HaloError::InvalidShape(format!(
+                "{} precomputed reference log-probs for a batch of {} examples",
+                precomputed.len(),
+                batch.examples.batch
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// TRL's metric names, and `kl` = z0 when the loss reports none.
+fn named_metrics(out: &KtoOutput) -> Vec<(String, f64)> {
+    let mut metrics: Vec<(String, f64)> = out
+        .metrics
+        .to_named()
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v))
+        .collect();
+    if !metrics.iter().any(|(n, _)| n == "kl") {
+        metrics.push(("kl".into(), out.z0));
+    }
+    metrics
+}
+
+/// Summed completion log-probs of `batch` under `model` on `gpu`, queued, with the checks of the
+/// kernels that computed them; a model on the host is scored there and its sums uploaded.
+pub(crate) fn sequence_logps_queued<W: GptWeights>(
+    gpu: &Arc<CudaBackend>,
+    model: &W,
+    batch: &TokenBatch,
+) -> Result<(CudaSlice<f32>, DeviceChecks)> {
+    if model.device().is_cpu() {
+        return Ok((
+            gpu.htod(&sequence_logps_inference(model, batch)?)?,
+            DeviceChecks::new(),
+        ));
+    }
+    let (tokens, checks) = forward::token_logprobs_inference_queued(
+        model,
+        &batch.input_ids,
+        &batch.targets,
+        batch.batch,
+        batch.seq,
+    )?;
+    let labels = gpu.htod(&batch.targets)?;
+    let sums = gpu.enqueue_sequence_sums(
+        tokens.as_ref().cuda_or_err()?,
+        &labels,
+        IGNORE_INDEX,
+        layout(batch),
+    )?;
+    Ok((sums.sums, checks))
+}
+
+/// The CUDA arm of [`kto_step`]: everything queued; the loss read with the update.
+fn kto_step_on_device<P: GptWeights, R: GptWeights>(
+    gpu: &Arc<CudaBackend>,
+    policy: &P,
+    reference: &R,
+    batch: &KtoBatch,
+    config: &KtoConfig,
+) -> Result<StepOutput> {
+    let examples = &batch.examples;
+    let mut tape = Tape::new().on(policy.device());
+    let token_logp = forward::token_logprobs_fused_head(
+        policy,
+        &mut tape,
+        &examples.input_ids,
+        &examples.targets,
+        examples.batch,
+        examples.seq,
+    )?;
+    // Checked after the policy's forward and before its backward, as the CPU step orders them.
+    let reference_logps = match &batch.reference_logps {
+        Some(precomputed) => gpu.htod(precomputed)?,
+        None => {
+            let (sums, checks) = sequence_logps_queued(gpu, reference, examples)?;
+            tape.extend_checks(&checks);
+            sums
+        }
+    };
+    let (kl_policy, checks) = sequence_logps_queued(gpu, policy, &batch.kl_pairs)?;
+    tape.extend_checks(&checks);
+    let (kl_reference, checks) = sequence_logps_queued(gpu, reference, &batch.kl_pairs)?;
+    tape.extend_checks(&checks);
+    let desirable: Vec<u8> = batch.desirable.iter().map(|&d| u8::from(d)).collect();
+    let pending = PendingKto {
+        gpu: gpu.clone(),
+        config: *config,
+        labels: gpu.htod(&examples.targets)?,
+        reference_logps,
+        desirable: gpu.htod(&desirable)?,
+        kl_policy,
+        kl_reference,
+        queued: None,
+    };
+    let queued = gpu.enqueue_kto_step_tokens(
+        config,
+        tape.storage(token_logp).cuda_or_err()?,
+        &pending.labels,
+        IGNORE_INDEX,
+        layout(examples),
+        &pending.inputs(),
+    )?;
+    let grads = tape.backward_from(&[(token_logp, StorageRef::Cuda(&queued.token_grad))])?;
+    Ok(StepOutput {
+        grads,
+        values: StepValues::Device(DeviceValues::new(PendingKto {
+            queued: Some(queued),
+            ..pending
+        })),
+    })
+}
+
+/// A queued KTO loss and the device inputs it reads (kept for its error diagnosis).
+struct PendingKto {
+    gpu: Arc<CudaBackend>,
+    config: KtoConfig,
+    labels: CudaSlice<i32>,
+    reference_logps: CudaSlice<f32>,
+    desirable: CudaSlice<u8>,
+    kl_policy: CudaSlice<f32>,
+    kl_reference: CudaSlice<f32>,
+    queued: Option<CudaTokenStep>,
+}
+
+impl PendingKto {
+    fn inputs(&self) -> CudaKtoStepInputs<'_> {
+        CudaKtoStepInputs {
+            reference_logps: self.reference_logps.as_view(),
+            is_desirable: self.desirable.as_view(),
+            kl: Some(CudaKlInput::LogProbs {
+                policy: self.kl_policy.as_view(),
+                reference: self.kl_reference.as_view(),
+            }),
+        }
+    }
+}
+
+impl PendingMetrics for PendingKto {
+    fn values(&self) -> Vec<CudaView<'_, f32>> {
+        self.queued.iter().flat_map(|q| q.values()).collect()
+    }
+
+    fn finish(self: Box<Self>, read: &[Vec<f32>]) -> Result<StepMetrics> {
+        let queued = self
+            .queued
+            .as_ref()
+            .ok_or_else(|| HaloError::Autograd("the KTO loss was never queued".into()))?;
+        let out = queued.finish_kto(&self.gpu, &self.config, &self.inputs(), read)?;
+        Ok(StepMetrics {
+            loss: out.loss,
+            metrics: named_metrics(&out),
+        })
+    }
+}
+
+/// The CPU arm of [`kto_step`].
+fn kto_step_on_host<P: GptWeights, R: GptWeights>(
     policy: &P,
     reference: &R,
     batch: &KtoBatch,
@@ -78,14 +259,7 @@ pub fn kto_step<P: GptWeights, R: GptWeights>(
         examples.seq,
     )?;
     let reference_logps = match &batch.reference_logps {
-        Some(precomputed) if precomputed.len() == examples.batch => precomputed.clone(),
-        Some(precomputed) => {
-            return Err(HaloError::InvalidShape(format!(
-                "{} precomputed reference log-probs for a batch of {} examples",
-                precomputed.len(),
-                examples.batch
-            )))
-        }
+        Some(precomputed) => precomputed.clone(),
         None => sequence_logps_inference(reference, examples)?,
     };
     // Reference point inputs: no gradient flows through them.
@@ -112,18 +286,5 @@ pub fn kto_step<P: GptWeights, R: GptWeights>(
     )?;
     let grads = tape.backward(token_logp, &step.token_grad)?;
     let out = step.loss;
-    let mut metrics: Vec<(String, f64)> = out
-        .metrics
-        .to_named()
-        .into_iter()
-        .map(|(name, v)| (name.to_string(), v))
-        .collect();
-    if !metrics.iter().any(|(n, _)| n == "kl") {
-        metrics.push(("kl".into(), out.z0));
-    }
-    Ok(StepOutput {
-        loss: out.loss,
-        grads,
-        metrics,
-    })
+    Ok(StepOutput::host(out.loss, grads, named_metrics(&out)))
 }

@@ -10,7 +10,8 @@
 //! - [`batching`]: padded token batches, KTO KL pairs, DPO pair batches, epoch sampler.
 //! - [`nll`], [`kto`], [`dpo`]: one training step of each stage.
 //! - [`stage`]: the loop shared by the stages (clip, AdamW, log, progress bar, periodic eval);
-//!   [`trainee`]: the model and optimizer it trains, on the CPU or on a CUDA device.
+//!   [`trainee`]: the model and optimizer it trains, on the CPU or on a CUDA device;
+//!   [`step_output`]: what a step hands over (gradients, and a loss on the host or the device).
 //! - [`stage_checkpoint`]: a stage's periodic checkpoint (weights, AdamW state, data position).
 //! - [`run_dir`]: the run directory's rules (empty, `--overwrite`, `--resume`) and its manifest.
 //! - [`error_analysis`]: carrying vs other prompts, the most common wrong answers.
@@ -36,6 +37,7 @@ pub mod plot;
 pub mod run_dir;
 pub mod stage;
 pub mod stage_checkpoint;
+pub mod step_output;
 pub mod tokenizer;
 pub mod trainee;
 

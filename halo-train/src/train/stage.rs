@@ -15,7 +15,7 @@ use super::metrics_log::{MetricRecord, MetricsLog};
 use super::stage_checkpoint::StageCheckpoint;
 use super::tokenizer::TextTokenizer;
 use super::trainee::Trainee;
-use crate::autograd::{Device, Gradients};
+use crate::autograd::Device;
 use crate::model::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::model::{Gpt, ModelRef};
 use halo_kernels::error::Result;
@@ -23,16 +23,7 @@ use halo_kernels::error::Result;
 /// Largest global gradient norm; larger gradients are scaled down (TRL's `max_grad_norm`).
 pub const MAX_GRAD_NORM: f32 = 1.0;
 
-/// What one step computed.
-#[derive(Debug)]
-pub struct StepOutput {
-    /// The step's loss (mean over the batch), before the update.
-    pub loss: f64,
-    /// Gradients of `loss` with respect to the model parameters, before clipping.
-    pub grads: Gradients,
-    /// Extra metrics, TRL names (`kl`, `rewards/chosen`, ...).
-    pub metrics: Vec<(String, f64)>,
-}
+pub use super::step_output::{DeviceValues, PendingMetrics, StepMetrics, StepOutput, StepValues};
 
 /// Shared state of a run that every stage reports into.
 #[derive(Debug)]
@@ -140,17 +131,18 @@ pub fn run_stage(
     }
     for step in first_step..spec.steps {
         let indices = sampler.next_batch(spec.batch_size);
-        let mut out = step_fn(trainee.model(model), &indices)?;
+        let out = step_fn(trainee.model(model), &indices)?;
         let lr = spec.schedule.lr_at(step);
-        let grad_norm = trainee.clip_and_step(model, &mut out.grads, MAX_GRAD_NORM, lr)?;
-        losses.push(out.loss);
+        let report = trainee.step(model, out, MAX_GRAD_NORM, lr)?;
+        let loss = report.metrics.loss;
+        losses.push(loss);
 
         let mut values = vec![
-            ("loss".to_string(), out.loss),
-            ("grad_norm".to_string(), grad_norm as f64),
+            ("loss".to_string(), loss),
+            ("grad_norm".to_string(), report.grad_norm as f64),
             ("learning_rate".to_string(), lr as f64),
         ];
-        values.extend(out.metrics);
+        values.extend(report.metrics.metrics);
         ctx.log.log(MetricRecord {
             stage: spec.name.to_string(),
             step: step + 1,

@@ -5,10 +5,11 @@
 
 use std::borrow::Cow;
 
+use super::step_output::{StepMetrics, StepOutput, StepValues};
 use crate::autograd::{Device, Gradients};
 use crate::model::optim::{clip_grad_norm, AdamW};
 use crate::model::{DeviceAdamW, Gpt, GptOnDevice, ModelRef};
-use halo_kernels::error::Result;
+use halo_kernels::error::{HaloError, Result};
 
 /// A stage's model and optimizer on its device (see the module docs).
 #[derive(Debug)]
@@ -17,6 +18,15 @@ pub enum Trainee {
     Host(AdamW),
     /// Weights and optimizer state on a CUDA device.
     Device(Box<OnDevice>),
+}
+
+/// What [`Trainee::step`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// The step's loss and metrics.
+    pub metrics: StepMetrics,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f32,
 }
 
 /// The device half of [`Trainee::Device`].
@@ -68,6 +78,49 @@ impl Trainee {
                 Ok(norm)
             }
             Self::Device(d) => d.optimizer.clip_and_step(&mut d.model, grads, max_norm, lr),
+        }
+    }
+
+    /// Clips `out`'s gradients to global norm `max_norm`, takes one AdamW step with learning rate
+    /// `lr` and returns the step's loss, metrics and norm before clipping. On a CUDA device this
+    /// is the step's one host wait: the gradients' pending checks, the device loss and metrics and
+    /// the norm are read together after the update was queued, gated on the checks (a failed check
+    /// is the error, and the weights stay as they were).
+    pub fn step(
+        &mut self,
+        host: &mut Gpt,
+        mut out: StepOutput,
+        max_norm: f32,
+        lr: f32,
+    ) -> Result<StepReport> {
+        match (self, out.values) {
+            (Self::Host(optimizer), StepValues::Host(metrics)) => {
+                let grad_norm = clip_grad_norm(&mut out.grads, max_norm);
+                optimizer.step(host, &out.grads, lr)?;
+                Ok(StepReport { metrics, grad_norm })
+            }
+            (Self::Host(_), StepValues::Device(_)) => Err(HaloError::Autograd(
+                "a step's loss on a CUDA device, but the model trains on the CPU".into(),
+            )),
+            (Self::Device(d), StepValues::Host(metrics)) => {
+                let grad_norm =
+                    d.optimizer
+                        .clip_and_step(&mut d.model, &out.grads, max_norm, lr)?;
+                Ok(StepReport { metrics, grad_norm })
+            }
+            (Self::Device(d), StepValues::Device(values)) => {
+                let (grad_norm, read) = d.optimizer.clip_and_step_reading(
+                    &mut d.model,
+                    &out.grads,
+                    max_norm,
+                    lr,
+                    &values.values(),
+                )?;
+                Ok(StepReport {
+                    metrics: values.finish(&read)?,
+                    grad_norm,
+                })
+            }
         }
     }
 

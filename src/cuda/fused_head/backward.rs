@@ -33,6 +33,17 @@ pub struct CudaFusedHeadGrads {
     pub bias: Option<CudaSlice<f32>>,
 }
 
+/// The two status buffers of a fused head backward: the tiles' (non-finite logits or saved
+/// values) and the gradients' (a sum of finite products that overflowed).
+#[derive(Debug)]
+pub struct FusedBackwardStatus {
+    /// `fused_head_tile_backward`'s checks.
+    pub tiles: KernelStatus,
+    /// `fused_head_first_nonfinite` over `∂hidden` (slot `STATUS_NONFINITE`) and `∂weight`
+    /// (`STATUS_NONFINITE_GRAD`).
+    pub grads: KernelStatus,
+}
+
 /// The forward's saved values and `∂L/∂logp` per row, on the device.
 #[derive(Debug, Clone, Copy)]
 pub struct CudaFusedSaved<'a> {
@@ -47,7 +58,7 @@ pub struct CudaFusedSaved<'a> {
 impl CudaBackend {
     /// Gradients of `L` w.r.t. the head's inputs: the CUDA twin of
     /// [`crate::fused_head::fused_linear_token_logprobs_backward`], with the same errors. `chunks`
-    /// need not equal the forward's. Ignored rows are not read. Waits for the device.
+    /// need not equal the forward's. Ignored rows are not read. Waits for the device (once).
     pub fn fused_linear_token_logprobs_backward<T: CudaLogit>(
         &self,
         hidden: &CudaSlice<T>,
@@ -56,6 +67,67 @@ impl CudaBackend {
         ignore_index: i32,
         saved: CudaFusedSaved<'_>,
         chunks: Option<FusedChunks>,
+    ) -> Result<CudaFusedHeadGrads> {
+        let mut status = self.new_fused_backward_status()?;
+        let grads = self.enqueue_fused_linear_token_logprobs_backward(
+            hidden,
+            head,
+            labels,
+            ignore_index,
+            saved,
+            chunks,
+            &mut status,
+        )?;
+        let (tiles, sums) = (
+            self.read_status(&status.tiles)?,
+            self.read_status(&status.grads)?,
+        );
+        if let Some(r) = tiles.nonfinite_grad_row() {
+            // Name the input as the CPU op does, from host copies (this error path only).
+            let named = [
+                ("row_max", saved.row_max),
+                ("ln_sum", saved.ln_sum),
+                ("grad_logp", saved.grad_logp),
+            ];
+            for (what, values) in named {
+                check_counted_finite(what, &self.dtoh(values)?, labels, ignore_index)?;
+            }
+            return Err(HaloError::NonFinite {
+                what: "grad_logp",
+                row: r,
+            });
+        }
+        if let Some(r) = tiles.nonfinite_row() {
+            return Err(self.fused_non_finite_error(hidden, head, labels, ignore_index, r)?);
+        }
+        sums.fused_gradient_sums_error()?;
+        Ok(grads)
+    }
+
+    /// Two reset status buffers for [`CudaBackend::enqueue_fused_linear_token_logprobs_backward`].
+    pub fn new_fused_backward_status(&self) -> Result<FusedBackwardStatus> {
+        Ok(FusedBackwardStatus {
+            tiles: self.new_status()?,
+            grads: self.new_status()?,
+        })
+    }
+
+    /// [`CudaBackend::fused_linear_token_logprobs_backward`] queued without a wait: shapes and
+    /// labels are checked now; the finiteness checks land in `status` (read both whenever
+    /// convenient and turn them into the error with
+    /// [`StatusWord::fused_backward_tiles_error`](crate::cuda::StatusWord::fused_backward_tiles_error)
+    /// and [`StatusWord::fused_gradient_sums_error`](crate::cuda::StatusWord::fused_gradient_sums_error)). With a
+    /// failed check the gradients hold garbage (non-finite values), never out-of-bounds writes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_fused_linear_token_logprobs_backward<T: CudaLogit>(
+        &self,
+        hidden: &CudaSlice<T>,
+        head: &CudaLmHead<'_, T>,
+        labels: &[i32],
+        ignore_index: i32,
+        saved: CudaFusedSaved<'_>,
+        chunks: Option<FusedChunks>,
+        status: &mut FusedBackwardStatus,
     ) -> Result<CudaFusedHeadGrads> {
         let rows = self.check_fused_head(hidden.len(), head, labels, ignore_index)?;
         let named = [
@@ -97,7 +169,6 @@ impl CudaBackend {
             DType::F32 => None,
             _ => Some(self.alloc_output::<f32>(chunks.vocab_tile.min(vocab) * h)?),
         };
-        let mut status = self.new_status()?;
         for vt in tiles(vocab, chunks.vocab_tile) {
             let width = vt.len();
             if let Some(wide) = wide_weight.as_mut() {
@@ -130,7 +201,7 @@ impl CudaBackend {
                     &per_row,
                     rt.clone(),
                     vt.clone(),
-                    &mut status,
+                    &mut status.tiles,
                 )?;
                 let dz = tile.slice(..rt.len() * width);
                 // ∂hidden[rt] += ∂z · W_tile   ([rt, width] · [width, H])
@@ -158,38 +229,10 @@ impl CudaBackend {
                 }
             }
         }
-        let word = self.read_status(&status)?;
-        if let Some(r) = word.nonfinite_grad_row() {
-            // Name the input as the CPU op does, from host copies (this error path only).
-            for (what, values) in named {
-                check_counted_finite(what, &self.dtoh(values)?, labels, ignore_index)?;
-            }
-            return Err(HaloError::NonFinite {
-                what: "grad_logp",
-                row: r,
-            });
-        }
-        if let Some(r) = word.nonfinite_row() {
-            return Err(self.fused_non_finite_error(hidden, head, labels, ignore_index, r)?);
-        }
         self.scatter_rows(&grad_counted, &counted.index, n, h, &mut grads.hidden)?;
         // Finite inputs can still overflow a sum of f32 products: report it rather than return inf.
-        let mut status = self.new_status()?;
-        self.first_nonfinite(&grads.hidden, h, &mut status, STATUS_NONFINITE)?;
-        self.first_nonfinite(&grads.weight, h, &mut status, STATUS_NONFINITE_GRAD)?;
-        let word = self.read_status(&status)?;
-        if let Some(row) = word.nonfinite_row() {
-            return Err(HaloError::NonFinite {
-                what: "grad_hidden",
-                row,
-            });
-        }
-        if let Some(row) = word.nonfinite_grad_row() {
-            return Err(HaloError::NonFinite {
-                what: "grad_weight",
-                row,
-            });
-        }
+        self.first_nonfinite(&grads.hidden, h, &mut status.grads, STATUS_NONFINITE)?;
+        self.first_nonfinite(&grads.weight, h, &mut status.grads, STATUS_NONFINITE_GRAD)?;
         Ok(grads)
     }
 

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::cuda::device::{cuda_err, CudaBackend};
 use crate::cuda::launch::CudaLogit;
+use crate::cuda::status::KernelStatus;
 use crate::cuda::GemmShape;
 use crate::error::{HaloError, Result};
 use crate::fused_head::{non_finite_error, FusedChunks, LmHead};
@@ -39,6 +40,35 @@ impl CudaBackend {
         labels: &[i32],
         ignore_index: i32,
         chunks: Option<FusedChunks>,
+    ) -> Result<CudaFusedTokenLogprobs> {
+        let mut status = self.new_status()?;
+        let out = self.enqueue_fused_linear_token_logprobs(
+            hidden,
+            head,
+            labels,
+            ignore_index,
+            chunks,
+            &mut status,
+        )?;
+        let word = self.read_status(&status)?;
+        if let Some(r) = word.nonfinite_row() {
+            return Err(self.fused_non_finite_error(hidden, head, labels, ignore_index, r)?);
+        }
+        Ok(out)
+    }
+
+    /// [`CudaBackend::fused_linear_token_logprobs`] queued without a wait: the shapes and labels
+    /// are checked now, the finiteness of the logits lands in `status` (reset; read it whenever
+    /// convenient, e.g. with a training step's other values, and turn it into the error with
+    /// [`StatusWord::fused_forward_error`](crate::cuda::StatusWord::fused_forward_error)).
+    pub fn enqueue_fused_linear_token_logprobs<T: CudaLogit>(
+        &self,
+        hidden: &CudaSlice<T>,
+        head: &CudaLmHead<'_, T>,
+        labels: &[i32],
+        ignore_index: i32,
+        chunks: Option<FusedChunks>,
+        status: &mut KernelStatus,
     ) -> Result<CudaFusedTokenLogprobs> {
         let rows = self.check_fused_head(hidden.len(), head, labels, ignore_index)?;
         let counted = self.upload_counted_rows(labels, ignore_index)?;
@@ -88,12 +118,7 @@ impl CudaBackend {
                 )?;
             }
         }
-        let mut status = self.new_status()?;
-        self.finalize_rows(&state, &counted.index, n, &mut out, &mut status)?;
-        let word = self.read_status(&status)?;
-        if let Some(r) = word.nonfinite_row() {
-            return Err(self.fused_non_finite_error(hidden, head, labels, ignore_index, r)?);
-        }
+        self.finalize_rows(&state, &counted.index, n, &mut out, status)?;
         Ok(out)
     }
 

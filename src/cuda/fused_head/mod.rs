@@ -20,7 +20,7 @@ mod backward;
 mod forward;
 mod heads;
 
-pub use backward::{CudaFusedHeadGrads, CudaFusedSaved};
+pub use backward::{CudaFusedHeadGrads, CudaFusedSaved, FusedBackwardStatus};
 pub use forward::CudaFusedTokenLogprobs;
 pub use heads::{
     CudaHeadStep, CudaHiddenBatch, CudaKlSource, CudaKtoHeadInputs, CudaReferenceSource,

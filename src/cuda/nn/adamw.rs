@@ -12,12 +12,19 @@
 //! host read. [`CudaBackend::adamw_step_clipped_write_back`] also leaves the gradient scaled, as
 //! the CPU's `clip_grad_norm` does.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::super::device::{cuda_err, CudaBackend};
 use super::super::launch::{blocks_launch, check_aligned};
 use crate::error::{HaloError, Result};
 use crate::validate::check_len;
+
+/// The clipped variants' device pointers and lengths: the clip factor `[1]` and the gate (status
+/// entries; `(0, 0)` for none).
+struct Clip {
+    factor: (u64, usize),
+    gate: (u64, usize),
+}
 
 /// Threads per block (`HALO_ADAMW_THREADS` in the kernel).
 const ADAMW_THREADS: u32 = 256;
@@ -123,8 +130,7 @@ impl CudaBackend {
         check_len("gradient", n, grad.len())?;
         let stream = self.stream();
         let (grad_ptr, _r0) = grad.device_ptr(stream);
-        let no_clip: Option<&CudaSlice<f32>> = None;
-        self.launch_adamw(Variant::Plain, param, grad_ptr, m, v, no_clip, scalars)
+        self.launch_adamw(Variant::Plain, param, grad_ptr, m, v, None, scalars)
     }
 
     /// [`CudaBackend::adamw_step`] with the gradient multiplied by the device clip factor first
@@ -144,15 +150,42 @@ impl CudaBackend {
         check_len("gradient", n, grad.len())?;
         let stream = self.stream();
         let (grad_ptr, _r0) = grad.device_ptr(stream);
-        self.launch_adamw(
-            Variant::Clipped,
-            param,
-            grad_ptr,
-            m,
-            v,
-            Some(clip_factor),
-            scalars,
-        )
+        let (clip_ptr, _r1) = clip_factor.device_ptr(stream);
+        let clip = Clip {
+            factor: (clip_ptr, clip_factor.len()),
+            gate: (0, 0),
+        };
+        self.launch_adamw(Variant::Clipped, param, grad_ptr, m, v, Some(clip), scalars)
+    }
+
+    /// [`CudaBackend::adamw_step_clipped`] *gated* on `gate`: status entries on the device (the
+    /// checks of the kernels that computed `grad`, e.g. gathered from their `KernelStatus`
+    /// buffers). Unless every entry is `STATUS_OK`, the step writes nothing: the parameters and
+    /// moments stay as they were, so a step whose checks the host reads only afterwards (with the
+    /// loss, in one read) never applies a gradient computed from bad input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step_clipped_gated(
+        &self,
+        param: &mut impl DevicePtrMut<f32>,
+        grad: &impl DevicePtr<f32>,
+        m: &mut impl DevicePtrMut<f32>,
+        v: &mut impl DevicePtrMut<f32>,
+        clip_factor: &impl DevicePtr<f32>,
+        gate: &impl DevicePtr<i32>,
+        scalars: &AdamWScalars,
+    ) -> Result<()> {
+        let n = param.len();
+        check_len("gradient", n, grad.len())?;
+        let stream = self.stream();
+        let (grad_ptr, _r0) = grad.device_ptr(stream);
+        let (clip_ptr, _r1) = clip_factor.device_ptr(stream);
+        let (gate_ptr, _r2) = gate.device_ptr(stream);
+        check_aligned::<i32>("gate", gate_ptr)?;
+        let clip = Clip {
+            factor: (clip_ptr, clip_factor.len()),
+            gate: (gate_ptr, gate.len()),
+        };
+        self.launch_adamw(Variant::Clipped, param, grad_ptr, m, v, Some(clip), scalars)
     }
 
     /// [`CudaBackend::adamw_step_clipped`] that also stores the scaled gradient into `grad` (the
@@ -170,13 +203,18 @@ impl CudaBackend {
         check_len("gradient", n, grad.len())?;
         let stream = self.stream();
         let (grad_ptr, _w0) = grad.device_ptr_mut(stream);
+        let (clip_ptr, _r1) = clip_factor.device_ptr(stream);
+        let clip = Clip {
+            factor: (clip_ptr, clip_factor.len()),
+            gate: (0, 0),
+        };
         self.launch_adamw(
             Variant::ClippedWriteBack,
             param,
             grad_ptr,
             m,
             v,
-            Some(clip_factor),
+            Some(clip),
             scalars,
         )
     }
@@ -190,14 +228,14 @@ impl CudaBackend {
         grad_ptr: u64,
         m: &mut impl DevicePtrMut<f32>,
         v: &mut impl DevicePtrMut<f32>,
-        clip_factor: Option<&impl DevicePtr<f32>>,
+        clip: Option<Clip>,
         s: &AdamWScalars,
     ) -> Result<()> {
         let n = param.len();
         check_len("first moment `m`", n, m.len())?;
         check_len("second moment `v`", n, v.len())?;
-        if let Some(c) = clip_factor {
-            check_len("clip_factor", 1, c.len())?;
+        if let Some(c) = &clip {
+            check_len("clip_factor", 1, c.factor.1)?;
         }
         if n == 0 {
             return Ok(());
@@ -224,7 +262,6 @@ impl CudaBackend {
         let (param_ptr, _w0) = param.device_ptr_mut(stream);
         let (m_ptr, _w1) = m.device_ptr_mut(stream);
         let (v_ptr, _w2) = v.device_ptr_mut(stream);
-        let clip = clip_factor.map(|c| c.device_ptr(stream));
         check_aligned::<f32>("param", param_ptr)?;
         check_aligned::<f32>("gradient", grad_ptr)?;
         check_aligned::<f32>("first moment `m`", m_ptr)?;
@@ -236,9 +273,10 @@ impl CudaBackend {
             .arg(&grad_ptr)
             .arg(&m_ptr)
             .arg(&v_ptr);
-        if let Some((clip_ptr, _)) = &clip {
-            check_aligned::<f32>("clip_factor", *clip_ptr)?;
-            launch.arg(clip_ptr);
+        let gate_len = clip.as_ref().map_or(0, |c| c.gate.1 as i64);
+        if let Some(c) = &clip {
+            check_aligned::<f32>("clip_factor", c.factor.0)?;
+            launch.arg(&c.factor.0).arg(&c.gate.0).arg(&gate_len);
         }
         launch
             .arg(&len)
@@ -252,8 +290,10 @@ impl CudaBackend {
             .arg(&s.eps)
             .arg(&s.decay);
         // SAFETY: arguments follow the entry point's signature in kernels/README.md (the clip
-        // factor only for the clipped ones); `param`, `grad`, `m`, `v` hold `n` elements and
-        // `clip_factor` one (checked); the kernel touches indices below `n` only.
+        // factor and the gate only for the clipped ones); `param`, `grad`, `m`, `v` hold `n`
+        // elements, `clip_factor` one (checked) and the gate `gate_len` (0: not read); the kernel
+        // touches indices below `n` only. The callers hold the guards of the clip and gate
+        // pointers until the launch is queued.
         unsafe { launch.launch(cfg) }.map_err(cuda_err(what))?;
         Ok(())
     }
