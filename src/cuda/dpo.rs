@@ -53,6 +53,25 @@ pub struct CudaPairGrads {
     pub grad_rejected: CudaSlice<f32>,
 }
 
+impl CudaPairGrads {
+    /// One gradient per sequence, chosen then rejected, as a DPO batch's layout orders the
+    /// sequences (queued device copies).
+    pub(crate) fn concatenated(&self, backend: &CudaBackend) -> Result<CudaSlice<f32>> {
+        let n = self.grad_chosen.len();
+        let mut grad_seq = backend.alloc_output::<f32>(2 * n)?;
+        if n > 0 {
+            let stream = backend.stream();
+            stream
+                .memcpy_dtod(&self.grad_chosen, &mut grad_seq.slice_mut(..n))
+                .map_err(cuda_err("copy chosen gradients"))?;
+            stream
+                .memcpy_dtod(&self.grad_rejected, &mut grad_seq.slice_mut(n..))
+                .map_err(cuda_err("copy rejected gradients"))?;
+        }
+        Ok(grad_seq)
+    }
+}
+
 impl CudaBackend {
     /// The DPO-family loss, its gradients and metrics, like [`crate::losses::dpo_loss`]. Waits for
     /// the kernel.

@@ -62,9 +62,27 @@ impl CudaBackend {
         ignore_index: i32,
         layout: SequenceLayout<'_>,
     ) -> Result<CudaSequenceSums> {
+        let out = self.enqueue_sequence_sums(token_values, labels, ignore_index, layout)?;
+        if !out.sums.is_empty() {
+            let sums = self.dtoh(&out.sums)?;
+            self.check_sequence_sums(token_values, labels, ignore_index, layout, &sums)?;
+        }
+        Ok(out)
+    }
+
+    /// Masked per-sequence sums of `token_values` and token counts ([`CudaBackend::sequence_sums`])
+    /// queued without a wait: the shapes and the layout are checked now; a non-finite sum (a
+    /// non-finite token value, or an f32 overflow) is the caller's to look for in what it reads.
+    pub fn enqueue_sequence_sums(
+        &self,
+        token_values: &impl DevicePtr<f32>,
+        labels: &impl DevicePtr<i32>,
+        ignore_index: i32,
+        layout: SequenceLayout<'_>,
+    ) -> Result<CudaSequenceSums> {
         check_len("labels", token_values.len(), labels.len())?;
         let mut out = self.alloc_sums(validate_layout(token_values.len(), layout)?)?;
-        self.sequence_sums_into(token_values, labels, ignore_index, layout, &mut out)?;
+        self.launch_sequence_sums(token_values, labels, ignore_index, layout, &mut out)?;
         Ok(out)
     }
 
@@ -413,7 +431,7 @@ impl CudaBackend {
         })
     }
 
-    pub(crate) fn alloc_sums(&self, batch: usize) -> Result<CudaSequenceSums> {
+    fn alloc_sums(&self, batch: usize) -> Result<CudaSequenceSums> {
         Ok(CudaSequenceSums {
             sums: self.alloc_output(batch)?,
             counts: self.alloc_output(batch)?,
@@ -422,7 +440,7 @@ impl CudaBackend {
 }
 
 /// Validates `layout` against `rows` with the CPU's errors; returns the number of sequences.
-pub(crate) fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
+fn validate_layout(rows: usize, layout: SequenceLayout<'_>) -> Result<usize> {
     check_rows_fit_status(rows)?;
     // The CPU's own check, without building the `batch`-long list of ranges.
     let batch = layout.check_rows(rows)?;

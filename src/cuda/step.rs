@@ -18,7 +18,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-use super::device::{cuda_err, CudaBackend};
+use super::device::CudaBackend;
 use super::dpo::CudaPairBatch;
 use super::kto::{CudaKlInput, CudaKtoBatch};
 use super::launch::{check_token_shape, CudaLogit};
@@ -125,18 +125,7 @@ impl CudaBackend {
                 let status_ptr = readback.status_ptr(self, StatusRegion::Loss);
                 let launched =
                     self.launch_dpo_loss(config, &pair_batch(sums, reference)?, status_ptr)?;
-                // One gradient per sequence, chosen then rejected, as the layout orders them.
-                let n = launched.grads.grad_chosen.len();
-                let mut grad_seq = self.alloc_output::<f32>(2 * n)?;
-                if n > 0 {
-                    let stream = self.stream();
-                    stream
-                        .memcpy_dtod(&launched.grads.grad_chosen, &mut grad_seq.slice_mut(..n))
-                        .map_err(cuda_err("copy chosen gradients"))?;
-                    stream
-                        .memcpy_dtod(&launched.grads.grad_rejected, &mut grad_seq.slice_mut(n..))
-                        .map_err(cuda_err("copy rejected gradients"))?;
-                }
+                let grad_seq = launched.grads.concatenated(self)?;
                 Ok((launched.out, grad_seq))
             },
             |sums, values| {

@@ -11,8 +11,8 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-use super::device::{cuda_err, CudaBackend};
-use super::sequence_sums::{validate_layout, CudaSequenceSums};
+use super::device::CudaBackend;
+use super::sequence_sums::CudaSequenceSums;
 use super::status::{KernelStatus, StatusWord};
 use super::step::{kto_batch, pair_batch, CudaKtoStepInputs, CudaPairReference};
 use crate::cpu::SequenceLayout;
@@ -40,22 +40,6 @@ pub struct CudaTokenStep {
 pub const TOKEN_STEP_VALUES: usize = 4;
 
 impl CudaBackend {
-    /// Masked per-sequence sums of `token_values` and token counts ([`CudaBackend::sequence_sums`])
-    /// queued without a wait: the shapes and the layout are checked now; a non-finite sum (a
-    /// non-finite token value, or an f32 overflow) is the caller's to look for in what it reads.
-    pub fn enqueue_sequence_sums(
-        &self,
-        token_values: &impl DevicePtr<f32>,
-        labels: &impl DevicePtr<i32>,
-        ignore_index: i32,
-        layout: SequenceLayout<'_>,
-    ) -> Result<CudaSequenceSums> {
-        check_len("labels", token_values.len(), labels.len())?;
-        let mut out = self.alloc_sums(validate_layout(token_values.len(), layout)?)?;
-        self.launch_sequence_sums(token_values, labels, ignore_index, layout, &mut out)?;
-        Ok(out)
-    }
-
     /// [`crate::step::kto_step_tokens`] on the device, queued (see the module docs): the policy's
     /// token log-probs `token_logps` with their `labels`, the reference's sums, the labels of
     /// desirability and the KL input on the device. Argument and configuration errors now.
@@ -100,18 +84,7 @@ impl CudaBackend {
             let (status_ptr, _w) = status.buf.device_ptr_mut(self.stream());
             self.launch_dpo_loss(config, &pair_batch(&sums, reference)?, status_ptr)?
         };
-        // One gradient per sequence, chosen then rejected, as the layout orders them.
-        let n = launched.grads.grad_chosen.len();
-        let mut grad_seq = self.alloc_output::<f32>(2 * n)?;
-        if n > 0 {
-            let stream = self.stream();
-            stream
-                .memcpy_dtod(&launched.grads.grad_chosen, &mut grad_seq.slice_mut(..n))
-                .map_err(cuda_err("copy chosen gradients"))?;
-            stream
-                .memcpy_dtod(&launched.grads.grad_rejected, &mut grad_seq.slice_mut(n..))
-                .map_err(cuda_err("copy rejected gradients"))?;
-        }
+        let grad_seq = launched.grads.concatenated(self)?;
         self.broadcast_token_step(
             sums,
             launched.out,

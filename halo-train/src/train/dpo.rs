@@ -7,13 +7,14 @@
 use std::sync::Arc;
 
 use super::batching::TokenBatch;
+use super::device_step::{policy_token_logps, queued_step_output};
 use super::kto::{sequence_logps_inference, sequence_logps_queued};
-use super::step_output::{DeviceValues, PendingMetrics, StepMetrics, StepOutput, StepValues};
-use crate::autograd::{Device, StorageRef, Tape};
-use crate::model::{forward, GptWeights};
+use super::step_output::{StepMetrics, StepOutput};
+use crate::autograd::Device;
+use crate::model::GptWeights;
 use halo_kernels::cpu::SequenceLayout;
-use halo_kernels::cuda::{CudaBackend, CudaPairReference, CudaSlice, CudaTokenStep, CudaView};
-use halo_kernels::error::{HaloError, Result};
+use halo_kernels::cuda::{CudaBackend, CudaPairReference, CudaSlice};
+use halo_kernels::error::Result;
 use halo_kernels::losses::{DpoConfig, PairLossOutput};
 use halo_kernels::step::{dpo_step_tokens, pair_count, PairReference, TokenLogps};
 use halo_kernels::IGNORE_INDEX;
@@ -51,57 +52,47 @@ fn dpo_step_on_device<P: GptWeights, R: GptWeights>(
     batch: &TokenBatch,
     config: &DpoConfig,
 ) -> Result<StepOutput> {
-    let mut tape = Tape::new().on(policy.device());
-    let token_logp = forward::token_logprobs_fused_head(
-        policy,
-        &mut tape,
-        &batch.input_ids,
-        &batch.targets,
-        batch.batch,
-        batch.seq,
-    )?;
+    let (mut tape, token_logp) = policy_token_logps(policy, batch)?;
     let (reference_logps, checks) = sequence_logps_queued(gpu, reference, batch)?;
     tape.extend_checks(&checks);
-    let pending = PendingDpo {
-        gpu: gpu.clone(),
+    let inputs = DpoDeviceInputs {
         config: *config,
         labels: gpu.htod(&batch.targets)?,
         reference_logps,
-        queued: None,
-    };
-    let layout = SequenceLayout::Padded {
-        batch: batch.batch,
-        seq: batch.seq,
     };
     let queued = gpu.enqueue_dpo_step_tokens(
         config,
         tape.storage(token_logp).cuda_or_err()?,
-        &pending.labels,
+        &inputs.labels,
         IGNORE_INDEX,
-        layout,
-        &pending.reference()?,
+        padded(batch),
+        &inputs.reference()?,
     )?;
-    let grads = tape.backward_from(&[(token_logp, StorageRef::Cuda(&queued.token_grad))])?;
-    Ok(StepOutput {
-        grads,
-        values: StepValues::Device(DeviceValues::new(PendingDpo {
-            queued: Some(queued),
-            ..pending
-        })),
-    })
+    queued_step_output(
+        tape,
+        token_logp,
+        gpu,
+        inputs,
+        queued,
+        |gpu, inputs, queued, read| {
+            let out = queued.finish_dpo(gpu, &inputs.config, &inputs.reference()?, read)?;
+            Ok(StepMetrics {
+                loss: out.loss,
+                metrics: named_metrics(&out),
+            })
+        },
+    )
 }
 
-/// A queued DPO-family loss and the device inputs it reads (kept for its error diagnosis).
-struct PendingDpo {
-    gpu: Arc<CudaBackend>,
+/// The device inputs of a queued DPO-family loss.
+struct DpoDeviceInputs {
     config: DpoConfig,
     labels: CudaSlice<i32>,
     /// Chosen sequences' sums then rejected ones'.
     reference_logps: CudaSlice<f32>,
-    queued: Option<CudaTokenStep>,
 }
 
-impl PendingDpo {
+impl DpoDeviceInputs {
     fn reference(&self) -> Result<CudaPairReference<'_>> {
         let n = pair_count(self.reference_logps.len())?;
         Ok(CudaPairReference {
@@ -111,21 +102,10 @@ impl PendingDpo {
     }
 }
 
-impl PendingMetrics for PendingDpo {
-    fn values(&self) -> Vec<CudaView<'_, f32>> {
-        self.queued.iter().flat_map(|q| q.values()).collect()
-    }
-
-    fn finish(self: Box<Self>, read: &[Vec<f32>]) -> Result<StepMetrics> {
-        let queued = self
-            .queued
-            .as_ref()
-            .ok_or_else(|| HaloError::Autograd("the DPO loss was never queued".into()))?;
-        let out = queued.finish_dpo(&self.gpu, &self.config, &self.reference()?, read)?;
-        Ok(StepMetrics {
-            loss: out.loss,
-            metrics: named_metrics(&out),
-        })
+fn padded(batch: &TokenBatch) -> SequenceLayout<'static> {
+    SequenceLayout::Padded {
+        batch: batch.batch,
+        seq: batch.seq,
     }
 }
 
@@ -137,19 +117,8 @@ fn dpo_step_on_host<P: GptWeights, R: GptWeights>(
     config: &DpoConfig,
 ) -> Result<StepOutput> {
     let n = batch.batch / 2;
-    let layout = SequenceLayout::Padded {
-        batch: batch.batch,
-        seq: batch.seq,
-    };
-    let mut tape = Tape::new().on(policy.device());
-    let token_logp = forward::token_logprobs_fused_head(
-        policy,
-        &mut tape,
-        &batch.input_ids,
-        &batch.targets,
-        batch.batch,
-        batch.seq,
-    )?;
+    let layout = padded(batch);
+    let (mut tape, token_logp) = policy_token_logps(policy, batch)?;
     let reference_logps = sequence_logps_inference(reference, batch)?;
     let token_logps = tape.to_host(token_logp)?;
     let step = dpo_step_tokens(

@@ -10,14 +10,13 @@
 use super::batching::{token_batch, KtoBatch, TargetSpan, TokenBatch};
 use std::sync::Arc;
 
-use super::step_output::{DeviceValues, PendingMetrics, StepMetrics, StepOutput, StepValues};
+use super::device_step::{policy_token_logps, queued_step_output};
+use super::step_output::{StepMetrics, StepOutput};
 use super::tokenizer::TextTokenizer;
-use crate::autograd::{Device, DeviceChecks, StorageRef, Tape};
+use crate::autograd::{Device, DeviceChecks};
 use crate::model::{forward, GptWeights};
 use halo_kernels::cpu::{sequence_sums, SequenceLayout};
-use halo_kernels::cuda::{
-    CudaBackend, CudaKlInput, CudaKtoStepInputs, CudaSlice, CudaTokenStep, CudaView,
-};
+use halo_kernels::cuda::{CudaBackend, CudaKlInput, CudaKtoStepInputs, CudaSlice};
 use halo_kernels::error::{HaloError, Result};
 use halo_kernels::losses::{KlInput, KtoConfig, KtoOutput};
 use halo_kernels::step::{kto_step_tokens, KtoStepInputs, TokenLogps};
@@ -147,15 +146,7 @@ fn kto_step_on_device<P: GptWeights, R: GptWeights>(
     config: &KtoConfig,
 ) -> Result<StepOutput> {
     let examples = &batch.examples;
-    let mut tape = Tape::new().on(policy.device());
-    let token_logp = forward::token_logprobs_fused_head(
-        policy,
-        &mut tape,
-        &examples.input_ids,
-        &examples.targets,
-        examples.batch,
-        examples.seq,
-    )?;
+    let (mut tape, token_logp) = policy_token_logps(policy, examples)?;
     // Checked after the policy's forward and before its backward, as the CPU step orders them.
     let reference_logps = match &batch.reference_logps {
         Some(precomputed) => gpu.htod(precomputed)?,
@@ -170,48 +161,50 @@ fn kto_step_on_device<P: GptWeights, R: GptWeights>(
     let (kl_reference, checks) = sequence_logps_queued(gpu, reference, &batch.kl_pairs)?;
     tape.extend_checks(&checks);
     let desirable: Vec<u8> = batch.desirable.iter().map(|&d| u8::from(d)).collect();
-    let pending = PendingKto {
-        gpu: gpu.clone(),
+    let inputs = KtoDeviceInputs {
         config: *config,
         labels: gpu.htod(&examples.targets)?,
         reference_logps,
         desirable: gpu.htod(&desirable)?,
         kl_policy,
         kl_reference,
-        queued: None,
     };
     let queued = gpu.enqueue_kto_step_tokens(
         config,
         tape.storage(token_logp).cuda_or_err()?,
-        &pending.labels,
+        &inputs.labels,
         IGNORE_INDEX,
         layout(examples),
-        &pending.inputs(),
+        &inputs.step_inputs(),
     )?;
-    let grads = tape.backward_from(&[(token_logp, StorageRef::Cuda(&queued.token_grad))])?;
-    Ok(StepOutput {
-        grads,
-        values: StepValues::Device(DeviceValues::new(PendingKto {
-            queued: Some(queued),
-            ..pending
-        })),
-    })
+    queued_step_output(
+        tape,
+        token_logp,
+        gpu,
+        inputs,
+        queued,
+        |gpu, inputs, queued, read| {
+            let out = queued.finish_kto(gpu, &inputs.config, &inputs.step_inputs(), read)?;
+            Ok(StepMetrics {
+                loss: out.loss,
+                metrics: named_metrics(&out),
+            })
+        },
+    )
 }
 
-/// A queued KTO loss and the device inputs it reads (kept for its error diagnosis).
-struct PendingKto {
-    gpu: Arc<CudaBackend>,
+/// The device inputs of a queued KTO loss.
+struct KtoDeviceInputs {
     config: KtoConfig,
     labels: CudaSlice<i32>,
     reference_logps: CudaSlice<f32>,
     desirable: CudaSlice<u8>,
     kl_policy: CudaSlice<f32>,
     kl_reference: CudaSlice<f32>,
-    queued: Option<CudaTokenStep>,
 }
 
-impl PendingKto {
-    fn inputs(&self) -> CudaKtoStepInputs<'_> {
+impl KtoDeviceInputs {
+    fn step_inputs(&self) -> CudaKtoStepInputs<'_> {
         CudaKtoStepInputs {
             reference_logps: self.reference_logps.as_view(),
             is_desirable: self.desirable.as_view(),
@@ -223,24 +216,6 @@ impl PendingKto {
     }
 }
 
-impl PendingMetrics for PendingKto {
-    fn values(&self) -> Vec<CudaView<'_, f32>> {
-        self.queued.iter().flat_map(|q| q.values()).collect()
-    }
-
-    fn finish(self: Box<Self>, read: &[Vec<f32>]) -> Result<StepMetrics> {
-        let queued = self
-            .queued
-            .as_ref()
-            .ok_or_else(|| HaloError::Autograd("the KTO loss was never queued".into()))?;
-        let out = queued.finish_kto(&self.gpu, &self.config, &self.inputs(), read)?;
-        Ok(StepMetrics {
-            loss: out.loss,
-            metrics: named_metrics(&out),
-        })
-    }
-}
-
 /// The CPU arm of [`kto_step`].
 fn kto_step_on_host<P: GptWeights, R: GptWeights>(
     policy: &P,
@@ -249,15 +224,7 @@ fn kto_step_on_host<P: GptWeights, R: GptWeights>(
     config: &KtoConfig,
 ) -> Result<StepOutput> {
     let examples = &batch.examples;
-    let mut tape = Tape::new().on(policy.device());
-    let token_logp = forward::token_logprobs_fused_head(
-        policy,
-        &mut tape,
-        &examples.input_ids,
-        &examples.targets,
-        examples.batch,
-        examples.seq,
-    )?;
+    let (mut tape, token_logp) = policy_token_logps(policy, examples)?;
     let reference_logps = match &batch.reference_logps {
         Some(precomputed) => precomputed.clone(),
         None => sequence_logps_inference(reference, examples)?,

@@ -25,6 +25,7 @@ pub mod batching;
 pub mod bitmap_font;
 pub mod config;
 pub mod data;
+mod device_step;
 pub mod dpo;
 pub mod error_analysis;
 pub mod evaluate;

@@ -146,16 +146,7 @@ impl CudaBackend {
         clip_factor: &impl DevicePtr<f32>,
         scalars: &AdamWScalars,
     ) -> Result<()> {
-        let n = param.len();
-        check_len("gradient", n, grad.len())?;
-        let stream = self.stream();
-        let (grad_ptr, _r0) = grad.device_ptr(stream);
-        let (clip_ptr, _r1) = clip_factor.device_ptr(stream);
-        let clip = Clip {
-            factor: (clip_ptr, clip_factor.len()),
-            gate: (0, 0),
-        };
-        self.launch_adamw(Variant::Clipped, param, grad_ptr, m, v, Some(clip), scalars)
+        self.adamw_clipped(param, grad, m, v, clip_factor, (0, 0), scalars)
     }
 
     /// [`CudaBackend::adamw_step_clipped`] *gated* on `gate`: status entries on the device (the
@@ -174,16 +165,33 @@ impl CudaBackend {
         gate: &impl DevicePtr<i32>,
         scalars: &AdamWScalars,
     ) -> Result<()> {
+        let (gate_ptr, _r) = gate.device_ptr(self.stream());
+        check_aligned::<i32>("gate", gate_ptr)?;
+        let gate = (gate_ptr, gate.len());
+        self.adamw_clipped(param, grad, m, v, clip_factor, gate, scalars)
+    }
+
+    /// The clipped step, gated on the `gate.1` status entries at device address `gate.0` (none
+    /// when 0; the caller holds the gate's guard until the launch is queued).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_clipped(
+        &self,
+        param: &mut impl DevicePtrMut<f32>,
+        grad: &impl DevicePtr<f32>,
+        m: &mut impl DevicePtrMut<f32>,
+        v: &mut impl DevicePtrMut<f32>,
+        clip_factor: &impl DevicePtr<f32>,
+        gate: (u64, usize),
+        scalars: &AdamWScalars,
+    ) -> Result<()> {
         let n = param.len();
         check_len("gradient", n, grad.len())?;
         let stream = self.stream();
         let (grad_ptr, _r0) = grad.device_ptr(stream);
         let (clip_ptr, _r1) = clip_factor.device_ptr(stream);
-        let (gate_ptr, _r2) = gate.device_ptr(stream);
-        check_aligned::<i32>("gate", gate_ptr)?;
         let clip = Clip {
             factor: (clip_ptr, clip_factor.len()),
-            gate: (gate_ptr, gate.len()),
+            gate,
         };
         self.launch_adamw(Variant::Clipped, param, grad_ptr, m, v, Some(clip), scalars)
     }
