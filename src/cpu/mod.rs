@@ -28,6 +28,8 @@
 //! # Ok::<(), halo_kernels::HaloError>(())
 //! ```
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_cvt;
 pub mod fast_exp;
 mod isa;
 mod prefetch;

@@ -145,7 +145,8 @@ pub(crate) fn row_logsumexp_on<T: LogitElement>(build: Isa, z: &[T]) -> (f32, f3
     if build.is_supported() {
         match build {
             // SAFETY: the CPU has the features these builds enable (`is_supported`).
-            Isa::Avx512 => return unsafe { row_logsumexp_avx512(z) },
+            // The forward has no bf16 rounding: the BF16 build is the AVX-512 one.
+            Isa::Avx512 | Isa::Avx512Bf16 => return unsafe { row_logsumexp_avx512(z) },
             Isa::Avx2Fma => return unsafe { row_logsumexp_avx2(z) },
             Isa::Portable => {}
         }
@@ -363,9 +364,9 @@ mod tests {
     /// Every build against f64, the FMA builds against each other (bit for bit) and the baseline
     /// against them (the stated bound: `ln Σ` within 2^-20, the max exact).
     fn builds_agree<T: LogitElement>() {
-        let fma_builds: Vec<Isa> = [Isa::Avx2Fma, Isa::Avx512]
+        let fma_builds: Vec<Isa> = ALL_ISAS
             .into_iter()
-            .filter(|b| b.is_supported())
+            .filter(|&b| b > Isa::Portable && b.is_supported())
             .collect();
         for z in rows::<T>() {
             let want = lse_f64(&z);
@@ -390,11 +391,12 @@ mod tests {
                     base.1
                 );
             }
-            if let [a, b] = fma_builds[..] {
-                let (x, y) = (row_logsumexp_on(a, &z), row_logsumexp_on(b, &z));
+            for pair in fma_builds.windows(2) {
+                let (x, y) = (row_logsumexp_on(pair[0], &z), row_logsumexp_on(pair[1], &z));
                 assert_eq!(
                     (x.0.to_bits(), x.1.to_bits()),
-                    (y.0.to_bits(), y.1.to_bits())
+                    (y.0.to_bits(), y.1.to_bits()),
+                    "{pair:?}"
                 );
             }
         }
