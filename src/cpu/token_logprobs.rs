@@ -11,7 +11,7 @@ use half::bf16;
 use super::fast_exp::{exp_term, exp_term_in_range, fast_exp_with, TERM_LOW};
 use super::isa::{isa, Isa};
 use super::prefetch::prefetch;
-use super::row_element::{RowElement, GROUP};
+use super::row_element::{RowElement, BLOCK, GROUP};
 use super::saved_lse::{split_lse, SavedLse};
 // CHUNK: elements reduced together; the running max is updated once per chunk.
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, CHUNK};
@@ -204,8 +204,9 @@ fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, b
 /// on Zen 4: that latency was a quarter of the forward's cycles). The max, min and probe are
 /// exact whatever the grouping: results do not change.
 const MAX_PASS_WAYS: usize = 4;
-/// Logits per step of the max pass: one group per way.
-const MAX_PASS_BLOCK: usize = MAX_PASS_WAYS * LANES;
+/// Logits per step of the max pass: one group per way ([`BLOCK`]).
+const MAX_PASS_BLOCK: usize = BLOCK;
+const _: () = assert!(BLOCK == MAX_PASS_WAYS * LANES);
 
 /// `Σ exp(x − max)` over `groups`, in lanes (`IN_RANGE`: every `x − max` is known to be at least
 /// `TERM_LOW`, so the exp's clamp can go). With `PREFETCH`, one cache line per group from `ahead`
@@ -264,10 +265,10 @@ impl OnlineLse {
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     ///
-    /// With `staged` (bf16 rows), the max pass also stores each group as it widened it (in
-    /// [`RowElement::widen_group`]'s lane order), and the exp pass reads those f32 groups: the
-    /// same values in the same lanes, so the same sums, without widening every group twice
-    /// (its shuffles cost more than the stores; measured on Zen 4).
+    /// With `staged` (bf16 rows), the max pass also stores each block and group as it widened it
+    /// (in [`RowElement::widen_block`]'s and [`RowElement::widen_group`]'s orders), and the exp
+    /// pass reads those f32 groups: the same lanes in every build, so the same sums, without
+    /// widening twice (measured on Zen 4: the shuffles cost more than the stores).
     fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(
         &mut self,
         chunk: &[E],
@@ -281,12 +282,10 @@ impl OnlineLse {
         let (blocks, rest) = chunk.as_chunks::<MAX_PASS_BLOCK>();
         for block in blocks {
             let (ways, _) = block.as_chunks::<LANES>();
-            let mut x = [0.0f32; MAX_PASS_BLOCK];
             for w in 0..MAX_PASS_WAYS {
                 E::probe_group::<FMA>(&ways[w], &mut probe[w]);
-                let xw = E::widen_group(&ways[w]);
-                x[w * LANES..(w + 1) * LANES].copy_from_slice(&xw);
             }
+            let x = E::widen_block(block);
             if let Some(st) = staged.as_deref_mut() {
                 let at = (block.as_ptr() as usize - chunk.as_ptr() as usize) / size_of::<E>();
                 st[at..at + MAX_PASS_BLOCK].copy_from_slice(&x);
