@@ -65,7 +65,7 @@ const C5: f32 = 0.008_346_551;
 /// is still a normal f32 and the scale can be added to the exponent field.
 pub(crate) const TERM_LOW: f32 = -86.0;
 /// Highest argument of [`exp_term`] when clamped: `n = 127` and `e^r ≤ 1.42` stay finite.
-const TERM_HIGH: f32 = 88.0;
+pub(crate) const TERM_HIGH: f32 = 88.0;
 
 /// `e^d` for the row loops' terms (`z − max ≤ 0` in the forward, `z − lse` in the backward), with
 /// fewer operations than [`fast_exp_with`]: a degree-5 polynomial (relative error ≤ 3e-7 with
@@ -128,7 +128,7 @@ pub(crate) fn exp_term_in_range<const FMA: bool, const SHORT_CHAIN: bool>(d: f32
 
 /// `1.5·2^23 + 127`: adding it rounds to an integer as [`ROUND_MAGIC`] does, and leaves `n + 127`
 /// (2^n's exponent field) in the low 9 bits.
-const ROUND_MAGIC_BIASED: f32 = 12_583_039.0;
+pub(crate) const ROUND_MAGIC_BIASED: f32 = 12_583_039.0;
 
 /// [`exp_term_in_range`]'s FMA build with `SHORT_CHAIN`: Estrin's scheme,
 /// `q = (C2 + C3·r) + r²·(C4 + C5·r)`, then `e = (2^n·r²)·q + 2^n·(1 + r)`. `2^n` is one shift of
@@ -156,9 +156,9 @@ fn exp_term_scaled(d: f32) -> f32 {
 // D4·r²), the minimax fit on |r| ≤ ln2/2 for relative error (Remez): 5.3e-6 before the f32
 // rounding of its steps. A bf16 store rounds by up to 2^-9 = 2e-3; an error this small moves a
 // stored value by one ulp only where the exact one lies within 5.3e-6 of a rounding midpoint.
-const D2: f32 = 0.500_051_16;
-const D3: f32 = 0.167_535_14;
-const D4: f32 = 0.041_277_75;
+pub(crate) const D2: f32 = 0.500_051_16;
+pub(crate) const D3: f32 = 0.167_535_14;
+pub(crate) const D4: f32 = 0.041_277_75;
 
 /// [`exp_term`]`::<true, true, true>` with the degree-4 polynomial above (relative error ≤ 6e-6
 /// plus the one-step reduction's 2.7e-9 per unit of |d|; tested against f64): one multiply-add

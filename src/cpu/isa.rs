@@ -17,11 +17,15 @@ pub(crate) enum Isa {
     Avx2Fma,
     /// AVX-512 F/BW/VL/DQ + FMA (512-bit lanes).
     Avx512,
+    /// [`Avx512`](Isa::Avx512) plus AVX-512 BF16: the same loops, except that the backward of bf16
+    /// rows rounds its gradients to bf16 with the CPU's conversion (`bf16_cvt`), bit-equal to the
+    /// other FMA builds.
+    Avx512Bf16,
 }
 
 /// Every build, lowest first.
 #[cfg(test)]
-pub(crate) const ALL_ISAS: [Isa; 3] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512];
+pub(crate) const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512, Isa::Avx512Bf16];
 
 /// 0: not detected yet; otherwise `1 + Isa as u8`.
 static DETECTED: AtomicU8 = AtomicU8::new(0);
@@ -33,6 +37,7 @@ pub(crate) fn isa() -> Isa {
         1 => Isa::Portable,
         2 => Isa::Avx2Fma,
         3 => Isa::Avx512,
+        4 => Isa::Avx512Bf16,
         _ => {
             let found = detect();
             DETECTED.store(1 + found as u8, Ordering::Relaxed);
@@ -55,6 +60,9 @@ fn detect() -> Isa {
         use std::arch::is_x86_feature_detected as has;
         let avx2_fma = has!("avx2") && has!("fma");
         if avx2_fma && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            if has!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
             return Isa::Avx512;
         }
         if avx2_fma {

@@ -1,8 +1,11 @@
 //! Token-level ops on host slices: the CPU twin of every kernel in `kernels/`.
 //! Rows run in parallel with rayon; inner loops work on fixed 16-wide lanes so LLVM vectorizes them,
-//! reading f32 and bf16 rows in place. The hot row loops have three builds, one chosen at run time
-//! and cached (`isa`): AVX-512 + FMA, AVX2 + FMA (the same lanes and operations: bitwise identical
-//! to each other), and the x86-64 baseline without FMA, which rounds differently. The bounds the unit
+//! reading f32 and bf16 rows in place. The hot row loops have four builds, one chosen at run time
+//! and cached (`isa`): AVX-512 + FMA with AVX-512 BF16 (whose bf16 backward rounds with the CPU's
+//! conversion, `bf16_cvt`), AVX-512 + FMA, AVX2 + FMA (the same operations: bitwise identical
+//! to each other in every stored value and log-prob; the BF16 build's bf16 backward sums its
+//! `Σ p` check in another order), and the x86-64 baseline without FMA, which
+//! rounds differently. The bounds the unit
 //! tests hold between the baseline and the FMA builds: the row max exactly, `ln Σ` (hence `lse` and
 //! every log-prob) within 2^-20 absolute plus the rounding of the final sum; each gradient value
 //! within 8 f32 ulp of itself plus 2^-22·|∂L/∂logp| (the label's `g − g·p` cancels) plus one ulp of
@@ -28,6 +31,8 @@
 //! # Ok::<(), halo_kernels::HaloError>(())
 //! ```
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_cvt;
 pub mod fast_exp;
 mod isa;
 mod prefetch;

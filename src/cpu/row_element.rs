@@ -30,6 +30,20 @@ pub(crate) trait RowElement: Copy + Send + Sync + bytemuck::Pod {
     fn widen_group(group: &[Self; GROUP]) -> [f32; GROUP] {
         std::array::from_fn(|k| group[group_lane::<Self>(k)].widen())
     }
+    /// A block of [`BLOCK`] values as f32, in an order of the type's choosing (the forward's max
+    /// pass, which stages them for its exp pass: every build uses the same order, so they sum
+    /// alike). By default the groups' [`widen_group`](Self::widen_group)s one after the other.
+    #[inline(always)]
+    fn widen_block(block: &[Self; BLOCK]) -> [f32; BLOCK] {
+        let mut out = [0.0f32; BLOCK];
+        for (o, g) in out
+            .chunks_exact_mut(GROUP)
+            .zip(block.as_chunks::<GROUP>().0)
+        {
+            o.copy_from_slice(&Self::widen_group(g));
+        }
+        out
+    }
     /// Writes `w` (in the lane order of [`widen_group`](Self::widen_group)) back as this type,
     /// each value through [`narrow`](Self::narrow).
     #[inline(always)]
@@ -70,6 +84,8 @@ impl RowElement for f32 {
 
 /// Values the row loops widen together: one 512-bit register of f32, two 256-bit ones.
 pub(crate) const GROUP: usize = 16;
+/// Values the forward's max pass widens together ([`RowElement::widen_block`]): four groups.
+pub(crate) const BLOCK: usize = 4 * GROUP;
 
 /// Which element of a group lane `k` of [`RowElement::widen_group`] holds: the element itself,
 /// except for bf16 (2 bytes), whose even elements go to lanes 0..8 and odd ones to lanes 8..16.
@@ -129,6 +145,26 @@ impl RowElement for bf16 {
             })
         } else {
             std::array::from_fn(|k| group[k].widen())
+        }
+    }
+
+    /// Element `2j` (the low half of 32-bit word `j`) at `j`, element `2j + 1` at `BLOCK/2 + j`:
+    /// a shift and a mask per register of words, with no shuffle (a group's
+    /// [`widen_group`](RowElement::widen_group) needs one per 16 values in the AVX-512 build;
+    /// measured on Zen 4: the bf16 forward 0.79 → 0.76 cycles per logit, hot).
+    #[inline(always)]
+    fn widen_block(block: &[Self; BLOCK]) -> [f32; BLOCK] {
+        let words: [u32; BLOCK / 2] = bytemuck::cast(*block);
+        if cfg!(target_endian = "little") {
+            let mut out = [0.0f32; BLOCK];
+            let (lo, hi) = out.split_at_mut(BLOCK / 2);
+            for ((l, h), w) in lo.iter_mut().zip(hi.iter_mut()).zip(words) {
+                *l = f32::from_bits(w << 16);
+                *h = f32::from_bits(w & 0xFFFF_0000);
+            }
+            out
+        } else {
+            std::array::from_fn(|k| block[k].widen())
         }
     }
 

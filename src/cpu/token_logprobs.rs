@@ -9,9 +9,9 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::fast_exp::{exp_term, exp_term_in_range, fast_exp_with, TERM_LOW};
-use super::isa::{isa, madd, Isa};
+use super::isa::{isa, Isa};
 use super::prefetch::prefetch;
-use super::row_element::{RowElement, GROUP};
+use super::row_element::{RowElement, BLOCK, GROUP};
 use super::saved_lse::{split_lse, SavedLse};
 // CHUNK: elements reduced together; the running max is updated once per chunk.
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, CHUNK};
@@ -145,7 +145,8 @@ pub(crate) fn row_logsumexp_on<T: LogitElement>(build: Isa, z: &[T]) -> (f32, f3
     if build.is_supported() {
         match build {
             // SAFETY: the CPU has the features these builds enable (`is_supported`).
-            Isa::Avx512 => return unsafe { row_logsumexp_avx512(z) },
+            // The forward has no bf16 rounding: the BF16 build is the AVX-512 one.
+            Isa::Avx512 | Isa::Avx512Bf16 => return unsafe { row_logsumexp_avx512(z) },
             Isa::Avx2Fma => return unsafe { row_logsumexp_avx2(z) },
             Isa::Portable => {}
         }
@@ -174,12 +175,14 @@ fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, b
     match T::DTYPE {
         DType::F32 => {
             for chunk in bytemuck::cast_slice::<T, f32>(z).chunks(CHUNK) {
-                acc.add_chunk::<f32, FMA, true>(chunk);
+                acc.add_chunk::<f32, FMA, true>(chunk, None);
             }
         }
         DType::BF16 => {
+            // The max pass leaves each chunk widened here for the exp pass (see `add_chunk`).
+            let mut staged = [0.0f32; CHUNK];
             for chunk in bytemuck::cast_slice::<T, bf16>(z).chunks(CHUNK) {
-                acc.add_chunk::<bf16, FMA, true>(chunk);
+                acc.add_chunk::<bf16, FMA, true>(chunk, Some(&mut staged));
             }
         }
         DType::F16 => {
@@ -188,20 +191,59 @@ fn row_logsumexp_body<T: LogitElement, const FMA: bool>(z: &[T]) -> (f32, f32, b
                 let buf = &mut buf[..chunk.len()];
                 load_f32(chunk, buf);
                 // The staging buffer is not where the next chunk lies: no prefetch.
-                acc.add_chunk::<f32, FMA, false>(buf);
+                acc.add_chunk::<f32, FMA, false>(buf, None);
             }
         }
     }
     acc.finish()
 }
 
+/// Independent accumulators of the max pass: each of its chains (max, min, probe: a
+/// multiply-add of 4 cycles' latency for f32) is carried by one group in `MAX_PASS_WAYS`, so that
+/// the pass runs at the loads' rate rather than at one group per multiply-add latency (measured
+/// on Zen 4: that latency was a quarter of the forward's cycles). The max, min and probe are
+/// exact whatever the grouping: results do not change.
+const MAX_PASS_WAYS: usize = 4;
+/// Logits per step of the max pass: one group per way ([`BLOCK`]).
+const MAX_PASS_BLOCK: usize = BLOCK;
+const _: () = assert!(BLOCK == MAX_PASS_WAYS * LANES);
+
+/// `Σ exp(x − max)` over `groups`, in lanes (`IN_RANGE`: every `x − max` is known to be at least
+/// `TERM_LOW`, so the exp's clamp can go). With `PREFETCH`, one cache line per group from `ahead`
+/// on, `stride` bytes apart.
+// One index over the group and the lane arrays: the shape LLVM vectorizes.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn exp_pass<G: RowElement, const FMA: bool, const PREFETCH: bool, const IN_RANGE: bool>(
+    groups: &[[G; LANES]],
+    max: f32,
+    ahead: *const u8,
+    stride: usize,
+) -> [f32; LANES] {
+    let mut lane_sum = [0.0f32; LANES];
+    for (i, group) in groups.iter().enumerate() {
+        if PREFETCH {
+            prefetch(ahead.wrapping_add(i * stride));
+        }
+        let x = G::widen_group(group);
+        for k in 0..LANES {
+            lane_sum[k] += if IN_RANGE {
+                exp_term_in_range::<FMA, false>(x[k] - max)
+            } else {
+                exp_term::<FMA, false, false>(x[k] - max)
+            };
+        }
+    }
+    lane_sum
+}
+
 /// The running state of [`row_logsumexp`].
 struct OnlineLse {
     max: f32,
     sum: f32,
-    /// `Σ fma(x, 0, ·)`: 0 while every logit is finite, NaN once a NaN or ±inf was seen (one
-    /// multiply-add per element, in the max pass, which is memory-bound anyway).
-    nan_probe: [f32; LANES],
+    /// Whether a NaN or ±inf was seen (the element type's probe, [`RowElement::probe_group`],
+    /// run in the max pass and read once per chunk).
+    non_finite: bool,
 }
 
 impl OnlineLse {
@@ -210,7 +252,7 @@ impl OnlineLse {
         Self {
             max: f32::NEG_INFINITY,
             sum: 0.0,
-            nan_probe: [0.0; LANES],
+            non_finite: false,
         }
     }
 
@@ -222,44 +264,92 @@ impl OnlineLse {
     // One index over the group and the lane arrays: the shape LLVM vectorizes.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(&mut self, chunk: &[E]) {
-        let mut lane_max = [f32::NEG_INFINITY; LANES];
-        let mut lane_min = [f32::INFINITY; LANES];
-        let mut probe = [0.0f32; LANES];
-        let (groups, tail) = chunk.as_chunks::<LANES>();
-        for group in groups {
+    ///
+    /// With `staged` (bf16 rows), the max pass also stores each block and group as it widened it
+    /// (in [`RowElement::widen_block`]'s and [`RowElement::widen_group`]'s orders), and the exp
+    /// pass reads those f32 groups: the same lanes in every build, so the same sums, without
+    /// widening twice (measured on Zen 4: the shuffles cost more than the stores).
+    fn add_chunk<E: RowElement, const FMA: bool, const PREFETCH: bool>(
+        &mut self,
+        chunk: &[E],
+        mut staged: Option<&mut [f32; CHUNK]>,
+    ) {
+        // Way `w` holds lanes `w·LANES..(w + 1)·LANES`; a group left over after the blocks goes
+        // to way 0.
+        let mut lane_max = [f32::NEG_INFINITY; MAX_PASS_BLOCK];
+        let mut lane_min = [f32::INFINITY; MAX_PASS_BLOCK];
+        let mut probe = [E::PROBE_CLEAN; MAX_PASS_WAYS];
+        let (blocks, rest) = chunk.as_chunks::<MAX_PASS_BLOCK>();
+        for block in blocks {
+            let (ways, _) = block.as_chunks::<LANES>();
+            for w in 0..MAX_PASS_WAYS {
+                E::probe_group::<FMA>(&ways[w], &mut probe[w]);
+            }
+            let x = E::widen_block(block);
+            if let Some(st) = staged.as_deref_mut() {
+                let at = (block.as_ptr() as usize - chunk.as_ptr() as usize) / size_of::<E>();
+                st[at..at + MAX_PASS_BLOCK].copy_from_slice(&x);
+            }
+            for k in 0..MAX_PASS_BLOCK {
+                lane_max[k] = if x[k] > lane_max[k] {
+                    x[k]
+                } else {
+                    lane_max[k]
+                };
+                // The min costs little here and spares the exp pass its clamp (below).
+                lane_min[k] = if x[k] < lane_min[k] {
+                    x[k]
+                } else {
+                    lane_min[k]
+                };
+            }
+        }
+        let (rest_groups, _) = rest.as_chunks::<LANES>();
+        for group in rest_groups {
+            E::probe_group::<FMA>(group, &mut probe[0]);
             let x = E::widen_group(group);
+            if let Some(st) = staged.as_deref_mut() {
+                let at = (group.as_ptr() as usize - chunk.as_ptr() as usize) / size_of::<E>();
+                st[at..at + LANES].copy_from_slice(&x);
+            }
             for k in 0..LANES {
                 lane_max[k] = if x[k] > lane_max[k] {
                     x[k]
                 } else {
                     lane_max[k]
                 };
-                // The min costs nothing here (this pass waits on memory) and spares the exp
-                // pass its clamp (below).
                 lane_min[k] = if x[k] < lane_min[k] {
                     x[k]
                 } else {
                     lane_min[k]
                 };
-                probe[k] = madd::<FMA>(x[k], 0.0, probe[k]);
+            }
+        }
+        let (groups, tail) = chunk.as_chunks::<LANES>();
+        // The ways folded lane by lane first (vector max / min: no lane holds a NaN, the
+        // comparisons above never pick one), then the lanes: a fold over all of them would be a
+        // chain of 64 dependent scalar steps per chunk.
+        let (mut way_max, mut way_min) = ([f32::NEG_INFINITY; LANES], [f32::INFINITY; LANES]);
+        for w in 0..MAX_PASS_WAYS {
+            for k in 0..LANES {
+                let (a, b) = (lane_max[w * LANES + k], lane_min[w * LANES + k]);
+                way_max[k] = if a > way_max[k] { a } else { way_max[k] };
+                way_min[k] = if b < way_min[k] { b } else { way_min[k] };
             }
         }
         // Through memory (`black_box`): reduced in registers, LLVM reorders the lanes to suit
         // the reduction and pays for it with shuffles on every group of the loop above.
-        let (lane_max, lane_min, mut probe) = std::hint::black_box((lane_max, lane_min, probe));
-        let mut chunk_max = lane_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut chunk_min = lane_min.iter().copied().fold(f32::INFINITY, f32::min);
+        let (way_max, way_min, probe) = std::hint::black_box((way_max, way_min, probe));
+        let mut chunk_max = way_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut chunk_min = way_min.iter().copied().fold(f32::INFINITY, f32::min);
+        let mut non_finite = probe.into_iter().any(E::probe_found);
         for &x in tail {
             let x = x.widen();
             chunk_max = chunk_max.max(x);
             chunk_min = chunk_min.min(x);
-            probe[0] = madd::<FMA>(x, 0.0, probe[0]);
+            non_finite |= !x.is_finite();
         }
-        // Folded per chunk (not carried through the loop, which LLVM half-scalarizes).
-        for k in 0..LANES {
-            self.nan_probe[k] += probe[k];
-        }
+        self.non_finite |= non_finite;
         if chunk_max > self.max {
             // exp(−inf) = 0 handles the first chunk (the sum is 0 then anyway).
             self.sum *= fast_exp_with::<FMA>(self.max - chunk_max);
@@ -268,31 +358,23 @@ impl OnlineLse {
         // The chunk is in L1 now: the second pass does not touch memory. `x − max ≤ 0` (the max
         // is of this chunk too), so the exp needs no upper clamp.
         let max = self.max;
-        let mut lane_sum = [0.0f32; LANES];
-        let ahead = chunk.as_ptr().wrapping_add(CHUNK);
+        let ahead = chunk.as_ptr().wrapping_add(CHUNK).cast::<u8>();
+        let stride = LANES * size_of::<E>();
         // Every `x − max` of the chunk lies in [chunk_min − max, 0]: within exp_term's range
         // (false when the chunk holds a NaN or −inf: those rows are refused by the probe anyway).
-        if chunk_min - max >= TERM_LOW {
-            for (i, group) in groups.iter().enumerate() {
-                if PREFETCH {
-                    prefetch(ahead.wrapping_add(i * LANES));
-                }
-                let x = E::widen_group(group);
-                for k in 0..LANES {
-                    lane_sum[k] += exp_term_in_range::<FMA, false>(x[k] - max);
-                }
-            }
-        } else {
-            for (i, group) in groups.iter().enumerate() {
-                if PREFETCH {
-                    prefetch(ahead.wrapping_add(i * LANES));
-                }
-                let x = E::widen_group(group);
-                for k in 0..LANES {
-                    lane_sum[k] += exp_term::<FMA, false, false>(x[k] - max);
+        let in_range = chunk_min - max >= TERM_LOW;
+        let mut lane_sum = match staged {
+            Some(st) => {
+                let (st, _) = st[..groups.len() * LANES].as_chunks::<LANES>();
+                if in_range {
+                    exp_pass::<f32, FMA, PREFETCH, true>(st, max, ahead, stride)
+                } else {
+                    exp_pass::<f32, FMA, PREFETCH, false>(st, max, ahead, stride)
                 }
             }
-        }
+            None if in_range => exp_pass::<E, FMA, PREFETCH, true>(groups, max, ahead, stride),
+            None => exp_pass::<E, FMA, PREFETCH, false>(groups, max, ahead, stride),
+        };
         for &x in tail {
             lane_sum[0] += exp_term::<FMA, false, false>(x.widen() - max);
         }
@@ -301,7 +383,7 @@ impl OnlineLse {
 
     #[inline(always)]
     fn finish(&self) -> (f32, f32, bool) {
-        let finite = self.nan_probe.iter().all(|p| *p == 0.0) && self.max.is_finite();
+        let finite = !self.non_finite && self.max.is_finite();
         (self.max, self.sum.ln(), finite)
     }
 }
@@ -363,9 +445,9 @@ mod tests {
     /// Every build against f64, the FMA builds against each other (bit for bit) and the baseline
     /// against them (the stated bound: `ln Σ` within 2^-20, the max exact).
     fn builds_agree<T: LogitElement>() {
-        let fma_builds: Vec<Isa> = [Isa::Avx2Fma, Isa::Avx512]
+        let fma_builds: Vec<Isa> = ALL_ISAS
             .into_iter()
-            .filter(|b| b.is_supported())
+            .filter(|&b| b > Isa::Portable && b.is_supported())
             .collect();
         for z in rows::<T>() {
             let want = lse_f64(&z);
@@ -390,11 +472,12 @@ mod tests {
                     base.1
                 );
             }
-            if let [a, b] = fma_builds[..] {
-                let (x, y) = (row_logsumexp_on(a, &z), row_logsumexp_on(b, &z));
+            for pair in fma_builds.windows(2) {
+                let (x, y) = (row_logsumexp_on(pair[0], &z), row_logsumexp_on(pair[1], &z));
                 assert_eq!(
                     (x.0.to_bits(), x.1.to_bits()),
-                    (y.0.to_bits(), y.1.to_bits())
+                    (y.0.to_bits(), y.1.to_bits()),
+                    "{pair:?}"
                 );
             }
         }
