@@ -52,8 +52,10 @@ fn transpose_scalar(
     }
 }
 
-/// 8×8 blocks transposed in registers (unpack, shuffle, lane permute: 24 shuffles a block),
-/// the ragged edges by [`transpose_scalar`].
+/// 8×8 blocks transposed in registers (unpack, shuffle, lane permute: 24 shuffles a block), two
+/// blocks of 8 rows at a time so that every store fills a whole 64-byte line of `dst` (one
+/// block's half lines were evicted before the next row block wrote their other half: a wide
+/// matrix touches more lines than L1 holds), the ragged edges by [`transpose_scalar`].
 ///
 /// # Safety
 /// The CPU must have AVX; `src` and `dst` must be as [`transpose_into`] asserts.
@@ -68,45 +70,63 @@ unsafe fn transpose_avx(
     dst: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let (rows8, cols8) = (rows / 8 * 8, cols / 8 * 8);
+    let (rows16, cols8) = (rows / 16 * 16, cols / 8 * 8);
     let s = src.as_ptr().add(offset);
     let d = dst.as_mut_ptr();
-    for r0 in (0..rows8).step_by(8) {
+    for r0 in (0..rows16).step_by(16) {
         for c0 in (0..cols8).step_by(8) {
-            let p = s.add(r0 * row_stride + c0);
-            let l = |i: usize| _mm256_loadu_ps(p.add(i * row_stride));
-            let (a0, a1, a2, a3) = (l(0), l(1), l(2), l(3));
-            let (a4, a5, a6, a7) = (l(4), l(5), l(6), l(7));
-            let t0 = _mm256_unpacklo_ps(a0, a1);
-            let t1 = _mm256_unpackhi_ps(a0, a1);
-            let t2 = _mm256_unpacklo_ps(a2, a3);
-            let t3 = _mm256_unpackhi_ps(a2, a3);
-            let t4 = _mm256_unpacklo_ps(a4, a5);
-            let t5 = _mm256_unpackhi_ps(a4, a5);
-            let t6 = _mm256_unpacklo_ps(a6, a7);
-            let t7 = _mm256_unpackhi_ps(a6, a7);
-            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let top = block8(s.add(r0 * row_stride + c0), row_stride);
+            let bottom = block8(s.add((r0 + 8) * row_stride + c0), row_stride);
             let q = d.add(c0 * rows + r0);
-            let st = |j: usize, v: __m256| _mm256_storeu_ps(q.add(j * rows), v);
-            st(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
-            st(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
-            st(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
-            st(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
-            st(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
-            st(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
-            st(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
-            st(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+            for j in 0..8 {
+                _mm256_storeu_ps(q.add(j * rows), top[j]);
+                _mm256_storeu_ps(q.add(j * rows + 8), bottom[j]);
+            }
         }
     }
-    transpose_scalar(src, offset, row_stride, 0..rows8, cols8..cols, rows, dst);
-    transpose_scalar(src, offset, row_stride, rows8..rows, 0..cols, rows, dst);
+    transpose_scalar(src, offset, row_stride, 0..rows16, cols8..cols, rows, dst);
+    transpose_scalar(src, offset, row_stride, rows16..rows, 0..cols, rows, dst);
+}
+
+/// The transpose of the 8×8 block at `p` (rows `row_stride` apart): element `[j][i]` of the
+/// result is row `i`, column `j` of the block.
+///
+/// # Safety
+/// The CPU must have AVX; the 8 rows of 8 floats at `p` must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn block8(p: *const f32, row_stride: usize) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let l = |i: usize| _mm256_loadu_ps(p.add(i * row_stride));
+    let (a0, a1, a2, a3) = (l(0), l(1), l(2), l(3));
+    let (a4, a5, a6, a7) = (l(4), l(5), l(6), l(7));
+    let t0 = _mm256_unpacklo_ps(a0, a1);
+    let t1 = _mm256_unpackhi_ps(a0, a1);
+    let t2 = _mm256_unpacklo_ps(a2, a3);
+    let t3 = _mm256_unpackhi_ps(a2, a3);
+    let t4 = _mm256_unpacklo_ps(a4, a5);
+    let t5 = _mm256_unpackhi_ps(a4, a5);
+    let t6 = _mm256_unpacklo_ps(a6, a7);
+    let t7 = _mm256_unpackhi_ps(a6, a7);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 #[cfg(test)]
@@ -123,6 +143,8 @@ mod tests {
             (16, 7, 3),
             (31, 33, 5),
             (64, 24, 0),
+            (40, 20, 1),
+            (33, 64, 0),
         ] {
             let stride = cols + pad;
             let offset = 3;
