@@ -328,13 +328,17 @@ pub fn linear_forward(
 ) {
     let wv = weight_view(w, k, m, transpose_w);
     let beta = match b {
-        Some(b) => {
-            for row in y.chunks_exact_mut(m) {
-                row.copy_from_slice(b);
-            }
+        Some(b) if m > 0 => {
+            // In rayon tasks: one pass over all of `y`, on the thread that records the tape.
+            y.par_chunks_mut(m * super::rows_per_task(m))
+                .for_each(|rows| {
+                    for row in rows.chunks_exact_mut(m) {
+                        row.copy_from_slice(b);
+                    }
+                });
             1.0
         }
-        None => 0.0,
+        _ => 0.0,
     };
     gemm(
         1.0,
@@ -387,10 +391,16 @@ pub fn linear_backward(
         // Both products have n·k·m multiply-adds: run them side by side, each on half the
         // threads, rather than one after the other each cut across all of them. Fewer, larger
         // tasks: no operand is packed by two tasks, and one fork-join instead of two.
+        // The bias's column sums go with the weight's product, not after both.
         (Some(dx), Some(dw)) if threads >= 2 && n * k * m >= PARALLEL_MIN_MACS => {
             rayon::join(
                 || input_grad(dx, threads / 2),
-                || weight_grad(dw, threads - threads / 2),
+                || {
+                    weight_grad(dw, threads - threads / 2);
+                    if let Some(db) = db {
+                        super::elementwise::bias_backward(dy, db);
+                    }
+                },
             );
         }
         (dx, dw) => {
@@ -400,10 +410,10 @@ pub fn linear_backward(
             if let Some(dw) = dw {
                 weight_grad(dw, threads);
             }
+            if let Some(db) = db {
+                super::elementwise::bias_backward(dy, db);
+            }
         }
-    }
-    if let Some(db) = db {
-        super::elementwise::bias_backward(dy, db);
     }
 }
 
@@ -494,6 +504,74 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// `linear_forward` with a bias (filled in rayon tasks) and `linear_backward` with all three
+    /// gradients (the bias's beside the weight's) against f64, at sizes that split into tasks.
+    #[test]
+    fn linear_with_bias_matches_f64() {
+        let val = |i: usize, s: usize| ((i * 7919 + s * 104729) % 997) as f32 / 498.5 - 1.0;
+        for &(n, k, m, transpose_w) in &[
+            (300, 20, 64, false),
+            (130, 33, 17, true),
+            (64, 256, 96, false),
+        ] {
+            let x: Vec<f32> = (0..n * k).map(|i| val(i, 1)).collect();
+            let w: Vec<f32> = (0..k * m).map(|i| val(i, 2)).collect();
+            let b: Vec<f32> = (0..m).map(|i| val(i, 3)).collect();
+            let dy: Vec<f32> = (0..n * m).map(|i| val(i, 4)).collect();
+            let wt = |i: usize, j: usize| if transpose_w { w[j * k + i] } else { w[i * m + j] } as f64;
+            let mut y = vec![f32::NAN; n * m];
+            linear_forward(&x, &w, Some(&b), n, k, m, transpose_w, &mut y);
+            let (mut dx, mut dw, mut db) =
+                (vec![0.5f32; n * k], vec![0.25f32; k * m], vec![1.0f32; m]);
+            linear_backward(
+                &x,
+                &w,
+                &dy,
+                n,
+                k,
+                m,
+                transpose_w,
+                Some(&mut dx),
+                Some(&mut dw),
+                Some(&mut db),
+            );
+            let close = |got: f32, want: f64, terms: usize| {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (terms as f64).sqrt() * 4.0,
+                    "{n}x{k}x{m}: {got} vs {want}"
+                );
+            };
+            for r in 0..n {
+                for j in 0..m {
+                    let want =
+                        b[j] as f64 + (0..k).map(|i| x[r * k + i] as f64 * wt(i, j)).sum::<f64>();
+                    close(y[r * m + j], want, k);
+                }
+                for i in 0..k {
+                    let want = 0.5 + (0..m).map(|j| dy[r * m + j] as f64 * wt(i, j)).sum::<f64>();
+                    close(dx[r * k + i], want, m);
+                }
+            }
+            for i in 0..k {
+                for j in 0..m {
+                    let want = 0.25
+                        + (0..n)
+                            .map(|r| x[r * k + i] as f64 * dy[r * m + j] as f64)
+                            .sum::<f64>();
+                    let at = if transpose_w { j * k + i } else { i * m + j };
+                    close(dw[at], want, n);
+                }
+            }
+            for j in 0..m {
+                close(
+                    db[j],
+                    1.0 + (0..n).map(|r| dy[r * m + j] as f64).sum::<f64>(),
+                    n,
+                );
             }
         }
     }
