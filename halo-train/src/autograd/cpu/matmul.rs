@@ -1,5 +1,7 @@
-//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized). Transposes are free:
-//! sgemm takes row and column strides for every operand.
+//! Matrix products through `matrixmultiply::sgemm` (packed, vectorized). Transposes need no
+//! copy: sgemm takes row and column strides for every operand. But it packs an operand fast only
+//! in one layout (`a` column-major, `b` row-major), so a large operand in the other one is first
+//! transposed into a pooled buffer (see `transpose.rs`): same bits, less time.
 //!
 //! One thread pool: matrixmultiply's own threading is off (its pool and rayon's woke each other,
 //! issue 13); a large product is split into blocks of output rows or columns, one rayon task
