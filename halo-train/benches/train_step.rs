@@ -154,6 +154,43 @@ fn print_best(setups: &mut [Setup], n: usize) {
     }
 }
 
+/// Best-of times of the step's phases (forward, backward, clip, AdamW), to see where a step
+/// goes; each phase is short enough that a best-of finds a quiet moment on a loaded machine.
+fn print_phases(setups: &mut [Setup], n: usize) {
+    for s in setups.iter_mut() {
+        let mut best = [Duration::MAX; 4];
+        for _ in 0..n + 2 {
+            let t0 = Instant::now();
+            let mut tape = Tape::new();
+            let loss = s
+                .model
+                .nll(&mut tape, &s.ids, &s.targets, BATCH, SEQ)
+                .unwrap();
+            let t1 = Instant::now();
+            let mut grads = tape.backward_scalar(loss).unwrap();
+            drop(tape);
+            let t2 = Instant::now();
+            clip_grad_norm(&mut grads, 1.0);
+            let t3 = Instant::now();
+            s.opt.step(&mut s.model, &grads, 1e-4).unwrap();
+            drop(grads);
+            let t4 = Instant::now();
+            for (b, d) in best.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+                *b = (*b).min(d);
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "phases (best of {n}): {}  forward {:.2} ms, backward {:.2} ms, clip {:.2} ms, adamw {:.2} ms",
+            s.name,
+            ms(best[0]),
+            ms(best[1]),
+            ms(best[2]),
+            ms(best[3]),
+        );
+    }
+}
+
 /// The same step on a CUDA device: the model and AdamW's moments resident there.
 struct GpuSetup {
     name: &'static str,
@@ -233,5 +270,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     print_best(&mut setups, n);
+    if std::env::var_os("HALO_BENCH_PHASES").is_some() {
+        print_phases(&mut setups, n);
+    }
     print_gpu(&setups, n);
 }

@@ -17,9 +17,14 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 
+use rayon::prelude::*;
+
 /// Buffers with fewer elements than this bypass the pool (the allocator serves small blocks
 /// from its own caches without the OS).
 pub const MIN_POOLED: usize = 1024;
+
+/// [`Buffer::zeroed`] fills buffers at least this long in rayon tasks (half as long each).
+const PARALLEL_FILL_MIN: usize = 1 << 17;
 
 /// The most a thread keeps in its free list; a buffer given back beyond it is freed.
 pub const MAX_RETAINED_BYTES: usize = 2 << 30;
@@ -126,7 +131,18 @@ impl Buffer {
     pub fn zeroed(len: usize) -> Self {
         let mut data = with_capacity(len);
         data.clear();
-        data.resize(len, 0.0);
+        if len >= PARALLEL_FILL_MIN {
+            // The backward zero-fills a gradient buffer for every activation (it accumulates
+            // into them), on the thread that walks the tape: split large fills across the pool.
+            data.reserve(len);
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(PARALLEL_FILL_MIN / 2)
+                .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+            // SAFETY: the first `len` elements were just written (capacity >= len: reserved).
+            unsafe { data.set_len(len) };
+        } else {
+            data.resize(len, 0.0);
+        }
         Self { data, pooled: true }
     }
 
@@ -261,6 +277,19 @@ mod tests {
         assert_eq!(stats().misses, before.misses + 1);
         release();
         assert_eq!(stats().retained_bytes, 0);
+    }
+
+    #[test]
+    fn a_large_reused_buffer_is_zeroed_in_full() {
+        release();
+        let len = PARALLEL_FILL_MIN * 3 + 17;
+        let mut a = Buffer::zeroed(len);
+        a.fill(7.0);
+        drop(a);
+        let b = Buffer::zeroed(len - 5);
+        assert_eq!(b.len(), len - 5);
+        assert!(b.iter().all(|&v| v == 0.0));
+        release();
     }
 
     #[test]

@@ -860,8 +860,7 @@ impl Gradients {
     /// The L2 norm of all host gradients together (accumulated in f64).
     pub fn global_norm(&self) -> f32 {
         self.iter()
-            .flat_map(|(_, g)| g.iter())
-            .map(|&v| (v as f64) * (v as f64))
+            .map(|(_, g)| super::cpu::elementwise::sum_of_squares(g))
             .sum::<f64>()
             .sqrt() as f32
     }

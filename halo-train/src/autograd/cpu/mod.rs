@@ -16,6 +16,7 @@ pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
 mod simd;
+mod transpose;
 
 /// Rows handed to one rayon task at least, so tiny rows do not drown in scheduling overhead.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
