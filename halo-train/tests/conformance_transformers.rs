@@ -23,6 +23,7 @@ use conformance_common::*;
 use halo_kernels::IGNORE_INDEX;
 use halo_train::autograd::Tape;
 use halo_train::model::gpt::LAYER_NORM_EPS;
+use halo_train::model::GptWeights;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig};
 use serde::Deserialize;
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use fuzz_support::{fuzz, Gen, Outcome};
+use halo_train::model::GptWeights;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig};
 use halo_train::train::batching::{dpo_batch, kto_batch};
 use halo_train::train::data::{keep_desirable_fraction, load_jsonl, paired_only, to_unpaired};

@@ -7,6 +7,7 @@ mod checkpoint_support;
 
 use checkpoint_support::{as_raw, write_raw};
 use halo_kernels::HaloError;
+use halo_train::model::GptWeights;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig};
 use safetensors::SafeTensors;
 

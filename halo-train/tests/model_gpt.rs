@@ -4,6 +4,7 @@
 use halo_kernels::{HaloError, IGNORE_INDEX};
 use halo_train::autograd::Tape;
 use halo_train::model::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use halo_train::model::GptWeights;
 use halo_train::model::{Gpt, GptConfig, Sampling};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use conformance_common::{assert_close, fixture_path, load_fixture};
 use halo_kernels::HaloError;
+use halo_train::model::GptWeights;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;

@@ -3,6 +3,7 @@
 //! `c_attn`, scaled causal softmax, `gelu_new`, final `ln_f`, logits `h @ wte.T`), reading the
 //! parameters by their Hugging Face names. This checks the wiring, not just each op.
 
+use halo_train::model::GptWeights;
 use halo_train::model::{Gpt, GptConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -10,6 +10,7 @@ use checkpoint_support::{as_raw, write_raw};
 use clap::Parser;
 use halo_kernels::HaloError;
 use halo_train::model::config::{MAX_CONFIG_DIM, MAX_PARAMETERS};
+use halo_train::model::GptWeights;
 use halo_train::model::{DTypeOnDisk, Gpt, GptConfig, Sampling};
 use halo_train::train::TrainArgs;
 use rand::SeedableRng;

@@ -239,6 +239,7 @@ pub fn release() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::GptWeights;
 
     #[test]
     fn classes_bracket_the_length() {

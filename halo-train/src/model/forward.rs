@@ -19,7 +19,8 @@ pub trait GptWeights {
     /// `tape` by reference: never a copy.
     fn record<'a>(&'a self, tape: &mut Tape<'a>, index: usize) -> Result<Var>;
 
-    /// [`final_hidden`] of this model (see [`Gpt::final_hidden`](super::Gpt::final_hidden)).
+    /// Records the forward pass up to the LM head: the final layer norm's output `[batch·seq,
+    /// n_embd]` and the (tied) unembedding weight `wte` `[vocab, n_embd]` ([`final_hidden`]).
     fn final_hidden<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -33,7 +34,8 @@ pub trait GptWeights {
         final_hidden(self, tape, input_ids, batch, seq)
     }
 
-    /// [`logits`] of this model (see [`Gpt::logits`](super::Gpt::logits)).
+    /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]` ([`logits`]).
+    /// `input_ids` is row-major `[batch, seq]`; position ids are `0..seq` in every row.
     fn logits<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -47,7 +49,10 @@ pub trait GptWeights {
         logits(self, tape, input_ids, batch, seq)
     }
 
-    /// [`token_logprobs`] of this model (see [`Gpt::token_logprobs`](super::Gpt::token_logprobs)).
+    /// Per-token `log p(targets[t] | input_ids[..=t])`, shape `[batch·seq]`, 0 where
+    /// `targets[t] == -100` ([`token_logprobs`]). No shifting happens inside: `targets[t]` is the
+    /// token predicted at position `t` (for causal LM training pass `targets[t] = input_ids[t+1]`,
+    /// −100 at the end).
     fn token_logprobs<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -62,7 +67,9 @@ pub trait GptWeights {
         token_logprobs(self, tape, input_ids, targets, batch, seq)
     }
 
-    /// [`token_logprobs_fused_head`] of this model.
+    /// [`token_logprobs`](Self::token_logprobs) through the fused LM head
+    /// ([`token_logprobs_fused_head`]): the same values (to f32 rounding of the GEMM), without the
+    /// `[batch·seq, vocab]` logits; the KTO and DPO steps use it for the policy.
     fn token_logprobs_fused_head<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -77,7 +84,8 @@ pub trait GptWeights {
         token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
     }
 
-    /// [`nll`] of this model (see [`Gpt::nll`](super::Gpt::nll)).
+    /// Mean negative log-likelihood over the non-ignored targets, a scalar `[1]` ([`nll`]; PyTorch
+    /// `cross_entropy(reduction="mean", ignore_index=-100)`). Errors if every target is ignored.
     fn nll<'a>(
         &'a self,
         tape: &mut Tape<'a>,
@@ -92,7 +100,8 @@ pub trait GptWeights {
         nll(self, tape, input_ids, targets, batch, seq)
     }
 
-    /// [`token_logprobs_inference`] of this model.
+    /// [`token_logprobs`](Self::token_logprobs) without gradients or dropout (the frozen
+    /// reference model, evaluation; [`token_logprobs_inference`]).
     fn token_logprobs_inference(
         &self,
         input_ids: &[u32],
@@ -106,7 +115,9 @@ pub trait GptWeights {
         token_logprobs_inference(self, input_ids, targets, batch, seq)
     }
 
-    /// [`logits_inference`] of this model.
+    /// Logits `[batch·seq, vocab]` without gradients or dropout ([`logits_inference`]). Errors as
+    /// [`logits`](Self::logits), and [`HaloError::NonFinite`] (`what: "logits"`, `row`: the first
+    /// bad row) when finite but huge weights overflow f32 somewhere in the forward.
     fn logits_inference(&self, input_ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>>
     where
         Self: Sized,

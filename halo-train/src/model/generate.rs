@@ -8,6 +8,7 @@
 use rand::Rng;
 
 use super::gpt::Gpt;
+use crate::model::GptWeights;
 use halo_kernels::error::{HaloError, Result};
 
 /// How the next token is chosen from the last position's logits.
@@ -33,7 +34,7 @@ impl Gpt {
     /// Errors: an empty prompt, a prompt token outside the vocabulary, `k == 0`, a
     /// non-positive / non-finite temperature, or non-finite logits to sample from
     /// ([`HaloError::NonFinite`] with `what: "logits"` and the first bad context position as `row`,
-    /// from [`Gpt::logits_inference`]).
+    /// from [`GptWeights::logits_inference`]).
     pub fn generate<R: Rng + ?Sized>(
         &self,
         prompt: &[u32],

@@ -4,7 +4,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::GptConfig;
-use super::forward::{self, GptWeights};
+use super::forward::GptWeights;
 use crate::autograd::{Device, StorageRef, Tape, Var};
 use halo_kernels::error::Result;
 
@@ -189,96 +189,6 @@ impl Gpt {
         self.params
             .iter()
             .position(|p| p.name == name || p.name.strip_prefix("transformer.") == Some(name))
-    }
-
-    /// Records the forward pass up to the LM head: the final layer norm's output `[batch·seq,
-    /// n_embd]` and the (tied) unembedding weight `wte` `[vocab, n_embd]`.
-    pub fn final_hidden<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<(Var, Var)> {
-        forward::final_hidden(self, tape, input_ids, batch, seq)
-    }
-
-    /// Records the forward pass and returns the logits, shape `[batch·seq, vocab]`.
-    /// `input_ids` is row-major `[batch, seq]`; position ids are `0..seq` in every row.
-    pub fn logits<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::logits(self, tape, input_ids, batch, seq)
-    }
-
-    /// Per-token `log p(targets[t] | input_ids[..=t])`, shape `[batch·seq]`, 0 where
-    /// `targets[t] == -100`. No shifting happens inside: `targets[t]` is the token predicted at
-    /// position `t` (for causal LM training pass `targets[t] = input_ids[t+1]`, −100 at the end).
-    pub fn token_logprobs<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::token_logprobs(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// [`token_logprobs`](Gpt::token_logprobs) through the fused LM head: the same values (to f32
-    /// rounding of the GEMM), without the `[batch·seq, vocab]` logits; the KTO and DPO steps use it
-    /// for the policy.
-    pub fn token_logprobs_fused_head<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::token_logprobs_fused_head(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// Mean negative log-likelihood over the non-ignored targets, a scalar `[1]` (PyTorch
-    /// `cross_entropy(reduction="mean", ignore_index=-100)`). Errors if every target is ignored.
-    pub fn nll<'a>(
-        &'a self,
-        tape: &mut Tape<'a>,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Var> {
-        forward::nll(self, tape, input_ids, targets, batch, seq)
-    }
-
-    /// [`token_logprobs`](Gpt::token_logprobs) without gradients or dropout (the frozen
-    /// reference model, evaluation).
-    pub fn token_logprobs_inference(
-        &self,
-        input_ids: &[u32],
-        targets: &[i32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Vec<f32>> {
-        forward::token_logprobs_inference(self, input_ids, targets, batch, seq)
-    }
-
-    /// Logits `[batch·seq, vocab]` without gradients or dropout.
-    ///
-    /// Errors as [`logits`](Gpt::logits), and [`HaloError::NonFinite`](halo_kernels::error::HaloError::NonFinite) (`what: "logits"`, `row`:
-    /// the first bad row) when finite but huge weights overflow f32 somewhere in the forward.
-    pub fn logits_inference(
-        &self,
-        input_ids: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Vec<f32>> {
-        forward::logits_inference(self, input_ids, batch, seq)
     }
 
     pub(crate) fn params_mut(&mut self) -> &mut [Parameter] {

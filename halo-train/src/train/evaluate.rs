@@ -11,6 +11,7 @@ use super::arithmetic_task::{judge, Verdict};
 use super::batching::prompt_context;
 use super::tokenizer::TextTokenizer;
 use crate::model::Gpt;
+use crate::model::GptWeights;
 use halo_kernels::error::Result;
 
 /// Prompts decoded per forward pass (bounds the activation memory).

@@ -1,5 +1,5 @@
 //! KTO step (TRL `KTOTrainer`, HALOs `KTOTrainer`): the policy's per-token log-probs through
-//! the fused LM head (`Gpt::token_logprobs_fused_head`: no `[rows, vocab]` logits); the core's [`kto_step_tokens`] sums them per completion, computes the loss and its
+//! the fused LM head (`GptWeights::token_logprobs_fused_head`: no `[rows, vocab]` logits); the core's [`kto_step_tokens`] sums them per completion, computes the loss and its
 //! gradient and broadcasts it back to the tokens, which the tape backpropagates.
 //!
 //! The reference model is a frozen copy of the starting model. The KL pairs (each prompt with

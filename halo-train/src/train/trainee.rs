@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use super::step_output::{StepMetrics, StepOutput, StepValues};
-use crate::autograd::{Device, Gradients};
+use crate::autograd::Device;
 use crate::model::optim::{clip_grad_norm, AdamW};
 use crate::model::{DeviceAdamW, Gpt, GptOnDevice, ModelRef};
 use halo_kernels::error::{HaloError, Result};
@@ -59,25 +59,6 @@ impl Trainee {
         match self {
             Self::Host(_) => ModelRef::Host(host),
             Self::Device(d) => ModelRef::Device(&d.model),
-        }
-    }
-
-    /// Clips `grads` to global norm `max_norm` and takes one AdamW step with learning rate
-    /// `lr`; returns the norm before clipping.
-    pub fn clip_and_step(
-        &mut self,
-        host: &mut Gpt,
-        grads: &mut Gradients,
-        max_norm: f32,
-        lr: f32,
-    ) -> Result<f32> {
-        match self {
-            Self::Host(optimizer) => {
-                let norm = clip_grad_norm(grads, max_norm);
-                optimizer.step(host, grads, lr)?;
-                Ok(norm)
-            }
-            Self::Device(d) => d.optimizer.clip_and_step(&mut d.model, grads, max_norm, lr),
         }
     }
 
