@@ -91,7 +91,7 @@ impl StatusWord {
         match self.nonfinite_row() {
             Some(counted) => Err(HaloError::NonFinite {
                 what: "logits (hidden · weightᵀ + bias)",
-                row: counted_row(labels, ignore_index, counted),
+                row: counted_row(labels, ignore_index, counted).unwrap_or(counted),
             }),
             None => Ok(()),
         }
@@ -103,7 +103,7 @@ impl StatusWord {
     /// input (see [`StatusWord::fused_forward_error`]). Its `grads` status comes next:
     /// [`StatusWord::fused_gradient_sums_error`].
     pub fn fused_backward_tiles_error(&self, labels: &[i32], ignore_index: i32) -> Result<()> {
-        let row = |counted| counted_row(labels, ignore_index, counted);
+        let row = |counted| counted_row(labels, ignore_index, counted).unwrap_or(counted);
         if let Some(r) = self.nonfinite_grad_row() {
             return Err(HaloError::NonFinite {
                 what: "grad_logp, row_max or ln_sum",
@@ -139,14 +139,14 @@ impl StatusWord {
 }
 
 /// The row of `labels` that is the `counted`-th one not ignored (the fused head's kernels number
-/// the counted rows only).
-fn counted_row(labels: &[i32], ignore_index: i32, counted: usize) -> usize {
+/// the counted rows only); `None` past the last counted row.
+pub(crate) fn counted_row(labels: &[i32], ignore_index: i32, counted: usize) -> Option<usize> {
     labels
         .iter()
         .enumerate()
         .filter(|(_, &y)| y != ignore_index)
         .nth(counted)
-        .map_or(counted, |(r, _)| r)
+        .map(|(r, _)| r)
 }
 
 impl CudaBackend {

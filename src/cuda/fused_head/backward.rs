@@ -55,6 +55,17 @@ pub struct CudaFusedSaved<'a> {
     pub grad_logp: &'a CudaSlice<f32>,
 }
 
+impl<'a> CudaFusedSaved<'a> {
+    /// The per-row inputs with the names the errors give them.
+    fn named(&self) -> [(&'static str, &'a CudaSlice<f32>); 3] {
+        [
+            ("row_max", self.row_max),
+            ("ln_sum", self.ln_sum),
+            ("grad_logp", self.grad_logp),
+        ]
+    }
+}
+
 impl CudaBackend {
     /// Gradients of `L` w.r.t. the head's inputs: the CUDA twin of
     /// [`crate::fused_head::fused_linear_token_logprobs_backward`], with the same errors. `chunks`
@@ -84,12 +95,7 @@ impl CudaBackend {
         );
         if let Some(r) = tiles.nonfinite_grad_row() {
             // Name the input as the CPU op does, from host copies (this error path only).
-            let named = [
-                ("row_max", saved.row_max),
-                ("ln_sum", saved.ln_sum),
-                ("grad_logp", saved.grad_logp),
-            ];
-            for (what, values) in named {
+            for (what, values) in saved.named() {
                 check_counted_finite(what, &self.dtoh(values)?, labels, ignore_index)?;
             }
             return Err(HaloError::NonFinite {
@@ -130,11 +136,7 @@ impl CudaBackend {
         status: &mut FusedBackwardStatus,
     ) -> Result<CudaFusedHeadGrads> {
         let rows = self.check_fused_head(hidden.len(), head, labels, ignore_index)?;
-        let named = [
-            ("row_max", saved.row_max),
-            ("ln_sum", saved.ln_sum),
-            ("grad_logp", saved.grad_logp),
-        ];
+        let named = saved.named();
         for (what, values) in named {
             check_len(what, rows, values.len())?;
         }

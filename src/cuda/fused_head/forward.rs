@@ -8,7 +8,7 @@ use super::{
 };
 use crate::cuda::device::{cuda_err, CudaBackend};
 use crate::cuda::launch::CudaLogit;
-use crate::cuda::status::KernelStatus;
+use crate::cuda::status::{self, KernelStatus};
 use crate::cuda::GemmShape;
 use crate::error::{HaloError, Result};
 use crate::fused_head::{non_finite_error, FusedChunks, LmHead};
@@ -132,13 +132,7 @@ impl CudaBackend {
         ignore_index: i32,
         counted_row: usize,
     ) -> Result<HaloError> {
-        let row = labels
-            .iter()
-            .enumerate()
-            .filter(|(_, &y)| y != ignore_index)
-            .nth(counted_row)
-            .map(|(r, _)| r)
-            .unwrap_or(0);
+        let row = status::counted_row(labels, ignore_index, counted_row).unwrap_or(0);
         let (hidden, weight) = (self.dtoh(hidden)?, self.dtoh(head.weight)?);
         let bias = head.bias.map(|b| self.dtoh(b)).transpose()?;
         let host = LmHead {

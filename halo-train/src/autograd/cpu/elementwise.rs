@@ -1,6 +1,6 @@
 //! Element-wise ops: sums, bias broadcast, scaling, dropout.
 
-use super::simd::avx2_twin;
+use super::simd::{avx2_twin, reduce};
 
 avx2_twin! {
     /// `dst += src`.
@@ -96,14 +96,7 @@ avx2_twin! {
         for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
             *a += v as f64 * v as f64;
         }
-        let mut width = SQUARE_LANES / 2;
-        while width > 0 {
-            for i in 0..width {
-                acc[i] += acc[i + width];
-            }
-            width /= 2;
-        }
-        acc[0]
+        reduce(acc)
     }
 }
 

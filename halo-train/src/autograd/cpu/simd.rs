@@ -111,10 +111,11 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 
     reduce(acc)
 }
 
-/// The pairwise sum of the 16 partial sums.
+/// The pairwise sum of `N` (a power of two) partial sums: `acc[i] += acc[i + N/2]`, halving until
+/// one is left; a fixed order, so every build gets the same value.
 #[inline(always)]
-fn reduce(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
+pub(crate) fn reduce<T: Copy + std::ops::AddAssign, const N: usize>(mut acc: [T; N]) -> T {
+    let mut width = N / 2;
     while width > 0 {
         for i in 0..width {
             acc[i] += acc[i + width];
