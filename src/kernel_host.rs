@@ -129,14 +129,15 @@ pub(crate) fn kto_loss_code(loss_type: KtoLossType) -> i32 {
     }
 }
 
-/// `HaloDpoParams.loss_type` for a DPO-family loss type.
-pub(crate) fn dpo_loss_code(loss_type: DpoLossType) -> i32 {
+/// `HaloDpoParams.loss_type` for a DPO-family loss type (`None`: no kernel for it yet).
+pub(crate) fn dpo_loss_code(loss_type: DpoLossType) -> Option<i32> {
     match loss_type {
-        DpoLossType::Sigmoid => DPO_LOSS_SIGMOID,
-        DpoLossType::Robust => DPO_LOSS_ROBUST,
-        DpoLossType::Hinge => DPO_LOSS_HINGE,
-        DpoLossType::Ipo => DPO_LOSS_IPO,
-        DpoLossType::ApoZero => DPO_LOSS_APO_ZERO,
+        DpoLossType::Sigmoid => Some(DPO_LOSS_SIGMOID),
+        DpoLossType::Robust => Some(DPO_LOSS_ROBUST),
+        DpoLossType::Hinge => Some(DPO_LOSS_HINGE),
+        DpoLossType::Ipo => Some(DPO_LOSS_IPO),
+        DpoLossType::ApoZero => Some(DPO_LOSS_APO_ZERO),
+        _ => None,
     }
 }
 

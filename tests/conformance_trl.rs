@@ -350,6 +350,7 @@ fn run_dpo(case: &DpoCase, label_smoothing: f64) -> PairLossOutput {
             beta: case.beta,
             label_smoothing,
             loss_type: dpo_type(&case.loss_type),
+            ..DpoConfig::default()
         },
         &PairBatch {
             policy_chosen_logps: &pc,
@@ -622,6 +623,7 @@ fn end_to_end_logit_gradients_match_trl() {
                     beta: case.beta,
                     label_smoothing: 0.0,
                     loss_type: dpo_type(&case.loss_type),
+                    ..DpoConfig::default()
                 },
                 &Logits {
                     logits: &logits,

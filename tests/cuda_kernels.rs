@@ -1701,6 +1701,7 @@ fn dpo_matches_cpu(gpu: &CudaBackend) -> TestResult {
                     beta,
                     label_smoothing: eps,
                     loss_type,
+                    ..DpoConfig::default()
                 };
                 let what = format!("{loss_type:?} beta {beta} eps {eps} n {n}");
                 let d = pair_data(n as u64 + 40, n);

@@ -613,13 +613,7 @@ fn kto_errors_are_the_cpus<D: Device>(d: &D) {
 // ---- DPO family -------------------------------------------------------------------------------
 
 fn trl_name(loss: DpoLossType) -> &'static str {
-    match loss {
-        DpoLossType::Sigmoid => "sigmoid",
-        DpoLossType::Robust => "robust",
-        DpoLossType::Hinge => "hinge",
-        DpoLossType::Ipo => "ipo",
-        DpoLossType::ApoZero => "apo_zero",
-    }
+    loss.name()
 }
 
 struct Pairs {
@@ -775,6 +769,7 @@ fn dpo_family_matches_the_f64_reference<D: Device>(d: &D) {
                 beta,
                 label_smoothing,
                 loss_type,
+                ..DpoConfig::default()
             };
             check_dpo(d, 1000 + (k * 10 + j) as u64, n, config, with_counts);
         }
@@ -1061,6 +1056,7 @@ fn dpo_errors_are_the_cpus<D: Device>(d: &D) {
             beta: 0.1,
             label_smoothing,
             loss_type,
+            ..DpoConfig::default()
         };
         let got = d
             .dpo_loss(&config, &counts)

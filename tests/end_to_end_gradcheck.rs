@@ -275,6 +275,7 @@ fn dpo_chain_matches_finite_differences() {
                 beta: 0.7,
                 label_smoothing: 0.1,
                 loss_type,
+                ..DpoConfig::default()
             };
             let out = dpo_loss(
                 &cfg,

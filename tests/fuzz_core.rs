@@ -718,17 +718,12 @@ fn dpo_config(g: &mut Gen) -> DpoConfig {
     DpoConfig {
         beta: g.hyper(0.01..2.0, 0.05),
         label_smoothing: g.hyper(0.0..0.5, 0.05),
-        loss_type: g.pick(&[
-            DpoLossType::Sigmoid,
-            DpoLossType::Robust,
-            DpoLossType::Hinge,
-            DpoLossType::Ipo,
-            DpoLossType::ApoZero,
-        ]),
+        loss_type: g.pick(&DpoLossType::ALL),
+        discopop_tau: g.hyper(0.01..2.0, 0.05),
     }
 }
 
-/// The DPO family (sigmoid/cDPO, robust, hinge, IPO, apo_zero), with and without token counts.
+/// The DPO family (every TRL loss type), with and without token counts.
 #[test]
 fn fuzz_dpo_loss() {
     fuzz("fuzz_dpo_loss", |g| {

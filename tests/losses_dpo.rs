@@ -1,21 +1,18 @@
-//! DPO family (sigmoid/cDPO, robust, hinge, IPO, APO-zero) vs the plain f64 reference,
-//! finite-difference gradients, metrics, extreme inputs and error cases.
+//! DPO family (every TRL 1.x loss type: sigmoid/cDPO, robust, hinge, IPO, APO-zero/down, EXO, NCA,
+//! BCO, SPPO, AOT, DiscoPOP, SFT) vs the plain f64 reference, finite-difference gradients,
+//! metrics, extreme inputs and error cases.
 
 mod losses_common;
 
-use halo_kernels::losses::reference::{dpo_loss_ref, finite_difference_gradient};
+use halo_kernels::losses::reference::{
+    dpo_loss_ref, dpo_loss_ref_with_tau, finite_difference_gradient,
+};
 use halo_kernels::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch};
 use halo_kernels::HaloError;
 use losses_common::*;
 use rand::Rng;
 
-const ALL: [DpoLossType; 5] = [
-    DpoLossType::Sigmoid,
-    DpoLossType::Robust,
-    DpoLossType::Hinge,
-    DpoLossType::Ipo,
-    DpoLossType::ApoZero,
-];
+const ALL: [DpoLossType; 14] = DpoLossType::ALL;
 
 struct Pairs {
     pc: Vec<f32>,
@@ -64,10 +61,11 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     let (rc, rr) = (to_f64(&p.rc), to_f64(&p.rr));
     // The reference as a function of the concatenated [chosen; rejected] policy log-probs.
     let loss_of = |x: &[f64]| {
-        dpo_loss_ref(
+        dpo_loss_ref_with_tau(
             name,
             cfg.beta,
             cfg.label_smoothing,
+            cfg.discopop_tau,
             &x[..n],
             &x[n..],
             &rc,
@@ -78,8 +76,18 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     };
     let x: Vec<f64> = to_f64(&p.pc).into_iter().chain(to_f64(&p.pr)).collect();
     assert_close(&format!("{name} loss"), out.loss, loss_of(&x), 1e-5, 1e-12);
-    // Hinge has a kink at β l = 1: check FD only away from it.
-    let h = 1e-3;
+    // Hinge has a kink at β l = 1: check FD only away from it. AOT's sorted values are not
+    // differentiable where two of them cross: the step stays below their smallest gap. DiscoPOP
+    // bends on the scale τ/β: a smaller step keeps the central difference's own error small.
+    let h = match cfg.loss_type {
+        DpoLossType::Discopop => 1e-5,
+        DpoLossType::Aot | DpoLossType::AotUnpaired => {
+            let gap = sorted_gap(&x, &rc, &rr, cfg.loss_type);
+            assert!(gap > 1e-6, "seed gives near-tied AOT values ({gap})");
+            (gap / 10.0).min(1e-3)
+        }
+        _ => 1e-3,
+    };
     let fd = finite_difference_gradient(loss_of, &x, h);
     let got: Vec<f32> = out
         .grad_chosen
@@ -147,6 +155,32 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     assert_eq!(m.kl, None);
 }
 
+/// The smallest gap between two of the values AOT sorts (policy and reference log-ratio
+/// differences for `Aot`, chosen and rejected log-ratios for `AotUnpaired`).
+fn sorted_gap(x: &[f64], rc: &[f64], rr: &[f64], loss_type: DpoLossType) -> f64 {
+    let n = rc.len();
+    let (pc, pr) = (&x[..n], &x[n..]);
+    let groups: [Vec<f64>; 2] = if loss_type == DpoLossType::Aot {
+        [
+            (0..n).map(|i| pc[i] - pr[i]).collect(),
+            (0..n).map(|i| rc[i] - rr[i]).collect(),
+        ]
+    } else {
+        [
+            (0..n).map(|i| pc[i] - rc[i]).collect(),
+            (0..n).map(|i| pr[i] - rr[i]).collect(),
+        ]
+    };
+    let mut gap = f64::INFINITY;
+    for mut g in groups {
+        g.sort_by(f64::total_cmp);
+        for w in g.windows(2) {
+            gap = gap.min(w[1] - w[0]);
+        }
+    }
+    gap
+}
+
 #[test]
 fn every_loss_type_matches_reference() {
     for (seed, n) in [(1u64, 1usize), (2, 7), (3, 64), (4, 129)] {
@@ -156,6 +190,10 @@ fn every_loss_type_matches_reference() {
                 let eps = match loss_type {
                     DpoLossType::Sigmoid => [0.0, 0.1, 0.5][seed as usize % 3],
                     DpoLossType::Robust => [0.0, 0.2, 0.45][seed as usize % 3],
+                    DpoLossType::Aot | DpoLossType::AotUnpaired => {
+                        [0.0, 0.1, 0.5][seed as usize % 3]
+                    }
+                    DpoLossType::ExoPair => [0.001, 0.1, 0.4][seed as usize % 3],
                     _ => 0.3, // ignored
                 };
                 check(
@@ -164,6 +202,7 @@ fn every_loss_type_matches_reference() {
                         beta,
                         label_smoothing: eps,
                         loss_type,
+                        ..DpoConfig::default()
                     },
                 );
             }
@@ -179,6 +218,7 @@ fn hinge_is_exactly_zero_past_margin() {
             beta: 0.5,
             label_smoothing: 0.0,
             loss_type: DpoLossType::Hinge,
+            ..DpoConfig::default()
         },
         &PairBatch {
             policy_chosen_logps: &[-1.0],
@@ -211,6 +251,7 @@ fn extreme_margins_stay_finite() {
                     0.1
                 },
                 loss_type,
+                ..DpoConfig::default()
             },
             &PairBatch {
                 policy_chosen_logps: &pc,
@@ -461,14 +502,16 @@ fn random_batches_never_produce_nan() {
                     beta: r.gen_range(0.01..20.0),
                     label_smoothing: 0.1,
                     loss_type,
+                    discopop_tau: r.gen_range(0.01..1.0),
                 },
                 &p.batch(),
             )
             .unwrap();
             assert!(out.loss.is_finite());
-            // Every loss but robust DPO is non-negative (robust's ε·logσ(−βl) term can win).
+            // Every loss but robust DPO is non-negative (robust's ε·logσ(−βl) term can win;
+            // EXO's is a KL divergence, 0 only up to rounding where q = p).
             assert!(
-                out.loss >= 0.0 || loss_type == DpoLossType::Robust,
+                out.loss >= -1e-12 || loss_type == DpoLossType::Robust,
                 "{loss_type:?}"
             );
             assert!(out
@@ -510,11 +553,231 @@ proptest::proptest! {
         b.chosen_counts = None;
         b.rejected_counts = None;
         for loss_type in [DpoLossType::Sigmoid, DpoLossType::Robust, DpoLossType::Hinge] {
-            let out = dpo_loss(&DpoConfig { beta, label_smoothing: 0.0, loss_type }, &b).unwrap();
+            let out = dpo_loss(&DpoConfig { beta, label_smoothing: 0.0, loss_type, ..DpoConfig::default() }, &b).unwrap();
             for i in 0..n {
                 proptest::prop_assert_eq!(out.grad_chosen[i], -out.grad_rejected[i]);
                 proptest::prop_assert!(out.grad_chosen[i] <= 0.0);
             }
         }
     }
+}
+
+#[test]
+fn loss_type_names_are_trls_and_round_trip() {
+    let names: Vec<&str> = DpoLossType::ALL.iter().map(|t| t.name()).collect();
+    // TRL 1.x's list in `DPOTrainer._compute_loss`'s error message, in its order.
+    assert_eq!(
+        names,
+        [
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft"
+        ]
+    );
+    for t in DpoLossType::ALL {
+        assert_eq!(DpoLossType::from_name(t.name()), Some(t));
+    }
+    for bad in ["", "SIGMOID", "aot_pair", "kto", "sigmoid "] {
+        assert_eq!(DpoLossType::from_name(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn new_loss_types_refuse_their_bad_hyper_parameters() {
+    let p = pairs(9, 4);
+    let b = p.batch();
+    let exo = |eps: f64| DpoConfig {
+        loss_type: DpoLossType::ExoPair,
+        label_smoothing: eps,
+        ..DpoConfig::default()
+    };
+    for eps in [0.0, 1.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
+        match dpo_loss(&exo(eps), &b).unwrap_err() {
+            HaloError::InvalidHyperParameter { name, .. } => assert_eq!(name, "label_smoothing"),
+            other => panic!("exo eps {eps}: {other:?}"),
+        }
+    }
+    assert!(dpo_loss(&exo(1e-9), &b).is_ok());
+    for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let cfg = DpoConfig {
+            loss_type: DpoLossType::Discopop,
+            discopop_tau: tau,
+            ..DpoConfig::default()
+        };
+        match dpo_loss(&cfg, &b).unwrap_err() {
+            HaloError::InvalidHyperParameter { name, .. } => assert_eq!(name, "discopop_tau"),
+            other => panic!("tau {tau}: {other:?}"),
+        }
+        // τ is DiscoPOP's alone: the other types ignore it.
+        let sigmoid = DpoConfig {
+            discopop_tau: tau,
+            ..DpoConfig::default()
+        };
+        assert!(dpo_loss(&sigmoid, &b).is_ok());
+    }
+    for (loss_type, eps) in [(DpoLossType::Aot, 1.01), (DpoLossType::AotUnpaired, -0.5)] {
+        let cfg = DpoConfig {
+            loss_type,
+            label_smoothing: eps,
+            ..DpoConfig::default()
+        };
+        assert!(matches!(
+            dpo_loss(&cfg, &b).unwrap_err(),
+            HaloError::InvalidHyperParameter {
+                name: "label_smoothing",
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn sft_needs_chosen_tokens() {
+    let p = pairs(10, 3);
+    let sft = DpoConfig {
+        loss_type: DpoLossType::Sft,
+        ..DpoConfig::default()
+    };
+    let b = PairBatch {
+        chosen_counts: None,
+        ..p.batch()
+    };
+    assert!(matches!(
+        dpo_loss(&sft, &b).unwrap_err(),
+        HaloError::MissingArgument {
+            what: "chosen_counts",
+            ..
+        }
+    ));
+    // The rejected counts are not needed, and a chosen sequence without tokens is allowed
+    // (its log-prob is 0) as long as the batch has some.
+    let some = [0u32, 5, 0];
+    let pc = [0.0f32, -7.5, 0.0];
+    let out = dpo_loss(
+        &sft,
+        &PairBatch {
+            policy_chosen_logps: &pc,
+            chosen_counts: Some(&some),
+            rejected_counts: None,
+            ..p.batch()
+        },
+    )
+    .unwrap();
+    assert_close("sft nll", out.loss, 1.5, 1e-12, 0.0);
+    for g in &out.grad_chosen {
+        assert_close("sft grad", *g as f64, -1.0 / 5.0, 1e-7, 0.0);
+    }
+    assert!(out.grad_rejected.iter().all(|&g| g == 0.0));
+    let none = [0u32; 3];
+    assert!(matches!(
+        dpo_loss(
+            &sft,
+            &PairBatch {
+                chosen_counts: Some(&none),
+                ..p.batch()
+            }
+        )
+        .unwrap_err(),
+        HaloError::EmptyBatch(_)
+    ));
+}
+
+#[test]
+fn aot_is_invariant_to_the_order_of_pairs() {
+    // Sorting makes the batch a multiset: shuffling the pairs permutes the gradients alike.
+    let p = pairs(11, 9);
+    let perm = [4usize, 0, 8, 2, 7, 1, 6, 3, 5];
+    let shuffle = |v: &[f32]| perm.iter().map(|&i| v[i]).collect::<Vec<f32>>();
+    let (pc, pr, rc, rr) = (shuffle(&p.pc), shuffle(&p.pr), shuffle(&p.rc), shuffle(&p.rr));
+    for loss_type in [DpoLossType::Aot, DpoLossType::AotUnpaired] {
+        let cfg = DpoConfig {
+            loss_type,
+            label_smoothing: 0.1,
+            beta: 0.3,
+            ..DpoConfig::default()
+        };
+        let base = dpo_loss(&cfg, &p.batch()).unwrap();
+        let shuffled = dpo_loss(
+            &cfg,
+            &PairBatch {
+                policy_chosen_logps: &pc,
+                policy_rejected_logps: &pr,
+                reference_chosen_logps: &rc,
+                reference_rejected_logps: &rr,
+                chosen_counts: None,
+                rejected_counts: None,
+            },
+        )
+        .unwrap();
+        assert_close("aot loss", shuffled.loss, base.loss, 1e-12, 1e-15);
+        for (k, &i) in perm.iter().enumerate() {
+            assert_eq!(shuffled.grad_chosen[k], base.grad_chosen[i]);
+            assert_eq!(shuffled.grad_rejected[k], base.grad_rejected[i]);
+        }
+        // It is not the per-pair sigmoid loss: sorting re-pairs the values.
+        let sigmoid = dpo_loss(
+            &DpoConfig {
+                loss_type: DpoLossType::Sigmoid,
+                ..cfg
+            },
+            &p.batch(),
+        )
+        .unwrap();
+        assert!((sigmoid.loss - base.loss).abs() > 1e-6, "{loss_type:?}");
+    }
+}
+
+#[test]
+fn discopop_is_finite_where_the_literal_formula_is_not() {
+    // βh = −1000 with τ = 0.05: e^{1000}·σ(−20000) is inf·0 = NaN written literally (as TRL's
+    // f32 code gives for βh below about −88); the value is −logσ(−1000) ≈ 1000.
+    let cfg = DpoConfig {
+        loss_type: DpoLossType::Discopop,
+        beta: 1.0,
+        ..DpoConfig::default()
+    };
+    let batch = PairBatch {
+        policy_chosen_logps: &[-1001.0],
+        policy_rejected_logps: &[-1.0],
+        reference_chosen_logps: &[-1.0],
+        reference_rejected_logps: &[-1.0],
+        chosen_counts: None,
+        rejected_counts: None,
+    };
+    let literal = dpo_loss_ref(
+        "discopop",
+        1.0,
+        0.0,
+        &[-1001.0],
+        &[-1.0],
+        &[-1.0],
+        &[-1.0],
+        &[],
+        &[],
+    );
+    assert!(literal.is_nan(), "{literal}");
+    let out = dpo_loss(&cfg, &batch).unwrap();
+    assert_close("discopop tail", out.loss, 1000.0, 1e-12, 0.0);
+    assert_close("discopop tail grad", out.grad_chosen[0] as f64, -1.0, 1e-7, 0.0);
+    // With τ > 1 the exponential term really is huge: e^{1000·(1 − 1/2)} overflows f32
+    // gradients, and that is an error, not an inf.
+    let wide = DpoConfig {
+        discopop_tau: 2.0,
+        ..cfg
+    };
+    assert!(matches!(
+        dpo_loss(&wide, &batch).unwrap_err(),
+        HaloError::NonFinite { .. }
+    ));
 }

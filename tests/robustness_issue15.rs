@@ -135,6 +135,7 @@ fn huge_beta_gives_an_error_not_infinite_rewards() {
             beta: f64::MAX,
             label_smoothing: 0.0,
             loss_type,
+            ..DpoConfig::default()
         };
         // IPO's and hinge's loss (β², or 1/β terms) overflow first: any NonFinite will do.
         assert_non_finite_error(dpo_loss(&config, &pair), "");

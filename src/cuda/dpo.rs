@@ -112,6 +112,12 @@ impl CudaBackend {
         status_ptr: u64,
     ) -> Result<DpoLaunched> {
         config.validate()?;
+        let Some(loss_code) = dpo_loss_code(config.loss_type) else {
+            return Err(HaloError::InvalidShape(format!(
+                "DPO loss type `{}` has no CUDA kernel yet (use the CPU loss)",
+                config.loss_type.name()
+            )));
+        };
         let n = check_pair_lengths(
             batch.policy_chosen_logps.len(),
             batch.policy_rejected_logps.len(),
@@ -130,7 +136,7 @@ impl CudaBackend {
         };
         let params = HaloDpoParams {
             pairs: n as i32,
-            loss_type: dpo_loss_code(config.loss_type),
+            loss_type: loss_code,
             beta: config.beta as f32,
             // Only sigmoid and robust use it; the CPU ignores it (unvalidated) for the others.
             label_smoothing: match config.loss_type {

@@ -48,8 +48,10 @@ pub fn kto_loss_ref(
     losses.iter().sum::<f64>() / losses.len() as f64
 }
 
-/// TRL `dpo_loss` loss types by name: "sigmoid", "robust", "hinge", "ipo", "apo_zero".
-/// For "ipo" pass the token counts; every log-prob is divided by its count first.
+/// TRL `DPOTrainer._compute_loss` loss types by name ("sigmoid", "robust", "hinge", "ipo",
+/// "apo_zero", "apo_down", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+/// "discopop" with τ = 0.05, "sft"). For "ipo" pass the token counts (every log-prob is divided by
+/// its count first); for "sft" the chosen counts.
 #[allow(clippy::too_many_arguments)]
 pub fn dpo_loss_ref(
     loss_type: &str,
@@ -62,7 +64,79 @@ pub fn dpo_loss_ref(
     chosen_counts: &[u32],
     rejected_counts: &[u32],
 ) -> f64 {
+    dpo_loss_ref_with_tau(
+        loss_type,
+        beta,
+        label_smoothing,
+        0.05,
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        chosen_counts,
+        rejected_counts,
+    )
+}
+
+/// [`dpo_loss_ref`] with DiscoPOP's τ given.
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_loss_ref_with_tau(
+    loss_type: &str,
+    beta: f64,
+    label_smoothing: f64,
+    discopop_tau: f64,
+    policy_chosen: &[f64],
+    policy_rejected: &[f64],
+    reference_chosen: &[f64],
+    reference_rejected: &[f64],
+    chosen_counts: &[u32],
+    rejected_counts: &[u32],
+) -> f64 {
     let n = policy_chosen.len();
+    let eps = label_smoothing;
+    let smoothed = |delta: f64| {
+        -log_sigmoid_ref(beta * delta) * (1.0 - eps) - log_sigmoid_ref(-beta * delta) * eps
+    };
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    match loss_type {
+        "aot" => {
+            let logratios = sorted(
+                (0..n)
+                    .map(|i| policy_chosen[i] - policy_rejected[i])
+                    .collect(),
+            );
+            let ref_logratios = sorted(
+                (0..n)
+                    .map(|i| reference_chosen[i] - reference_rejected[i])
+                    .collect(),
+            );
+            return (0..n)
+                .map(|k| smoothed(logratios[k] - ref_logratios[k]))
+                .sum::<f64>()
+                / n as f64;
+        }
+        "aot_unpaired" => {
+            let chosen = sorted(
+                (0..n)
+                    .map(|i| policy_chosen[i] - reference_chosen[i])
+                    .collect(),
+            );
+            let rejected = sorted(
+                (0..n)
+                    .map(|i| policy_rejected[i] - reference_rejected[i])
+                    .collect(),
+            );
+            return (0..n)
+                .map(|k| smoothed(chosen[k] - rejected[k]))
+                .sum::<f64>()
+                / n as f64;
+        }
+        "sft" => return chosen_nll_ref(policy_chosen, chosen_counts),
+        _ => {}
+    }
     let mut total = 0.0;
     for i in 0..n {
         let (mut pc, mut pr, mut rc, mut rr) = (
@@ -80,12 +154,8 @@ pub fn dpo_loss_ref(
         let chosen_logratios = pc - rc;
         let rejected_logratios = pr - rr;
         let logits = chosen_logratios - rejected_logratios;
-        let eps = label_smoothing;
         total += match loss_type {
-            "sigmoid" => {
-                -log_sigmoid_ref(beta * logits) * (1.0 - eps)
-                    - log_sigmoid_ref(-beta * logits) * eps
-            }
+            "sigmoid" => smoothed(logits),
             "robust" => {
                 (-log_sigmoid_ref(beta * logits) * (1.0 - eps)
                     + log_sigmoid_ref(-beta * logits) * eps)
@@ -96,6 +166,28 @@ pub fn dpo_loss_ref(
             "apo_zero" => {
                 (1.0 - sigmoid_ref(beta * chosen_logratios))
                     + sigmoid_ref(beta * rejected_logratios)
+            }
+            "apo_down" => sigmoid_ref(beta * chosen_logratios) + (1.0 - sigmoid_ref(beta * logits)),
+            "exo_pair" => {
+                let x = beta * logits;
+                sigmoid_ref(x) * (log_sigmoid_ref(x) - (-eps).ln_1p())
+                    + sigmoid_ref(-x) * (log_sigmoid_ref(-x) - eps.ln())
+            }
+            "nca_pair" => {
+                let (c, r) = (beta * chosen_logratios, beta * rejected_logratios);
+                -log_sigmoid_ref(c) - 0.5 * log_sigmoid_ref(-c) - 0.5 * log_sigmoid_ref(-r)
+            }
+            "bco_pair" => {
+                -log_sigmoid_ref(beta * chosen_logratios)
+                    - log_sigmoid_ref(-beta * rejected_logratios)
+            }
+            "sppo_hard" => {
+                (chosen_logratios - 0.5 / beta).powi(2) + (rejected_logratios + 0.5 / beta).powi(2)
+            }
+            "discopop" => {
+                let x = logits * beta;
+                let modulation = sigmoid_ref(x / discopop_tau);
+                -log_sigmoid_ref(x) * (1.0 - modulation) + (-x).exp() * modulation
             }
             other => panic!("unknown loss type {other}"),
         };
