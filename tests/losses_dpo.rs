@@ -12,7 +12,7 @@ use halo_kernels::HaloError;
 use losses_common::*;
 use rand::Rng;
 
-const ALL: [DpoLossType; 14] = DpoLossType::ALL;
+const ALL: [DpoLossType; 15] = DpoLossType::ALL;
 
 struct Pairs {
     pc: Vec<f32>,
@@ -297,18 +297,43 @@ fn zero_token_sequences() {
     let mut b = p.batch();
     b.chosen_counts = Some(&zero);
     assert!(dpo_loss(&DpoConfig::default(), &b).is_ok());
-    // IPO length-normalises: an empty sequence is an error.
-    let ipo = DpoConfig {
-        loss_type: DpoLossType::Ipo,
-        ..DpoConfig::default()
-    };
-    assert_eq!(
-        dpo_loss(&ipo, &b).unwrap_err(),
-        HaloError::EmptySequence {
-            what: "chosen_counts",
-            index: 1
+    // IPO and sigmoid_norm length-normalise: an empty sequence is an error (TRL divides by
+    // clamp(count, min=1) instead), and so are missing counts, naming the loss type.
+    for loss_type in [DpoLossType::Ipo, DpoLossType::SigmoidNorm] {
+        let normalised = DpoConfig {
+            loss_type,
+            ..DpoConfig::default()
+        };
+        assert_eq!(
+            dpo_loss(&normalised, &b).unwrap_err(),
+            HaloError::EmptySequence {
+                what: "chosen_counts",
+                index: 1
+            }
+        );
+        let missing = PairBatch {
+            rejected_counts: None,
+            ..p.batch()
+        };
+        match dpo_loss(&normalised, &missing).unwrap_err() {
+            HaloError::MissingArgument {
+                what: "rejected_counts",
+                needed_by,
+            } => assert!(needed_by.contains(loss_type.name()), "{needed_by}"),
+            other => panic!("{loss_type:?}: {other:?}"),
         }
-    );
+    }
+    // Every other loss type takes the zero-token sequence (sft among them: the batch has tokens).
+    for loss_type in DpoLossType::ALL {
+        if !loss_type.length_normalised() {
+            let cfg = DpoConfig {
+                loss_type,
+                label_smoothing: 0.1,
+                ..DpoConfig::default()
+            };
+            assert!(dpo_loss(&cfg, &b).is_ok(), "{loss_type:?}");
+        }
+    }
 }
 
 #[test]
@@ -565,7 +590,7 @@ proptest::proptest! {
 #[test]
 fn loss_type_names_are_trls_and_round_trip() {
     let names: Vec<&str> = DpoLossType::ALL.iter().map(|t| t.name()).collect();
-    // TRL 1.x's list in `DPOTrainer._compute_loss`'s error message, in its order.
+    // TRL 1.16's list in `DPOTrainer._compute_loss`'s error message, in its order.
     assert_eq!(
         names,
         [
@@ -582,7 +607,8 @@ fn loss_type_names_are_trls_and_round_trip() {
             "apo_zero",
             "apo_down",
             "discopop",
-            "sft"
+            "sft",
+            "sigmoid_norm"
         ]
     );
     for t in DpoLossType::ALL {
@@ -699,7 +725,12 @@ fn aot_is_invariant_to_the_order_of_pairs() {
     let p = pairs(11, 9);
     let perm = [4usize, 0, 8, 2, 7, 1, 6, 3, 5];
     let shuffle = |v: &[f32]| perm.iter().map(|&i| v[i]).collect::<Vec<f32>>();
-    let (pc, pr, rc, rr) = (shuffle(&p.pc), shuffle(&p.pr), shuffle(&p.rc), shuffle(&p.rr));
+    let (pc, pr, rc, rr) = (
+        shuffle(&p.pc),
+        shuffle(&p.pr),
+        shuffle(&p.rc),
+        shuffle(&p.rr),
+    );
     for loss_type in [DpoLossType::Aot, DpoLossType::AotUnpaired] {
         let cfg = DpoConfig {
             loss_type,
@@ -769,7 +800,13 @@ fn discopop_is_finite_where_the_literal_formula_is_not() {
     assert!(literal.is_nan(), "{literal}");
     let out = dpo_loss(&cfg, &batch).unwrap();
     assert_close("discopop tail", out.loss, 1000.0, 1e-12, 0.0);
-    assert_close("discopop tail grad", out.grad_chosen[0] as f64, -1.0, 1e-7, 0.0);
+    assert_close(
+        "discopop tail grad",
+        out.grad_chosen[0] as f64,
+        -1.0,
+        1e-7,
+        0.0,
+    );
     // With τ > 1 the exponential term really is huge: e^{1000·(1 − 1/2)} overflows f32
     // gradients, and that is an error, not an inf.
     let wide = DpoConfig {

@@ -387,7 +387,7 @@ def _defaultdict_list():
 
 
 def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0, spread=8.0,
-             margin_scale=1.0):
+             margin_scale=1.0, discopop_tau=0.05):
     from trl.trainer.dpo_trainer import DPOTrainer
 
     gen = torch.Generator().manual_seed(seed)
@@ -416,12 +416,13 @@ def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0
         precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
         loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
         use_weighting=False, aux_loss_enabled=False, _metrics={"train": _defaultdict_list()},
-        _total_train_tokens=0, _tp_size=1, args=types.SimpleNamespace(discopop_tau=0.05),
+        _total_train_tokens=0, _tp_size=1, args=types.SimpleNamespace(discopop_tau=discopop_tau),
     )
     loss = DPOTrainer._compute_loss(fake, TableModel(table), inputs, return_outputs=False)
     loss.backward()
     return {
         "name": name, "loss_type": loss_type, "beta": beta, "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
         "policy_chosen_logps": f32_list(pc), "policy_rejected_logps": f32_list(pr),
         "reference_chosen_logps": f32_list(rc), "reference_rejected_logps": f32_list(rr),
         "chosen_counts": counts_c, "rejected_counts": counts_r,
@@ -659,6 +660,22 @@ def make_trl_fixture():
         dpo_case("ipo", 207, 7, "ipo", beta=0.1),
         dpo_case("ipo_beta1", 208, 5, "ipo", beta=1.0),
         dpo_case("apo_zero", 209, 8, "apo_zero", beta=0.2),
+        dpo_case("apo_down", 210, 8, "apo_down", beta=0.2),
+        dpo_case("exo_pair_paper_eps", 211, 7, "exo_pair", label_smoothing=1e-3),
+        dpo_case("exo_pair_eps0.2", 212, 6, "exo_pair", beta=0.5, label_smoothing=0.2),
+        dpo_case("nca_pair", 213, 8, "nca_pair"),
+        dpo_case("bco_pair", 214, 7, "bco_pair", beta=0.3),
+        dpo_case("sppo_hard", 215, 8, "sppo_hard"),
+        dpo_case("sppo_hard_beta1", 216, 5, "sppo_hard", beta=1.0),
+        dpo_case("aot", 217, 9, "aot"),
+        dpo_case("aot_smoothed", 218, 7, "aot", beta=0.3, label_smoothing=0.1),
+        dpo_case("aot_batch_of_one", 219, 1, "aot"),
+        dpo_case("aot_unpaired", 220, 9, "aot_unpaired"),
+        dpo_case("aot_unpaired_smoothed", 221, 6, "aot_unpaired", label_smoothing=0.2),
+        dpo_case("discopop", 222, 8, "discopop"),
+        dpo_case("discopop_tau0.5", 223, 6, "discopop", beta=0.3, discopop_tau=0.5),
+        dpo_case("sft", 224, 6, "sft"),
+        dpo_case("sigmoid_norm", 225, 7, "sigmoid_norm", beta=0.5),
     ]
     simpo = [
         simpo_case("simpo_default", 301, 6),

@@ -20,17 +20,20 @@
 //! - `AotUnpaired`: the same on `sort(c)[k] − sort(r)[k]`.
 //! - `Discopop` (DiscoPOP, Chris Lu et al. 2024, eq. 5), with `x = βh`, `m = σ(x/τ)`:
 //!   `−logσ(x)(1 − m) + e^{−x} m`.
-//! - `Sft`: the token-mean NLL of the chosen completions, `−Σ π_c / Σ count_c` (TRL's
-//!   `cross_entropy` over every chosen token; the same value for each pair).
+//! - `Sft`: the token-mean NLL of the chosen completions, `−Σ π_c / Σ count_c` (TRL's mean over
+//!   every chosen token's log-prob; the same value for each pair).
+//! - `SigmoidNorm`: `−logσ(β(c/count_c − r/count_r))`, DPO on length-normalised log-ratios.
 //!
 //! Loss = mean over pairs. Rewards are `β·(π − ref)` and `logps/*` the policy log-probs, always on
 //! the summed log-probs — for IPO too, as TRL ≥ 1.0 logs them (it normalises inside the loss only).
 //! Label smoothing is used by `Sigmoid` and `Aot`/`AotUnpaired` (ε ∈ [0, 1]), `Robust` (ε ∈ [0, 0.5))
-//! and `ExoPair` (ε ∈ (0, 1)); the others ignore it. Zero-token sequences are allowed except for
-//! `Ipo` (`EmptySequence`); `Sft` needs at least one chosen token in the batch.
+//! and `ExoPair` (ε ∈ (0, 1), as TRL requires); the others ignore it. Zero-token sequences are
+//! allowed except for the length-normalised `Ipo` and `SigmoidNorm` (`EmptySequence`); `Sft` needs
+//! at least one chosen token in the batch.
 //!
 //! Where we differ from TRL 1.x on purpose (README): `Sigmoid` applies ε (TRL ≥ 1.0 ignores it;
-//! TRL < 1.0 applied it); `ExoPair` refuses ε = 0 (TRL takes `log 0` and returns an infinite loss);
+//! TRL < 1.0 applied it); `Ipo`/`SigmoidNorm` refuse a zero-token sequence (TRL divides by
+//! `clamp(count, min=1)`); `Sft` refuses a batch without chosen tokens (TRL's mean is NaN);
 //! `Discopop` evaluates `e^{−x}·σ(x/τ)` as `exp(−x + logσ(x/τ))`, finite where TRL's product is
 //! `inf · 0 = NaN` (βh below about −88 in f32).
 
@@ -39,7 +42,7 @@ use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
 use super::validate::{
     check_count_lengths, check_counts_positive, check_finite, check_label_smoothing, check_metrics,
-    check_outputs, check_pair_lengths, check_positive, ipo_counts,
+    check_outputs, check_pair_lengths, check_positive, ipo_counts, sigmoid_norm_counts,
 };
 use crate::error::{HaloError, Result};
 
@@ -75,11 +78,13 @@ pub enum DpoLossType {
     Discopop,
     /// `"sft"`: the chosen completions' token-mean NLL (needs the chosen token counts).
     Sft,
+    /// `"sigmoid_norm"`: DPO's logistic loss on length-normalised log-ratios (needs the counts).
+    SigmoidNorm,
 }
 
 impl DpoLossType {
     /// Every loss type, in TRL's order of `DPOTrainer._compute_loss` (`sigmoid` first).
-    pub const ALL: [DpoLossType; 14] = [
+    pub const ALL: [DpoLossType; 15] = [
         DpoLossType::Sigmoid,
         DpoLossType::Hinge,
         DpoLossType::Ipo,
@@ -94,6 +99,7 @@ impl DpoLossType {
         DpoLossType::ApoDown,
         DpoLossType::Discopop,
         DpoLossType::Sft,
+        DpoLossType::SigmoidNorm,
     ];
 
     /// TRL's name for the loss type.
@@ -113,6 +119,7 @@ impl DpoLossType {
             DpoLossType::AotUnpaired => "aot_unpaired",
             DpoLossType::Discopop => "discopop",
             DpoLossType::Sft => "sft",
+            DpoLossType::SigmoidNorm => "sigmoid_norm",
         }
     }
 
@@ -121,9 +128,16 @@ impl DpoLossType {
         DpoLossType::ALL.into_iter().find(|t| t.name() == name)
     }
 
-    /// Whether the loss needs the token counts of the sequences (`Ipo`: both; `Sft`: the chosen).
+    /// Whether the loss needs the token counts of the sequences (`Ipo`, `SigmoidNorm`: both;
+    /// `Sft`: the chosen).
     pub fn needs_counts(&self) -> bool {
-        matches!(self, DpoLossType::Ipo | DpoLossType::Sft)
+        self.length_normalised() || *self == DpoLossType::Sft
+    }
+
+    /// Whether every log-ratio is divided by its sequence's token count first (`Ipo`,
+    /// `SigmoidNorm`).
+    pub fn length_normalised(&self) -> bool {
+        matches!(self, DpoLossType::Ipo | DpoLossType::SigmoidNorm)
     }
 
     /// Whether the loss of one pair depends on the other pairs of the batch (`Aot`,
@@ -207,10 +221,10 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
     config.validate()?;
     let n = check_pair_batch(batch)?;
 
-    // Per-sequence scale applied to every log-prob: 1/count for IPO, 1 otherwise.
+    // Per-sequence scale applied to every log-prob: 1/count for IPO and sigmoid_norm, 1 otherwise.
     let (chosen_scale, rejected_scale): (Vec<f64>, Vec<f64>) =
-        if config.loss_type == DpoLossType::Ipo {
-            let (chosen, rejected) = ipo_checked_counts(batch)?;
+        if config.loss_type.length_normalised() {
+            let (chosen, rejected) = normalised_checked_counts(config.loss_type, batch)?;
             (
                 chosen.iter().map(|&c| 1.0 / c as f64).collect(),
                 rejected.iter().map(|&c| 1.0 / c as f64).collect(),
@@ -355,6 +369,10 @@ fn pair_term(config: &DpoConfig, c: f64, r: f64) -> (f64, f64, f64) {
     match config.loss_type {
         DpoLossType::Sigmoid => {
             let (l, d) = smoothed_logistic(beta, eps, h);
+            (l, d, -d)
+        }
+        DpoLossType::SigmoidNorm => {
+            let (l, d) = smoothed_logistic(beta, 0.0, h);
             (l, d, -d)
         }
         DpoLossType::Robust => {
@@ -504,7 +522,21 @@ pub(crate) fn check_pair_batch(batch: &PairBatch<'_>) -> Result<usize> {
 
 /// IPO's token counts: both given (`MissingArgument`), every count ≥ 1 (`EmptySequence`).
 pub(crate) fn ipo_checked_counts<'a>(batch: &PairBatch<'a>) -> Result<(&'a [u32], &'a [u32])> {
-    let (chosen, rejected) = ipo_counts(batch.chosen_counts, batch.rejected_counts)?;
+    normalised_checked_counts(DpoLossType::Ipo, batch)
+}
+
+/// The token counts of a length-normalised loss type (`Ipo`, `SigmoidNorm`): both given
+/// (`MissingArgument` naming the loss), every count ≥ 1 (`EmptySequence`).
+pub(crate) fn normalised_checked_counts<'a>(
+    loss_type: DpoLossType,
+    batch: &PairBatch<'a>,
+) -> Result<(&'a [u32], &'a [u32])> {
+    let (chosen, rejected) = match loss_type {
+        DpoLossType::SigmoidNorm => {
+            sigmoid_norm_counts(batch.chosen_counts, batch.rejected_counts)?
+        }
+        _ => ipo_counts(batch.chosen_counts, batch.rejected_counts)?,
+    };
     check_counts_positive("chosen_counts", chosen)?;
     check_counts_positive("rejected_counts", rejected)?;
     Ok((chosen, rejected))

@@ -50,8 +50,8 @@ pub fn kto_loss_ref(
 
 /// TRL `DPOTrainer._compute_loss` loss types by name ("sigmoid", "robust", "hinge", "ipo",
 /// "apo_zero", "apo_down", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-/// "discopop" with τ = 0.05, "sft"). For "ipo" pass the token counts (every log-prob is divided by
-/// its count first); for "sft" the chosen counts.
+/// "discopop" with τ = 0.05, "sft", "sigmoid_norm"). For "ipo" and "sigmoid_norm" pass the token
+/// counts (every log-prob is divided by its count first); for "sft" the chosen counts.
 #[allow(clippy::too_many_arguments)]
 pub fn dpo_loss_ref(
     loss_type: &str,
@@ -145,7 +145,7 @@ pub fn dpo_loss_ref_with_tau(
             reference_chosen[i],
             reference_rejected[i],
         );
-        if loss_type == "ipo" {
+        if loss_type == "ipo" || loss_type == "sigmoid_norm" {
             pc /= chosen_counts[i] as f64;
             rc /= chosen_counts[i] as f64;
             pr /= rejected_counts[i] as f64;
@@ -156,6 +156,7 @@ pub fn dpo_loss_ref_with_tau(
         let logits = chosen_logratios - rejected_logratios;
         total += match loss_type {
             "sigmoid" => smoothed(logits),
+            "sigmoid_norm" => -log_sigmoid_ref(beta * logits),
             "robust" => {
                 (-log_sigmoid_ref(beta * logits) * (1.0 - eps)
                     + log_sigmoid_ref(-beta * logits) * eps)

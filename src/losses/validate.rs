@@ -152,7 +152,27 @@ pub(crate) fn check_count_lengths(
 
 /// IPO length-normalises: both token-count lists must be given (`MissingArgument`, chosen first).
 pub(crate) fn ipo_counts<C>(chosen: Option<C>, rejected: Option<C>) -> Result<(C, C)> {
-    let needed_by = "DPO loss type `ipo` (length-normalised log-probs)";
+    both_counts(
+        chosen,
+        rejected,
+        "DPO loss type `ipo` (length-normalised log-probs)",
+    )
+}
+
+/// `sigmoid_norm`'s token counts, both required (`MissingArgument` otherwise).
+pub(crate) fn sigmoid_norm_counts<C>(chosen: Option<C>, rejected: Option<C>) -> Result<(C, C)> {
+    both_counts(
+        chosen,
+        rejected,
+        "DPO loss type `sigmoid_norm` (length-normalised log-ratios)",
+    )
+}
+
+fn both_counts<C>(
+    chosen: Option<C>,
+    rejected: Option<C>,
+    needed_by: &'static str,
+) -> Result<(C, C)> {
     let chosen = chosen.ok_or(HaloError::MissingArgument {
         what: "chosen_counts",
         needed_by,
