@@ -292,6 +292,81 @@ fn kto_and_dpo_hyper_parameters_are_checked_up_front() {
 }
 
 #[test]
+fn every_trl_dpo_loss_type_is_a_flag_value_and_its_hyper_parameters_are_checked() {
+    use halo_kernels::losses::DpoLossType;
+    for loss_type in DpoLossType::ALL {
+        // TRL's spelling and the kebab-case one both parse, to the same loss.
+        let trl = loss_type.name();
+        let kebab = trl.replace('_', "-");
+        for spelling in [trl, kebab.as_str()] {
+            let args = TrainArgs::try_parse_from([
+                "train_kto",
+                "--run-dpo",
+                "--dpo-loss-type",
+                spelling,
+                "--dpo-label-smoothing",
+                "0.001",
+            ])
+            .unwrap_or_else(|e| panic!("{spelling}: {e}"));
+            assert_eq!(args.dpo_config().loss_type, loss_type, "{spelling}");
+            args.validate()
+                .unwrap_or_else(|e| panic!("{spelling} with eps 0.001: {e}"));
+        }
+    }
+    assert!(TrainArgs::try_parse_from(["train_kto", "--dpo-loss-type", "aot_pair"]).is_err());
+    for (flags, name) in [
+        // EXO takes log(eps): TRL refuses 0 as well.
+        (
+            &["--run-dpo", "--dpo-loss-type", "exo_pair"][..],
+            "label_smoothing",
+        ),
+        (
+            &[
+                "--run-dpo",
+                "--dpo-loss-type",
+                "robust",
+                "--dpo-label-smoothing",
+                "0.5",
+            ],
+            "label_smoothing",
+        ),
+        (
+            &["--run-dpo", "--dpo-label-smoothing", "NaN"],
+            "label_smoothing",
+        ),
+        (
+            &["--run-dpo", "--dpo-label-smoothing=-0.1"],
+            "label_smoothing",
+        ),
+        (
+            &[
+                "--run-dpo",
+                "--dpo-loss-type",
+                "discopop",
+                "--discopop-tau",
+                "0",
+            ],
+            "discopop_tau",
+        ),
+        (
+            &[
+                "--run-dpo",
+                "--dpo-loss-type",
+                "discopop",
+                "--discopop-tau",
+                "inf",
+            ],
+            "discopop_tau",
+        ),
+    ] {
+        let msg = expect_err(validate(flags));
+        assert!(msg.contains(&format!("`{name}`")), "{flags:?}: {msg}");
+    }
+    // Without --run-dpo the DPO flags are not used, and not refused.
+    validate(&["--dpo-loss-type", "exo_pair"]).unwrap();
+}
+
+#[test]
 fn sample_temperature_and_n_eval_are_checked() {
     for t in ["0", "NaN", "-1", "inf"] {
         let flag = format!("--sample-temperature={t}");

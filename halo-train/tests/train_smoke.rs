@@ -147,6 +147,59 @@ fn dpo_loss_decreases_from_ln_two() {
     assert!(losses[11] < 0.6, "{losses:?}");
 }
 
+/// Every TRL DPO loss type trains the model end to end: at policy = reference every log-ratio
+/// is 0, where each loss has a value known in closed form (β = 1, ε = 0.1, τ = 0.05), and a few
+/// steps lower it.
+#[test]
+fn every_dpo_loss_type_starts_at_its_closed_form_and_decreases() {
+    use halo_kernels::losses::DpoLossType;
+    let ln2 = std::f64::consts::LN_2;
+    let reference = tiny_model(3);
+    let pairs: Vec<PairedExample> = (0..4)
+        .map(|i| PairedExample {
+            prompt: format!("{i}+1="),
+            chosen: format!("{}", i + 1),
+            rejected: format!("{}", i + 11),
+        })
+        .collect();
+    let refs: Vec<&PairedExample> = pairs.iter().collect();
+    let batch = dpo_batch(&TextTokenizer::Byte, &refs, 16).unwrap();
+    for loss_type in DpoLossType::ALL {
+        let eps: f64 = 0.1;
+        let at_zero = match loss_type {
+            DpoLossType::Sigmoid => Some(ln2), // −0.9·logσ(0) − 0.1·logσ(0)
+            DpoLossType::Robust => Some(ln2),  // (0.9 − 0.1)·ln2 / 0.8
+            DpoLossType::Hinge => Some(1.0),
+            DpoLossType::Ipo => Some(0.25), // (0 − 1/2)²
+            DpoLossType::ExoPair => Some(-ln2 - 0.5 * ((1.0 - eps) * eps).ln()),
+            DpoLossType::NcaPair | DpoLossType::BcoPair => Some(2.0 * ln2),
+            DpoLossType::SppoHard => Some(0.5), // 2·(1/2)²
+            DpoLossType::Aot | DpoLossType::AotUnpaired | DpoLossType::SigmoidNorm => Some(ln2),
+            DpoLossType::ApoZero | DpoLossType::ApoDown => Some(1.0),
+            DpoLossType::Discopop => Some(0.5 * ln2 + 0.5), // m = 1/2: ln2·½ + e⁰·½
+            DpoLossType::Sft => None,                       // the model's NLL
+        };
+        let mut policy = reference.clone();
+        let config = DpoConfig {
+            beta: 1.0,
+            label_smoothing: eps,
+            loss_type,
+            ..DpoConfig::default()
+        };
+        let losses = train(&mut policy, 8, 5e-3, |m| {
+            dpo_step(m, &reference, &batch, &config)
+        });
+        if let Some(want) = at_zero {
+            assert!(
+                (losses[0] - want).abs() < 1e-6,
+                "{loss_type:?}: {} vs {want}",
+                losses[0]
+            );
+        }
+        assert!(losses[7] < losses[0] - 1e-3, "{loss_type:?}: {losses:?}");
+    }
+}
+
 #[test]
 fn batched_greedy_decoding_matches_generate() {
     let mut model = tiny_model(4);

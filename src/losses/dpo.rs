@@ -520,11 +520,6 @@ pub(crate) fn check_pair_batch(batch: &PairBatch<'_>) -> Result<usize> {
     Ok(n)
 }
 
-/// IPO's token counts: both given (`MissingArgument`), every count ≥ 1 (`EmptySequence`).
-pub(crate) fn ipo_checked_counts<'a>(batch: &PairBatch<'a>) -> Result<(&'a [u32], &'a [u32])> {
-    normalised_checked_counts(DpoLossType::Ipo, batch)
-}
-
 /// The token counts of a length-normalised loss type (`Ipo`, `SigmoidNorm`): both given
 /// (`MissingArgument` naming the loss), every count ≥ 1 (`EmptySequence`).
 pub(crate) fn normalised_checked_counts<'a>(

@@ -34,19 +34,48 @@ impl From<UnpairedLoss> for KtoLossType {
     }
 }
 
-/// The paired loss of the optional DPO stage.
+/// The paired loss of the optional DPO stage: every TRL 1.16 `DPOConfig.loss_type`, spelled as
+/// TRL spells it (`apo_zero`) or in kebab case (`apo-zero`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PairedLoss {
-    /// DPO's logistic loss (TRL `loss_type="sigmoid"`).
+    /// DPO's logistic loss (TRL `loss_type="sigmoid"`; cDPO with --dpo-label-smoothing).
     Sigmoid,
-    /// Robust DPO for noisy labels (TRL `loss_type="robust"`).
+    /// Robust DPO for noisy labels (TRL `loss_type="robust"`, --dpo-label-smoothing in [0, 0.5)).
     Robust,
     /// SLiC's hinge loss (TRL `loss_type="hinge"`).
     Hinge,
     /// IPO's squared loss on length-normalised log-probs (TRL `loss_type="ipo"`).
     Ipo,
     /// APO-zero, paired variant (TRL `loss_type="apo_zero"`).
+    #[value(alias = "apo_zero")]
     ApoZero,
+    /// APO-down: for chosen completions worse than the model's own (TRL `loss_type="apo_down"`).
+    #[value(alias = "apo_down")]
+    ApoDown,
+    /// EXO-pref (TRL `loss_type="exo_pair"`; needs --dpo-label-smoothing in (0, 1), EXO's 1e-3).
+    #[value(alias = "exo_pair")]
+    ExoPair,
+    /// NCA (TRL `loss_type="nca_pair"`).
+    #[value(alias = "nca_pair")]
+    NcaPair,
+    /// BCO on pairs (TRL `loss_type="bco_pair"`).
+    #[value(alias = "bco_pair")]
+    BcoPair,
+    /// SPPO with hard labels (TRL `loss_type="sppo_hard"`).
+    #[value(alias = "sppo_hard")]
+    SppoHard,
+    /// AOT: sorted policy vs sorted reference log-ratio differences (TRL `loss_type="aot"`).
+    Aot,
+    /// AOT on sorted chosen vs sorted rejected log-ratios (TRL `loss_type="aot_unpaired"`).
+    #[value(alias = "aot_unpaired")]
+    AotUnpaired,
+    /// DiscoPOP (TRL `loss_type="discopop"`, temperature --discopop-tau).
+    Discopop,
+    /// The chosen completions' NLL alone (TRL `loss_type="sft"`).
+    Sft,
+    /// DPO on length-normalised log-ratios (TRL `loss_type="sigmoid_norm"`).
+    #[value(alias = "sigmoid_norm")]
+    SigmoidNorm,
 }
 
 impl From<PairedLoss> for DpoLossType {
@@ -57,6 +86,16 @@ impl From<PairedLoss> for DpoLossType {
             PairedLoss::Hinge => DpoLossType::Hinge,
             PairedLoss::Ipo => DpoLossType::Ipo,
             PairedLoss::ApoZero => DpoLossType::ApoZero,
+            PairedLoss::ApoDown => DpoLossType::ApoDown,
+            PairedLoss::ExoPair => DpoLossType::ExoPair,
+            PairedLoss::NcaPair => DpoLossType::NcaPair,
+            PairedLoss::BcoPair => DpoLossType::BcoPair,
+            PairedLoss::SppoHard => DpoLossType::SppoHard,
+            PairedLoss::Aot => DpoLossType::Aot,
+            PairedLoss::AotUnpaired => DpoLossType::AotUnpaired,
+            PairedLoss::Discopop => DpoLossType::Discopop,
+            PairedLoss::Sft => DpoLossType::Sft,
+            PairedLoss::SigmoidNorm => DpoLossType::SigmoidNorm,
         }
     }
 }
@@ -192,6 +231,13 @@ pub struct TrainArgs {
     /// Paired loss of the DPO stage.
     #[arg(long, value_enum, default_value_t = PairedLoss::Sigmoid)]
     pub dpo_loss_type: PairedLoss,
+    /// ε of the DPO stage's label smoothing (TRL `label_smoothing`): sigmoid (cDPO), aot and
+    /// aot_unpaired take [0, 1], robust [0, 0.5), exo_pair (0, 1); the other loss types ignore it.
+    #[arg(long, default_value_t = 0.0)]
+    pub dpo_label_smoothing: f64,
+    /// DiscoPOP's temperature τ > 0 (TRL `discopop_tau`), for --dpo-loss-type discopop.
+    #[arg(long, default_value_t = halo_kernels::losses::dpo::DEFAULT_DISCOPOP_TAU)]
+    pub discopop_tau: f64,
     /// Where the preference data comes from (ignored with --preferences).
     #[arg(long, value_enum, default_value_t = PreferenceSource::Sampled)]
     pub preference_data: PreferenceSource,
@@ -533,12 +579,7 @@ impl TrainArgs {
         }
         .validate()?;
         if self.run_dpo {
-            DpoConfig {
-                beta: self.beta,
-                loss_type: self.dpo_loss_type.into(),
-                ..DpoConfig::default()
-            }
-            .validate()?;
+            self.dpo_config().validate()?;
         }
         for (name, lr) in [("lr", self.lr), ("pretrain_lr", self.pretrain_lr)] {
             if !(lr.is_finite() && lr >= 0.0) {
@@ -546,6 +587,16 @@ impl TrainArgs {
             }
         }
         Ok(())
+    }
+
+    /// The DPO stage's loss: --beta, --dpo-loss-type, --dpo-label-smoothing, --discopop-tau.
+    pub fn dpo_config(&self) -> DpoConfig {
+        DpoConfig {
+            beta: self.beta,
+            label_smoothing: self.dpo_label_smoothing,
+            loss_type: self.dpo_loss_type.into(),
+            discopop_tau: self.discopop_tau,
+        }
     }
 
     /// `runs/<name>` unless `--output-dir` was given.

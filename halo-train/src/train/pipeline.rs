@@ -30,7 +30,7 @@ use crate::model::atomic_file::{write_atomically, write_bytes_atomically};
 use crate::model::optim::{AdamWConfig, LrSchedule};
 use crate::model::{DTypeOnDisk, Gpt, GptConfig, ModelRef};
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::losses::{DpoConfig, KtoConfig};
+use halo_kernels::losses::KtoConfig;
 
 /// Context length of the model: enough for `[EOS] a+b=c [EOS]` with operands up to 10^6.
 pub const N_CTX: usize = 24;
@@ -422,11 +422,7 @@ pub fn run(args: &TrainArgs, progress: bool) -> Result<RunSummary> {
     // ---- DPO from the same start, on the paired form of the same data ----
     let dpo_rate = if args.run_dpo {
         let pairs = paired_only(&preference_rows, &prefs_path.display().to_string())?;
-        let dpo_config = DpoConfig {
-            beta: args.beta,
-            loss_type: args.dpo_loss_type.into(),
-            ..DpoConfig::default()
-        };
+        let dpo_config = args.dpo_config();
         let mut sampler = EpochSampler::new(pairs.len(), args.seed ^ 4)?;
         let spec = StageSpec {
             name: "dpo",
