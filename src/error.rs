@@ -93,6 +93,10 @@ pub enum HaloError {
         /// The domain it must lie in.
         reason: &'static str,
     },
+    /// Settings that cannot be used together (an f-divergence with a loss type that has no f-DPO
+    /// form, ...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An optional argument that this loss type needs was not given (e.g. token counts for IPO).
     #[error("`{what}` is required by {needed_by} but was not given")]
     MissingArgument {

@@ -30,8 +30,8 @@ use std::collections::BTreeMap;
 use conformance_common::*;
 use halo_kernels::cpu::{sequence_sums, token_logprobs, SequenceLayout};
 use halo_kernels::losses::{
-    dpo_loss, kto_loss, orpo_loss, simpo_loss, DpoConfig, DpoLossType, KlInput, KtoBatch,
-    KtoConfig, KtoLossType, LossMetrics, OrpoConfig, PairBatch, PairLossOutput,
+    dpo_loss, kto_loss, orpo_loss, simpo_loss, DpoConfig, DpoLossType, FDivergence, KlInput,
+    KtoBatch, KtoConfig, KtoLossType, LossMetrics, OrpoConfig, PairBatch, PairLossOutput,
     ReferenceFreePairBatch, ReferencePointPartial, SimpoConfig,
 };
 use halo_kernels::step::{dpo_step, kto_step, KtoStepInputs, Logits, PairReference};
@@ -96,6 +96,11 @@ struct DpoCase {
     beta: f64,
     label_smoothing: f64,
     discopop_tau: f64,
+    f_divergence: String,
+    f_alpha_divergence_coef: f64,
+    /// The dtype TRL computed in: "float64", or "float32" (its alpha-divergence has no float64
+    /// branch), where its loss is a float32 value.
+    dtype: String,
     policy_chosen_logps: Vec<f64>,
     policy_rejected_logps: Vec<f64>,
     reference_chosen_logps: Vec<f64>,
@@ -161,6 +166,8 @@ const LOSS_RTOL: f64 = 1e-12;
 const GRAD_RTOL: f64 = 1e-6;
 /// exo_pair's loss: TRL's ε is a float32 tensor (see `dpo_family_matches_trl_compute_loss`).
 const EXO_LOSS_RTOL: f64 = 1e-6;
+/// Cases TRL computed in float32 (loss and gradients).
+const F32_RTOL: f64 = 2e-5;
 /// Below f32's smallest normal a gradient may flush to 0 (TRL keeps e.g. 1e-100 in f64).
 const GRAD_ATOL: f64 = 1e-37;
 /// TRL computes some metrics in float32 (`.float()` before `.mean()` of accuracies).
@@ -270,13 +277,16 @@ fn kto_matches_trl_compute_loss() {
         checked += 1;
     }
     assert!(checked >= 8);
-    // Every loss type TRL has is in the fixture.
+    // Every loss type TRL has is in the fixture, and every f-divergence.
     for loss_type in DpoLossType::ALL {
         assert!(
             f.dpo.iter().any(|c| c.loss_type == loss_type.name()),
             "no TRL case for {}",
             loss_type.name()
         );
+    }
+    for name in ["forward_kl", "js_divergence", "alpha_divergence"] {
+        assert!(f.dpo.iter().any(|c| c.f_divergence == name), "{name}");
     }
 }
 
@@ -340,6 +350,18 @@ fn kto_multi_device_reference_point_relationship() {
     );
 }
 
+fn f_divergence(case: &DpoCase) -> FDivergence {
+    match case.f_divergence.as_str() {
+        "reverse_kl" => FDivergence::ReverseKl,
+        "forward_kl" => FDivergence::ForwardKl,
+        "js_divergence" => FDivergence::JsDivergence,
+        "alpha_divergence" => FDivergence::Alpha {
+            coef: case.f_alpha_divergence_coef,
+        },
+        other => panic!("unknown f-divergence {other}"),
+    }
+}
+
 fn dpo_type(name: &str) -> DpoLossType {
     DpoLossType::from_name(name).unwrap_or_else(|| panic!("unknown DPO loss type {name}"))
 }
@@ -355,6 +377,7 @@ fn run_dpo(case: &DpoCase, label_smoothing: f64) -> PairLossOutput {
             label_smoothing,
             loss_type: dpo_type(&case.loss_type),
             discopop_tau: case.discopop_tau,
+            f_divergence: f_divergence(case),
         },
         &PairBatch {
             policy_chosen_logps: &pc,
@@ -414,10 +437,18 @@ fn dpo_family_matches_trl_compute_loss() {
         let out = run_dpo(case, eps);
         // TRL builds exo_pair's ε as a float32 tensor, so its log ε and log(1 − ε) carry f32
         // rounding (log 1e-3 to ~2e-7): the loss agrees to that, not to f64 precision.
-        let loss_rtol = if case.loss_type == "exo_pair" {
+        // The float32 cases are TRL's own float32 arithmetic against our float64.
+        let loss_rtol = if case.dtype == "float32" {
+            F32_RTOL
+        } else if case.loss_type == "exo_pair" {
             EXO_LOSS_RTOL
         } else {
             LOSS_RTOL
+        };
+        let grad_rtol = if case.dtype == "float32" {
+            F32_RTOL
+        } else {
+            GRAD_RTOL
         };
         let (e, g) = check_pair_output(
             name,
@@ -426,9 +457,14 @@ fn dpo_family_matches_trl_compute_loss() {
             &case.grad_chosen,
             &case.grad_rejected,
             loss_rtol,
-            GRAD_RTOL,
+            grad_rtol,
         );
-        check_metrics(name, &out.metrics, &case.metrics, METRIC_RTOL, 1e-12);
+        let metric_rtol = if case.dtype == "float32" {
+            F32_RTOL
+        } else {
+            METRIC_RTOL
+        };
+        check_metrics(name, &out.metrics, &case.metrics, metric_rtol, 1e-12);
         eprintln!(
             "dpo {name}: loss rel err {:.1e}, grad max rel err {:.1e}",
             e.rel, g.rel
@@ -436,13 +472,16 @@ fn dpo_family_matches_trl_compute_loss() {
         checked += 1;
     }
     assert!(checked >= 8);
-    // Every loss type TRL has is in the fixture.
+    // Every loss type TRL has is in the fixture, and every f-divergence.
     for loss_type in DpoLossType::ALL {
         assert!(
             f.dpo.iter().any(|c| c.loss_type == loss_type.name()),
             "no TRL case for {}",
             loss_type.name()
         );
+    }
+    for name in ["forward_kl", "js_divergence", "alpha_divergence"] {
+        assert!(f.dpo.iter().any(|c| c.f_divergence == name), "{name}");
     }
 }
 

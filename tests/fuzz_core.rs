@@ -18,9 +18,9 @@ use half::{bf16, f16};
 use halo_kernels::cpu::{LogRatioClamp, SequenceLayout, SequenceSums, TokenLogprobs};
 use halo_kernels::cuda::{CudaLogit, RowSplit};
 use halo_kernels::losses::{
-    self, DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, LossMetrics,
-    OrpoConfig, PairBatch, PairLossOutput, ReferenceFreePairBatch, ReferencePointPartial,
-    SimpoConfig,
+    self, DpoConfig, DpoLossType, FDivergence, KlInput, KtoBatch, KtoConfig, KtoLossType,
+    LossMetrics, OrpoConfig, PairBatch, PairLossOutput, ReferenceFreePairBatch,
+    ReferencePointPartial, SimpoConfig,
 };
 use halo_kernels::step::{self, KtoStepInputs, Logits, PairReference};
 use halo_kernels::{LogitElement, IGNORE_INDEX};
@@ -715,11 +715,19 @@ fn finite_pair(out: &PairLossOutput) -> Outcome {
 }
 
 fn dpo_config(g: &mut Gen) -> DpoConfig {
+    let alpha = g.hyper(-2.0..3.0, 0.05);
     DpoConfig {
         beta: g.hyper(0.01..2.0, 0.05),
         label_smoothing: g.hyper(0.0..0.5, 0.05),
         loss_type: g.pick(&DpoLossType::ALL),
         discopop_tau: g.hyper(0.01..2.0, 0.05),
+        f_divergence: g.pick(&[
+            FDivergence::ReverseKl,
+            FDivergence::ReverseKl,
+            FDivergence::ForwardKl,
+            FDivergence::JsDivergence,
+            FDivergence::Alpha { coef: alpha },
+        ]),
     }
 }
 

@@ -5,9 +5,9 @@
 mod losses_common;
 
 use halo_kernels::losses::reference::{
-    dpo_loss_ref, dpo_loss_ref_with_tau, finite_difference_gradient,
+    dpo_loss_ref, dpo_loss_ref_f_divergence, finite_difference_gradient,
 };
-use halo_kernels::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch};
+use halo_kernels::losses::{dpo_loss, DpoConfig, DpoLossType, FDivergence, PairBatch};
 use halo_kernels::HaloError;
 use losses_common::*;
 use rand::Rng;
@@ -60,12 +60,18 @@ fn check(p: &Pairs, cfg: DpoConfig) {
     let name = cfg.loss_type.name();
     let (rc, rr) = (to_f64(&p.rc), to_f64(&p.rr));
     // The reference as a function of the concatenated [chosen; rejected] policy log-probs.
+    let alpha = match cfg.f_divergence {
+        FDivergence::Alpha { coef } => coef,
+        _ => 0.5,
+    };
     let loss_of = |x: &[f64]| {
-        dpo_loss_ref_with_tau(
+        dpo_loss_ref_f_divergence(
             name,
             cfg.beta,
             cfg.label_smoothing,
             cfg.discopop_tau,
+            cfg.f_divergence.name(),
+            alpha,
             &x[..n],
             &x[n..],
             &rc,
@@ -88,6 +94,12 @@ fn check(p: &Pairs, cfg: DpoConfig) {
         }
         _ => 1e-3,
     };
+    // An f-divergence's score may be steep (α's e^{(α−1)u}): shrink the step by its largest slope.
+    let steepest = (0..n)
+        .flat_map(|i| [x[i] - rc[i], x[n + i] - rr[i]])
+        .map(|u| cfg.f_divergence.score(u).1.abs())
+        .fold(1.0f64, f64::max);
+    let h = h / steepest;
     let fd = finite_difference_gradient(loss_of, &x, h);
     let got: Vec<f32> = out
         .grad_chosen
@@ -528,6 +540,7 @@ fn random_batches_never_produce_nan() {
                     label_smoothing: 0.1,
                     loss_type,
                     discopop_tau: r.gen_range(0.01..1.0),
+                    ..DpoConfig::default()
                 },
                 &p.batch(),
             )
@@ -816,5 +829,97 @@ fn discopop_is_finite_where_the_literal_formula_is_not() {
     assert!(matches!(
         dpo_loss(&wide, &batch).unwrap_err(),
         HaloError::NonFinite { .. }
+    ));
+}
+
+const F_DIVERGENCES: [FDivergence; 5] = [
+    FDivergence::ForwardKl,
+    FDivergence::JsDivergence,
+    FDivergence::Alpha { coef: 0.5 },
+    FDivergence::Alpha { coef: 1.7 },
+    FDivergence::Alpha { coef: -0.4 },
+];
+
+#[test]
+fn f_divergences_match_reference_for_every_loss_type_that_has_them() {
+    // Log-ratios within ±8 or so: forward KL's e^{−u} and α's e^{(α−1)u} stay moderate.
+    let mut r = rng(12);
+    for n in [1usize, 6, 33] {
+        let pc = logps(&mut r, n, -80.0, -3.0);
+        let pr = logps(&mut r, n, -80.0, -3.0);
+        let p = Pairs {
+            rc: perturbed(&mut r, &pc, 4.0),
+            rr: perturbed(&mut r, &pr, 4.0),
+            cc: counts(&mut r, n),
+            cr: counts(&mut r, n),
+            pc,
+            pr,
+        };
+        for f in F_DIVERGENCES {
+            for loss_type in ALL {
+                let cfg = DpoConfig {
+                    beta: 0.4,
+                    label_smoothing: 0.15,
+                    loss_type,
+                    f_divergence: f,
+                    ..DpoConfig::default()
+                };
+                if f.supports(loss_type) {
+                    check(&p, cfg);
+                } else {
+                    match dpo_loss(&cfg, &p.batch()).unwrap_err() {
+                        HaloError::Unsupported(msg) => {
+                            assert!(msg.contains(f.name()) && msg.contains(loss_type.name()))
+                        }
+                        other => panic!("{f:?} {loss_type:?}: {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+    // Exactly TRL's list has an f-DPO form.
+    let with_form: Vec<&str> = ALL
+        .iter()
+        .filter(|t| FDivergence::ForwardKl.supports(**t))
+        .map(|t| t.name())
+        .collect();
+    assert_eq!(
+        with_form,
+        [
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "robust",
+            "discopop",
+            "sft",
+            "sigmoid_norm"
+        ]
+    );
+    // Reverse KL is plain DPO, and α → 1 is its limit.
+    let p = pairs(13, 5);
+    let plain = dpo_loss(&DpoConfig::default(), &p.batch()).unwrap();
+    for f in [FDivergence::ReverseKl, FDivergence::Alpha { coef: 1.0 }] {
+        let out = dpo_loss(
+            &DpoConfig {
+                f_divergence: f,
+                ..DpoConfig::default()
+            },
+            &p.batch(),
+        )
+        .unwrap();
+        assert_eq!(out, plain, "{f:?}");
+    }
+    // A non-finite α is refused.
+    let bad = DpoConfig {
+        f_divergence: FDivergence::Alpha { coef: f64::NAN },
+        ..DpoConfig::default()
+    };
+    assert!(matches!(
+        dpo_loss(&bad, &p.batch()).unwrap_err(),
+        HaloError::InvalidHyperParameter {
+            name: "f_alpha_divergence_coef",
+            ..
+        }
     ));
 }

@@ -362,6 +362,34 @@ fn every_trl_dpo_loss_type_is_a_flag_value_and_its_hyper_parameters_are_checked(
         let msg = expect_err(validate(flags));
         assert!(msg.contains(&format!("`{name}`")), "{flags:?}: {msg}");
     }
+    // f-DPO: TRL's names, a finite α, and only with loss types that have a form for it.
+    for f in [
+        "forward_kl",
+        "js-divergence",
+        "alpha_divergence",
+        "reverse-kl",
+    ] {
+        validate(&["--run-dpo", "--f-divergence", f, "--dpo-loss-type", "ipo"]).unwrap();
+    }
+    let msg = expect_err(validate(&[
+        "--run-dpo",
+        "--f-divergence",
+        "forward_kl",
+        "--dpo-loss-type",
+        "nca_pair",
+    ]));
+    assert!(
+        msg.contains("nca_pair") && msg.contains("forward_kl"),
+        "{msg}"
+    );
+    let msg = expect_err(validate(&[
+        "--run-dpo",
+        "--f-divergence",
+        "alpha_divergence",
+        "--f-alpha-divergence-coef",
+        "NaN",
+    ]));
+    assert!(msg.contains("`f_alpha_divergence_coef`"), "{msg}");
     // Without --run-dpo the DPO flags are not used, and not refused.
     validate(&["--dpo-loss-type", "exo_pair"]).unwrap();
 }

@@ -291,10 +291,10 @@ class TableModel:
     def __call__(self, input_ids, labels=None, **kwargs):
         ids = input_ids[:, 0]
         n, length = input_ids.shape
-        first = torch.zeros(n, length - 1, dtype=torch.float64)
+        first = torch.zeros(n, length - 1, dtype=self.table.dtype)
         first[:, 0] = 1.0
         log_probs = self.table[ids].unsqueeze(-1) * first
-        zeros = torch.zeros(n, length - 1, dtype=torch.float64)
+        zeros = torch.zeros(n, length - 1, dtype=self.table.dtype)
         return types.SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros,
                                      is_top1=torch.zeros(n, length - 1, dtype=torch.bool),
                                      aux_loss=None)
@@ -387,7 +387,9 @@ def _defaultdict_list():
 
 
 def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0, spread=8.0,
-             margin_scale=1.0, discopop_tau=0.05):
+             margin_scale=1.0, discopop_tau=0.05, f_divergence="reverse_kl", alpha=0.5,
+             dtype=torch.float64):
+    """`dtype=torch.float32` runs TRL in float32 (its alpha-divergence has no float64 branch)."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
     gen = torch.Generator().manual_seed(seed)
@@ -400,8 +402,8 @@ def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0
     rr = (pr + torch.randn(n, generator=gen, dtype=torch.float64) * spread * margin_scale).float().double()
     counts_c = torch.randint(1, 30, (n,), generator=gen).tolist()
     counts_r = torch.randint(1, 30, (n,), generator=gen).tolist()
-    pc_leaf = pc.clone().requires_grad_(True)
-    pr_leaf = pr.clone().requires_grad_(True)
+    pc_leaf = pc.clone().to(dtype).requires_grad_(True)
+    pr_leaf = pr.clone().to(dtype).requires_grad_(True)
     table = torch.cat([pc_leaf, pr_leaf])
     length = 31
     ids = torch.zeros(2 * n, length, dtype=torch.long)
@@ -409,11 +411,12 @@ def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0
     inputs = {
         "input_ids": ids, "attention_mask": torch.ones_like(ids),
         "completion_mask": completion_masks(counts_c + counts_r, length),
-        "ref_chosen_logps": rc, "ref_rejected_logps": rr,
+        "ref_chosen_logps": rc.to(dtype), "ref_rejected_logps": rr.to(dtype),
     }
     fake = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=IdentityAccelerator(),
-        precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
+        precompute_ref_logps=True, ld_alpha=None, f_divergence_type=f_divergence,
+        f_alpha_divergence_coef=alpha,
         loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
         use_weighting=False, aux_loss_enabled=False, _metrics={"train": _defaultdict_list()},
         _total_train_tokens=0, _tp_size=1, args=types.SimpleNamespace(discopop_tau=discopop_tau),
@@ -422,7 +425,8 @@ def dpo_case(name, seed, n, loss_type, beta=0.1, label_smoothing=0.0, scale=60.0
     loss.backward()
     return {
         "name": name, "loss_type": loss_type, "beta": beta, "label_smoothing": label_smoothing,
-        "discopop_tau": discopop_tau,
+        "discopop_tau": discopop_tau, "f_divergence": f_divergence,
+        "f_alpha_divergence_coef": alpha, "dtype": str(dtype).removeprefix("torch."),
         "policy_chosen_logps": f32_list(pc), "policy_rejected_logps": f32_list(pr),
         "reference_chosen_logps": f32_list(rc), "reference_rejected_logps": f32_list(rr),
         "chosen_counts": counts_c, "rejected_counts": counts_r,
@@ -676,6 +680,21 @@ def make_trl_fixture():
         dpo_case("discopop_tau0.5", 223, 6, "discopop", beta=0.3, discopop_tau=0.5),
         dpo_case("sft", 224, 6, "sft"),
         dpo_case("sigmoid_norm", 225, 7, "sigmoid_norm", beta=0.5),
+        # f-DPO (f_divergence_type) on every loss type that has a form for it.
+        dpo_case("sigmoid_forward_kl", 231, 7, "sigmoid", f_divergence="forward_kl"),
+        dpo_case("sigmoid_js", 232, 7, "sigmoid", beta=0.5, f_divergence="js_divergence"),
+        dpo_case("sigmoid_alpha0.5_f32", 233, 6, "sigmoid", f_divergence="alpha_divergence",
+                 alpha=0.5, dtype=torch.float32),
+        dpo_case("robust_alpha1.5_f32", 234, 6, "robust", label_smoothing=0.2,
+                 f_divergence="alpha_divergence", alpha=1.5, dtype=torch.float32),
+        dpo_case("ipo_forward_kl", 235, 6, "ipo", f_divergence="forward_kl"),
+        dpo_case("hinge_js", 236, 6, "hinge", beta=0.3, f_divergence="js_divergence"),
+        dpo_case("exo_pair_js", 237, 6, "exo_pair", label_smoothing=0.1,
+                 f_divergence="js_divergence"),
+        dpo_case("discopop_forward_kl", 238, 6, "discopop", spread=1.0, f_divergence="forward_kl"),
+        dpo_case("sigmoid_norm_js", 239, 6, "sigmoid_norm", beta=0.5,
+                 f_divergence="js_divergence"),
+        dpo_case("sft_forward_kl", 240, 5, "sft", f_divergence="forward_kl"),
     ]
     simpo = [
         simpo_case("simpo_default", 301, 6),

@@ -15,7 +15,7 @@ use crate::error::{HaloError, Result};
 use crate::kernel_abi::{dpo_out, HaloDpoParams, LOSS_THREADS};
 use crate::kernel_host::{dpo_loss_code, dpo_metrics};
 use crate::losses::validate::{check_count_lengths, check_pair_lengths, ipo_counts};
-use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput};
+use crate::losses::{dpo_loss, DpoConfig, DpoLossType, FDivergence, PairBatch, PairLossOutput};
 
 /// The device buffers of a queued `dpo_loss_f32`.
 #[derive(Debug)]
@@ -112,6 +112,12 @@ impl CudaBackend {
         status_ptr: u64,
     ) -> Result<DpoLaunched> {
         config.validate()?;
+        if config.f_divergence != FDivergence::ReverseKl {
+            return Err(HaloError::Unsupported(format!(
+                "f_divergence `{}` has no CUDA kernel yet (use the CPU loss)",
+                config.f_divergence.name()
+            )));
+        }
         let Some(loss_code) = dpo_loss_code(config.loss_type) else {
             return Err(HaloError::InvalidShape(format!(
                 "DPO loss type `{}` has no CUDA kernel yet (use the CPU loss)",

@@ -37,6 +37,7 @@
 //! `Discopop` evaluates `e^{−x}·σ(x/τ)` as `exp(−x + logσ(x/τ))`, finite where TRL's product is
 //! `inf · 0 = NaN` (βh below about −88 in f32).
 
+use super::f_divergence::FDivergence;
 use super::metrics::pair_metrics;
 use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
@@ -162,6 +163,9 @@ pub struct DpoConfig {
     pub loss_type: DpoLossType,
     /// DiscoPOP's temperature τ > 0 (TRL `discopop_tau`, default 0.05); used by `Discopop` only.
     pub discopop_tau: f64,
+    /// f-DPO's divergence (TRL `f_divergence_type`, default reverse KL = DPO): the scores the loss
+    /// compares are `score(π − ref)` instead of the log-ratios (see [`FDivergence`]).
+    pub f_divergence: FDivergence,
 }
 
 /// TRL's `DPOConfig.discopop_tau` default (the DiscoPOP paper's recommendation).
@@ -174,14 +178,17 @@ impl Default for DpoConfig {
             label_smoothing: 0.0,
             loss_type: DpoLossType::Sigmoid,
             discopop_tau: DEFAULT_DISCOPOP_TAU,
+            f_divergence: FDivergence::ReverseKl,
         }
     }
 }
 
 impl DpoConfig {
-    /// Errors: `InvalidHyperParameter` for β, ε or τ outside their domain.
+    /// Errors: `InvalidHyperParameter` for β, ε, τ or α outside their domain; `Unsupported` for
+    /// an f-divergence other than reverse KL with a loss type that has no f-DPO form.
     pub fn validate(&self) -> Result<()> {
         check_positive("beta", self.beta)?;
+        self.f_divergence.validate(self.loss_type)?;
         match self.loss_type {
             DpoLossType::Sigmoid | DpoLossType::Aot | DpoLossType::AotUnpaired => {
                 check_label_smoothing(self.label_smoothing, 1.0, true, "must be in [0, 1]")
@@ -240,17 +247,27 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
 
     let beta = config.beta;
     let inv_n = 1.0 / n as f64;
+    // The scores the loss compares: the log-ratios through the f-divergence (the log-ratios
+    // themselves for reverse KL), divided by the token count when length-normalised (TRL divides
+    // the scores, after the f-divergence). `*_chain` is d score / d π (f' times the scale).
     let mut chosen_logratios = Vec::with_capacity(n);
     let mut rejected_logratios = Vec::with_capacity(n);
+    let mut chosen_chain = Vec::with_capacity(n);
+    let mut rejected_chain = Vec::with_capacity(n);
     for i in 0..n {
         let (sc, sr) = (chosen_scale[i], rejected_scale[i]);
-        chosen_logratios.push(
-            batch.policy_chosen_logps[i] as f64 * sc - batch.reference_chosen_logps[i] as f64 * sc,
+        let (c, dc) = config
+            .f_divergence
+            .score(batch.policy_chosen_logps[i] as f64 - batch.reference_chosen_logps[i] as f64);
+        let (r, dr) = config.f_divergence.score(
+            batch.policy_rejected_logps[i] as f64 - batch.reference_rejected_logps[i] as f64,
         );
-        rejected_logratios.push(
-            batch.policy_rejected_logps[i] as f64 * sr
-                - batch.reference_rejected_logps[i] as f64 * sr,
-        );
+        chosen_logratios.push(c * sc);
+        rejected_logratios.push(r * sr);
+        // Sft's gradient below is w.r.t. π itself (its loss has no log-ratio).
+        let sft = config.loss_type == DpoLossType::Sft;
+        chosen_chain.push(if sft { 1.0 } else { dc * sc });
+        rejected_chain.push(if sft { 1.0 } else { dr * sr });
     }
     // (Σ loss, ∂Σloss/∂c_i, ∂Σloss/∂r_i) over the batch, per loss type.
     let (loss_sum, d_chosen, d_rejected) = match config.loss_type {
@@ -324,8 +341,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
     let mut chosen_logps = Vec::with_capacity(n);
     let mut rejected_logps = Vec::with_capacity(n);
     for i in 0..n {
-        grad_chosen.push((d_chosen[i] * chosen_scale[i] * inv_n) as f32);
-        grad_rejected.push((d_rejected[i] * rejected_scale[i] * inv_n) as f32);
+        grad_chosen.push((d_chosen[i] * chosen_chain[i] * inv_n) as f32);
+        grad_rejected.push((d_rejected[i] * rejected_chain[i] * inv_n) as f32);
         // Metrics on the summed log-probs for every loss type, IPO included: TRL >= 1.0 divides by
         // the length inside the IPO loss only and logs rewards/logps from the sums.
         let (raw_pc, raw_pr) = (

@@ -45,6 +45,7 @@
 //! tests (this crate's, and a downstream crate's own).
 
 pub mod dpo;
+pub mod f_divergence;
 pub mod kto;
 pub mod metrics;
 pub mod orpo;
@@ -59,6 +60,7 @@ pub(crate) mod validate;
 pub mod weights;
 
 pub use dpo::{dpo_loss, DpoConfig, DpoLossType};
+pub use f_divergence::FDivergence;
 pub use kto::{kto_loss, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput};
 pub use metrics::LossMetrics;
 pub use orpo::{orpo_loss, OrpoConfig};

@@ -92,6 +92,57 @@ pub fn dpo_loss_ref_with_tau(
     chosen_counts: &[u32],
     rejected_counts: &[u32],
 ) -> f64 {
+    dpo_loss_ref_f_divergence(
+        loss_type,
+        beta,
+        label_smoothing,
+        discopop_tau,
+        "reverse_kl",
+        0.5,
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        chosen_counts,
+        rejected_counts,
+    )
+}
+
+/// TRL 1.16's f-DPO score of a log-ratio: `f_divergence` is "reverse_kl", "forward_kl",
+/// "js_divergence" or "alpha_divergence" (with `alpha`, its exponent clamped at 80).
+pub fn f_divergence_score_ref(f_divergence: &str, alpha: f64, logratio: f64) -> f64 {
+    match f_divergence {
+        "reverse_kl" => logratio,
+        "forward_kl" => 1.0 - (-logratio).exp(),
+        "js_divergence" => 2f64.ln() + log_sigmoid_ref(logratio),
+        "alpha_divergence" if (alpha - 1.0).abs() < 1e-6 => logratio,
+        "alpha_divergence" => {
+            let t = ((alpha - 1.0) * logratio).min(80.0);
+            (t.exp() - 1.0) / (alpha - 1.0)
+        }
+        other => panic!("unknown f-divergence {other}"),
+    }
+}
+
+/// [`dpo_loss_ref_with_tau`] under an f-divergence (TRL `f_divergence_type`,
+/// `f_alpha_divergence_coef`), transcribed from TRL 1.16 `DPOTrainer._compute_loss`: the scores
+/// replace the log-ratios in the loss types that use `delta_score` / `*_scores`; IPO and
+/// sigmoid_norm divide the scores by the token counts.
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_loss_ref_f_divergence(
+    loss_type: &str,
+    beta: f64,
+    label_smoothing: f64,
+    discopop_tau: f64,
+    f_divergence: &str,
+    alpha: f64,
+    policy_chosen: &[f64],
+    policy_rejected: &[f64],
+    reference_chosen: &[f64],
+    reference_rejected: &[f64],
+    chosen_counts: &[u32],
+    rejected_counts: &[u32],
+) -> f64 {
     let n = policy_chosen.len();
     let eps = label_smoothing;
     let smoothed = |delta: f64| {
@@ -139,38 +190,33 @@ pub fn dpo_loss_ref_with_tau(
     }
     let mut total = 0.0;
     for i in 0..n {
-        let (mut pc, mut pr, mut rc, mut rr) = (
-            policy_chosen[i],
-            policy_rejected[i],
-            reference_chosen[i],
-            reference_rejected[i],
-        );
-        if loss_type == "ipo" || loss_type == "sigmoid_norm" {
-            pc /= chosen_counts[i] as f64;
-            rc /= chosen_counts[i] as f64;
-            pr /= rejected_counts[i] as f64;
-            rr /= rejected_counts[i] as f64;
-        }
-        let chosen_logratios = pc - rc;
-        let rejected_logratios = pr - rr;
-        let logits = chosen_logratios - rejected_logratios;
+        let chosen_logratios = policy_chosen[i] - reference_chosen[i];
+        let rejected_logratios = policy_rejected[i] - reference_rejected[i];
+        let chosen_scores = f_divergence_score_ref(f_divergence, alpha, chosen_logratios);
+        let rejected_scores = f_divergence_score_ref(f_divergence, alpha, rejected_logratios);
+        let delta_score = chosen_scores - rejected_scores;
+        let normalised_delta = chosen_scores / chosen_counts.get(i).copied().unwrap_or(1) as f64
+            - rejected_scores / rejected_counts.get(i).copied().unwrap_or(1) as f64;
         total += match loss_type {
-            "sigmoid" => smoothed(logits),
-            "sigmoid_norm" => -log_sigmoid_ref(beta * logits),
+            "sigmoid" => smoothed(delta_score),
+            "sigmoid_norm" => -log_sigmoid_ref(beta * normalised_delta),
             "robust" => {
-                (-log_sigmoid_ref(beta * logits) * (1.0 - eps)
-                    + log_sigmoid_ref(-beta * logits) * eps)
+                (-log_sigmoid_ref(beta * delta_score) * (1.0 - eps)
+                    + log_sigmoid_ref(-beta * delta_score) * eps)
                     / (1.0 - 2.0 * eps)
             }
-            "hinge" => (1.0 - beta * logits).max(0.0),
-            "ipo" => (logits - 1.0 / (2.0 * beta)).powi(2),
+            "hinge" => (1.0 - beta * delta_score).max(0.0),
+            "ipo" => (normalised_delta - 1.0 / (2.0 * beta)).powi(2),
             "apo_zero" => {
                 (1.0 - sigmoid_ref(beta * chosen_logratios))
                     + sigmoid_ref(beta * rejected_logratios)
             }
-            "apo_down" => sigmoid_ref(beta * chosen_logratios) + (1.0 - sigmoid_ref(beta * logits)),
+            "apo_down" => {
+                sigmoid_ref(beta * chosen_logratios)
+                    + (1.0 - sigmoid_ref(beta * (chosen_logratios - rejected_logratios)))
+            }
             "exo_pair" => {
-                let x = beta * logits;
+                let x = beta * delta_score;
                 sigmoid_ref(x) * (log_sigmoid_ref(x) - (-eps).ln_1p())
                     + sigmoid_ref(-x) * (log_sigmoid_ref(-x) - eps.ln())
             }
@@ -186,7 +232,7 @@ pub fn dpo_loss_ref_with_tau(
                 (chosen_logratios - 0.5 / beta).powi(2) + (rejected_logratios + 0.5 / beta).powi(2)
             }
             "discopop" => {
-                let x = logits * beta;
+                let x = delta_score * beta;
                 let modulation = sigmoid_ref(x / discopop_tau);
                 -log_sigmoid_ref(x) * (1.0 - modulation) + (-x).exp() * modulation
             }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use halo_kernels::error::{HaloError, Result};
-use halo_kernels::losses::{DpoConfig, DpoLossType, KtoConfig, KtoLossType};
+use halo_kernels::losses::{DpoConfig, DpoLossType, FDivergence, KtoConfig, KtoLossType};
 
 use crate::autograd::Device;
 use crate::model::GptConfig;
@@ -98,6 +98,23 @@ impl From<PairedLoss> for DpoLossType {
             PairedLoss::SigmoidNorm => DpoLossType::SigmoidNorm,
         }
     }
+}
+
+/// f-DPO's divergence for the DPO stage (TRL `f_divergence_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FDivergenceFlag {
+    /// Standard DPO.
+    #[value(alias = "reverse_kl")]
+    ReverseKl,
+    /// Forward KL: scores `1 − e^{−u}`.
+    #[value(alias = "forward_kl")]
+    ForwardKl,
+    /// Jensen-Shannon: scores `log 2 + logσ(u)`.
+    #[value(alias = "js_divergence")]
+    JsDivergence,
+    /// α-divergence with --f-alpha-divergence-coef.
+    #[value(alias = "alpha_divergence")]
+    AlphaDivergence,
 }
 
 /// Where the KTO / DPO preference data comes from.
@@ -238,6 +255,13 @@ pub struct TrainArgs {
     /// DiscoPOP's temperature τ > 0 (TRL `discopop_tau`), for --dpo-loss-type discopop.
     #[arg(long, default_value_t = halo_kernels::losses::dpo::DEFAULT_DISCOPOP_TAU)]
     pub discopop_tau: f64,
+    /// f-DPO's divergence (TRL `f_divergence_type`): only sigmoid, sigmoid_norm, hinge, ipo,
+    /// exo_pair, robust, discopop and sft take one other than reverse KL.
+    #[arg(long, value_enum, default_value_t = FDivergenceFlag::ReverseKl)]
+    pub f_divergence: FDivergenceFlag,
+    /// α of --f-divergence alpha-divergence (TRL `f_alpha_divergence_coef`).
+    #[arg(long, default_value_t = 0.5)]
+    pub f_alpha_divergence_coef: f64,
     /// Where the preference data comes from (ignored with --preferences).
     #[arg(long, value_enum, default_value_t = PreferenceSource::Sampled)]
     pub preference_data: PreferenceSource,
@@ -589,13 +613,22 @@ impl TrainArgs {
         Ok(())
     }
 
-    /// The DPO stage's loss: --beta, --dpo-loss-type, --dpo-label-smoothing, --discopop-tau.
+    /// The DPO stage's loss: --beta, --dpo-loss-type, --dpo-label-smoothing, --discopop-tau,
+    /// --f-divergence (with --f-alpha-divergence-coef).
     pub fn dpo_config(&self) -> DpoConfig {
         DpoConfig {
             beta: self.beta,
             label_smoothing: self.dpo_label_smoothing,
             loss_type: self.dpo_loss_type.into(),
             discopop_tau: self.discopop_tau,
+            f_divergence: match self.f_divergence {
+                FDivergenceFlag::ReverseKl => FDivergence::ReverseKl,
+                FDivergenceFlag::ForwardKl => FDivergence::ForwardKl,
+                FDivergenceFlag::JsDivergence => FDivergence::JsDivergence,
+                FDivergenceFlag::AlphaDivergence => FDivergence::Alpha {
+                    coef: self.f_alpha_divergence_coef,
+                },
+            },
         }
     }
 
