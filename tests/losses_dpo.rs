@@ -630,6 +630,25 @@ fn loss_type_names_are_trls_and_round_trip() {
     for bad in ["", "SIGMOID", "aot_pair", "kto", "sigmoid "] {
         assert_eq!(DpoLossType::from_name(bad), None, "{bad:?}");
     }
+    let named = |pick: fn(&DpoLossType) -> bool| -> Vec<&str> {
+        DpoLossType::ALL
+            .iter()
+            .filter(|t| pick(t))
+            .map(|t| t.name())
+            .collect()
+    };
+    assert_eq!(
+        named(DpoLossType::needs_counts),
+        ["ipo", "sft", "sigmoid_norm"]
+    );
+    assert_eq!(
+        named(DpoLossType::length_normalised),
+        ["ipo", "sigmoid_norm"]
+    );
+    assert_eq!(
+        named(DpoLossType::couples_pairs),
+        ["aot", "aot_unpaired", "sft"]
+    );
 }
 
 #[test]
@@ -922,4 +941,52 @@ fn f_divergences_match_reference_for_every_loss_type_that_has_them() {
             ..
         }
     ));
+}
+
+#[test]
+fn only_the_coupled_loss_types_differ_from_their_pairs_alone() {
+    // A per-pair loss of a batch is the mean of the pairs' own losses, and its gradient is theirs
+    // over n: what gradient accumulation over micro-batches relies on. AOT (sorted over the batch)
+    // and SFT (a token mean over the batch) are not.
+    let p = pairs(14, 6);
+    let n = p.pc.len();
+    for loss_type in ALL {
+        let cfg = DpoConfig {
+            loss_type,
+            beta: 0.3,
+            label_smoothing: 0.1,
+            ..DpoConfig::default()
+        };
+        let whole = dpo_loss(&cfg, &p.batch()).unwrap();
+        let mut mean = 0.0;
+        let mut max_grad_gap = 0.0f64;
+        for i in 0..n {
+            let one = dpo_loss(
+                &cfg,
+                &PairBatch {
+                    policy_chosen_logps: &p.pc[i..=i],
+                    policy_rejected_logps: &p.pr[i..=i],
+                    reference_chosen_logps: &p.rc[i..=i],
+                    reference_rejected_logps: &p.rr[i..=i],
+                    chosen_counts: Some(&p.cc[i..=i]),
+                    rejected_counts: Some(&p.cr[i..=i]),
+                },
+            )
+            .unwrap();
+            mean += one.loss / n as f64;
+            let gap = (one.grad_chosen[0] as f64 / n as f64 - whole.grad_chosen[i] as f64).abs()
+                / (whole.grad_chosen[i] as f64).abs().max(1e-30);
+            max_grad_gap = max_grad_gap.max(gap);
+        }
+        let loss_gap = (mean - whole.loss).abs() / whole.loss.abs();
+        if loss_type.couples_pairs() {
+            assert!(
+                loss_gap > 1e-6 || max_grad_gap > 1e-3,
+                "{loss_type:?} decomposes"
+            );
+        } else {
+            assert!(loss_gap < 1e-12, "{loss_type:?}: loss {loss_gap}");
+            assert!(max_grad_gap < 1e-6, "{loss_type:?}: grad {max_grad_gap}");
+        }
+    }
 }
