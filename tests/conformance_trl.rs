@@ -277,17 +277,6 @@ fn kto_matches_trl_compute_loss() {
         checked += 1;
     }
     assert!(checked >= 8);
-    // Every loss type TRL has is in the fixture, and every f-divergence.
-    for loss_type in DpoLossType::ALL {
-        assert!(
-            f.dpo.iter().any(|c| c.loss_type == loss_type.name()),
-            "no TRL case for {}",
-            loss_type.name()
-        );
-    }
-    for name in ["forward_kl", "js_divergence", "alpha_divergence"] {
-        assert!(f.dpo.iter().any(|c| c.f_divergence == name), "{name}");
-    }
 }
 
 /// TRL on two processes: `gather_for_metrics(kl).mean().clamp(min=0)`, the mean of the

@@ -5,7 +5,7 @@ use halo_kernels::losses::{DpoConfig, KtoConfig};
 use halo_kernels::Result;
 use halo_train::model::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use halo_train::model::{Gpt, GptConfig, Sampling};
-use halo_train::train::batching::dpo_batch;
+use halo_train::train::batching::{dpo_batch, TokenBatch};
 use halo_train::train::dpo::dpo_step;
 use halo_train::train::evaluate::{decode, greedy_decode, Decoding};
 use halo_train::train::kto::kto_step;
@@ -120,10 +120,8 @@ fn kto_loss_decreases_from_one_half_and_separates_the_classes() {
     assert!(margins[11] > margins[0] + 0.1, "{margins:?}");
 }
 
-#[test]
-fn dpo_loss_decreases_from_ln_two() {
-    let reference = tiny_model(3);
-    let mut policy = reference.clone();
+/// Four "i+1=" prompts with the right sum chosen and a wrong one rejected, as one DPO batch.
+fn four_pairs() -> TokenBatch {
     let pairs: Vec<PairedExample> = (0..4)
         .map(|i| PairedExample {
             prompt: format!("{i}+1="),
@@ -132,7 +130,14 @@ fn dpo_loss_decreases_from_ln_two() {
         })
         .collect();
     let refs: Vec<&PairedExample> = pairs.iter().collect();
-    let batch = dpo_batch(&TextTokenizer::Byte, &refs, 16).unwrap();
+    dpo_batch(&TextTokenizer::Byte, &refs, 16).unwrap()
+}
+
+#[test]
+fn dpo_loss_decreases_from_ln_two() {
+    let reference = tiny_model(3);
+    let mut policy = reference.clone();
+    let batch = four_pairs();
     let config = DpoConfig {
         beta: 1.0,
         ..DpoConfig::default()
@@ -155,15 +160,7 @@ fn every_dpo_loss_type_starts_at_its_closed_form_and_decreases() {
     use halo_kernels::losses::DpoLossType;
     let ln2 = std::f64::consts::LN_2;
     let reference = tiny_model(3);
-    let pairs: Vec<PairedExample> = (0..4)
-        .map(|i| PairedExample {
-            prompt: format!("{i}+1="),
-            chosen: format!("{}", i + 1),
-            rejected: format!("{}", i + 11),
-        })
-        .collect();
-    let refs: Vec<&PairedExample> = pairs.iter().collect();
-    let batch = dpo_batch(&TextTokenizer::Byte, &refs, 16).unwrap();
+    let batch = four_pairs();
     for loss_type in DpoLossType::ALL {
         let eps: f64 = 0.1;
         let at_zero = match loss_type {

@@ -272,9 +272,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
     // (Σ loss, ∂Σloss/∂c_i, ∂Σloss/∂r_i) over the batch, per loss type.
     let (loss_sum, d_chosen, d_rejected) = match config.loss_type {
         DpoLossType::Aot => {
-            // The policy's log-ratio differences are sorted against the reference's: pair k of the
-            // loss is the k-th smallest of each, and its gradient goes back to the pair whose
-            // policy difference is k-th (ties by index; torch.sort leaves their order open).
+            // The policy's log-ratio differences against the reference's, both sorted; the
+            // reference has no gradient, and the policy difference's goes to both completions.
             let policy: Vec<f64> = (0..n)
                 .map(|i| {
                     batch.policy_chosen_logps[i] as f64 - batch.policy_rejected_logps[i] as f64
@@ -286,34 +285,17 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
                         - batch.reference_rejected_logps[i] as f64
                 })
                 .collect();
-            let (policy_order, reference_order) =
-                (ascending_order(&policy), ascending_order(&reference));
-            let (mut total, mut dc, mut dr) = (0.0, vec![0.0; n], vec![0.0; n]);
-            for k in 0..n {
-                let delta = policy[policy_order[k]] - reference[reference_order[k]];
-                let (l, d) = smoothed_logistic(beta, config.label_smoothing, delta);
-                total += l;
-                dc[policy_order[k]] = d;
-                dr[policy_order[k]] = -d;
-            }
-            (total, dc, dr)
+            let (total, d_policy, _) =
+                sorted_logistic(beta, config.label_smoothing, &policy, &reference);
+            let d_rejected = d_policy.iter().map(|d| -d).collect();
+            (total, d_policy, d_rejected)
         }
-        DpoLossType::AotUnpaired => {
-            let (chosen_order, rejected_order) = (
-                ascending_order(&chosen_logratios),
-                ascending_order(&rejected_logratios),
-            );
-            let (mut total, mut dc, mut dr) = (0.0, vec![0.0; n], vec![0.0; n]);
-            for k in 0..n {
-                let delta =
-                    chosen_logratios[chosen_order[k]] - rejected_logratios[rejected_order[k]];
-                let (l, d) = smoothed_logistic(beta, config.label_smoothing, delta);
-                total += l;
-                dc[chosen_order[k]] = d;
-                dr[rejected_order[k]] = -d;
-            }
-            (total, dc, dr)
-        }
+        DpoLossType::AotUnpaired => sorted_logistic(
+            beta,
+            config.label_smoothing,
+            &chosen_logratios,
+            &rejected_logratios,
+        ),
         DpoLossType::Sft => {
             // Every pair carries the batch's NLL: the mean over pairs is that NLL, whose
             // derivative w.r.t. π_c[i] is −1/Σcount (times n here, as the mean divides by n).
@@ -490,6 +472,21 @@ fn discopop(x: f64, tau: f64) -> (f64, f64) {
     // d/dx: −σ(−x)(1 − m) + logσ(x)·m' − e^{−x}m + e^{−x}m'.
     let d = -sigmoid(-x) * one_minus_m + log_sigmoid(x) * dm - exp_term + exp_term_dm;
     (loss, d)
+}
+
+/// AOT's loss: cDPO's smoothed logistic of `sort(a)[k] − sort(b)[k]` summed over k, with its
+/// gradients w.r.t. each `a[i]` and `b[j]`: slot k's goes to the element of rank k (ties by index;
+/// torch.sort leaves their order open), as autograd through `torch.sort` sends it.
+fn sorted_logistic(beta: f64, eps: f64, a: &[f64], b: &[f64]) -> (f64, Vec<f64>, Vec<f64>) {
+    let (a_order, b_order) = (ascending_order(a), ascending_order(b));
+    let (mut total, mut da, mut db) = (0.0, vec![0.0; a.len()], vec![0.0; b.len()]);
+    for (&i, &j) in a_order.iter().zip(&b_order) {
+        let (l, d) = smoothed_logistic(beta, eps, a[i] - b[j]);
+        total += l;
+        da[i] = d;
+        db[j] = -d;
+    }
+    (total, da, db)
 }
 
 /// Indices of `values` in ascending order (ties by index: a stable sort), as `torch.sort`

@@ -64,39 +64,11 @@ pub fn dpo_loss_ref(
     chosen_counts: &[u32],
     rejected_counts: &[u32],
 ) -> f64 {
-    dpo_loss_ref_with_tau(
-        loss_type,
-        beta,
-        label_smoothing,
-        0.05,
-        policy_chosen,
-        policy_rejected,
-        reference_chosen,
-        reference_rejected,
-        chosen_counts,
-        rejected_counts,
-    )
-}
-
-/// [`dpo_loss_ref`] with DiscoPOP's τ given.
-#[allow(clippy::too_many_arguments)]
-pub fn dpo_loss_ref_with_tau(
-    loss_type: &str,
-    beta: f64,
-    label_smoothing: f64,
-    discopop_tau: f64,
-    policy_chosen: &[f64],
-    policy_rejected: &[f64],
-    reference_chosen: &[f64],
-    reference_rejected: &[f64],
-    chosen_counts: &[u32],
-    rejected_counts: &[u32],
-) -> f64 {
     dpo_loss_ref_f_divergence(
         loss_type,
         beta,
         label_smoothing,
-        discopop_tau,
+        0.05,
         "reverse_kl",
         0.5,
         policy_chosen,
@@ -124,7 +96,7 @@ pub fn f_divergence_score_ref(f_divergence: &str, alpha: f64, logratio: f64) -> 
     }
 }
 
-/// [`dpo_loss_ref_with_tau`] under an f-divergence (TRL `f_divergence_type`,
+/// [`dpo_loss_ref`] with DiscoPOP's τ and under an f-divergence (TRL `f_divergence_type`,
 /// `f_alpha_divergence_coef`), transcribed from TRL 1.16 `DPOTrainer._compute_loss`: the scores
 /// replace the log-ratios in the loss types that use `delta_score` / `*_scores`; IPO and
 /// sigmoid_norm divide the scores by the token counts.
@@ -148,42 +120,26 @@ pub fn dpo_loss_ref_f_divergence(
     let smoothed = |delta: f64| {
         -log_sigmoid_ref(beta * delta) * (1.0 - eps) - log_sigmoid_ref(-beta * delta) * eps
     };
-    let sorted = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v
+    // AOT: the smoothed logistic of the k-th smallest of `a` against the k-th smallest of `b`.
+    let sorted_loss = |a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64| {
+        let sorted = |f: &dyn Fn(usize) -> f64| {
+            let mut v: Vec<f64> = (0..n).map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (a, b) = (sorted(a), sorted(b));
+        (0..n).map(|k| smoothed(a[k] - b[k])).sum::<f64>() / n as f64
     };
     match loss_type {
         "aot" => {
-            let logratios = sorted(
-                (0..n)
-                    .map(|i| policy_chosen[i] - policy_rejected[i])
-                    .collect(),
-            );
-            let ref_logratios = sorted(
-                (0..n)
-                    .map(|i| reference_chosen[i] - reference_rejected[i])
-                    .collect(),
-            );
-            return (0..n)
-                .map(|k| smoothed(logratios[k] - ref_logratios[k]))
-                .sum::<f64>()
-                / n as f64;
+            return sorted_loss(&|i| policy_chosen[i] - policy_rejected[i], &|i| {
+                reference_chosen[i] - reference_rejected[i]
+            })
         }
         "aot_unpaired" => {
-            let chosen = sorted(
-                (0..n)
-                    .map(|i| policy_chosen[i] - reference_chosen[i])
-                    .collect(),
-            );
-            let rejected = sorted(
-                (0..n)
-                    .map(|i| policy_rejected[i] - reference_rejected[i])
-                    .collect(),
-            );
-            return (0..n)
-                .map(|k| smoothed(chosen[k] - rejected[k]))
-                .sum::<f64>()
-                / n as f64;
+            return sorted_loss(&|i| policy_chosen[i] - reference_chosen[i], &|i| {
+                policy_rejected[i] - reference_rejected[i]
+            })
         }
         "sft" => return chosen_nll_ref(policy_chosen, chosen_counts),
         _ => {}
