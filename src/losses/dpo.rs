@@ -250,8 +250,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
     // The scores the loss compares: the log-ratios through the f-divergence (the log-ratios
     // themselves for reverse KL), divided by the token count when length-normalised (TRL divides
     // the scores, after the f-divergence). `*_chain` is d score / d π (f' times the scale).
-    let mut chosen_logratios = Vec::with_capacity(n);
-    let mut rejected_logratios = Vec::with_capacity(n);
+    let mut chosen_scores = Vec::with_capacity(n);
+    let mut rejected_scores = Vec::with_capacity(n);
     let mut chosen_chain = Vec::with_capacity(n);
     let mut rejected_chain = Vec::with_capacity(n);
     for i in 0..n {
@@ -262,8 +262,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         let (r, dr) = config.f_divergence.score(
             batch.policy_rejected_logps[i] as f64 - batch.reference_rejected_logps[i] as f64,
         );
-        chosen_logratios.push(c * sc);
-        rejected_logratios.push(r * sr);
+        chosen_scores.push(c * sc);
+        rejected_scores.push(r * sr);
         // Sft's gradient below is w.r.t. π itself (its loss has no log-ratio).
         let sft = config.loss_type == DpoLossType::Sft;
         chosen_chain.push(if sft { 1.0 } else { dc * sc });
@@ -293,8 +293,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         DpoLossType::AotUnpaired => sorted_logistic(
             beta,
             config.label_smoothing,
-            &chosen_logratios,
-            &rejected_logratios,
+            &chosen_scores,
+            &rejected_scores,
         ),
         DpoLossType::Sft => {
             // Every pair carries the batch's NLL: the mean over pairs is that NLL, whose
@@ -307,7 +307,7 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
         _ => {
             let (mut total, mut dc, mut dr) = (0.0, Vec::with_capacity(n), Vec::with_capacity(n));
             for i in 0..n {
-                let (l, c, r) = pair_term(config, chosen_logratios[i], rejected_logratios[i]);
+                let (l, c, r) = pair_term(config, chosen_scores[i], rejected_scores[i]);
                 total += l;
                 dc.push(c);
                 dr.push(r);
@@ -359,7 +359,8 @@ pub fn dpo_loss(config: &DpoConfig, batch: &PairBatch<'_>) -> Result<PairLossOut
 }
 
 /// `(loss, ∂loss/∂c, ∂loss/∂r)` of one pair for the loss types that see only their own pair,
-/// from the (IPO: length-normalised) log-ratios `c` and `r`.
+/// from its scores `c` and `r`: the log-ratios, through the f-divergence (reverse KL for every
+/// type but those with an f-DPO form) and, for IPO and sigmoid_norm, divided by the token counts.
 fn pair_term(config: &DpoConfig, c: f64, r: f64) -> (f64, f64, f64) {
     let beta = config.beta;
     let eps = config.label_smoothing;
