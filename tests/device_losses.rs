@@ -844,7 +844,8 @@ fn dpo_family_matches_the_cpu_and_the_f64_reference<D: Device>(d: &D) {
 }
 
 /// AOT sorts with exact ties (log-probs on a coarse grid, ties across the sort's tiles of 256):
-/// ties are broken by index as the CPU's stable sort, so each gradient lands on the CPU's pair.
+/// ties are broken by index as the CPU's stable sort, so each gradient lands on the CPU's pair;
+/// and keys that tie only once rounded to f32 are told apart as the CPU's f64 keys are.
 fn dpo_aot_ties_follow_the_cpus_order<D: Device>(d: &D) {
     // Five pairs by hand: policy differences 1, 1, 1, 1, 2 against reference ones 2, 2, −1, 4, 2;
     // chosen log-ratios 0, 0, 1, 0, −1 against rejected ones 1, 1, −1, 3, −1.
@@ -868,18 +869,36 @@ fn dpo_aot_ties_follow_the_cpus_order<D: Device>(d: &D) {
             nr: vec![1; n],
         }
     };
-    for x in [
-        by_hand,
-        on_a_grid(2, 40, 1.0),
-        on_a_grid(3, 600, 2.0),
-        on_a_grid(4, 1500, 4.0),
+    // Two policy differences that tie in f32 (both round to −99.7) but not exactly: pair 1's
+    // (−100 + 0.3f32) is below pair 0's (−100 + the next f32 above 0.3f32), so it sorts first;
+    // the reference differences −98.7 / −101.7 give the two slots different gradients.
+    let near_tie = Pairs {
+        pc: vec![-100.0, -100.0],
+        pr: vec![-f32::from_bits(0.3f32.to_bits() + 1), -0.3],
+        rc: vec![-110.0, -110.0],
+        rr: vec![-11.3, -8.3],
+        nc: vec![1; 2],
+        nr: vec![1; 2],
+    };
+    assert_eq!(
+        near_tie.pc[0] - near_tie.pr[0],
+        near_tie.pc[1] - near_tie.pr[1]
+    );
+    for (x, exact_ties) in [
+        (by_hand, true),
+        (on_a_grid(2, 40, 1.0), true),
+        (on_a_grid(3, 600, 2.0), true),
+        (on_a_grid(4, 1500, 4.0), true),
+        (near_tie, false),
     ] {
         let n = x.pc.len();
         let has_ties =
             |key: &dyn Fn(usize) -> f32| (0..n).any(|i| (0..i).any(|j| key(i) == key(j)));
-        assert!(has_ties(&|i| x.pc[i] - x.pr[i]), "policy differences tie");
-        assert!(has_ties(&|i| x.pc[i] - x.rc[i]), "chosen log-ratios tie");
-        assert!(has_ties(&|i| x.pr[i] - x.rr[i]), "rejected log-ratios tie");
+        if exact_ties {
+            assert!(has_ties(&|i| x.pc[i] - x.pr[i]), "policy differences tie");
+            assert!(has_ties(&|i| x.pc[i] - x.rc[i]), "chosen log-ratios tie");
+            assert!(has_ties(&|i| x.pr[i] - x.rr[i]), "rejected log-ratios tie");
+        }
         for loss_type in [DpoLossType::Aot, DpoLossType::AotUnpaired] {
             for label_smoothing in [0.0, 0.25] {
                 let config = DpoConfig {
