@@ -46,14 +46,17 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
         // all: infinite gradients, which the host diagnoses as the CPU's EmptyBatch error.
         sft_grad = -1.0f / (float)chosen_token_total;
     }
-    // aot, aot_unpaired: order[0..n) sorts the first keys (pc − pr, or c), order[n..2n) the second
+    // aot, aot_unpaired: first_order sorts the first keys (pc − pr, or c), second_order the second
     // (rc − rr, or r).
+    uint32_t* const first_order = order;
+    uint32_t* const second_order = order + n;
     if (aot || aot_unpaired) {
         const float* second_a = aot ? reference_chosen : policy_rejected;
         const float* first_b = aot ? policy_rejected : reference_chosen;
         block_stable_order2<HALO_LOSS_THREADS>(
             n, [&](int j) { return exact_difference(policy_chosen[j], first_b[j]); },
-            [&](int j) { return exact_difference(second_a[j], reference_rejected[j]); }, order, order + n);
+            [&](int j) { return exact_difference(second_a[j], reference_rejected[j]); }, first_order,
+            second_order);
     }
 
     // The loss and gradients. (The metrics get a loop of their own: fewer values live across the
@@ -62,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         if (aot || aot_unpaired) {
             // Slot i of the sorted keys; its gradient goes to the pairs whose keys rank i.
-            const uint32_t a = order[i], b = order[n + i];
+            const uint32_t a = first_order[i], b = second_order[i];
             const double first = aot ? exact_difference(policy_chosen[a], policy_rejected[a])
                                      : exact_difference(policy_chosen[a], reference_chosen[a]);
             const double second = aot ? exact_difference(reference_chosen[b], reference_rejected[b])
