@@ -1,92 +1,111 @@
 // dpo_loss.cu — the DPO family on pairs in one launch of one block: loss, ∂L/∂ per-sequence policy
 // log-probs of the chosen and rejected completions, metric sums.
 //
-// TRL `DPOTrainer.dpo_loss` (trl/trainer/dpo_trainer.py), with h = (pc − pr) − (rc − rr), ε = label
-// smoothing:
-//   sigmoid  −(1−ε) logσ(βh) − ε logσ(−βh)                   (Rafailov et al. 2023; cDPO smoothing)
-//   robust   (−(1−ε) logσ(βh) + ε logσ(−βh)) / (1 − 2ε)       (Chowdhury et al. 2024)
-//   hinge    relu(1 − βh)                                     (SLiC, Zhao et al. 2023)
-//   ipo      (h − 1/(2β))², every log-prob divided by its token count first (TRL averages for IPO)
-//   apo_zero 1 − σ(β(pc − rc)) + σ(β(pr − rr))                (D'Oosterlinck et al. 2024)
-//   loss = mean over pairs. Gradients with σ'(x) = σ(x)σ(−x), d logσ(x)/dx = σ(−x).
+// Every TRL 1.x `DPOConfig.loss_type` (`DPOTrainer._compute_loss`), defined by the CPU loss
+// src/losses/dpo.rs (its module doc gives each formula). With c = pc − rc, r = pr − rr, h = c − r:
+// the per-pair types (sigmoid, robust, hinge, ipo, apo_zero, apo_down, exo_pair, nca_pair, bco_pair,
+// sppo_hard, discopop) in dpo_pair_terms.cuh; the batch-coupled ones here:
+//   aot           sigmoid loss (with ε) on sort(pc − pr)[k] − sort(rc − rr)[k], sorted over the batch
+//   aot_unpaired  the same on sort(c)[k] − sort(r)[k]
+//   sft           −Σ pc / Σ chosen_counts (the chosen tokens' mean NLL; the same for every pair)
+// Loss = mean over pairs. Metrics on the summed log-probs for every type.
 #include "halo_common.cuh"
 #include "reductions.cuh"
 #include "stable_math.cuh"
+#include "dpo_pair_terms.cuh"
+#include "batch_order.cuh"
+
+// The exact f64 difference of two f32 log-probs: the AOT keys, sorted as the CPU sorts its f64 ones
+// (an f32 difference could round two different keys to a tie and swap which pair gets a gradient).
+__device__ __forceinline__ double exact_difference(float a, float b) { return (double)a - (double)b; }
 
 extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
     dpo_loss_f32(const float* __restrict__ policy_chosen, const float* __restrict__ policy_rejected,
                  const float* __restrict__ reference_chosen, const float* __restrict__ reference_rejected,
                  const uint32_t* __restrict__ chosen_counts, const uint32_t* __restrict__ rejected_counts,
                  float* __restrict__ grad_chosen, float* __restrict__ grad_rejected, float* __restrict__ out,
-                 int32_t* __restrict__ status, HaloDpoParams p) {
+                 uint32_t* __restrict__ order, int32_t* __restrict__ status, HaloDpoParams p) {
     __shared__ float scratch[32];
-    const float beta = p.beta, eps = p.label_smoothing;
-    const float inv_pairs = 1.0f / (float)p.pairs;
-    float loss = 0.0f, chosen_reward = 0.0f, rejected_reward = 0.0f, accuracy = 0.0f, margin = 0.0f,
-          chosen_logp = 0.0f, rejected_logp = 0.0f;
-    for (int i = threadIdx.x; i < p.pairs; i += blockDim.x) {
+    __shared__ unsigned long long chosen_token_total;
+    const int n = p.pairs;
+    const float beta = p.beta;
+    const float inv_pairs = 1.0f / (float)n;
+    const bool sft = p.loss_type == HALO_DPO_LOSS_SFT;
+    const bool aot = p.loss_type == HALO_DPO_LOSS_AOT, aot_unpaired = p.loss_type == HALO_DPO_LOSS_AOT_UNPAIRED;
+
+    // sft: the batch's chosen token count, summed exactly (integer atomics: order-independent).
+    float sft_grad = 0.0f;
+    if (sft) {
+        if (threadIdx.x == 0) chosen_token_total = 0;
+        __syncthreads();
+        unsigned long long mine = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) mine += chosen_counts[i];
+        atomicAdd(&chosen_token_total, mine);
+        __syncthreads();
+        // Σ_i (−pc_i) / tokens is the mean over pairs of the NLL; ∂/∂pc_i = −1/tokens. No token at
+        // all: infinite gradients, which the host diagnoses as the CPU's EmptyBatch error.
+        sft_grad = -1.0f / (float)chosen_token_total;
+    }
+    // aot, aot_unpaired: first_order sorts the first keys (pc − pr, or c), second_order the second
+    // (rc − rr, or r).
+    uint32_t* const first_order = order;
+    uint32_t* const second_order = order + n;
+    if (aot || aot_unpaired) {
+        const float* second_a = aot ? reference_chosen : policy_rejected;
+        const float* first_b = aot ? policy_rejected : reference_chosen;
+        block_stable_order2<HALO_LOSS_THREADS>(
+            n, [&](int j) { return exact_difference(policy_chosen[j], first_b[j]); },
+            [&](int j) { return exact_difference(second_a[j], reference_rejected[j]); }, first_order,
+            second_order);
+    }
+
+    // The loss and gradients. (The metrics get a loop of their own: fewer values live across the
+    // divisions' slow-path calls, which would otherwise spill on sm_90.)
+    float loss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (aot || aot_unpaired) {
+            // Slot i of the sorted keys; its gradient goes to the pairs whose keys rank i.
+            const uint32_t a = first_order[i], b = second_order[i];
+            const double first = aot ? exact_difference(policy_chosen[a], policy_rejected[a])
+                                     : exact_difference(policy_chosen[a], reference_chosen[a]);
+            const double second = aot ? exact_difference(reference_chosen[b], reference_rejected[b])
+                                      : exact_difference(policy_rejected[b], reference_rejected[b]);
+            const DpoLossSlope ls = dpo_smoothed_logistic(beta, p.label_smoothing, (float)(first - second));
+            loss += ls.loss;
+            grad_chosen[a] = ls.slope * inv_pairs;
+            // aot: the policy difference pc − pr of pair a; aot_unpaired: the rejected log-ratio of b.
+            grad_rejected[aot ? a : b] = -ls.slope * inv_pairs;
+        } else if (sft) {
+            loss -= policy_chosen[i];
+            grad_chosen[i] = sft_grad;
+            grad_rejected[i] = 0.0f;
+        } else {
+            float scale_c = 1.0f, scale_r = 1.0f;  // ∂(normalised log-prob)/∂(sum)
+            if (p.loss_type == HALO_DPO_LOSS_IPO || p.loss_type == HALO_DPO_LOSS_SIGMOID_NORM) {
+                const uint32_t nc = chosen_counts[i], nr = rejected_counts[i];
+                if (nc == 0 || nr == 0) {
+                    atomicMin(&status[HALO_STATUS_EMPTY_SEQUENCE], i);
+                    grad_chosen[i] = 0.0f;
+                    grad_rejected[i] = 0.0f;
+                    continue;
+                }
+                scale_c = 1.0f / (float)nc;
+                scale_r = 1.0f / (float)nr;
+            }
+            const DpoPairTerm t = dpo_pair_term(p, policy_chosen[i] * scale_c - reference_chosen[i] * scale_c,
+                                                policy_rejected[i] * scale_r - reference_rejected[i] * scale_r);
+            loss += t.loss;
+            grad_chosen[i] = t.d_chosen * scale_c * inv_pairs;
+            grad_rejected[i] = t.d_rejected * scale_r * inv_pairs;
+        }
+    }
+    float chosen_reward = 0.0f, rejected_reward = 0.0f, accuracy = 0.0f, margin = 0.0f, chosen_logp = 0.0f,
+          rejected_logp = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const float sum_pc = policy_chosen[i], sum_pr = policy_rejected[i];
         const float sum_rc = reference_chosen[i], sum_rr = reference_rejected[i];
-        float pc = sum_pc, pr = sum_pr, rc = sum_rc, rr = sum_rr;
-        float scale_c = 1.0f, scale_r = 1.0f;  // ∂(normalised log-prob)/∂(sum)
-        if (p.loss_type == HALO_DPO_LOSS_IPO) {
-            const uint32_t nc = chosen_counts[i], nr = rejected_counts[i];
-            if (nc == 0 || nr == 0) {
-                atomicMin(&status[HALO_STATUS_EMPTY_SEQUENCE], i);
-                grad_chosen[i] = 0.0f;
-                grad_rejected[i] = 0.0f;
-                continue;
-            }
-            scale_c = 1.0f / (float)nc;
-            scale_r = 1.0f / (float)nr;
-            pc *= scale_c;
-            rc *= scale_c;
-            pr *= scale_r;
-            rr *= scale_r;
-        }
-        const float h = (pc - pr) - (rc - rr);
-        float l, dl_dh = 0.0f, dl_dc = 0.0f, dl_dr = 0.0f;
-        switch (p.loss_type) {
-            case HALO_DPO_LOSS_ROBUST: {
-                l = (-(1.0f - eps) * stable_log_sigmoid(beta * h) + eps * stable_log_sigmoid(-beta * h)) /
-                    (1.0f - 2.0f * eps);
-                dl_dh = (-(1.0f - eps) * beta * stable_sigmoid(-beta * h) - eps * beta * stable_sigmoid(beta * h)) /
-                        (1.0f - 2.0f * eps);
-                break;
-            }
-            case HALO_DPO_LOSS_HINGE: {
-                const float m = 1.0f - beta * h;
-                l = fmaxf(m, 0.0f);
-                dl_dh = m > 0.0f ? -beta : 0.0f;
-                break;
-            }
-            case HALO_DPO_LOSS_IPO: {
-                const float d = h - 1.0f / (2.0f * beta);
-                l = d * d;
-                dl_dh = 2.0f * d;
-                break;
-            }
-            case HALO_DPO_LOSS_APO_ZERO: {
-                const float xc = beta * (pc - rc), xr = beta * (pr - rr);
-                l = stable_sigmoid(-xc) + stable_sigmoid(xr);
-                dl_dc = -beta * stable_sigmoid(xc) * stable_sigmoid(-xc);
-                dl_dr = beta * stable_sigmoid(xr) * stable_sigmoid(-xr);
-                break;
-            }
-            default: {  // sigmoid
-                l = -(1.0f - eps) * stable_log_sigmoid(beta * h) - eps * stable_log_sigmoid(-beta * h);
-                dl_dh = -(1.0f - eps) * beta * stable_sigmoid(-beta * h) + eps * beta * stable_sigmoid(beta * h);
-                break;
-            }
-        }
-        // h = (pc − pr) − (rc − rr): ∂h/∂pc = 1, ∂h/∂pr = −1.
-        dl_dc += dl_dh;
-        dl_dr -= dl_dh;
-        grad_chosen[i] = dl_dc * scale_c * inv_pairs;
-        grad_rejected[i] = dl_dr * scale_r * inv_pairs;
         // Metrics on the summed log-probs for every loss type (TRL >= 1.0 normalises inside IPO's loss only).
         const float reward_c = beta * (sum_pc - sum_rc), reward_r = beta * (sum_pr - sum_rr);
-        loss += l;
         chosen_reward += reward_c;
         rejected_reward += reward_r;
         accuracy += reward_c > reward_r ? 1.0f : 0.0f;
@@ -102,7 +121,8 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
     chosen_logp = block_sum(chosen_logp, scratch);
     rejected_logp = block_sum(rejected_logp, scratch);
     if (threadIdx.x == 0) {
-        out[HALO_DPO_OUT_LOSS] = loss * inv_pairs;
+        // sft: Σ(−pc) · (1/tokens), as its gradient (−sft_grad is 1/tokens).
+        out[HALO_DPO_OUT_LOSS] = loss * (sft ? -sft_grad : inv_pairs);
         out[HALO_DPO_OUT_CHOSEN_REWARD_SUM] = chosen_reward;
         out[HALO_DPO_OUT_REJECTED_REWARD_SUM] = rejected_reward;
         out[HALO_DPO_OUT_ACCURACY_COUNT] = accuracy;

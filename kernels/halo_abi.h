@@ -128,12 +128,26 @@ typedef struct HaloKtoParams {
 #define HALO_DPO_LOSS_HINGE 2
 #define HALO_DPO_LOSS_IPO 3
 #define HALO_DPO_LOSS_APO_ZERO 4
+#define HALO_DPO_LOSS_APO_DOWN 5
+#define HALO_DPO_LOSS_EXO_PAIR 6
+#define HALO_DPO_LOSS_NCA_PAIR 7
+#define HALO_DPO_LOSS_BCO_PAIR 8
+#define HALO_DPO_LOSS_SPPO_HARD 9
+#define HALO_DPO_LOSS_AOT 10
+#define HALO_DPO_LOSS_AOT_UNPAIRED 11
+#define HALO_DPO_LOSS_DISCOPOP 12
+#define HALO_DPO_LOSS_SFT 13
+#define HALO_DPO_LOSS_SIGMOID_NORM 14
 
+/* label_smoothing: epsilon of sigmoid, robust, exo_pair, aot, aot_unpaired (else 0).
+ * discopop_tau: DiscoPOP's temperature (discopop only, else 0). */
 typedef struct HaloDpoParams {
     int32_t pairs;
     int32_t loss_type;
     float beta;
     float label_smoothing;
+    float discopop_tau;
+    int32_t _pad;
 } HaloDpoParams;
 
 /* Slots of the DPO `out[HALO_DPO_OUT_LEN]` (f32). */

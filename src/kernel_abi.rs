@@ -145,6 +145,26 @@ pub const DPO_LOSS_HINGE: i32 = 2;
 pub const DPO_LOSS_IPO: i32 = 3;
 /// DPO loss type `apo_zero`.
 pub const DPO_LOSS_APO_ZERO: i32 = 4;
+/// DPO loss type `apo_down`.
+pub const DPO_LOSS_APO_DOWN: i32 = 5;
+/// DPO loss type `exo_pair`.
+pub const DPO_LOSS_EXO_PAIR: i32 = 6;
+/// DPO loss type `nca_pair`.
+pub const DPO_LOSS_NCA_PAIR: i32 = 7;
+/// DPO loss type `bco_pair`.
+pub const DPO_LOSS_BCO_PAIR: i32 = 8;
+/// DPO loss type `sppo_hard`.
+pub const DPO_LOSS_SPPO_HARD: i32 = 9;
+/// DPO loss type `aot` (sorts over the batch: needs the kernel's `order` scratch).
+pub const DPO_LOSS_AOT: i32 = 10;
+/// DPO loss type `aot_unpaired` (sorts over the batch: needs the kernel's `order` scratch).
+pub const DPO_LOSS_AOT_UNPAIRED: i32 = 11;
+/// DPO loss type `discopop`.
+pub const DPO_LOSS_DISCOPOP: i32 = 12;
+/// DPO loss type `sft` (reads the chosen token counts).
+pub const DPO_LOSS_SFT: i32 = 13;
+/// DPO loss type `sigmoid_norm` (the logistic loss on length-normalised log-ratios).
+pub const DPO_LOSS_SIGMOID_NORM: i32 = 14;
 
 /// Parameters of `dpo_loss_f32`.
 #[repr(C)]
@@ -156,8 +176,12 @@ pub struct HaloDpoParams {
     pub loss_type: i32,
     /// β.
     pub beta: f32,
-    /// ε (sigmoid, robust).
+    /// ε (sigmoid, robust, exo_pair, aot, aot_unpaired; else 0).
     pub label_smoothing: f32,
+    /// DiscoPOP's τ (discopop; else 0).
+    pub discopop_tau: f32,
+    /// Padding to a multiple of 8 bytes (0).
+    pub _pad: i32,
 }
 
 /// Slots of the DPO kernel's `out` array.

@@ -8,13 +8,15 @@ use crate::cpu::{LogRatioClamp, SequenceLayout};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernel_abi::{
-    dpo_out, kto_out, token_rows_per_block, HaloClampParams, HaloSeqParams, HaloTokenParams,
-    DPO_LOSS_APO_ZERO, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_ROBUST, DPO_LOSS_SIGMOID,
-    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL, STATUS_BWD_INCONSISTENT_LSE,
-    STATUS_BWD_NONFINITE_LOGITS, STATUS_BWD_OVERFLOW, STATUS_LEN, STATUS_NONFINITE,
-    STATUS_NONFINITE_GRAD, STATUS_OK,
+    dpo_out, kto_out, token_rows_per_block, HaloClampParams, HaloDpoParams, HaloSeqParams,
+    HaloTokenParams, DPO_LOSS_AOT, DPO_LOSS_AOT_UNPAIRED, DPO_LOSS_APO_DOWN, DPO_LOSS_APO_ZERO,
+    DPO_LOSS_BCO_PAIR, DPO_LOSS_DISCOPOP, DPO_LOSS_EXO_PAIR, DPO_LOSS_HINGE, DPO_LOSS_IPO,
+    DPO_LOSS_NCA_PAIR, DPO_LOSS_ROBUST, DPO_LOSS_SFT, DPO_LOSS_SIGMOID, DPO_LOSS_SIGMOID_NORM,
+    DPO_LOSS_SPPO_HARD, KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL,
+    STATUS_BWD_INCONSISTENT_LSE, STATUS_BWD_NONFINITE_LOGITS, STATUS_BWD_OVERFLOW, STATUS_LEN,
+    STATUS_NONFINITE, STATUS_NONFINITE_GRAD, STATUS_OK,
 };
-use crate::losses::{DpoLossType, KtoLossType, LossMetrics};
+use crate::losses::{DpoConfig, DpoLossType, KtoLossType, LossMetrics};
 use crate::validate::label_out_of_range;
 use crate::HaloError;
 
@@ -129,15 +131,47 @@ pub(crate) fn kto_loss_code(loss_type: KtoLossType) -> i32 {
     }
 }
 
-/// `HaloDpoParams.loss_type` for a DPO-family loss type (`None`: no kernel for it yet).
-pub(crate) fn dpo_loss_code(loss_type: DpoLossType) -> Option<i32> {
+/// `HaloDpoParams.loss_type` for a DPO-family loss type.
+pub(crate) fn dpo_loss_code(loss_type: DpoLossType) -> i32 {
     match loss_type {
-        DpoLossType::Sigmoid => Some(DPO_LOSS_SIGMOID),
-        DpoLossType::Robust => Some(DPO_LOSS_ROBUST),
-        DpoLossType::Hinge => Some(DPO_LOSS_HINGE),
-        DpoLossType::Ipo => Some(DPO_LOSS_IPO),
-        DpoLossType::ApoZero => Some(DPO_LOSS_APO_ZERO),
-        _ => None,
+        DpoLossType::Sigmoid => DPO_LOSS_SIGMOID,
+        DpoLossType::Robust => DPO_LOSS_ROBUST,
+        DpoLossType::Hinge => DPO_LOSS_HINGE,
+        DpoLossType::Ipo => DPO_LOSS_IPO,
+        DpoLossType::ApoZero => DPO_LOSS_APO_ZERO,
+        DpoLossType::ApoDown => DPO_LOSS_APO_DOWN,
+        DpoLossType::ExoPair => DPO_LOSS_EXO_PAIR,
+        DpoLossType::NcaPair => DPO_LOSS_NCA_PAIR,
+        DpoLossType::BcoPair => DPO_LOSS_BCO_PAIR,
+        DpoLossType::SppoHard => DPO_LOSS_SPPO_HARD,
+        DpoLossType::Aot => DPO_LOSS_AOT,
+        DpoLossType::AotUnpaired => DPO_LOSS_AOT_UNPAIRED,
+        DpoLossType::Discopop => DPO_LOSS_DISCOPOP,
+        DpoLossType::Sft => DPO_LOSS_SFT,
+        DpoLossType::SigmoidNorm => DPO_LOSS_SIGMOID_NORM,
+    }
+}
+
+/// `dpo_loss_f32`'s parameters for `pairs` pairs under a validated `config`: ε only for the loss
+/// types that use it and τ only for DiscoPOP (the CPU ignores both, unvalidated, elsewhere).
+pub(crate) fn dpo_params(config: &DpoConfig, pairs: i32) -> HaloDpoParams {
+    HaloDpoParams {
+        pairs,
+        loss_type: dpo_loss_code(config.loss_type),
+        beta: config.beta as f32,
+        label_smoothing: match config.loss_type {
+            DpoLossType::Sigmoid
+            | DpoLossType::Robust
+            | DpoLossType::ExoPair
+            | DpoLossType::Aot
+            | DpoLossType::AotUnpaired => config.label_smoothing as f32,
+            _ => 0.0,
+        },
+        discopop_tau: match config.loss_type {
+            DpoLossType::Discopop => config.discopop_tau as f32,
+            _ => 0.0,
+        },
+        _pad: 0,
     }
 }
 

@@ -173,12 +173,12 @@ fn gpu_tests() -> Vec<GpuTest> {
         ),
         t!(
             "dpo_matches_cpu",
-            "DPO family (sigmoid, robust, hinge, ipo, apo_zero) vs CPU",
+            "DPO family (every TRL loss type) vs CPU",
             dpo_matches_cpu
         ),
         t!(
             "dpo_errors_match_cpu",
-            "DPO: NaN inputs, IPO without / with zero counts: the CPU's errors",
+            "DPO: NaN inputs, IPO / SFT without or with zero counts, overflow: the CPU's errors",
             dpo_errors_match_cpu
         ),
     ]
@@ -1687,20 +1687,20 @@ fn dpo_both(
 }
 
 fn dpo_matches_cpu(gpu: &CudaBackend) -> TestResult {
-    let types = [
-        DpoLossType::Sigmoid,
-        DpoLossType::Robust,
-        DpoLossType::Hinge,
-        DpoLossType::Ipo,
-        DpoLossType::ApoZero,
-    ];
-    for loss_type in types {
-        for &(beta, eps) in &[(0.1, 0.0), (0.5, 0.2), (0.01, 0.1)] {
-            for &n in &[1usize, 7, 256, 1000] {
+    for loss_type in DpoLossType::ALL {
+        for &(beta, eps, tau) in &[(0.1, 0.0, 0.05), (0.5, 0.2, 1.0), (0.01, 0.1, 0.3)] {
+            // exo_pair takes log ε: ε in (0, 1).
+            let eps = if loss_type == DpoLossType::ExoPair && eps == 0.0 {
+                1e-3
+            } else {
+                eps
+            };
+            for &n in &[1usize, 7, 256, 1000, 3000] {
                 let config = DpoConfig {
                     beta,
                     label_smoothing: eps,
                     loss_type,
+                    discopop_tau: tau,
                     ..DpoConfig::default()
                 };
                 let what = format!("{loss_type:?} beta {beta} eps {eps} n {n}");
@@ -1729,13 +1729,25 @@ fn dpo_matches_cpu(gpu: &CudaBackend) -> TestResult {
         }
     }
     let d = pair_data(3, 500);
-    let (_, a) = dpo_both(gpu, &DpoConfig::default(), &d, false)?;
-    let (_, b) = dpo_both(gpu, &DpoConfig::default(), &d, false)?;
-    let (a, b) = (ok("run 1", a)?, ok("run 2", b)?);
-    ensure!(
-        a.loss.to_bits() == b.loss.to_bits() && bits(&a.grad_chosen) == bits(&b.grad_chosen),
-        "DPO differs between two runs"
-    );
+    for loss_type in [
+        DpoLossType::Sigmoid,
+        DpoLossType::Aot,
+        DpoLossType::AotUnpaired,
+    ] {
+        let config = DpoConfig {
+            loss_type,
+            ..DpoConfig::default()
+        };
+        let (_, a) = dpo_both(gpu, &config, &d, false)?;
+        let (_, b) = dpo_both(gpu, &config, &d, false)?;
+        let (a, b) = (ok("run 1", a)?, ok("run 2", b)?);
+        ensure!(
+            a.loss.to_bits() == b.loss.to_bits()
+                && bits(&a.grad_chosen) == bits(&b.grad_chosen)
+                && bits(&a.grad_rejected) == bits(&b.grad_rejected),
+            "DPO {loss_type:?} differs between two runs"
+        );
+    }
     Ok(())
 }
 
@@ -1780,5 +1792,49 @@ fn dpo_errors_match_cpu(gpu: &CudaBackend) -> TestResult {
         ..DpoConfig::default()
     };
     same(&pair_data(8, 3), true, robust, "robust eps 0.5")?;
+    let sft = DpoConfig {
+        loss_type: DpoLossType::Sft,
+        ..DpoConfig::default()
+    };
+    same(&pair_data(8, 30), false, sft, "SFT without counts")?;
+    let mut d = pair_data(8, 300);
+    d.cc.iter_mut().for_each(|c| *c = 0);
+    same(&d, true, sft, "SFT without a chosen token")?;
+    d.pr[290] = f32::NAN;
+    same(
+        &d,
+        true,
+        sft,
+        "SFT NaN and no chosen token (finiteness first)",
+    )?;
+    let mut d = pair_data(8, 300);
+    d.rr[299] = f32::INFINITY;
+    for loss_type in [DpoLossType::Sft, DpoLossType::Aot, DpoLossType::AotUnpaired] {
+        let config = DpoConfig {
+            loss_type,
+            ..DpoConfig::default()
+        };
+        same(&d, true, config, "an infinite reference_rejected")?;
+    }
+    let exo = DpoConfig {
+        loss_type: DpoLossType::ExoPair,
+        label_smoothing: 0.0,
+        ..DpoConfig::default()
+    };
+    same(&pair_data(8, 3), true, exo, "exo_pair eps 0")?;
+    // DiscoPOP with τ = 2 at βh far below 0: e^{−βh/2} overflows (the policy log-probs are
+    // [−300, −10], the reference ones the same: |h| up to ~580, β = 10).
+    let discopop = DpoConfig {
+        loss_type: DpoLossType::Discopop,
+        beta: 10.0,
+        discopop_tau: 2.0,
+        ..DpoConfig::default()
+    };
+    same(
+        &pair_data(8, 300),
+        true,
+        discopop,
+        "discopop tau 2 overflow",
+    )?;
     Ok(())
 }

@@ -216,7 +216,7 @@ fn wrapper_argument_lists_match_the_compiled_kernels() {
         ),
         (
             "dpo_loss_f32".to_string(),
-            ptrs(10, &[size_of::<HaloDpoParams>()]),
+            ptrs(11, &[size_of::<HaloDpoParams>()]),
         ),
     ]);
     for (entry, sizes) in expected {

@@ -7,10 +7,12 @@
 mod device_support;
 
 use device_support::*;
-use halo_kernels::losses::reference::{central_difference, dpo_loss_ref, kto_loss_ref, kto_z0_ref};
+use halo_kernels::losses::reference::{
+    central_difference, chosen_nll_ref, dpo_loss_ref_f_divergence, kto_loss_ref, kto_z0_ref,
+};
 use halo_kernels::losses::{
-    DpoConfig, DpoLossType, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput, LossMetrics,
-    PairBatch, PairLossOutput, ReferencePointPartial,
+    DpoConfig, DpoLossType, FDivergence, KlInput, KtoBatch, KtoConfig, KtoLossType, KtoOutput,
+    LossMetrics, PairBatch, PairLossOutput, ReferencePointPartial,
 };
 use halo_kernels::HaloError;
 use rand::Rng;
@@ -612,10 +614,6 @@ fn kto_errors_are_the_cpus<D: Device>(d: &D) {
 
 // ---- DPO family -------------------------------------------------------------------------------
 
-fn trl_name(loss: DpoLossType) -> &'static str {
-    loss.name()
-}
-
 struct Pairs {
     pc: Vec<f32>,
     pr: Vec<f32>,
@@ -625,6 +623,21 @@ struct Pairs {
     nr: Vec<u32>,
 }
 
+impl Pairs {
+    fn batch(&self, with_counts: bool) -> PairBatch<'_> {
+        PairBatch {
+            policy_chosen_logps: &self.pc,
+            policy_rejected_logps: &self.pr,
+            reference_chosen_logps: &self.rc,
+            reference_rejected_logps: &self.rr,
+            chosen_counts: with_counts.then_some(&self.nc[..]),
+            rejected_counts: with_counts.then_some(&self.nr[..]),
+        }
+    }
+}
+
+/// Random pairs: log-probs in [−90, −5] (the reference within ±8 of the policy), counts in
+/// 1..400 — never a zero.
 fn random_pairs(seed: u64, n: usize) -> Pairs {
     let mut r = rng(seed);
     let pc: Vec<f32> = (0..n).map(|_| r.gen_range(-90.0f32..-5.0)).collect();
@@ -662,45 +675,119 @@ fn pair_metrics_ref(beta: f64, pc: &[f64], pr: &[f64], rc: &[f64], rr: &[f64]) -
     }
 }
 
-/// One DPO-family case: loss, both gradients (every pair) by central differences, metrics.
-fn check_dpo<D: Device>(d: &D, seed: u64, n: usize, config: DpoConfig, with_counts: bool) {
-    let x = random_pairs(seed, n);
-    let ctx = format!("{}: {config:?} n {n} counts {with_counts}", d.name());
-    let got: PairLossOutput = d
-        .dpo_loss(
-            &config,
-            &PairBatch {
-                policy_chosen_logps: &x.pc,
-                policy_rejected_logps: &x.pr,
-                reference_chosen_logps: &x.rc,
-                reference_rejected_logps: &x.rr,
-                chosen_counts: with_counts.then_some(&x.nc[..]),
-                rejected_counts: with_counts.then_some(&x.nr[..]),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    let (pc, pr, rc, rr) = (f64s(&x.pc), f64s(&x.pr), f64s(&x.rc), f64s(&x.rr));
-    let loss_ref = |pc: &[f64], pr: &[f64]| {
-        dpo_loss_ref(
-            trl_name(config.loss_type),
-            config.beta,
-            config.label_smoothing,
-            pc,
-            pr,
-            &rc,
-            &rr,
-            &x.nc,
-            &x.nr,
-        )
+/// The f64 reference loss (TRL's formula, literally) of `config` at these log-probs.
+fn dpo_ref(config: &DpoConfig, pc: &[f64], pr: &[f64], rc: &[f64], rr: &[f64], x: &Pairs) -> f64 {
+    dpo_ref_counts(config, pc, pr, rc, rr, &x.nc, &x.nr)
+}
+
+/// The f64 reference loss of `config` (its loss type, β, ε, τ and f-divergence).
+fn dpo_ref_counts(
+    config: &DpoConfig,
+    pc: &[f64],
+    pr: &[f64],
+    rc: &[f64],
+    rr: &[f64],
+    nc: &[u32],
+    nr: &[u32],
+) -> f64 {
+    let alpha = match config.f_divergence {
+        FDivergence::Alpha { coef } => coef,
+        _ => 0.5,
     };
+    dpo_loss_ref_f_divergence(
+        config.loss_type.name(),
+        config.beta,
+        config.label_smoothing,
+        config.discopop_tau,
+        config.f_divergence.name(),
+        alpha,
+        pc,
+        pr,
+        rc,
+        rr,
+        nc,
+        nr,
+    )
+}
+
+/// `|got − want| ≤ 2e-5·|want| + 1e-8` for every gradient entry (f32 against f64).
+fn check_grads(ctx: &str, side: &str, got: &[f32], want: &[f64], skip: impl Fn(usize) -> bool) {
+    assert_eq!(got.len(), want.len(), "grad_{side} length ({ctx})");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if skip(i) {
+            continue;
+        }
+        let g = g as f64;
+        assert!(
+            (g - w).abs() <= 2e-5 * w.abs() + 1e-8,
+            "grad_{side}[{i}] {g} vs {w} ({ctx})"
+        );
+    }
+}
+
+/// Whether `keys[i]` lies within `gap` of another key: there a central difference of a sorted
+/// (AOT) loss straddles a change of order.
+fn near_another(keys: &[f64], i: usize, gap: f64) -> bool {
+    keys.iter()
+        .enumerate()
+        .any(|(j, &k)| j != i && (k - keys[i]).abs() <= gap)
+}
+
+/// One DPO-family case: against the CPU loss (the definition: loss, both gradients, metrics), the
+/// f64 reference of TRL's formula (loss), central differences of that reference (both
+/// gradients, at up to 48 pairs per side) and TRL's metrics in f64.
+fn check_dpo<D: Device>(d: &D, ctx: &str, x: &Pairs, config: DpoConfig, with_counts: bool) {
+    let n = x.pc.len();
+    let ctx = format!("{}: {config:?} n {n} counts {with_counts} {ctx}", d.name());
+    let got: PairLossOutput = d
+        .dpo_loss(&config, &x.batch(with_counts))
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    let cpu = halo_kernels::losses::dpo_loss(&config, &x.batch(with_counts))
+        .unwrap_or_else(|e| panic!("cpu: {ctx}: {e}"));
+    let (pc, pr, rc, rr) = (f64s(&x.pc), f64s(&x.pr), f64s(&x.rc), f64s(&x.rr));
+    let loss_ref = |pc: &[f64], pr: &[f64]| dpo_ref(&config, pc, pr, &rc, &rr, x);
     close(&format!("loss ({ctx})"), got.loss, loss_ref(&pc, &pr), 1e-5);
+    close(&format!("loss vs cpu ({ctx})"), got.loss, cpu.loss, 1e-5);
+
+    // Hinge's kink: a pair within rounding of it may fall on either side.
+    let beta = config.beta;
+    let at_kink = |i: usize| {
+        config.loss_type == DpoLossType::Hinge
+            && (1.0 - beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))).abs() < 1e-3
+    };
+    check_grads(
+        &ctx,
+        "chosen vs cpu",
+        &got.grad_chosen,
+        &f64s(&cpu.grad_chosen),
+        at_kink,
+    );
+    check_grads(
+        &ctx,
+        "rejected vs cpu",
+        &got.grad_rejected,
+        &f64s(&cpu.grad_rejected),
+        at_kink,
+    );
 
     let h = 1e-3;
-    assert_eq!(got.grad_chosen.len(), n, "grad_chosen length ({ctx})");
-    assert_eq!(got.grad_rejected.len(), n, "grad_rejected length ({ctx})");
-    for (side, grad) in [
-        ("chosen", &got.grad_chosen),
-        ("rejected", &got.grad_rejected),
+    // The key each side's log-prob moves in the AOT sorts (a difference near another key's is
+    // skipped: there the sorted loss has a kink).
+    let (chosen_keys, rejected_keys): (Vec<f64>, Vec<f64>) = match config.loss_type {
+        DpoLossType::Aot => {
+            let k: Vec<f64> = (0..n).map(|i| pc[i] - pr[i]).collect();
+            (k.clone(), k)
+        }
+        DpoLossType::AotUnpaired => (
+            (0..n).map(|i| pc[i] - rc[i]).collect(),
+            (0..n).map(|i| pr[i] - rr[i]).collect(),
+        ),
+        _ => (Vec::new(), Vec::new()),
+    };
+    let step = n.div_ceil(48).max(1);
+    for (side, grad, keys) in [
+        ("chosen", &got.grad_chosen, &chosen_keys),
+        ("rejected", &got.grad_rejected, &rejected_keys),
     ] {
         let along = |v: &[f64]| {
             if side == "chosen" {
@@ -710,17 +797,11 @@ fn check_dpo<D: Device>(d: &D, seed: u64, n: usize, config: DpoConfig, with_coun
             }
         };
         let at = if side == "chosen" { &pc } else { &pr };
-        for i in 0..n {
-            let fd = central_difference(along, at, i, h);
-            // Hinge has a kink: skip the rare pair within h of it (non-zero second difference).
-            if config.loss_type == DpoLossType::Hinge {
-                let (mut plus, mut minus) = (at.clone(), at.clone());
-                plus[i] += h;
-                minus[i] -= h;
-                if (along(&plus) - 2.0 * along(at) + along(&minus)).abs() > 1e-12 {
-                    continue;
-                }
+        for i in (0..n).step_by(step) {
+            if at_kink(i) || (!keys.is_empty() && near_another(keys, i, 4.0 * h)) {
+                continue;
             }
+            let fd = central_difference(along, at, i, h);
             let g = grad[i] as f64;
             assert!(
                 (g - fd).abs() <= 2e-5 * fd.abs() + 1e-8,
@@ -729,8 +810,9 @@ fn check_dpo<D: Device>(d: &D, seed: u64, n: usize, config: DpoConfig, with_coun
         }
     }
 
-    let want = pair_metrics_ref(config.beta, &pc, &pr, &rc, &rr);
+    let want = pair_metrics_ref(beta, &pc, &pr, &rc, &rr);
     check_metrics(&ctx, &got.metrics, &want, 1e-5);
+    check_metrics(&format!("vs cpu {ctx}"), &got.metrics, &cpu.metrics, 1e-5);
     // The accuracy is a count of pairs: exact, not merely close.
     let acc = got.metrics.rewards_accuracies.unwrap() * n as f64;
     let want_acc = want.rewards_accuracies.unwrap() * n as f64;
@@ -740,39 +822,252 @@ fn check_dpo<D: Device>(d: &D, seed: u64, n: usize, config: DpoConfig, with_coun
     );
 }
 
-fn dpo_family_matches_the_f64_reference<D: Device>(d: &D) {
-    let types = [
-        DpoLossType::Sigmoid,
-        DpoLossType::Robust,
-        DpoLossType::Hinge,
-        DpoLossType::Ipo,
-        DpoLossType::ApoZero,
-    ];
-    for (k, &loss_type) in types.iter().enumerate() {
-        // (pairs, β, label smoothing, counts given): label smoothing is used by sigmoid (cDPO,
-        // up to 1) and robust (below 0.5) and ignored by the others; counts are read by IPO only.
-        for (j, &(n, beta, label_smoothing, with_counts)) in [
-            (1, 0.1, 0.0, true),
-            (33, 0.1, 0.1, loss_type == DpoLossType::Ipo),
-            (1000, 0.5, 0.2, true),
-            (257, 0.05, 0.0, true),
-            (300, 0.25, 0.1, true),
-            (64, 0.1, 0.7, true),
+/// A label smoothing in the domain of `loss_type`, the `k`-th of five (the types that ignore it
+/// get one anyway: it must not matter).
+fn label_smoothing_for(loss_type: DpoLossType, k: usize) -> f64 {
+    match loss_type {
+        DpoLossType::Robust => [0.0, 0.1, 0.2, 0.3, 0.45][k],
+        // Small ε included: log ε is large, the loss and gradient stay finite.
+        DpoLossType::ExoPair => [1e-3, 0.1, 1e-6, 0.5, 0.9][k],
+        _ => [0.0, 0.1, 0.3, 0.7, 1.0][k],
+    }
+}
+
+/// Every loss type at awkward sizes (one pair, a partial warp, past a block of 256 threads, past
+/// a block's tile of the AOT sort several times), several β, ε and DiscoPOP τ.
+fn dpo_family_matches_the_cpu_and_the_f64_reference<D: Device>(d: &D) {
+    for (k, &loss_type) in DpoLossType::ALL.iter().enumerate() {
+        for (j, &(n, beta, tau)) in [
+            (1, 0.1, 0.05),
+            (7, 0.5, 0.5),
+            (129, 0.05, 1.0),
+            (1500, 0.25, 2.0),
+            (3000, 0.1, 0.05),
         ]
         .iter()
         .enumerate()
         {
-            if loss_type == DpoLossType::Robust && label_smoothing >= 0.5 {
-                continue;
-            }
             let config = DpoConfig {
                 beta,
-                label_smoothing,
+                label_smoothing: label_smoothing_for(loss_type, j),
                 loss_type,
+                discopop_tau: tau,
                 ..DpoConfig::default()
             };
-            check_dpo(d, 1000 + (k * 10 + j) as u64, n, config, with_counts);
+            let x = random_pairs(1000 + (k * 10 + j) as u64, n);
+            check_dpo(d, "random", &x, config, true);
+            if !loss_type.needs_counts() {
+                check_dpo(d, "random", &x, config, false);
+            }
         }
+    }
+}
+
+/// AOT sorts with exact ties (log-probs on a coarse grid, ties across the sort's tiles of 256):
+/// ties are broken by index as the CPU's stable sort, so each gradient lands on the CPU's pair;
+/// and keys that tie only once rounded to f32 are told apart as the CPU's f64 keys are.
+fn dpo_aot_ties_follow_the_cpus_order<D: Device>(d: &D) {
+    // Five pairs by hand: policy differences 1, 1, 1, 1, 2 against reference ones 2, 2, −1, 4, 2;
+    // chosen log-ratios 0, 0, 1, 0, −1 against rejected ones 1, 1, −1, 3, −1.
+    let by_hand = Pairs {
+        pc: vec![-40.0, -38.0, -40.0, -39.0, -38.0],
+        pr: vec![-41.0, -39.0, -41.0, -40.0, -40.0],
+        rc: vec![-40.0, -38.0, -41.0, -39.0, -37.0],
+        rr: vec![-42.0, -40.0, -40.0, -43.0, -39.0],
+        nc: vec![1; 5],
+        nr: vec![1; 5],
+    };
+    let on_a_grid = |seed: u64, n: usize, grid: f32| {
+        let mut r = rng(7000 + seed);
+        let mut draw = |lo: i32, hi: i32| r.gen_range(lo..hi) as f32 * grid - 40.0;
+        Pairs {
+            pc: (0..n).map(|_| draw(-3, 3)).collect(),
+            pr: (0..n).map(|_| draw(-3, 3)).collect(),
+            rc: (0..n).map(|_| draw(-4, 4)).collect(),
+            rr: (0..n).map(|_| draw(-4, 4)).collect(),
+            nc: vec![1; n],
+            nr: vec![1; n],
+        }
+    };
+    // Two policy differences that tie in f32 (both round to −99.7) but not exactly: pair 1's
+    // (−100 + 0.3f32) is below pair 0's (−100 + the next f32 above 0.3f32), so it sorts first;
+    // the reference differences −98.7 / −101.7 give the two slots different gradients.
+    let near_tie = Pairs {
+        pc: vec![-100.0, -100.0],
+        pr: vec![-f32::from_bits(0.3f32.to_bits() + 1), -0.3],
+        rc: vec![-110.0, -110.0],
+        rr: vec![-11.3, -8.3],
+        nc: vec![1; 2],
+        nr: vec![1; 2],
+    };
+    assert_eq!(
+        near_tie.pc[0] - near_tie.pr[0],
+        near_tie.pc[1] - near_tie.pr[1]
+    );
+    for (x, exact_ties) in [
+        (by_hand, true),
+        (on_a_grid(2, 40, 1.0), true),
+        (on_a_grid(3, 600, 2.0), true),
+        (on_a_grid(4, 1500, 4.0), true),
+        (near_tie, false),
+    ] {
+        let n = x.pc.len();
+        let has_ties =
+            |key: &dyn Fn(usize) -> f32| (0..n).any(|i| (0..i).any(|j| key(i) == key(j)));
+        if exact_ties {
+            assert!(has_ties(&|i| x.pc[i] - x.pr[i]), "policy differences tie");
+            assert!(has_ties(&|i| x.pc[i] - x.rc[i]), "chosen log-ratios tie");
+            assert!(has_ties(&|i| x.pr[i] - x.rr[i]), "rejected log-ratios tie");
+        }
+        for loss_type in [DpoLossType::Aot, DpoLossType::AotUnpaired] {
+            for label_smoothing in [0.0, 0.25] {
+                let config = DpoConfig {
+                    beta: 0.5,
+                    label_smoothing,
+                    loss_type,
+                    ..DpoConfig::default()
+                };
+                let ctx = format!("{}: ties {config:?} n {n}", d.name());
+                let got = d
+                    .dpo_loss(&config, &x.batch(false))
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let cpu = halo_kernels::losses::dpo_loss(&config, &x.batch(false)).unwrap();
+                close(&format!("loss ({ctx})"), got.loss, cpu.loss, 1e-5);
+                let (pc, pr, rc, rr) = (f64s(&x.pc), f64s(&x.pr), f64s(&x.rc), f64s(&x.rr));
+                close(
+                    &format!("loss vs reference ({ctx})"),
+                    got.loss,
+                    dpo_ref(&config, &pc, &pr, &rc, &rr, &x),
+                    1e-5,
+                );
+                let none = |_| false;
+                check_grads(
+                    &ctx,
+                    "chosen",
+                    &got.grad_chosen,
+                    &f64s(&cpu.grad_chosen),
+                    none,
+                );
+                check_grads(
+                    &ctx,
+                    "rejected",
+                    &got.grad_rejected,
+                    &f64s(&cpu.grad_rejected),
+                    none,
+                );
+            }
+        }
+    }
+}
+
+/// SFT's token mean with zero-token chosen sequences (they count no token but their log-prob, 0
+/// or not, still enters the sum), rejected counts optional.
+fn dpo_sft_token_mean_with_empty_sequences<D: Device>(d: &D) {
+    for (seed, n) in [(1u64, 1usize), (2, 7), (3, 300), (4, 3000)] {
+        let mut x = random_pairs(8000 + seed, n);
+        for i in (0..n).step_by(3) {
+            x.nc[i] = 0;
+        }
+        if n == 1 {
+            x.nc[0] = 5;
+        }
+        let config = DpoConfig {
+            loss_type: DpoLossType::Sft,
+            ..DpoConfig::default()
+        };
+        let want = chosen_nll_ref(&f64s(&x.pc), &x.nc);
+        for rejected in [Some(&x.nr[..]), None] {
+            let batch = PairBatch {
+                rejected_counts: rejected,
+                ..x.batch(true)
+            };
+            let ctx = format!("{}: sft n {n} rejected {}", d.name(), rejected.is_some());
+            let got = d
+                .dpo_loss(&config, &batch)
+                .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            close(&format!("loss ({ctx})"), got.loss, want, 1e-5);
+            let tokens: u64 = x.nc.iter().map(|&c| c as u64).sum();
+            let grad = -1.0 / tokens as f64;
+            check_grads(&ctx, "chosen", &got.grad_chosen, &vec![grad; n], |_| false);
+            assert!(
+                got.grad_rejected.iter().all(|&g| g == 0.0),
+                "grad_rejected 0 ({ctx})"
+            );
+        }
+    }
+}
+
+/// DiscoPOP far from 0: at βh ≈ −1000 with τ < 1 the loss is finite (≈ −logσ(βh) = 1000 per pair;
+/// TRL's literal `e^{−x}·σ(x/τ)` would be inf · 0); with τ = 2 it truly overflows — the CPU's
+/// error, also where only the f32 gradient overflows.
+fn dpo_discopop_far_from_zero<D: Device>(d: &D) {
+    let pairs = |h: f32| Pairs {
+        // Pair 0: c = −h/2, r = h/2, so βh = −β·h; pair 1 an ordinary one.
+        pc: vec![-100.0 - h / 2.0, -10.0],
+        pr: vec![-100.0 + h / 2.0, -12.0],
+        rc: vec![-100.0, -11.0],
+        rr: vec![-100.0, -11.0],
+        nc: vec![1, 1],
+        nr: vec![1, 1],
+    };
+    let dev = d.name();
+    for (tau, h, beta) in [
+        (0.05, 1000.0f32, 1.0),
+        (0.5, 1000.0, 1.0),
+        (0.05, 6000.0, 0.2),
+    ] {
+        let config = DpoConfig {
+            beta,
+            loss_type: DpoLossType::Discopop,
+            discopop_tau: tau,
+            ..DpoConfig::default()
+        };
+        let x = pairs(h);
+        let ctx = format!("{dev}: discopop {config:?} h −{h}");
+        let got = d
+            .dpo_loss(&config, &x.batch(false))
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let cpu = halo_kernels::losses::dpo_loss(&config, &x.batch(false)).unwrap();
+        assert!(
+            got.loss.is_finite() && got.loss > 400.0,
+            "loss {} ({ctx})",
+            got.loss
+        );
+        close(&format!("loss ({ctx})"), got.loss, cpu.loss, 1e-5);
+        let none = |_| false;
+        check_grads(
+            &ctx,
+            "chosen",
+            &got.grad_chosen,
+            &f64s(&cpu.grad_chosen),
+            none,
+        );
+        check_grads(
+            &ctx,
+            "rejected",
+            &got.grad_rejected,
+            &f64s(&cpu.grad_rejected),
+            none,
+        );
+    }
+    // τ = 2: e^{−x}σ(x/τ) ≈ e^{−x/2}: e^{1000} overflows f64 (x = −2000), e^{150} only the f32
+    // gradient (x = −300).
+    for h in [2000.0f32, 300.0] {
+        let config = DpoConfig {
+            beta: 1.0,
+            loss_type: DpoLossType::Discopop,
+            discopop_tau: 2.0,
+            ..DpoConfig::default()
+        };
+        let x = pairs(h);
+        let want = halo_kernels::losses::dpo_loss(&config, &x.batch(false))
+            .expect_err("the CPU overflows");
+        assert!(matches!(want, HaloError::NonFinite { .. }), "cpu: {want:?}");
+        assert_eq!(
+            dpo_err(d, &config, &x.batch(false)),
+            want,
+            "{dev}: τ 2 h −{h}"
+        );
     }
 }
 
@@ -799,30 +1094,40 @@ fn dpo_ipo_count_faults_in_the_cpus_order<D: Device>(d: &D) {
         (batch(&[0, 4, 0], &[0, 0, 1]), empty("chosen_counts", 0)),
         (batch(&[3, 4, 5], &[2, 0, 0]), empty("rejected_counts", 1)),
     ] {
-        assert_eq!(dpo_err(d, &ipo, &b), want, "{dev}: {b:?}");
+        // IPO and sigmoid_norm both length-normalise.
+        for loss_type in [DpoLossType::Ipo, DpoLossType::SigmoidNorm] {
+            let config = DpoConfig { loss_type, ..ipo };
+            assert_eq!(dpo_err(d, &config, &b), want, "{dev}: {loss_type:?} {b:?}");
+        }
     }
-    // The other losses do not read the counts: zeros are fine.
+    // The other losses do not read the counts (SFT only the chosen, summing them): zeros are
+    // fine.
     let b = batch(&[3, 4, 0], &[2, 0, 1]);
-    for loss_type in [
-        DpoLossType::Sigmoid,
-        DpoLossType::Robust,
-        DpoLossType::Hinge,
-        DpoLossType::ApoZero,
-    ] {
-        let config = DpoConfig { loss_type, ..ipo };
+    for loss_type in DpoLossType::ALL {
+        if loss_type.length_normalised() {
+            continue;
+        }
+        let config = DpoConfig {
+            loss_type,
+            label_smoothing: 0.1,
+            ..ipo
+        };
         let got = d
             .dpo_loss(&config, &b)
             .unwrap_or_else(|e| panic!("{dev}: {loss_type:?} with zero counts: {e}"));
-        let want = dpo_loss_ref(
-            trl_name(loss_type),
-            config.beta,
-            config.label_smoothing,
+        let unread = [1, 1, 1];
+        let want = dpo_ref_counts(
+            &config,
             &f64s(b.policy_chosen_logps),
             &f64s(b.policy_rejected_logps),
             &f64s(&v),
             &f64s(&v),
-            &[1, 1, 1],
-            &[1, 1, 1],
+            if loss_type == DpoLossType::Sft {
+                b.chosen_counts.unwrap()
+            } else {
+                &unread
+            },
+            &unread,
         );
         close(&format!("{dev}: {loss_type:?} loss"), got.loss, want, 1e-6);
     }
@@ -1038,33 +1343,42 @@ fn dpo_errors_are_the_cpus<D: Device>(d: &D) {
             "{dev}: {config:?}: {e:?}"
         );
     }
-    // Label smoothing is accepted up to 1 by sigmoid (cDPO) and ignored (unvalidated) by hinge,
-    // IPO and apo_zero.
+    // Label smoothing is accepted up to 1 by sigmoid (cDPO) and AOT and ignored (unvalidated) by
+    // the types that do not use it.
     let counts = PairBatch {
         chosen_counts: Some(&[3, 2]),
         rejected_counts: Some(&[1, 4]),
         policy_rejected_logps: &[-4.0, -8.0],
         ..ok
     };
-    for (loss_type, label_smoothing) in [
-        (DpoLossType::Sigmoid, 1.0),
-        (DpoLossType::Hinge, 0.7),
-        (DpoLossType::Ipo, 3.0),
-        (DpoLossType::ApoZero, -1.0),
+    // So is DiscoPOP's τ by every other type (even a NaN).
+    for (loss_type, label_smoothing, discopop_tau) in [
+        (DpoLossType::Sigmoid, 1.0, f64::NAN),
+        (DpoLossType::Aot, 1.0, -1.0),
+        (DpoLossType::AotUnpaired, 0.0, 0.0),
+        (DpoLossType::ExoPair, 0.2, f64::NAN),
+        (DpoLossType::Hinge, 0.7, 0.05),
+        (DpoLossType::Ipo, 3.0, 0.05),
+        (DpoLossType::ApoZero, -1.0, 0.05),
+        (DpoLossType::ApoDown, 5.0, 0.0),
+        (DpoLossType::NcaPair, -2.0, 0.05),
+        (DpoLossType::BcoPair, f64::NAN, 0.05),
+        (DpoLossType::SppoHard, 7.0, -3.0),
+        (DpoLossType::Discopop, -4.0, 0.3),
+        (DpoLossType::Sft, 9.0, f64::INFINITY),
     ] {
         let config = DpoConfig {
             beta: 0.1,
             label_smoothing,
             loss_type,
+            discopop_tau,
             ..DpoConfig::default()
         };
         let got = d
             .dpo_loss(&config, &counts)
             .unwrap_or_else(|e| panic!("{dev}: {config:?}: {e}"));
-        let want = dpo_loss_ref(
-            trl_name(loss_type),
-            0.1,
-            label_smoothing,
+        let want = dpo_ref_counts(
+            &config,
             &f64s(counts.policy_chosen_logps),
             &f64s(counts.policy_rejected_logps),
             &f64s(counts.reference_chosen_logps),
@@ -1076,11 +1390,133 @@ fn dpo_errors_are_the_cpus<D: Device>(d: &D) {
     }
 }
 
+/// Every loss type, every bad input: the device's error is the CPU loss's, exactly.
+fn dpo_every_loss_types_errors_are_the_cpus<D: Device>(d: &D) {
+    let dev = d.name();
+    let v = [-5.0f32, -6.0];
+    let w = [-4.0f32, -9.0];
+    let ok = PairBatch {
+        policy_chosen_logps: &v,
+        policy_rejected_logps: &w,
+        reference_chosen_logps: &w,
+        reference_rejected_logps: &v,
+        chosen_counts: Some(&[3, 1]),
+        rejected_counts: Some(&[2, 4]),
+    };
+    let nan = [-1.0, f32::NAN];
+    let inf = [f32::NEG_INFINITY, -1.0];
+    let bad_batches = [
+        PairBatch {
+            policy_chosen_logps: &[],
+            policy_rejected_logps: &[],
+            reference_chosen_logps: &[],
+            reference_rejected_logps: &[],
+            chosen_counts: None,
+            rejected_counts: None,
+        },
+        PairBatch {
+            reference_chosen_logps: &v[..1],
+            ..ok
+        },
+        PairBatch {
+            rejected_counts: Some(&[1, 2, 3]),
+            ..ok
+        },
+        PairBatch {
+            policy_chosen_logps: &nan,
+            ..ok
+        },
+        PairBatch {
+            policy_rejected_logps: &inf,
+            ..ok
+        },
+        PairBatch {
+            reference_chosen_logps: &nan,
+            ..ok
+        },
+        PairBatch {
+            reference_rejected_logps: &nan,
+            chosen_counts: None,
+            ..ok
+        },
+        // Missing or empty counts (IPO, SFT), alone and behind a non-finite log-prob.
+        PairBatch {
+            chosen_counts: None,
+            ..ok
+        },
+        PairBatch {
+            rejected_counts: None,
+            ..ok
+        },
+        PairBatch {
+            chosen_counts: Some(&[0, 0]),
+            ..ok
+        },
+        PairBatch {
+            chosen_counts: Some(&[0, 0]),
+            rejected_counts: None,
+            policy_rejected_logps: &nan,
+            ..ok
+        },
+        PairBatch {
+            chosen_counts: Some(&[0, 0]),
+            rejected_counts: Some(&[0, 0]),
+            ..ok
+        },
+    ];
+    for loss_type in DpoLossType::ALL {
+        let base = DpoConfig {
+            loss_type,
+            label_smoothing: 0.1,
+            ..DpoConfig::default()
+        };
+        let mut configs = vec![base];
+        // Hyper-parameters outside their domain, each checked before the batch.
+        configs.extend([0.0, -1.0, f64::NAN, f64::INFINITY].map(|beta| DpoConfig { beta, ..base }));
+        configs.extend(
+            [-0.1, 0.5, 1.0, 1.01, f64::NAN, 0.0].map(|label_smoothing| DpoConfig {
+                label_smoothing,
+                ..base
+            }),
+        );
+        configs.extend(
+            [0.0, -1.0, f64::NAN, f64::INFINITY].map(|discopop_tau| DpoConfig {
+                discopop_tau,
+                ..base
+            }),
+        );
+        for config in &configs {
+            for batch in bad_batches.iter().chain([&ok]) {
+                let cpu = halo_kernels::losses::dpo_loss(config, batch);
+                let got = d.dpo_loss(config, batch);
+                match (cpu, got) {
+                    // Compared as text: an error naming a NaN value is not `==` itself.
+                    (Err(want), Err(e)) => assert_eq!(
+                        format!("{e:?}"),
+                        format!("{want:?}"),
+                        "{dev}: {config:?} {batch:?}"
+                    ),
+                    (Ok(_), Ok(_)) => {}
+                    (cpu, got) => panic!(
+                        "{dev}: {config:?} {batch:?}: cpu {:?}, device {:?}",
+                        cpu.map(|o| o.loss),
+                        got.map(|o| o.loss)
+                    ),
+                }
+            }
+        }
+    }
+}
+
 device_tests!(
     kto_matches_the_f64_reference,
     kto_reference_point_is_the_clamped_kl_mean,
     kto_errors_are_the_cpus,
-    dpo_family_matches_the_f64_reference,
+    dpo_family_matches_the_cpu_and_the_f64_reference,
+    dpo_aot_ties_follow_the_cpus_order,
+    dpo_sft_token_mean_with_empty_sequences,
+    dpo_discopop_far_from_zero,
     dpo_ipo_count_faults_in_the_cpus_order,
     dpo_errors_are_the_cpus,
+    dpo_every_loss_types_errors_are_the_cpus,
 );

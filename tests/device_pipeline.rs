@@ -225,16 +225,14 @@ fn kto_step_matches_the_f64_step_on<D: Device>(d: &D, x: &Inputs) {
     );
 }
 
-fn dpo_step_matches_the_f64_step_on<D: Device>(
-    d: &D,
-    x: &Inputs,
-    loss_type: DpoLossType,
-    name: &str,
-) {
+fn dpo_step_matches_the_f64_step_on<D: Device>(d: &D, x: &Inputs, loss_type: DpoLossType) {
+    let name = loss_type.name();
     let n = x.batch / 2;
     let reference = x.reference_sums();
     let config = DpoConfig {
         loss_type,
+        // Used by sigmoid, robust, exo_pair (which needs ε > 0) and AOT; ignored by the others.
+        label_smoothing: 0.1,
         ..DpoConfig::default()
     };
     let step = d
@@ -300,10 +298,39 @@ fn kto_step_matches_the_f64_step<D: Device>(d: &D) {
 fn dpo_step_matches_the_f64_step<D: Device>(d: &D) {
     let padded = inputs(910, 4, 32, 515, false);
     let packed = inputs(911, 6, 30, 259, true);
-    for (loss_type, name) in [(DpoLossType::Sigmoid, "sigmoid"), (DpoLossType::Ipo, "ipo")] {
-        dpo_step_matches_the_f64_step_on(d, &padded, loss_type, name);
-        dpo_step_matches_the_f64_step_on(d, &packed, loss_type, name);
+    // Every loss type: the step passes the token counts (IPO and SFT read them).
+    for loss_type in DpoLossType::ALL {
+        dpo_step_matches_the_f64_step_on(d, &padded, loss_type);
+        dpo_step_matches_the_f64_step_on(d, &packed, loss_type);
     }
+}
+
+/// SFT on a batch whose chosen sequences have no counted token: the CPU step's error on every
+/// device (the device step sees it only in its kernel's output).
+fn dpo_step_sft_without_a_chosen_token<D: Device>(d: &D) {
+    let mut x = inputs(930, 4, 20, 65, false);
+    let n = x.batch / 2;
+    for r in &x.ranges[..n] {
+        x.labels[r.clone()].iter_mut().for_each(|y| *y = IGNORE);
+    }
+    let reference = x.reference_sums();
+    let config = DpoConfig {
+        loss_type: DpoLossType::Sft,
+        ..DpoConfig::default()
+    };
+    let pair_reference = PairReference {
+        chosen_logps: &reference[..n],
+        rejected_logps: &reference[n..],
+    };
+    let want = halo_kernels::step::dpo_step(&config, &x.logits(), &pair_reference).unwrap_err();
+    assert!(
+        matches!(want, halo_kernels::HaloError::EmptyBatch(_)),
+        "cpu: {want:?}"
+    );
+    let err = d
+        .dpo_step(&config, &x.logits(), &pair_reference)
+        .unwrap_err();
+    assert_eq!(err, want, "{}", d.name());
 }
 
 /// An odd number of sequences is not a DPO batch: the same clear error on every device.
@@ -329,5 +356,6 @@ fn dpo_step_refuses_an_odd_batch<D: Device>(d: &D) {
 device_tests!(
     kto_step_matches_the_f64_step,
     dpo_step_matches_the_f64_step,
+    dpo_step_sft_without_a_chosen_token,
     dpo_step_refuses_an_odd_batch
 );

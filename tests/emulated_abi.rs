@@ -62,7 +62,9 @@ fn struct_layouts_match_the_c_header() {
         pairs,
         loss_type,
         beta,
-        label_smoothing
+        label_smoothing,
+        discopop_tau,
+        _pad
     });
 }
 
@@ -126,6 +128,16 @@ fn constants_match_the_c_header() {
         ("HALO_DPO_LOSS_HINGE", DPO_LOSS_HINGE as i64),
         ("HALO_DPO_LOSS_IPO", DPO_LOSS_IPO as i64),
         ("HALO_DPO_LOSS_APO_ZERO", DPO_LOSS_APO_ZERO as i64),
+        ("HALO_DPO_LOSS_APO_DOWN", DPO_LOSS_APO_DOWN as i64),
+        ("HALO_DPO_LOSS_EXO_PAIR", DPO_LOSS_EXO_PAIR as i64),
+        ("HALO_DPO_LOSS_NCA_PAIR", DPO_LOSS_NCA_PAIR as i64),
+        ("HALO_DPO_LOSS_BCO_PAIR", DPO_LOSS_BCO_PAIR as i64),
+        ("HALO_DPO_LOSS_SPPO_HARD", DPO_LOSS_SPPO_HARD as i64),
+        ("HALO_DPO_LOSS_AOT", DPO_LOSS_AOT as i64),
+        ("HALO_DPO_LOSS_AOT_UNPAIRED", DPO_LOSS_AOT_UNPAIRED as i64),
+        ("HALO_DPO_LOSS_DISCOPOP", DPO_LOSS_DISCOPOP as i64),
+        ("HALO_DPO_LOSS_SFT", DPO_LOSS_SFT as i64),
+        ("HALO_DPO_LOSS_SIGMOID_NORM", DPO_LOSS_SIGMOID_NORM as i64),
         ("HALO_DPO_OUT_LOSS", dpo_out::LOSS as i64),
         (
             "HALO_DPO_OUT_CHOSEN_REWARD_SUM",

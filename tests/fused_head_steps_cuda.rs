@@ -275,10 +275,13 @@ fn dpo_head_matches_the_cpu_head() {
     let mut reference = Problem::<f32>::random(12, 24, 23, 5, true, 0);
     reference.labels = policy.labels.clone();
     let (dp, dr) = (OnDevice::new(gpu, &policy), OnDevice::new(gpu, &reference));
-    for loss_type in [DpoLossType::Sigmoid, DpoLossType::Ipo] {
+    // Every loss type: the head passes both token counts (IPO and SFT read them; AOT sorts).
+    for loss_type in DpoLossType::ALL {
         let config = DpoConfig {
             beta: 0.2,
             loss_type,
+            // Used by sigmoid, robust, exo_pair (which needs ε > 0) and AOT; ignored otherwise.
+            label_smoothing: 0.1,
             ..DpoConfig::default()
         };
         for layout in layouts(&cu) {

@@ -1,10 +1,12 @@
-//! GPU twin of [`crate::losses::dpo_loss`] — sigmoid/cDPO, robust, hinge, IPO, APO-zero (kernel
-//! `dpo_loss_f32` in `kernels/dpo_loss.cu`: one block, fixed-order reductions, deterministic).
+//! GPU twin of [`crate::losses::dpo_loss`] — every [`DpoLossType`] (kernel `dpo_loss_f32` in
+//! `kernels/dpo_loss.cu`: one block, fixed-order reductions, deterministic; AOT's batch sorts are
+//! stable, ties by index, as the CPU's).
 //!
 //! Returns the CPU's [`PairLossOutput`]; values agree with the CPU's f64 to f32 rounding. Errors
 //! are the CPU's, in the CPU's order: shapes and hyper-parameters on the host; data-dependent ones
-//! (non-finite log-probs, an IPO sequence with no token) are detected from the kernel's outputs and
-//! status, then diagnosed exactly by running the CPU loss on a copy of the (per-pair) inputs.
+//! (non-finite log-probs, an IPO sequence with no token, SFT's batch without a chosen token, an
+//! output that overflows) are detected from the kernel's outputs and status, then diagnosed exactly
+//! by running the CPU loss on a copy of the (per-pair) inputs.
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg};
 
@@ -12,9 +14,12 @@ use super::device::{cuda_err, CudaBackend};
 use super::launch::blocks_launch;
 use super::status::StatusWord;
 use crate::error::{HaloError, Result};
-use crate::kernel_abi::{dpo_out, HaloDpoParams, LOSS_THREADS};
-use crate::kernel_host::{dpo_loss_code, dpo_metrics};
-use crate::losses::validate::{check_count_lengths, check_pair_lengths, ipo_counts};
+use crate::kernel_abi::{dpo_out, LOSS_THREADS};
+use crate::kernel_host::{dpo_metrics, dpo_params};
+use crate::losses::dpo::sft_chosen_tokens;
+use crate::losses::validate::{
+    check_count_lengths, check_pair_lengths, ipo_counts, sigmoid_norm_counts,
+};
 use crate::losses::{dpo_loss, DpoConfig, DpoLossType, FDivergence, PairBatch, PairLossOutput};
 
 /// The device buffers of a queued `dpo_loss_f32`.
@@ -38,7 +43,7 @@ pub struct CudaPairBatch<'a> {
     pub reference_chosen_logps: CudaView<'a, f32>,
     /// Summed reference log-probs of the rejected completions.
     pub reference_rejected_logps: CudaView<'a, f32>,
-    /// Token counts of the chosen completions; required by IPO.
+    /// Token counts of the chosen completions; required by IPO and SFT.
     pub chosen_counts: Option<CudaView<'a, u32>>,
     /// Token counts of the rejected completions; required by IPO.
     pub rejected_counts: Option<CudaView<'a, u32>>,
@@ -118,12 +123,6 @@ impl CudaBackend {
                 config.f_divergence.name()
             )));
         }
-        let Some(loss_code) = dpo_loss_code(config.loss_type) else {
-            return Err(HaloError::InvalidShape(format!(
-                "DPO loss type `{}` has no CUDA kernel yet (use the CPU loss)",
-                config.loss_type.name()
-            )));
-        };
         let n = check_pair_lengths(
             batch.policy_chosen_logps.len(),
             batch.policy_rejected_logps.len(),
@@ -140,21 +139,19 @@ impl CudaBackend {
             Ok(c) => c,
             Err(e) => return Err(self.dpo_diagnose(config, batch, e)),
         };
-        let params = HaloDpoParams {
-            pairs: n as i32,
-            loss_type: loss_code,
-            beta: config.beta as f32,
-            // Only sigmoid and robust use it; the CPU ignores it (unvalidated) for the others.
-            label_smoothing: match config.loss_type {
-                DpoLossType::Sigmoid | DpoLossType::Robust => config.label_smoothing as f32,
-                _ => 0.0,
-            },
-        };
+        let params = dpo_params(config, n as i32);
         let mut grads = CudaPairGrads {
             grad_chosen: self.alloc_output(n)?,
             grad_rejected: self.alloc_output(n)?,
         };
         let mut out = self.alloc_zeros::<f32>(dpo_out::LEN)?;
+        // The AOT losses' two batch orders (written whole by the kernel before it reads them);
+        // freed, stream-ordered, when this returns.
+        let mut order = if sorts_the_batch(config.loss_type) {
+            Some(self.alloc_output::<u32>(2 * n)?)
+        } else {
+            None
+        };
         {
             let func = self.function("dpo_loss_f32")?;
             let stream = self.stream();
@@ -162,15 +159,17 @@ impl CudaBackend {
             let (pr_ptr, _r1) = batch.policy_rejected_logps.device_ptr(stream);
             let (rc_ptr, _r2) = batch.reference_chosen_logps.device_ptr(stream);
             let (rr_ptr, _r3) = batch.reference_rejected_logps.device_ptr(stream);
-            // Counts are read only by IPO (then both are present, checked above); otherwise any
-            // valid pointer will do.
-            let chosen_counts = counts.map(|(c, _)| c.device_ptr(stream));
-            let rejected_counts = counts.map(|(_, r)| r.device_ptr(stream));
+            // Counts are read only by IPO (both, checked above) and SFT (the chosen); `order` only
+            // by the AOT losses; otherwise any valid pointer will do.
+            let chosen_counts = counts.chosen.map(|c| c.device_ptr(stream));
+            let rejected_counts = counts.rejected.map(|r| r.device_ptr(stream));
             let chosen_counts_ptr = chosen_counts.as_ref().map_or(pc_ptr, |(p, _)| *p);
             let rejected_counts_ptr = rejected_counts.as_ref().map_or(pc_ptr, |(p, _)| *p);
             let (grad_chosen_ptr, _w0) = grads.grad_chosen.device_ptr_mut(stream);
             let (grad_rejected_ptr, _w1) = grads.grad_rejected.device_ptr_mut(stream);
             let (out_ptr, _w2) = out.device_ptr_mut(stream);
+            let order = order.as_mut().map(|o| o.device_ptr_mut(stream));
+            let order_ptr = order.as_ref().map_or(pc_ptr, |(p, _)| *p);
             let mut launch = stream.launch_builder(func);
             launch
                 .arg(&pc_ptr)
@@ -182,11 +181,13 @@ impl CudaBackend {
                 .arg(&grad_chosen_ptr)
                 .arg(&grad_rejected_ptr)
                 .arg(&out_ptr)
+                .arg(&order_ptr)
                 .arg(&status_ptr)
                 .arg(&params);
             // SAFETY: arguments follow `dpo_loss_f32` in kernels/README.md; every per-pair buffer
-            // holds `pairs` elements (counts too, when IPO reads them); `out` holds
-            // `dpo_out::LEN` and `status` `STATUS_LEN`.
+            // holds `pairs` elements (counts too, when IPO or SFT read them); `order` holds
+            // `2 * pairs` when AOT writes it; `out` holds `dpo_out::LEN` and `status`
+            // `STATUS_LEN`.
             unsafe { launch.launch(blocks_launch(1, LOSS_THREADS)?) }
                 .map_err(cuda_err("launch dpo_loss_f32"))?;
         }
@@ -272,20 +273,67 @@ impl CudaBackend {
     }
 }
 
-/// Count lengths (when given) and, for IPO, their presence — as the CPU checks them. Returns the
-/// counts when the kernel reads them (IPO).
+/// Whether the loss type sorts the batch (and so needs the kernel's `order` scratch).
+fn sorts_the_batch(loss_type: DpoLossType) -> bool {
+    matches!(loss_type, DpoLossType::Aot | DpoLossType::AotUnpaired)
+}
+
+/// The token counts the kernel reads (IPO: both; SFT: the chosen).
+struct KernelCounts<'b, 'a> {
+    chosen: Option<&'b CudaView<'a, u32>>,
+    rejected: Option<&'b CudaView<'a, u32>>,
+}
+
+/// Count lengths (when given) and the presence of those the loss type needs — as the CPU checks
+/// them (IPO: both, chosen first; SFT: the chosen, with the CPU's own error).
 fn check_counts<'b, 'a>(
     config: &DpoConfig,
     batch: &'b CudaPairBatch<'a>,
     n: usize,
-) -> Result<Option<(&'b CudaView<'a, u32>, &'b CudaView<'a, u32>)>> {
+) -> Result<KernelCounts<'b, 'a>> {
     check_count_lengths(
         n,
         batch.chosen_counts.as_ref().map(|c| c.len()),
         batch.rejected_counts.as_ref().map(|c| c.len()),
     )?;
-    if config.loss_type != DpoLossType::Ipo {
-        return Ok(None);
+    match config.loss_type {
+        DpoLossType::Ipo | DpoLossType::SigmoidNorm => {
+            let (chosen, rejected) = if config.loss_type == DpoLossType::Ipo {
+                ipo_counts(batch.chosen_counts.as_ref(), batch.rejected_counts.as_ref())?
+            } else {
+                sigmoid_norm_counts(batch.chosen_counts.as_ref(), batch.rejected_counts.as_ref())?
+            };
+            Ok(KernelCounts {
+                chosen: Some(chosen),
+                rejected: Some(rejected),
+            })
+        }
+        DpoLossType::Sft => match batch.chosen_counts.as_ref() {
+            Some(chosen) => Ok(KernelCounts {
+                chosen: Some(chosen),
+                rejected: None,
+            }),
+            None => Err(sft_missing_counts()),
+        },
+        _ => Ok(KernelCounts {
+            chosen: None,
+            rejected: None,
+        }),
     }
-    ipo_counts(batch.chosen_counts.as_ref(), batch.rejected_counts.as_ref()).map(Some)
+}
+
+/// SFT's error for absent chosen counts, from the CPU's own check (its exact text).
+fn sft_missing_counts() -> HaloError {
+    let no_counts = PairBatch {
+        policy_chosen_logps: &[],
+        policy_rejected_logps: &[],
+        reference_chosen_logps: &[],
+        reference_rejected_logps: &[],
+        chosen_counts: None,
+        rejected_counts: None,
+    };
+    match sft_chosen_tokens(&no_counts) {
+        Err(e) => e,
+        Ok(_) => HaloError::InvalidShape("SFT needs the chosen token counts".into()),
+    }
 }
