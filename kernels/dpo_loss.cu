@@ -8,12 +8,15 @@
 //   aot           sigmoid loss (with ε) on sort(pc − pr)[k] − sort(rc − rr)[k], sorted over the batch
 //   aot_unpaired  the same on sort(c)[k] − sort(r)[k]
 //   sft           −Σ pc / Σ chosen_counts (the chosen tokens' mean NLL; the same for every pair)
+// f-DPO (f_divergence.cuh): the per-pair types compare the scores of the log-ratios, not the
+// log-ratios (the host refuses a divergence other than reverse KL for the types TRL does).
 // Loss = mean over pairs. Metrics on the summed log-probs for every type.
 #include "halo_common.cuh"
 #include "reductions.cuh"
 #include "stable_math.cuh"
 #include "dpo_pair_terms.cuh"
 #include "batch_order.cuh"
+#include "f_divergence.cuh"
 
 // The exact f64 difference of two f32 log-probs: the AOT keys, sorted as the CPU sorts its f64 ones
 // (an f32 difference could round two different keys to a tie and swap which pair gets a gradient).
@@ -75,10 +78,12 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
             grad_chosen[a] = ls.slope * inv_pairs;
             // aot: the policy difference pc − pr of pair a; aot_unpaired: the rejected log-ratio of b.
             grad_rejected[aot ? a : b] = -ls.slope * inv_pairs;
+            if (!isfinite(ls.slope)) atomicMin(&status[HALO_STATUS_NONFINITE], i);
         } else if (sft) {
             loss -= policy_chosen[i];
             grad_chosen[i] = sft_grad;
             grad_rejected[i] = 0.0f;
+            if (!isfinite(sft_grad)) atomicMin(&status[HALO_STATUS_NONFINITE], i);
         } else {
             float scale_c = 1.0f, scale_r = 1.0f;  // ∂(normalised log-prob)/∂(sum)
             if (p.loss_type == HALO_DPO_LOSS_IPO || p.loss_type == HALO_DPO_LOSS_SIGMOID_NORM) {
@@ -92,11 +97,17 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
                 scale_c = 1.0f / (float)nc;
                 scale_r = 1.0f / (float)nr;
             }
-            const DpoPairTerm t = dpo_pair_term(p, policy_chosen[i] * scale_c - reference_chosen[i] * scale_c,
-                                                policy_rejected[i] * scale_r - reference_rejected[i] * scale_r);
+            // The scores: the log-ratios through the f-divergence, then length-normalised (TRL divides
+            // the scores); each one's slope carries the gradient back to the summed log-prob.
+            const DpoScore c = dpo_f_divergence_score(p.f_divergence, p.f_alpha, policy_chosen[i] - reference_chosen[i]);
+            const DpoScore r =
+                dpo_f_divergence_score(p.f_divergence, p.f_alpha, policy_rejected[i] - reference_rejected[i]);
+            const DpoPairTerm t = dpo_pair_term(p, c.score * scale_c, r.score * scale_r);
             loss += t.loss;
-            grad_chosen[i] = t.d_chosen * scale_c * inv_pairs;
-            grad_rejected[i] = t.d_rejected * scale_r * inv_pairs;
+            grad_chosen[i] = t.d_chosen * c.slope * scale_c * inv_pairs;
+            grad_rejected[i] = t.d_rejected * r.slope * scale_r * inv_pairs;
+            if (!isfinite(grad_chosen[i]) || !isfinite(grad_rejected[i]))
+                atomicMin(&status[HALO_STATUS_NONFINITE], i);
         }
     }
     float chosen_reward = 0.0f, rejected_reward = 0.0f, accuracy = 0.0f, margin = 0.0f, chosen_logp = 0.0f,
@@ -130,5 +141,10 @@ extern "C" __global__ void __launch_bounds__(HALO_LOSS_THREADS)
         out[HALO_DPO_OUT_CHOSEN_LOGP_SUM] = chosen_logp;
         out[HALO_DPO_OUT_REJECTED_LOGP_SUM] = rejected_logp;
         for (int k = HALO_DPO_OUT_REJECTED_LOGP_SUM + 1; k < HALO_DPO_OUT_LEN; k++) out[k] = 0.0f;
+        // A non-finite output (an f32 overflow, sft without a chosen token) in the status too, so
+        // that an update gated on the step's statuses skips it; the host names the CPU's error.
+        bool finite = true;
+        for (int k = 0; k <= HALO_DPO_OUT_REJECTED_LOGP_SUM; k++) finite = finite && isfinite(out[k]);
+        if (!finite) atomicMin(&status[HALO_STATUS_NONFINITE], 0);
     }
 }

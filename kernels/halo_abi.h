@@ -141,12 +141,20 @@ typedef struct HaloKtoParams {
 
 /* label_smoothing: epsilon of sigmoid, robust, exo_pair, aot, aot_unpaired (else 0).
  * discopop_tau: DiscoPOP's temperature (discopop only, else 0). */
+/* f_divergence: one of HALO_DPO_F_* (f-DPO's score of a log-ratio); f_alpha: alpha of
+ * HALO_DPO_F_ALPHA (else 0). The host sends reverse KL for |alpha - 1| < 1e-6. */
+#define HALO_DPO_F_REVERSE_KL 0
+#define HALO_DPO_F_FORWARD_KL 1
+#define HALO_DPO_F_JS_DIVERGENCE 2
+#define HALO_DPO_F_ALPHA 3
 typedef struct HaloDpoParams {
     int32_t pairs;
     int32_t loss_type;
     float beta;
     float label_smoothing;
     float discopop_tau;
+    int32_t f_divergence;
+    float f_alpha;
     int32_t _pad;
 } HaloDpoParams;
 

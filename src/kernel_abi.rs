@@ -165,6 +165,14 @@ pub const DPO_LOSS_DISCOPOP: i32 = 12;
 pub const DPO_LOSS_SFT: i32 = 13;
 /// DPO loss type `sigmoid_norm` (the logistic loss on length-normalised log-ratios).
 pub const DPO_LOSS_SIGMOID_NORM: i32 = 14;
+/// f-DPO divergence: reverse KL (DPO; the score is the log-ratio itself).
+pub const DPO_F_REVERSE_KL: i32 = 0;
+/// f-DPO divergence: forward KL (`1 − e^{−u}`).
+pub const DPO_F_FORWARD_KL: i32 = 1;
+/// f-DPO divergence: Jensen-Shannon (`log 2 + logσ(u)`).
+pub const DPO_F_JS_DIVERGENCE: i32 = 2;
+/// f-DPO divergence: α (`(e^{(α−1)u} − 1)/(α − 1)`, exponent clamped at 80).
+pub const DPO_F_ALPHA: i32 = 3;
 
 /// Parameters of `dpo_loss_f32`.
 #[repr(C)]
@@ -180,6 +188,10 @@ pub struct HaloDpoParams {
     pub label_smoothing: f32,
     /// DiscoPOP's τ (discopop; else 0).
     pub discopop_tau: f32,
+    /// One of the `DPO_F_*` codes: f-DPO's score of a log-ratio.
+    pub f_divergence: i32,
+    /// α of [`DPO_F_ALPHA`] (else 0).
+    pub f_alpha: f32,
     /// Padding to a multiple of 8 bytes (0).
     pub _pad: i32,
 }

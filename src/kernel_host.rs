@@ -9,14 +9,16 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernel_abi::{
     dpo_out, kto_out, token_rows_per_block, HaloClampParams, HaloDpoParams, HaloSeqParams,
-    HaloTokenParams, DPO_LOSS_AOT, DPO_LOSS_AOT_UNPAIRED, DPO_LOSS_APO_DOWN, DPO_LOSS_APO_ZERO,
-    DPO_LOSS_BCO_PAIR, DPO_LOSS_DISCOPOP, DPO_LOSS_EXO_PAIR, DPO_LOSS_HINGE, DPO_LOSS_IPO,
-    DPO_LOSS_NCA_PAIR, DPO_LOSS_ROBUST, DPO_LOSS_SFT, DPO_LOSS_SIGMOID, DPO_LOSS_SIGMOID_NORM,
-    DPO_LOSS_SPPO_HARD, KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL,
-    STATUS_BWD_INCONSISTENT_LSE, STATUS_BWD_NONFINITE_LOGITS, STATUS_BWD_OVERFLOW, STATUS_LEN,
-    STATUS_NONFINITE, STATUS_NONFINITE_GRAD, STATUS_OK,
+    HaloTokenParams, DPO_F_ALPHA, DPO_F_FORWARD_KL, DPO_F_JS_DIVERGENCE, DPO_F_REVERSE_KL,
+    DPO_LOSS_AOT, DPO_LOSS_AOT_UNPAIRED, DPO_LOSS_APO_DOWN, DPO_LOSS_APO_ZERO, DPO_LOSS_BCO_PAIR,
+    DPO_LOSS_DISCOPOP, DPO_LOSS_EXO_PAIR, DPO_LOSS_HINGE, DPO_LOSS_IPO, DPO_LOSS_NCA_PAIR,
+    DPO_LOSS_ROBUST, DPO_LOSS_SFT, DPO_LOSS_SIGMOID, DPO_LOSS_SIGMOID_NORM, DPO_LOSS_SPPO_HARD,
+    KTO_LOSS_APO_ZERO_UNPAIRED, KTO_LOSS_KTO, STATUS_BAD_LABEL, STATUS_BWD_INCONSISTENT_LSE,
+    STATUS_BWD_NONFINITE_LOGITS, STATUS_BWD_OVERFLOW, STATUS_LEN, STATUS_NONFINITE,
+    STATUS_NONFINITE_GRAD, STATUS_OK,
 };
-use crate::losses::{DpoConfig, DpoLossType, KtoLossType, LossMetrics};
+use crate::losses::f_divergence::ALPHA_REVERSE_KL_WITHIN;
+use crate::losses::{DpoConfig, DpoLossType, FDivergence, KtoLossType, LossMetrics};
 use crate::validate::label_out_of_range;
 use crate::HaloError;
 
@@ -169,6 +171,20 @@ pub(crate) fn dpo_params(config: &DpoConfig, pairs: i32) -> HaloDpoParams {
         },
         discopop_tau: match config.loss_type {
             DpoLossType::Discopop => config.discopop_tau as f32,
+            _ => 0.0,
+        },
+        f_divergence: match config.f_divergence {
+            FDivergence::ReverseKl => DPO_F_REVERSE_KL,
+            FDivergence::ForwardKl => DPO_F_FORWARD_KL,
+            FDivergence::JsDivergence => DPO_F_JS_DIVERGENCE,
+            // The CPU's limit test, in f64: α within 1e-6 of 1 is reverse KL.
+            FDivergence::Alpha { coef } if (coef - 1.0).abs() < ALPHA_REVERSE_KL_WITHIN => {
+                DPO_F_REVERSE_KL
+            }
+            FDivergence::Alpha { .. } => DPO_F_ALPHA,
+        },
+        f_alpha: match config.f_divergence {
+            FDivergence::Alpha { coef } => coef as f32,
             _ => 0.0,
         },
         _pad: 0,

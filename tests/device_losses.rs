@@ -1508,7 +1508,92 @@ fn dpo_every_loss_types_errors_are_the_cpus<D: Device>(d: &D) {
     }
 }
 
+/// f-DPO: every loss type with an f-DPO form under each divergence (α on both sides of 1, and
+/// within 1e-6 of it) matches the CPU and the f64 reference; the types without one are refused
+/// with the CPU's error; α's clamped exponent (slope 0) agrees.
+fn dpo_f_divergences_match_the_cpu<D: Device>(d: &D) {
+    let divergences = [
+        FDivergence::ForwardKl,
+        FDivergence::JsDivergence,
+        FDivergence::Alpha { coef: 0.5 },
+        FDivergence::Alpha { coef: 1.7 },
+        FDivergence::Alpha { coef: -0.4 },
+        FDivergence::Alpha { coef: 1.0 + 1e-7 },
+    ];
+    for (k, &loss_type) in DpoLossType::ALL.iter().enumerate() {
+        for (j, &f_divergence) in divergences.iter().enumerate() {
+            let config = DpoConfig {
+                beta: [0.1, 0.5, 0.05][j % 3],
+                label_smoothing: label_smoothing_for(loss_type, j % 5),
+                loss_type,
+                f_divergence,
+                ..DpoConfig::default()
+            };
+            for n in [1usize, 7, 300] {
+                // Log-ratios within ±2: the f64 reference is literal, and e^{−u} or
+                // e^{(α−1)u} of ±8 times β would overflow its exp.
+                let mut x = random_pairs(5000 + (k * 100 + j * 10) as u64 + n as u64, n);
+                for (r, p) in x.rc.iter_mut().zip(&x.pc).chain(x.rr.iter_mut().zip(&x.pr)) {
+                    *r = p + (*r - p) * 0.25;
+                }
+                if f_divergence.supports(loss_type) {
+                    check_dpo(d, "f-divergence", &x, config, true);
+                } else {
+                    let cpu = halo_kernels::losses::dpo_loss(&config, &x.batch(true)).unwrap_err();
+                    assert!(matches!(cpu, HaloError::Unsupported(_)), "{cpu:?}");
+                    let got = d.dpo_loss(&config, &x.batch(true)).unwrap_err();
+                    assert_eq!(got, cpu, "{}: {config:?}", d.name());
+                }
+            }
+        }
+    }
+    // α = 3 with log-ratios of ±50: (α − 1)u = 100 passes the clamp at 80 for the chosen side.
+    let x = Pairs {
+        pc: vec![-10.0, -20.0],
+        pr: vec![-30.0, -25.0],
+        rc: vec![-60.0, -21.0],
+        rr: vec![-29.0, -24.0],
+        nc: vec![3, 4],
+        nr: vec![5, 6],
+    };
+    for loss_type in [
+        DpoLossType::Sigmoid,
+        DpoLossType::SigmoidNorm,
+        DpoLossType::Hinge,
+    ] {
+        let config = DpoConfig {
+            beta: 1e-34,
+            loss_type,
+            f_divergence: FDivergence::Alpha { coef: 3.0 },
+            ..DpoConfig::default()
+        };
+        let got = d.dpo_loss(&config, &x.batch(true)).unwrap();
+        let cpu = halo_kernels::losses::dpo_loss(&config, &x.batch(true)).unwrap();
+        assert_eq!(
+            got.grad_chosen[0],
+            0.0,
+            "{}: {loss_type:?}: clamped slope",
+            d.name()
+        );
+        assert_eq!(cpu.grad_chosen[0], 0.0, "cpu {loss_type:?}: clamped slope");
+        close(
+            &format!("{}: {loss_type:?} clamp loss", d.name()),
+            got.loss,
+            cpu.loss,
+            1e-5,
+        );
+        check_grads(
+            &format!("{}: {loss_type:?} clamp", d.name()),
+            "rejected vs cpu",
+            &got.grad_rejected,
+            &f64s(&cpu.grad_rejected),
+            |_| false,
+        );
+    }
+}
+
 device_tests!(
+    dpo_f_divergences_match_the_cpu,
     kto_matches_the_f64_reference,
     kto_reference_point_is_the_clamped_kl_mean,
     kto_errors_are_the_cpus,

@@ -64,6 +64,8 @@ fn struct_layouts_match_the_c_header() {
         beta,
         label_smoothing,
         discopop_tau,
+        f_divergence,
+        f_alpha,
         _pad
     });
 }
@@ -138,6 +140,10 @@ fn constants_match_the_c_header() {
         ("HALO_DPO_LOSS_DISCOPOP", DPO_LOSS_DISCOPOP as i64),
         ("HALO_DPO_LOSS_SFT", DPO_LOSS_SFT as i64),
         ("HALO_DPO_LOSS_SIGMOID_NORM", DPO_LOSS_SIGMOID_NORM as i64),
+        ("HALO_DPO_F_REVERSE_KL", DPO_F_REVERSE_KL as i64),
+        ("HALO_DPO_F_FORWARD_KL", DPO_F_FORWARD_KL as i64),
+        ("HALO_DPO_F_JS_DIVERGENCE", DPO_F_JS_DIVERGENCE as i64),
+        ("HALO_DPO_F_ALPHA", DPO_F_ALPHA as i64),
         ("HALO_DPO_OUT_LOSS", dpo_out::LOSS as i64),
         (
             "HALO_DPO_OUT_CHOSEN_REWARD_SUM",

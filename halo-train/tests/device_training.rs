@@ -518,6 +518,86 @@ fn a_failed_device_check_is_the_error_and_the_weights_stay() {
     assert_eq!(optimizer.steps(), 0, "the failed step is not counted");
 }
 
+/// A DPO batch the loss refuses (IPO's zero-token sequence, sft without a chosen token) is the
+/// CPU's error on the device too, and the update gated on the step's statuses — the loss kernel's
+/// among them — leaves every weight and the step count as they were.
+#[test]
+fn a_refused_dpo_loss_is_the_cpus_error_and_the_weights_stay() {
+    use halo_kernels::losses::{DpoConfig, DpoLossType};
+    use halo_train::train::{batching::dpo_batch, dpo::dpo_step, PairedExample};
+    let gpu = emulated();
+    let tokenizer = TextTokenizer::Byte;
+    let host = Gpt::new(
+        GptConfig {
+            vocab_size: tokenizer.vocab_size(),
+            ..config()
+        },
+        8,
+    )
+    .unwrap();
+    let reference = Gpt::new(*host.config(), 9).unwrap();
+    let ref_gpu = reference.to_device(&gpu).unwrap();
+    let pairs: Vec<PairedExample> = (0..3)
+        .map(|i| PairedExample {
+            prompt: format!("{i}+{}=", 2 * i),
+            chosen: format!("{}", 3 * i),
+            rejected: format!("{}", 3 * i + 1),
+        })
+        .collect();
+    let pair_refs: Vec<&PairedExample> = pairs.iter().collect();
+    let full = dpo_batch(&tokenizer, &pair_refs, 9).unwrap();
+    let seq = full.seq;
+    // Sequences 0..3 are chosen, 3..6 rejected: ignore every target of the first chosen one, or
+    // of all three.
+    let mut first_empty = full.clone();
+    first_empty.targets[..seq].fill(-100);
+    let mut no_chosen = full.clone();
+    no_chosen.targets[..3 * seq].fill(-100);
+    for (loss_type, db, want) in [
+        (DpoLossType::Ipo, &first_empty, "has no tokens"),
+        (DpoLossType::SigmoidNorm, &first_empty, "has no tokens"),
+        (DpoLossType::Sft, &no_chosen, "at least one chosen token"),
+    ] {
+        let config = DpoConfig {
+            loss_type,
+            ..DpoConfig::default()
+        };
+        let cpu_err = dpo_step(&host, &reference, db, &config)
+            .and_then(|out| out.read())
+            .unwrap_err()
+            .to_string();
+        assert!(cpu_err.contains(want), "{loss_type:?}: {cpu_err}");
+        let mut policy = host.clone();
+        let mut trainee =
+            Trainee::new(&policy, AdamW::new(&policy, AdamWConfig::default()), &gpu).unwrap();
+        let out = dpo_step(&trainee.model(&policy), &ref_gpu, db, &config).unwrap();
+        let err = trainee
+            .step(&mut policy, out, 1.0, 1e-3)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err, cpu_err,
+            "{loss_type:?}: the device's error is the CPU's"
+        );
+        let mut after = host.clone();
+        trainee.sync_host(&mut after).unwrap();
+        for (p, q) in after.parameters().iter().zip(host.parameters()) {
+            let same = p
+                .data
+                .iter()
+                .zip(&q.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{loss_type:?}: {} changed by a refused step", p.name);
+        }
+        let optimizer = trainee.host_optimizer(&after).unwrap();
+        assert_eq!(
+            optimizer.steps(),
+            0,
+            "{loss_type:?}: the refused step is counted"
+        );
+    }
+}
+
 /// Refusals: `--device cuda` without a GPU is an error before the run writes anything; a device
 /// optimizer for a host model, host gradients into it, a model's weights on the wrong device.
 #[test]

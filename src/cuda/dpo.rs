@@ -20,7 +20,7 @@ use crate::losses::dpo::sft_chosen_tokens;
 use crate::losses::validate::{
     check_count_lengths, check_pair_lengths, ipo_counts, sigmoid_norm_counts,
 };
-use crate::losses::{dpo_loss, DpoConfig, DpoLossType, FDivergence, PairBatch, PairLossOutput};
+use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput};
 
 /// The device buffers of a queued `dpo_loss_f32`.
 #[derive(Debug)]
@@ -117,12 +117,6 @@ impl CudaBackend {
         status_ptr: u64,
     ) -> Result<DpoLaunched> {
         config.validate()?;
-        if config.f_divergence != FDivergence::ReverseKl {
-            return Err(HaloError::Unsupported(format!(
-                "f_divergence `{}` has no CUDA kernel yet (use the CPU loss)",
-                config.f_divergence.name()
-            )));
-        }
         let n = check_pair_lengths(
             batch.policy_chosen_logps.len(),
             batch.policy_rejected_logps.len(),

@@ -129,6 +129,18 @@ impl CudaBackend {
 }
 
 impl CudaTokenStep {
+    /// A copy of the loss kernel's status, queued (no wait): for a caller that gates a later
+    /// kernel on its step's statuses (an optimizer update that must skip a step the loss refuses:
+    /// DPO's zero-token sequence, a non-finite output). The error itself comes from
+    /// [`finish_dpo`](Self::finish_dpo) / [`finish_kto`](Self::finish_kto).
+    pub fn loss_status_copy(&self, gpu: &CudaBackend) -> Result<KernelStatus> {
+        let mut copy = KernelStatus {
+            buf: gpu.alloc_output::<i32>(STATUS_LEN)?,
+        };
+        gpu.copy_dtod(&self.status.buf, &mut copy.buf)?;
+        Ok(copy)
+    }
+
     /// The buffers the host must read, in this order: the loss kernel's `out`, the per-sequence
     /// gradients, the policy's sums, and the loss kernel's status (as f32 bits).
     pub fn values(&self) -> [CudaView<'_, f32>; TOKEN_STEP_VALUES] {

@@ -156,13 +156,24 @@ impl StepReadout<'_> {
     /// The step's one device→host copy and wait; then the checks in order (the first failure is
     /// the error); then every value, gathered ones first.
     pub fn read(self) -> Result<Vec<Vec<f32>>> {
+        self.read_with_gate().map(|(values, _)| values)
+    }
+
+    /// [`read`](Self::read), and whether the [`gate`](Self::gate) was open: every gathered status
+    /// "no error". It can be shut with every check passing — a status whose check leaves the error
+    /// to a later reader (a loss that diagnoses its own refusal from the values): then a gated
+    /// update wrote nothing, which its caller must know.
+    pub fn read_with_gate(self) -> Result<(Vec<Vec<f32>>, bool)> {
         let host = self.gpu.dtoh(&self.buf)?;
+        let mut open = true;
         for (i, entry) in self.checks.pending.iter().enumerate() {
             let mut word = [0i32; STATUS_LEN];
             word.copy_from_slice(&host[i * STATUS_LEN..(i + 1) * STATUS_LEN]);
-            (entry.1)(&StatusWord(word))?;
+            let word = StatusWord(word);
+            (entry.1)(&word)?;
+            open &= word.is_ok();
         }
-        Ok(self
+        let values = self
             .ranges
             .iter()
             .map(|r| {
@@ -171,6 +182,7 @@ impl StepReadout<'_> {
                     .map(|&b| f32::from_bits(b as u32))
                     .collect()
             })
-            .collect())
+            .collect();
+        Ok((values, open))
     }
 }

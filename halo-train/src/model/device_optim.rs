@@ -172,10 +172,12 @@ impl DeviceAdamW {
             )?;
         }
         readout.write_later(0, &self.readout.as_view())?;
-        // The step's one wait; a failed check means the gated update wrote nothing, so the step
-        // count stays too.
-        let mut read = readout.read()?;
-        self.step = step;
+        // The step's one wait; a failed check, or a status shut without one (the loss's, whose
+        // error its finish names), means the gated update wrote nothing: the step count stays too.
+        let (mut read, updated) = readout.read_with_gate()?;
+        if updated {
+            self.step = step;
+        }
         let norm_and_factor = read.pop().unwrap_or_default();
         Ok((norm_and_factor[GRAD_NORM_OUT_NORM], read))
     }

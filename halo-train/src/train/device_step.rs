@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::batching::TokenBatch;
 use super::step_output::{DeviceValues, PendingMetrics, StepMetrics, StepOutput, StepValues};
-use crate::autograd::{StorageRef, Tape, Var};
+use crate::autograd::{DeviceChecks, StorageRef, Tape, Var};
 use crate::model::{forward, GptWeights};
 use halo_kernels::cuda::{CudaBackend, CudaTokenStep, CudaView};
 use halo_kernels::error::Result;
@@ -62,6 +62,12 @@ pub(crate) fn queued_step_output<I: 'static>(
     queued: CudaTokenStep,
     finish: FinishLoss<I>,
 ) -> Result<StepOutput> {
+    // The loss kernel's status joins the step's checks, so that the update is gated on it too: a
+    // batch the loss refuses (DPO's zero-token sequence, an output that overflowed) leaves the
+    // weights and the step count as they were. Its error is `finish`'s (the CPU's), read after.
+    let mut loss_checks = DeviceChecks::new();
+    loss_checks.push(queued.loss_status_copy(gpu)?, |_| Ok(()));
+    tape.extend_checks(&loss_checks);
     let grads = tape.backward_from(&[(token_logp, StorageRef::Cuda(&queued.token_grad))])?;
     Ok(StepOutput {
         grads,
