@@ -43,9 +43,9 @@ pub struct CudaPairBatch<'a> {
     pub reference_chosen_logps: CudaView<'a, f32>,
     /// Summed reference log-probs of the rejected completions.
     pub reference_rejected_logps: CudaView<'a, f32>,
-    /// Token counts of the chosen completions; required by IPO and SFT.
+    /// Token counts of the chosen completions; required by IPO, sigmoid_norm and SFT.
     pub chosen_counts: Option<CudaView<'a, u32>>,
-    /// Token counts of the rejected completions; required by IPO.
+    /// Token counts of the rejected completions; required by IPO and sigmoid_norm.
     pub rejected_counts: Option<CudaView<'a, u32>>,
 }
 
@@ -153,8 +153,8 @@ impl CudaBackend {
             let (pr_ptr, _r1) = batch.policy_rejected_logps.device_ptr(stream);
             let (rc_ptr, _r2) = batch.reference_chosen_logps.device_ptr(stream);
             let (rr_ptr, _r3) = batch.reference_rejected_logps.device_ptr(stream);
-            // Counts are read only by IPO (both, checked above) and SFT (the chosen); `order` only
-            // by the AOT losses; otherwise any valid pointer will do.
+            // Counts are read only by IPO and sigmoid_norm (both, checked above) and SFT (the
+            // chosen); `order` only by the AOT losses; otherwise any valid pointer will do.
             let chosen_counts = counts.chosen.map(|c| c.device_ptr(stream));
             let rejected_counts = counts.rejected.map(|r| r.device_ptr(stream));
             let chosen_counts_ptr = chosen_counts.as_ref().map_or(pc_ptr, |(p, _)| *p);
@@ -272,14 +272,14 @@ fn sorts_the_batch(loss_type: DpoLossType) -> bool {
     matches!(loss_type, DpoLossType::Aot | DpoLossType::AotUnpaired)
 }
 
-/// The token counts the kernel reads (IPO: both; SFT: the chosen).
+/// The token counts the kernel reads (IPO, sigmoid_norm: both; SFT: the chosen).
 struct KernelCounts<'b, 'a> {
     chosen: Option<&'b CudaView<'a, u32>>,
     rejected: Option<&'b CudaView<'a, u32>>,
 }
 
 /// Count lengths (when given) and the presence of those the loss type needs — as the CPU checks
-/// them (IPO: both, chosen first; SFT: the chosen, with the CPU's own error).
+/// them (IPO, sigmoid_norm: both, chosen first; SFT: the chosen, with the CPU's own error).
 fn check_counts<'b, 'a>(
     config: &DpoConfig,
     batch: &'b CudaPairBatch<'a>,
