@@ -415,12 +415,10 @@ fn kto_and_dpo_steps_wait_once() {
     }
 }
 
-/// A DPO step on the device against the CPU's: loss, metrics and every gradient.
-#[test]
-fn dpo_step_matches_the_cpu() {
-    use halo_kernels::losses::DpoConfig;
-    use halo_train::train::{batching::dpo_batch, dpo::dpo_step, PairedExample};
-    let gpu = emulated();
+/// A policy, a reference that differs from it (so the log-ratios are not all 0) and three
+/// "i+2i=" pairs with the right sum chosen, as one DPO batch of byte tokens.
+fn dpo_models_and_batch() -> (Gpt, Gpt, TokenBatch) {
+    use halo_train::train::{batching::dpo_batch, PairedExample};
     let tokenizer = TextTokenizer::Byte;
     let model = Gpt::new(
         GptConfig {
@@ -430,7 +428,6 @@ fn dpo_step_matches_the_cpu() {
         8,
     )
     .unwrap();
-    // A reference that differs from the policy, so the log-ratios are not all 0.
     let reference = Gpt::new(*model.config(), 9).unwrap();
     let pairs: Vec<PairedExample> = (0..3)
         .map(|i| PairedExample {
@@ -441,6 +438,16 @@ fn dpo_step_matches_the_cpu() {
         .collect();
     let pair_refs: Vec<&PairedExample> = pairs.iter().collect();
     let db = dpo_batch(&tokenizer, &pair_refs, 9).unwrap();
+    (model, reference, db)
+}
+
+/// A DPO step on the device against the CPU's: loss, metrics and every gradient.
+#[test]
+fn dpo_step_matches_the_cpu() {
+    use halo_kernels::losses::DpoConfig;
+    use halo_train::train::dpo::dpo_step;
+    let gpu = emulated();
+    let (model, reference, db) = dpo_models_and_batch();
     let config = DpoConfig::default();
     let (cpu, cpu_grads) = dpo_step(&model, &reference, &db, &config)
         .unwrap()
@@ -524,28 +531,10 @@ fn a_failed_device_check_is_the_error_and_the_weights_stay() {
 #[test]
 fn a_refused_dpo_loss_is_the_cpus_error_and_the_weights_stay() {
     use halo_kernels::losses::{DpoConfig, DpoLossType};
-    use halo_train::train::{batching::dpo_batch, dpo::dpo_step, PairedExample};
+    use halo_train::train::dpo::dpo_step;
     let gpu = emulated();
-    let tokenizer = TextTokenizer::Byte;
-    let host = Gpt::new(
-        GptConfig {
-            vocab_size: tokenizer.vocab_size(),
-            ..config()
-        },
-        8,
-    )
-    .unwrap();
-    let reference = Gpt::new(*host.config(), 9).unwrap();
+    let (host, reference, full) = dpo_models_and_batch();
     let ref_gpu = reference.to_device(&gpu).unwrap();
-    let pairs: Vec<PairedExample> = (0..3)
-        .map(|i| PairedExample {
-            prompt: format!("{i}+{}=", 2 * i),
-            chosen: format!("{}", 3 * i),
-            rejected: format!("{}", 3 * i + 1),
-        })
-        .collect();
-    let pair_refs: Vec<&PairedExample> = pairs.iter().collect();
-    let full = dpo_batch(&tokenizer, &pair_refs, 9).unwrap();
     let seq = full.seq;
     // Sequences 0..3 are chosen, 3..6 rejected: ignore every target of the first chosen one, or
     // of all three.
