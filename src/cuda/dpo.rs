@@ -16,9 +16,8 @@ use super::status::StatusWord;
 use crate::error::{HaloError, Result};
 use crate::kernel_abi::{dpo_out, LOSS_THREADS};
 use crate::kernel_host::{dpo_metrics, dpo_params};
-use crate::losses::dpo::sft_chosen_tokens;
 use crate::losses::validate::{
-    check_count_lengths, check_pair_lengths, ipo_counts, sigmoid_norm_counts,
+    check_count_lengths, check_pair_lengths, ipo_counts, sft_counts, sigmoid_norm_counts,
 };
 use crate::losses::{dpo_loss, DpoConfig, DpoLossType, PairBatch, PairLossOutput};
 
@@ -302,32 +301,13 @@ fn check_counts<'b, 'a>(
                 rejected: Some(rejected),
             })
         }
-        DpoLossType::Sft => match batch.chosen_counts.as_ref() {
-            Some(chosen) => Ok(KernelCounts {
-                chosen: Some(chosen),
-                rejected: None,
-            }),
-            None => Err(sft_missing_counts()),
-        },
+        DpoLossType::Sft => Ok(KernelCounts {
+            chosen: Some(sft_counts(batch.chosen_counts.as_ref())?),
+            rejected: None,
+        }),
         _ => Ok(KernelCounts {
             chosen: None,
             rejected: None,
         }),
-    }
-}
-
-/// SFT's error for absent chosen counts, from the CPU's own check (its exact text).
-fn sft_missing_counts() -> HaloError {
-    let no_counts = PairBatch {
-        policy_chosen_logps: &[],
-        policy_rejected_logps: &[],
-        reference_chosen_logps: &[],
-        reference_rejected_logps: &[],
-        chosen_counts: None,
-        rejected_counts: None,
-    };
-    match sft_chosen_tokens(&no_counts) {
-        Err(e) => e,
-        Ok(_) => HaloError::InvalidShape("SFT needs the chosen token counts".into()),
     }
 }

@@ -43,7 +43,7 @@ use super::pairs::{PairBatch, PairLossOutput};
 use super::sigmoid::{log_sigmoid, sigmoid, sigmoid_derivative};
 use super::validate::{
     check_count_lengths, check_counts_positive, check_finite, check_label_smoothing, check_metrics,
-    check_outputs, check_pair_lengths, check_positive, ipo_counts, sigmoid_norm_counts,
+    check_outputs, check_pair_lengths, check_positive, ipo_counts, sft_counts, sigmoid_norm_counts,
 };
 use crate::error::{HaloError, Result};
 
@@ -500,10 +500,7 @@ fn ascending_order(values: &[f64]) -> Vec<usize> {
 
 /// `Sft`'s token total: chosen counts given (`MissingArgument`), summing to at least 1.
 pub(crate) fn sft_chosen_tokens(batch: &PairBatch<'_>) -> Result<u64> {
-    let counts = batch.chosen_counts.ok_or(HaloError::MissingArgument {
-        what: "chosen_counts",
-        needed_by: "DPO loss type `sft` (the token-mean NLL of the chosen completions)",
-    })?;
+    let counts = sft_counts(batch.chosen_counts)?;
     let tokens: u64 = counts.iter().map(|&c| c as u64).sum();
     if tokens == 0 {
         return Err(HaloError::EmptyBatch(

@@ -168,6 +168,14 @@ pub(crate) fn sigmoid_norm_counts<C>(chosen: Option<C>, rejected: Option<C>) -> 
     )
 }
 
+/// `sft`'s chosen token counts, required (`MissingArgument` otherwise; the rejected ones are not).
+pub(crate) fn sft_counts<C>(chosen: Option<C>) -> Result<C> {
+    chosen.ok_or(HaloError::MissingArgument {
+        what: "chosen_counts",
+        needed_by: "DPO loss type `sft` (the token-mean NLL of the chosen completions)",
+    })
+}
+
 fn both_counts<C>(
     chosen: Option<C>,
     rejected: Option<C>,
