@@ -22,12 +22,14 @@
 //! same rayon pool: `read` (a plain u64 sum over it, the `read_sum` entry of each forward group)
 //! and `rw` (an in-place read + write pass; forward + in-place backward reads the logits twice and
 //! writes them once, so its ceiling is `1 / (1/read + 1/rw)` logits tensors per second). After each
-//! size a `summary` line prints, from its own best-of-7 timings, each op's GB/s and the fraction of
-//! its ceiling it reaches (forward: of `read`; fwd+bwd: of the combined ceiling).
+//! size a `summary` line prints, from its own timings (7 rounds of the four, interleaved so that
+//! the ceiling and the ops are measured on the same machine; each figure its best round), each
+//! op's GB/s and the fraction of its ceiling it reaches (forward: of `read`; fwd+bwd: of the
+//! combined ceiling).
 //!
 //! The bf16 summary also gives the forward against its 10 GB/s target. First, `hot` lines give each
 //! op's compute cost on one core with its rows in L2: cycles per logit (the clock measured by a
-//! chain of dependent adds) and the GB/s one core would reach if memory were free.
+//! chain of dependent multiplies) and the GB/s one core would reach if memory were free.
 //!
 //! Run: `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- --quick`; only the hot and summary
 //! lines (no criterion runs): `HALO_BENCH_ROWS=256 cargo bench --bench cpu_ops -- summary`; only
@@ -151,10 +153,14 @@ fn rw_pass(scratch: &mut [u64]) {
     });
 }
 
-/// Best of 7 timings of `f` (after one warm-up run), in seconds: the machine is shared, and the
-/// best run is the one least disturbed by other processes.
-fn best_secs(f: impl FnMut()) -> f64 {
-    best_of(7, f)
+/// Rounds of the `summary` measurements: each figure is its best of these.
+const SUMMARY_ROUNDS: usize = 7;
+
+/// One timing of `f`, in seconds.
+fn time(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
 }
 
 /// Best of `n` timings of `f` (after one warm-up run), in seconds.
@@ -173,26 +179,38 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
 fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffers<T>) {
     let bytes = (rows * vocab * std::mem::size_of::<T>()) as f64;
     let mut scratch = vec![1u64; (rows * vocab * std::mem::size_of::<T>()).div_ceil(8)];
-    let read = bytes
-        / best_secs(|| {
-            black_box(read_pass(black_box(&scratch)));
-        });
-    let rw = bytes / best_secs(|| rw_pass(black_box(&mut scratch)));
+    // Rounds of all four (after one warm-up round), each figure its best over the rounds: on a
+    // shared machine the memory bandwidth drifts by a third within a minute, and timed apart the
+    // ceiling and the ops would see different machines.
+    let mut best = [f64::INFINITY; 4];
+    for round in 0..=SUMMARY_ROUNDS {
+        let secs = [
+            time(|| {
+                black_box(read_pass(black_box(&scratch)));
+            }),
+            time(|| rw_pass(black_box(&mut scratch))),
+            time(|| {
+                token_logprobs_into(
+                    &d.logits,
+                    &d.labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    &mut d.logp,
+                    &mut d.lse,
+                    &mut d.lse_residual,
+                )
+                .unwrap()
+            }),
+            time(|| halo_fwd_bwd(d, vocab)),
+        ];
+        if round > 0 {
+            for (b, s) in best.iter_mut().zip(secs) {
+                *b = b.min(s);
+            }
+        }
+    }
+    let [read, rw, fwd, fwd_bwd] = best.map(|s| bytes / s);
     let ceiling = 1.0 / (1.0 / read + 1.0 / rw);
-    let fwd = bytes
-        / best_secs(|| {
-            token_logprobs_into(
-                &d.logits,
-                &d.labels,
-                vocab,
-                IGNORE_INDEX,
-                &mut d.logp,
-                &mut d.lse,
-                &mut d.lse_residual,
-            )
-            .unwrap()
-        });
-    let fwd_bwd = bytes / best_secs(|| halo_fwd_bwd(d, vocab));
     let gb = 1e-9;
     // bf16's forward has a target of its own (issue 16): 10 GB/s of bf16 logits.
     let target = if std::mem::size_of::<T>() == 2 {
@@ -221,20 +239,22 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
 /// The bf16 forward's throughput target, GB/s of bf16 logits.
 const BF16_FORWARD_TARGET_GBS: f64 = 10.0;
 
-/// The core clock, in cycles per second, from a chain of dependent integer adds (one cycle each
-/// on every x86-64 core of the last decade): the ops' cost in cycles per element below. Short runs
-/// (~1 ms), best of 200: on a shared machine a long one is always interrupted.
+/// The core clock, in cycles per second, from a chain of dependent 64-bit multiplies (3 cycles
+/// each on every x86-64 core of the last decade; not adds, which Golden Cove and later cores can
+/// execute several to a cycle at rename, reading 12 GHz on the Sapphire Rapids dev machine): the
+/// ops' cost in cycles per element below. Short runs (~1 ms), best of 200: on a shared machine a
+/// long one is always interrupted.
 #[cfg(target_arch = "x86_64")]
 fn clock_hz() -> f64 {
     const ITERS: u64 = 300_000;
     let secs = best_of(200, || {
-        let mut x = 0u64;
+        let mut x = 3u64;
         // SAFETY: register arithmetic only.
         unsafe {
             std::arch::asm!(
                 "2:",
-                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
-                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}",
+                "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}",
                 "dec {n}",
                 "jnz 2b",
                 n = inout(reg) ITERS => _,
@@ -244,7 +264,7 @@ fn clock_hz() -> f64 {
         }
         black_box(x);
     });
-    (8 * ITERS) as f64 / secs
+    (8 * 3 * ITERS) as f64 / secs
 }
 
 /// Each op's compute cost on one core with its rows in L2 (`hot` line): cycles per logit, and the

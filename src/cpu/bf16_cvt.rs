@@ -1,16 +1,22 @@
 //! The backward's loop over bf16 groups for CPUs with AVX-512 BF16 ([`Isa::Avx512Bf16`]): the
-//! same values as the generic loop of the other FMA builds (`Lanes::grad` with
-//! `fast_exp::exp_term_coarse`, then `RowElement::narrow_group`), bit for bit, but rounded to
-//! bf16 by `vcvtneps2bf16` (one instruction per 16 values) instead of the integer rounding (five
-//! operations per 8 values and a blend per 16: measured 0.25 of the loop's 1.18 cycles per logit
-//! on the AMD EPYC dev machine, Zen 4). The conversion rounds to nearest even as
+//! values of the generic loop of the other FMA builds (`Lanes::grad` with
+//! `fast_exp::exp_term_coarse`, then `RowElement::narrow_group`) to within one bf16 ulp, rounded
+//! to bf16 by `vcvtne2ps2bf16` (one instruction per 32 values) instead of the integer rounding
+//! (five operations per 8 values and a blend per 16: measured 0.25 of the loop's 1.18 cycles per
+//! logit on the AMD EPYC dev machine, Zen 4). The conversion rounds to nearest even as
 //! `bf16::from_f32` does, except that it flushes f32 denormals to zero: a group holding one is
 //! rounded by [`RowElement::narrow`] instead (detected by `vfpclassps`, one operation per 16).
 //! Widened two groups at a time (32 logits: a shift and a mask on 16 words, evens and odds) and
 //! put back in order by one word permute, rather than the generic loop's lanes, so the lane sums
 //! of `Σ e` associate differently: that sum only feeds the row's checks, never a stored value.
+//! The exp is `exp_term_coarse`'s reduction and polynomial in Horner's form with 2^n applied by
+//! `vscalefps` (one operation instead of a shift and an add, and no upper clamp: see
+//! `grad_groups`), three operations fewer per 16 logits; the polynomial's terms round in another
+//! order, so a stored value may differ from the other builds' by one bf16 ulp (tested), where the
+//! exact one lies within ~1e-6 of a rounding midpoint.
 //! Measured on Zen 4, hot: the in-place bf16 backward 1.18 → 0.93 cycles per logit with the
-//! conversion, → 0.74–0.83 with the pairs (a noisy, shared machine: best of 15 runs).
+//! conversion, → 0.74–0.83 with the pairs (a noisy, shared machine: best of 15 runs); on the
+//! Sapphire Rapids dev machine, see docs/PERFORMANCE.md.
 //!
 //! [`Isa::Avx512Bf16`]: super::isa::Isa::Avx512Bf16
 
@@ -19,8 +25,12 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::fast_exp::{D2, D3, D4, ROUND_MAGIC_BIASED, TERM_HIGH, TERM_LOW};
+use super::fast_exp::{D2, D3, D4, ROUND_MAGIC, TERM_LOW};
 use super::row_element::{RowElement, GROUP};
+
+/// How far ahead of its loads [`grad_groups`] prefetches, in values: 4 KiB, as the generic loops
+/// (`PREFETCH_AHEAD_BYTES` in the backward; 0 would turn it off).
+const PREFETCH_AHEAD: usize = 2048;
 
 /// What [`grad_groups`] accumulates: `Σ e` per lane and the bf16 probe (`RowElement::Probe`).
 pub(crate) struct GroupSums {
@@ -46,28 +56,27 @@ pub(crate) unsafe fn grad_groups(
     neg_gc: f32,
 ) -> GroupSums {
     let c = |x: f32| _mm512_set1_ps(x);
-    let (v_lse, v_neg_gc) = (c(lse), c(neg_gc));
-    let (low, high) = (c(TERM_LOW), c(TERM_HIGH));
+    let (v_lse, v_neg_gc, low) = (c(lse), c(neg_gc), c(TERM_LOW));
     let (log2e, magic, ln2) = (
         c(std::f32::consts::LOG2_E),
-        c(ROUND_MAGIC_BIASED),
+        c(ROUND_MAGIC),
         c(std::f32::consts::LN_2),
     );
-    let (d2, d3, d4) = (c(D2), c(D3), c(D4));
-    // `(e, neg_gc · e)` of 16 logits: exp_term_coarse, operation for operation (`max(low, d)` is
-    // `if d < low { low } else { d }`, NaN included, and likewise the min).
+    let (d2, d3, d4, one) = (c(D2), c(D3), c(D4), c(1.0));
+    // `(e, neg_gc · e)` of 16 logits: exp_term_coarse's reduction and polynomial, in Horner's
+    // form, with 2^n applied by `vscalefps`, which rounds to ±inf or 0 past f32's range where the
+    // exponent add would wrap: the upper clamp goes (a `d` that large means an lse that does not
+    // belong to the row, whose Σ e then becomes +inf and is refused). The lower clamp stays: far
+    // below −86 the reduction itself breaks down (`r` is no longer small).
     macro_rules! exp_grad {
         ($x:expr) => {{
-            let d = _mm512_sub_ps($x, v_lse);
-            let d = _mm512_min_ps(high, _mm512_max_ps(low, d));
+            let d = _mm512_max_ps(low, _mm512_sub_ps($x, v_lse));
             let shifted = _mm512_fmadd_ps(d, log2e, magic);
             let n = _mm512_sub_ps(shifted, magic);
             let r = _mm512_fnmadd_ps(n, ln2, d);
-            let r2 = _mm512_mul_ps(r, r);
-            let q = _mm512_fmadd_ps(d4, r2, _mm512_fmadd_ps(d3, r, d2));
-            let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(shifted)));
-            let head = _mm512_fmadd_ps(scale, r, scale);
-            let e = _mm512_fmadd_ps(_mm512_mul_ps(scale, r2), q, head);
+            let p = _mm512_fmadd_ps(_mm512_fmadd_ps(d4, r, d3), r, d2);
+            let p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
+            let e = _mm512_scalef_ps(p, n);
             (e, _mm512_mul_ps(v_neg_gc, e))
         }};
     }
@@ -86,6 +95,10 @@ pub(crate) unsafe fn grad_groups(
     // logits need; the two conversions are one, and one permute puts the words back in order.
     for i in 0..groups / 2 {
         let (at_src, at_dst) = (src.add(2 * i * GROUP), dst.add(2 * i * GROUP));
+        if PREFETCH_AHEAD > 0 {
+            // A hint, never a fault: past the row's end it asks for the next row's values.
+            _mm_prefetch::<_MM_HINT_T0>(at_src.wrapping_add(PREFETCH_AHEAD).cast());
+        }
         // SAFETY: within the `groups · GROUP` values the caller vouches for.
         let w = unsafe { _mm512_loadu_si512(at_src.cast()) };
         probe = _mm512_max_epu16(probe, _mm512_add_epi16(w, w));

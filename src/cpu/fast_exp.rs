@@ -11,7 +11,7 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
-const ROUND_MAGIC: f32 = 12_582_912.0;
+pub(crate) const ROUND_MAGIC: f32 = 12_582_912.0;
 
 // The polynomial coefficients are Cephes' `expf` ones as published; keep their digits.
 /// `e^x` in f32 without libm (Cephes' range reduction and polynomial, ~1 ulp), clamped to
@@ -57,10 +57,10 @@ pub(crate) fn fast_exp_with<const FMA: bool>(x: f32) -> f32 {
 // the f32 rounding of its steps, against 7e-9 for the degree-7 Cephes one above. The ops hold
 // log-probs to ~1e-6 of f64 (the sum's own rounding is larger), so two multiply-adds per element
 // are not worth keeping.
-const C2: f32 = 0.499_988_7;
-const C3: f32 = 0.166_667_7;
-const C4: f32 = 0.041_926_7;
-const C5: f32 = 0.008_346_551;
+pub(crate) const C2: f32 = 0.499_988_7;
+pub(crate) const C3: f32 = 0.166_667_7;
+pub(crate) const C4: f32 = 0.041_926_7;
+pub(crate) const C5: f32 = 0.008_346_551;
 /// Lowest argument of [`exp_term`]: `round(−86·log2 e) = −124`, so that `2^n` times `e^r ≥ 0.7`
 /// is still a normal f32 and the scale can be added to the exponent field.
 pub(crate) const TERM_LOW: f32 = -86.0;

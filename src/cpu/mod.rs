@@ -33,6 +33,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod bf16_cvt;
+#[cfg(target_arch = "x86_64")]
+mod bf16_lse;
 pub mod fast_exp;
 mod isa;
 mod prefetch;
