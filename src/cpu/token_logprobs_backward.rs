@@ -698,6 +698,51 @@ mod tests {
         }
     }
 
+    /// Logits far below the row's lse (down to the most negative finite value) get a gradient of
+    /// ~0 in every build: the exp's lower clamp keeps its range reduction valid there (without it
+    /// `d·log2 e` leaves the range where `d − n·ln 2` is small, and the polynomial overflows).
+    fn far_below_the_lse<T: LogitElement>() {
+        let n = 2 * CHUNK + 77;
+        let mut z = logits::<T>(n, 0.0);
+        let lowest = match T::DTYPE {
+            DType::F16 => -65504.0,
+            _ => -3.0e38,
+        };
+        for (at, x) in [(3, lowest), (40, (-1.0e6f32).max(lowest)), (n - 2, -200.0)] {
+            z[at] = T::from_f32(x);
+        }
+        let m = z
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let lse64 = m + z
+            .iter()
+            .map(|x| (x.to_f32() as f64 - m).exp())
+            .sum::<f64>()
+            .ln();
+        let (lse, g, y) = (lse64 as f32, -0.75f32, 11);
+        let r = row_of(lse, (lse64 - lse as f64) as f32, g, y, z[y].to_f32());
+        for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+            let got = run_row(build, &z, r);
+            for at in [3, 40, n - 2] {
+                let w = got[at].to_f32();
+                assert!(
+                    w.abs() <= 1e-30,
+                    "{build:?} {:?}: logit {} got gradient {w}",
+                    T::DTYPE,
+                    z[at].to_f32()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn logits_far_below_the_lse_get_no_gradient() {
+        far_below_the_lse::<f32>();
+        far_below_the_lse::<bf16>();
+        far_below_the_lse::<f16>();
+    }
+
     #[test]
     fn every_build_matches_f64_and_the_others() {
         builds_agree::<f32>();
