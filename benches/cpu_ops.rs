@@ -19,11 +19,12 @@
 //! both ops does not depend on the values.
 //!
 //! The machine's ceiling, measured in the same run on a scratch buffer of the logits' size with the
-//! same rayon pool: `read` (a plain u64 sum over it, the `read_sum` entry of each forward group)
-//! and `rw` (an in-place read + write pass; forward + in-place backward reads the logits twice and
-//! writes them once, so its ceiling is `1 / (1/read + 1/rw)` logits tensors per second). After each
-//! size a `summary` line prints, from its own timings (7 rounds of the four, interleaved so that
-//! the ceiling and the ops are measured on the same machine; each figure its best round), each
+//! same rayon pool: `read` (a plain u64 sum over it) and `rw` (an in-place read + write pass;
+//! forward + in-place backward reads the logits twice and writes them once, so its ceiling is
+//! `1 / (1/read + 1/rw)` logits tensors per second), each the better of a plain pass and one that
+//! prefetches 4 KiB ahead as the ops do. After each size a `summary` line prints, from its own
+//! timings (8 rounds of the four, interleaved so that the ceiling and the ops are measured on the
+//! same machine; each figure its best round), each
 //! op's GB/s and the fraction of its ceiling it reaches (forward: of `read`; fwd+bwd: of the
 //! combined ceiling).
 //!
@@ -137,24 +138,55 @@ fn naive_backward_inplace<T: LogitElement>(
 }
 
 /// A plain sum over `scratch`: the read the machine can do (its time gives the read bandwidth).
-fn read_pass(scratch: &[u64]) -> u64 {
+/// With `PREFETCH`, each 64-byte line also asks for the one 4 KiB ahead, as the ops do: the
+/// ceiling is the better of the two, so that an op's prefetching cannot beat it by itself.
+fn read_pass<const PREFETCH: bool>(scratch: &[u64]) -> u64 {
     scratch
         .par_chunks(1 << 16)
-        .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+        .map(|c| {
+            let mut sum = 0u64;
+            for (i, line) in c.chunks(8).enumerate() {
+                if PREFETCH {
+                    prefetch_ahead(c.as_ptr(), i * 8);
+                }
+                sum = line.iter().fold(sum, |a, &x| a.wrapping_add(x));
+            }
+            sum
+        })
         .reduce(|| 0, u64::wrapping_add)
 }
 
-/// An in-place read + write pass over `scratch` (each word incremented).
-fn rw_pass(scratch: &mut [u64]) {
+/// An in-place read + write pass over `scratch` (each word incremented); `PREFETCH` as in
+/// [`read_pass`].
+fn rw_pass<const PREFETCH: bool>(scratch: &mut [u64]) {
     scratch.par_chunks_mut(1 << 16).for_each(|c| {
-        for x in c {
-            *x = x.wrapping_add(1);
+        let start = c.as_ptr();
+        for (i, line) in c.chunks_mut(8).enumerate() {
+            if PREFETCH {
+                prefetch_ahead(start, i * 8);
+            }
+            for x in line {
+                *x = x.wrapping_add(1);
+            }
         }
     });
 }
 
+/// Asks for the cache line 4 KiB past word `i` at `c` (a hint: it never faults).
+#[inline(always)]
+fn prefetch_ahead(c: *const u64, i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` is SSE (x86-64 baseline) and does not access memory architecturally.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i + 512).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (c, i);
+}
+
 /// Rounds of the `summary` measurements: each figure is its best of these.
-const SUMMARY_ROUNDS: usize = 7;
+const SUMMARY_ROUNDS: usize = 8;
 
 /// One timing of `f`, in seconds.
 fn time(f: impl FnOnce()) -> f64 {
@@ -184,11 +216,23 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
     // ceiling and the ops would see different machines.
     let mut best = [f64::INFINITY; 4];
     for round in 0..=SUMMARY_ROUNDS {
+        // The ceilings: the plain passes on even rounds, the prefetching ones on odd rounds.
+        let prefetch = round % 2 == 1;
         let secs = [
             time(|| {
-                black_box(read_pass(black_box(&scratch)));
+                black_box(if prefetch {
+                    read_pass::<true>(black_box(&scratch))
+                } else {
+                    read_pass::<false>(black_box(&scratch))
+                });
             }),
-            time(|| rw_pass(black_box(&mut scratch))),
+            time(|| {
+                if prefetch {
+                    rw_pass::<true>(black_box(&mut scratch))
+                } else {
+                    rw_pass::<false>(black_box(&mut scratch))
+                }
+            }),
             time(|| {
                 token_logprobs_into(
                     &d.logits,
