@@ -233,18 +233,7 @@ fn summary<T: LogitElement>(name: &str, rows: usize, vocab: usize, d: &mut Buffe
                     rw_pass::<false>(black_box(&mut scratch))
                 }
             }),
-            time(|| {
-                token_logprobs_into(
-                    &d.logits,
-                    &d.labels,
-                    vocab,
-                    IGNORE_INDEX,
-                    &mut d.logp,
-                    &mut d.lse,
-                    &mut d.lse_residual,
-                )
-                .unwrap()
-            }),
+            time(|| halo_fwd(d, vocab)),
             time(|| halo_fwd_bwd(d, vocab)),
         ];
         if round > 0 {
@@ -330,16 +319,7 @@ fn hot<T: LogitElement>(name: &str, hz: f64) {
     let (fwd, bwd) = pool.install(|| {
         let fwd = best_of(300, || {
             for _ in 0..reps {
-                token_logprobs_into(
-                    &d.logits,
-                    &d.labels,
-                    vocab,
-                    IGNORE_INDEX,
-                    &mut d.logp,
-                    &mut d.lse,
-                    &mut d.lse_residual,
-                )
-                .unwrap();
+                halo_fwd(&mut d, vocab);
             }
         }) / reps as f64;
         let fwd_bwd = best_of(300, || {
@@ -361,8 +341,8 @@ fn hot<T: LogitElement>(name: &str, hz: f64) {
     );
 }
 
-/// The forward then the in-place backward, as a training step runs them.
-fn halo_fwd_bwd<T: LogitElement>(d: &mut Buffers<T>, vocab: usize) {
+/// The forward into `d`'s outputs.
+fn halo_fwd<T: LogitElement>(d: &mut Buffers<T>, vocab: usize) {
     token_logprobs_into(
         &d.logits,
         &d.labels,
@@ -373,6 +353,11 @@ fn halo_fwd_bwd<T: LogitElement>(d: &mut Buffers<T>, vocab: usize) {
         &mut d.lse_residual,
     )
     .unwrap();
+}
+
+/// The forward then the in-place backward, as a training step runs them.
+fn halo_fwd_bwd<T: LogitElement>(d: &mut Buffers<T>, vocab: usize) {
+    halo_fwd(d, vocab);
     token_logprobs_backward_inplace(
         &mut d.logits,
         &d.labels,

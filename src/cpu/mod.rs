@@ -93,3 +93,22 @@ pub(crate) fn load_f32<T: LogitElement>(src: &[T], dst: &mut [f32]) {
 pub(crate) fn min_rows_per_task(vocab: usize) -> usize {
     (16 * 1024 / vocab.max(1)).max(1)
 }
+
+/// Helpers shared by the CPU ops' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::dtype::LogitElement;
+
+    /// The row's logsumexp in f64 (of the values as stored).
+    pub(crate) fn lse_f64<T: LogitElement>(z: &[T]) -> f64 {
+        let m = z
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        m + z
+            .iter()
+            .map(|x| (x.to_f32() as f64 - m).exp())
+            .sum::<f64>()
+            .ln()
+    }
+}

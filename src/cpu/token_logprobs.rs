@@ -396,6 +396,7 @@ impl OnlineLse {
 mod tests {
     use super::*;
     use crate::cpu::isa::ALL_ISAS;
+    use crate::cpu::test_support::lse_f64;
     use half::f16;
 
     fn values(n: usize) -> Vec<f32> {
@@ -407,19 +408,6 @@ mod tests {
                 (s >> 8) as f32 / (1u32 << 24) as f32 * 40.0 - 20.0 + 1e-3
             })
             .collect()
-    }
-
-    /// The row's logsumexp in f64 (of the values as stored).
-    fn lse_f64<T: LogitElement>(z: &[T]) -> f64 {
-        let m = z
-            .iter()
-            .map(|x| x.to_f32() as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        m + z
-            .iter()
-            .map(|x| (x.to_f32() as f64 - m).exp())
-            .sum::<f64>()
-            .ln()
     }
 
     fn rows<T: LogitElement>() -> Vec<Vec<T>> {

@@ -568,6 +568,7 @@ fn check_backward_args(
 mod tests {
     use super::*;
     use crate::cpu::isa::ALL_ISAS;
+    use crate::cpu::test_support::lse_f64;
     use half::f16;
 
     fn row_of(lse: f32, residual: f32, g: f32, y: usize, z_y: f32) -> RowInputs {
@@ -630,15 +631,7 @@ mod tests {
                 .filter(|&(_, g)| T::DTYPE != DType::F16 || g.abs() > 1e-30)
             {
                 let z = logits::<T>(n, offset);
-                let m = z
-                    .iter()
-                    .map(|x| x.to_f32() as f64)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let lse64 = m + z
-                    .iter()
-                    .map(|x| (x.to_f32() as f64 - m).exp())
-                    .sum::<f64>()
-                    .ln();
+                let lse64 = lse_f64(&z);
                 let lse = lse64 as f32;
                 let residual = (lse64 - lse as f64) as f32;
                 let y = n / 2;
@@ -711,15 +704,7 @@ mod tests {
         for (at, x) in [(3, lowest), (40, (-1.0e6f32).max(lowest)), (n - 2, -200.0)] {
             z[at] = T::from_f32(x);
         }
-        let m = z
-            .iter()
-            .map(|x| x.to_f32() as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let lse64 = m + z
-            .iter()
-            .map(|x| (x.to_f32() as f64 - m).exp())
-            .sum::<f64>()
-            .ln();
+        let lse64 = lse_f64(&z);
         let (lse, g, y) = (lse64 as f32, -0.75f32, 11);
         let r = row_of(lse, (lse64 - lse as f64) as f32, g, y, z[y].to_f32());
         for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
