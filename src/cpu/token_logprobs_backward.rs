@@ -721,6 +721,41 @@ mod tests {
         }
     }
 
+    /// An lse far from the row's (the exp far above its range, where the AVX-512 BF16 loop has no
+    /// upper clamp, or far below) is refused as inconsistent by every build, in every dtype.
+    fn far_off_lse<T: LogitElement>() {
+        let n = CHUNK + 45;
+        let z = logits::<T>(n, 0.0);
+        let lse = lse_f64(&z) as f32;
+        // (Not far above: the tolerance grows with |lse|, by f32's rounding of it.)
+        for wrong in [lse - 1000.0, lse - 1.0e30, -3.0e38, lse + 1000.0] {
+            let r = row_of(wrong, 0.0, -0.75, 7, z[7].to_f32());
+            for build in ALL_ISAS.into_iter().filter(|b| b.is_supported()) {
+                for bufs in [0, 1] {
+                    let (mut a, mut b) = (z.clone(), z.clone());
+                    let rows = if bufs == 0 {
+                        RowBufs::Separate { z: &z, dz: &mut a }
+                    } else {
+                        RowBufs::InPlace(&mut b)
+                    };
+                    assert_eq!(
+                        backward_row_on(build, rows, r),
+                        Some(RowFault::InconsistentLse),
+                        "{build:?} {:?}: lse {wrong} for a row whose lse is {lse}",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_far_off_lse_is_refused() {
+        far_off_lse::<f32>();
+        far_off_lse::<bf16>();
+        far_off_lse::<f16>();
+    }
+
     #[test]
     fn logits_far_below_the_lse_get_no_gradient() {
         far_below_the_lse::<f32>();
