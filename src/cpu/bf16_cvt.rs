@@ -26,11 +26,8 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::fast_exp::{D2, D3, D4, ROUND_MAGIC, TERM_LOW};
+use super::prefetch::{prefetch, PREFETCH_AHEAD_BYTES};
 use super::row_element::{RowElement, GROUP};
-
-/// How far ahead of its loads [`grad_groups`] prefetches, in values: 4 KiB, as the generic loops
-/// (`PREFETCH_AHEAD_BYTES` in the backward; 0 would turn it off).
-const PREFETCH_AHEAD: usize = 2048;
 
 /// What [`grad_groups`] accumulates: `Σ e` per lane and the bf16 probe (`RowElement::Probe`).
 pub(crate) struct GroupSums {
@@ -95,10 +92,8 @@ pub(crate) unsafe fn grad_groups(
     // logits need; the two conversions are one, and one permute puts the words back in order.
     for i in 0..groups / 2 {
         let (at_src, at_dst) = (src.add(2 * i * GROUP), dst.add(2 * i * GROUP));
-        if PREFETCH_AHEAD > 0 {
-            // A hint, never a fault: past the row's end it asks for the next row's values.
-            _mm_prefetch::<_MM_HINT_T0>(at_src.wrapping_add(PREFETCH_AHEAD).cast());
-        }
+        // A hint, never a fault: past the row's end it asks for the next row's values.
+        prefetch(at_src.cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES));
         // SAFETY: within the `groups · GROUP` values the caller vouches for.
         let w = unsafe { _mm512_loadu_si512(at_src.cast()) };
         probe = _mm512_max_epu16(probe, _mm512_add_epi16(w, w));

@@ -23,6 +23,8 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::fast_exp::{fast_exp_with, C2, C3, C4, C5, ROUND_MAGIC, TERM_LOW};
+use super::prefetch::prefetch;
+use super::row_element::RowElement;
 use super::CHUNK;
 
 /// Logits per 512-bit load.
@@ -104,10 +106,8 @@ pub(crate) unsafe fn row_logsumexp(z: &[bf16]) -> (f32, f32, bool) {
             _mm512_extracti64x4_epi64::<1>(probe),
         );
         let probe: [u16; 16] = std::mem::transmute::<__m256i, [u16; 16]>(probe);
+        non_finite |= <bf16 as RowElement>::probe_found(probe);
         let largest = probe.into_iter().max().unwrap_or(0);
-        if largest >= 0xFF00 {
-            non_finite = true;
-        }
         let max_abs = f32::from_bits(((largest >> 1) as u32) << 16);
         if chunk_max > max {
             // exp(−inf) = 0 handles the first chunk (the sum is 0 then anyway).
@@ -173,7 +173,7 @@ unsafe fn exp_pass<const CLAMP: bool>(
     for i in 0..full {
         let at = p.add(i * PER_LOAD);
         // The chunk after this one, one line per load (a hint: never faults).
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(CHUNK).cast());
+        prefetch(at.wrapping_add(CHUNK));
         // SAFETY: load `i < full` lies within the range the caller vouches for.
         let w = unsafe { _mm512_loadu_si512(at.cast()) };
         even_sum = _mm512_add_ps(

@@ -20,7 +20,7 @@ use half::bf16;
 
 use super::fast_exp::{exp_term, exp_term_coarse};
 use super::isa::{isa, madd, Isa};
-use super::prefetch::prefetch;
+use super::prefetch::{prefetch, PREFETCH_AHEAD_BYTES};
 use super::row_element::{RowElement, GROUP};
 use super::saved_lse::{lse_fits_row, SavedLse};
 use super::{check_labels, check_logits_shape, load_f32, min_rows_per_task, store_f32, CHUNK};
@@ -29,12 +29,6 @@ use crate::error::{HaloError, Result};
 use crate::validate::{
     check_backward_inputs, check_counted_finite, check_counted_lse, check_grad_logits,
 };
-
-/// How far ahead of its reads the backward prefetches the logits: the hardware prefetcher runs
-/// only a short way ahead of a loop that reads and writes, and without the hint the loop waits on
-/// memory between bursts of compute (measured on the Sapphire Rapids dev machine: bf16 forward +
-/// in-place backward 60–68% of its ceiling without, 84–88% with; docs/PERFORMANCE.md).
-const PREFETCH_AHEAD_BYTES: usize = 4096;
 
 /// Lanes of the vectorized accumulations (as the forward's: the FMA builds agree bit for bit).
 const LANES: usize = GROUP;
